@@ -1,0 +1,141 @@
+"""The build report: a dataclass tree rendered as report.json (stable schema) and report.md.
+
+report.json schema (all keys always present):
+    lrdeploy_version, input_model, output_model, external_data,
+    config {rank_budget, method, allocation, rank_multiple, calib_samples, calib_source, eval_source},
+    layers [{name, pattern, d_in, d_out, rank|null, params_before, params_after, status, reason}],
+    params {linear_before, linear_after, linear_ratio, model_before, model_after, model_ratio},
+    accuracy {samples, passed, atol, rtol, outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs}}},
+    timings {stage: seconds}, warnings [str]
+Parameters count weights only (biases excluded), so linear_ratio is what --rank-budget bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lrdeploy.files import atomic_write_text
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    pattern: str
+    d_in: int
+    d_out: int
+    rank: int | None
+    params_before: int
+    params_after: int
+    status: str  # "factorized" | "dense" | "skipped"
+    reason: str
+
+
+@dataclass
+class ParamSummary:
+    linear_before: int
+    linear_after: int
+    linear_ratio: float
+    model_before: int
+    model_after: int
+    model_ratio: float
+
+
+@dataclass
+class OutputAccuracy:
+    cosine_mean: float
+    cosine_p5: float
+    rel_l2: float
+    max_abs: float
+
+
+@dataclass
+class AccuracyReport:
+    samples: int
+    passed: bool
+    atol: float
+    rtol: float
+    outputs: dict[str, OutputAccuracy]
+
+
+@dataclass
+class BuildConfigRecord:
+    rank_budget: float
+    method: str
+    allocation: str
+    rank_multiple: int
+    calib_samples: int
+    calib_source: str
+    eval_source: str
+
+
+@dataclass
+class BuildReport:
+    lrdeploy_version: str
+    input_model: str
+    output_model: str
+    external_data: bool
+    config: BuildConfigRecord
+    layers: list[LayerRecord]
+    params: ParamSummary
+    accuracy: AccuracyReport | None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def render_markdown(report: BuildReport) -> str:
+    """report.md: summary, accuracy and per-layer tables."""
+    p, c = report.params, report.config
+    lines = [
+        "# lrdeploy build report",
+        "",
+        f"- input: `{report.input_model}`",
+        f"- output: `{report.output_model}`",
+        f"- method `{c.method}`, allocation `{c.allocation}`, rank budget {c.rank_budget}, rank multiple {c.rank_multiple}",
+        f"- calibration: {c.calib_samples} samples from {c.calib_source}; evaluation: {c.eval_source}",
+        f"- linear-layer parameters: {p.linear_before:,} → {p.linear_after:,} (ratio {p.linear_ratio:.3f})",
+        f"- whole-model parameters: {p.model_before:,} → {p.model_after:,} (ratio {p.model_ratio:.3f})",
+        "",
+    ]
+    if report.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
+    if report.accuracy is not None:
+        a = report.accuracy
+        lines += [
+            f"## Accuracy on {a.samples} held-out samples",
+            "",
+            "| output | cosine mean | cosine p5 | rel. L2 | max abs |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {o.cosine_mean:.4f} | {o.cosine_p5:.4f} | {o.rel_l2:.4f} | {o.max_abs:.4g} |"
+            for name, o in a.outputs.items()
+        ]
+        lines += ["", f"Polygraphy comparison (atol {a.atol}, rtol {a.rtol}): {'passed' if a.passed else 'failed'}", ""]
+    lines += [
+        "## Layers",
+        "",
+        "| layer | pattern | d_in | d_out | rank | params before | params after | status | reason |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {l.name} | {l.pattern} | {l.d_in} | {l.d_out} | {'' if l.rank is None else l.rank} | "
+        f"{l.params_before:,} | {l.params_after:,} | {l.status} | {l.reason} |"
+        for l in report.layers
+    ]
+    lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in report.timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_reports(report: BuildReport, directory: Path) -> tuple[Path, Path]:
+    """Write report.json and report.md into `directory` atomically; return their paths."""
+    json_path, md_path = Path(directory) / "report.json", Path(directory) / "report.md"
+    atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_text(md_path, render_markdown(report))
+    return json_path, md_path

@@ -1,0 +1,145 @@
+"""The `lrdeploy` command line: a click group that builds config objects and calls the pipeline.
+
+LrdeployError → one line "Error: …" on stderr and exit code 1; bad usage → click's exit code 2; any
+other exception is a bug and keeps its traceback. Heavy modules are imported inside the commands so
+that `lrdeploy --help` stays fast and works without optional packages.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import wraps
+from pathlib import Path
+
+import click
+
+from lrdeploy import __version__
+from lrdeploy.errors import LrdeployError
+
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+
+
+def _console(stderr: bool = False):
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def user_errors(command):
+    """Render LrdeployError as a single `Error:` line with exit code 1."""
+
+    @wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except LrdeployError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            sys.exit(1)
+
+    return wrapper
+
+
+@click.group()
+@click.version_option(__version__, prog_name="lrdeploy")
+def main() -> None:
+    """Make ONNX transformers smaller and faster with calibrated low-rank factorization."""
+
+
+@main.command()
+@click.argument("model", type=EXISTING_FILE)
+@click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Ranks are multiples of this; a layer too small to save parameters at it is skipped.")
+@click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
+@user_errors
+def inspect(model: Path, rank_multiple: int, as_json: bool) -> None:
+    """List the linear layers of MODEL and whether each can be factorized."""
+    from rich.table import Table
+
+    from lrdeploy.pipeline.inspect import inspect_model
+
+    inspection = inspect_model(model, rank_multiple)
+    data = inspection.to_dict()
+    if as_json:
+        click.echo(json.dumps(data, indent=2))
+        return
+    table = Table(title=f"Linear layers of {model}")
+    for column in ("layer", "pattern", "d_in", "d_out", "params", "status"):
+        table.add_column(column, justify="right" if column in ("d_in", "d_out", "params") else "left",
+                         overflow="fold")
+    for layer in data["layers"]:
+        status = "eligible" if layer["eligible"] else f"skipped: {layer['reason']}"
+        table.add_row(layer["name"], layer["pattern"], str(layer["d_in"]), str(layer["d_out"]),
+                      f"{layer['params']:,}", status)
+    totals = data["totals"]
+    table.add_section()
+    table.add_row(f"total: {totals['layers']} layers", f"{totals['eligible']} eligible", "", "",
+                  f"{totals['eligible_params']:,}", f"of {totals['model_params']:,} model parameters")
+    _console().print(table)
+
+
+def _print_build_summary(console, result) -> None:
+    from rich.table import Table
+
+    report = result.report
+    p = report.params
+    console.print(f"Compressed model: {result.output_model}")
+    console.print(f"Linear-layer parameters kept: {p.linear_ratio:.3f} ({p.linear_after:,} of {p.linear_before:,}); "
+                  f"whole model: {p.model_ratio:.3f}")
+    if report.accuracy is not None:
+        table = Table(title=f"Accuracy on {report.accuracy.samples} held-out samples")
+        for column in ("output", "cosine mean", "cosine p5", "rel. L2", "max abs"):
+            table.add_column(column, justify="left" if column == "output" else "right")
+        for name, o in report.accuracy.outputs.items():
+            table.add_row(name, f"{o.cosine_mean:.4f}", f"{o.cosine_p5:.4f}", f"{o.rel_l2:.4f}", f"{o.max_abs:.4g}")
+        console.print(table)
+    console.print(f"Reports: {result.report_json}, {result.report_md}")
+
+
+@main.command()
+@click.argument("model", type=EXISTING_FILE)
+@click.option("--rank-budget", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
+              help="Fraction of the eligible linear layers' weight parameters to keep.")
+@click.option("--calib", default="random", show_default=True,
+              help="Calibration inputs: an .npz (one array per input, axis 0 = samples), a Polygraphy inputs "
+                   "JSON (polygraphy run --save-inputs), or 'random'.")
+@click.option("--calib-samples", type=click.IntRange(min=1), help="Use the first N samples for calibration.")
+@click.option("--eval", "eval_path", type=EXISTING_FILE,
+              help="Held-out inputs for validation (default: the tail of --calib not used for calibration).")
+@click.option("--eval-samples", type=click.IntRange(min=1), help="Validate on at most N samples.")
+@click.option("--method", type=click.Choice(["pca", "svd", "whiten"]), default="pca", show_default=True)
+@click.option("--allocation", type=click.Choice(["uniform", "energy"]), default="uniform", show_default=True)
+@click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
+              help="Shape of a dynamic input for random data, e.g. input_ids:1x128 (repeatable).")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Where to write NAME.lowrank.onnx and the reports (default: beside the input).")
+@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--mask-input", help="Attention-mask input whose zeros mark padding (default: auto-detected by name).")
+@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+              help="Calibration statistics cache (default: ~/.cache/lrdeploy).")
+@click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache.")
+@click.option("--atol", default=1e-2, show_default=True, type=float, help="Polygraphy comparison absolute tolerance.")
+@click.option("--rtol", default=1e-1, show_default=True, type=float, help="Polygraphy comparison relative tolerance.")
+@click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
+@user_errors
+def build(model: Path, rank_budget: float, calib: str, calib_samples, eval_path, eval_samples, method: str,
+          allocation: str, rank_multiple: int, shapes, output_dir, batch_size: int, mask_input, cache_dir,
+          no_cache: bool, atol: float, rtol: float, as_json: bool) -> None:
+    """Compress MODEL: calibrate, factorize linear layers under --rank-budget, validate, report."""
+    from lrdeploy.calib.data import parse_shape_overrides
+    from lrdeploy.pipeline.build import build as run_build
+    from lrdeploy.pipeline.config import BuildConfig, default_cache_dir
+
+    config = BuildConfig(
+        model=model, rank_budget=rank_budget, calib=calib, calib_samples=calib_samples, eval=eval_path,
+        eval_samples=eval_samples, method=method, allocation=allocation, rank_multiple=rank_multiple,
+        shapes=parse_shape_overrides(shapes), output_dir=output_dir, batch_size=batch_size, mask_input=mask_input,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), atol=atol, rtol=rtol,
+    )
+    console = _console(stderr=as_json)
+    result = run_build(config, console=console)
+    if as_json:
+        click.echo(json.dumps(result.report.to_dict(), indent=2))
+    else:
+        _print_build_summary(console, result)

@@ -1,0 +1,1 @@
+"""Exports: PyTorch → ONNX (sentence embedders today)."""

@@ -1,0 +1,172 @@
+"""Rank allocation: which rank each layer keeps so that all eligible layers together keep at most
+ρ of their weight parameters (DESIGN §4).
+
+A plan maps layer name → rank, or None for a layer that stays dense. A layer is split only where the
+rank saves parameters: k·(d_in + d_out) < d_in·d_out. Ranks are multiples of `multiple` (tensor-core
+friendly) and never below one multiple.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+from typing import Literal, Mapping
+
+import numpy as np
+
+from lrdeploy.errors import BudgetError
+
+Allocation = Literal["uniform", "energy"]
+ALLOCATIONS: tuple[str, ...] = ("uniform", "energy")
+RankPlan = dict[str, "int | None"]
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    name: str
+    d_in: int
+    d_out: int
+
+    @property
+    def dense_params(self) -> int:
+        return self.d_in * self.d_out
+
+    def factored_params(self, rank: int) -> int:
+        return rank * (self.d_in + self.d_out)
+
+    def params(self, rank: int | None) -> int:
+        return self.dense_params if rank is None else self.factored_params(rank)
+
+    def saves(self, rank: int) -> bool:
+        """True when a rank-`rank` split has fewer parameters than the dense layer (and fits its shape)."""
+        return rank <= min(self.d_in, self.d_out) and self.factored_params(rank) < self.dense_params
+
+
+def realized_ratio(shapes: list[LayerShape], plan: Mapping[str, int | None]) -> float:
+    """Parameters kept by `plan` over the dense parameters of the same layers."""
+    dense = sum(s.dense_params for s in shapes)
+    return sum(s.params(plan[s.name]) for s in shapes) / dense
+
+
+def _check_budget(shapes: list[LayerShape], budget: float, multiple: int) -> None:
+    if not 0.0 < budget <= 1.0:
+        raise BudgetError(f"rank budget {budget} is outside (0, 1]; pass e.g. --rank-budget 0.5")
+    floor = realized_ratio(shapes, {s.name: multiple for s in shapes})
+    if floor > budget:
+        raise BudgetError(
+            f"rank budget {budget} is below what the smallest rank ({multiple}) keeps ({floor:.3f}); "
+            f"raise --rank-budget to at least {floor:.3f} or lower --rank-multiple"
+        )
+
+
+def _uniform_plan(shapes: list[LayerShape], fraction: float, multiple: int) -> RankPlan:
+    plan: RankPlan = {}
+    for s in shapes:
+        target = fraction * s.dense_params / (s.d_in + s.d_out)
+        rank = max(multiple, int(round(target / multiple)) * multiple)
+        plan[s.name] = rank if s.saves(rank) else None
+    return plan
+
+
+def uniform_ranks(shapes: list[LayerShape], budget: float, multiple: int) -> RankPlan:
+    """Every layer keeps the same fraction of its parameters, rounded to the nearest rank multiple.
+
+    Rounding up, or a layer left dense because its rank would not save parameters, can push the total
+    over the budget; then the per-layer fraction is lowered by bisection until the realized ratio fits.
+    """
+    _check_budget(shapes, budget, multiple)
+    plan = _uniform_plan(shapes, budget, multiple)
+    if realized_ratio(shapes, plan) <= budget:
+        return plan
+    low, high = 0.0, budget
+    for _ in range(50):
+        mid = (low + high) / 2
+        if realized_ratio(shapes, _uniform_plan(shapes, mid, multiple)) <= budget:
+            low = mid
+        else:
+            high = mid
+    return _top_up(shapes, _uniform_plan(shapes, low, multiple), budget, multiple)
+
+
+def _top_up(shapes: list[LayerShape], plan: RankPlan, budget: float, multiple: int) -> RankPlan:
+    """Spend what bisection left of the budget: raise factorized layers by one multiple, those furthest
+    below the budget fraction first, while the total still fits."""
+    allowance = budget * sum(s.dense_params for s in shapes)
+    spent = sum(s.params(plan[s.name]) for s in shapes)
+    by_deficit = sorted(
+        (s for s in shapes if plan[s.name] is not None),
+        key=lambda s: s.params(plan[s.name]) / s.dense_params,
+    )
+    plan = dict(plan)
+    changed = True
+    while changed:
+        changed = False
+        for s in by_deficit:
+            rank = plan[s.name] + multiple
+            cost = s.factored_params(rank) - s.factored_params(plan[s.name])
+            if s.saves(rank) and spent + cost <= allowance:
+                plan[s.name] = rank
+                spent += cost
+                changed = True
+    return plan
+
+
+def energy_ranks(
+    shapes: list[LayerShape], energies: Mapping[str, np.ndarray], budget: float, multiple: int
+) -> RankPlan:
+    """Global greedy: start every layer at one rank multiple, then repeatedly give `multiple` more
+    ranks (or, at the top, the whole dense layer) to the layer whose discarded normalized energy falls
+    most per parameter spent, while the budget allows."""
+    _check_budget(shapes, budget, multiple)
+    allowance = budget * sum(s.dense_params for s in shapes)
+    plan: RankPlan = {s.name: multiple for s in shapes}
+    spent = sum(s.factored_params(multiple) for s in shapes)
+
+    def discarded(name: str, rank: int | None) -> float:
+        spectrum = energies[name]
+        total = float(spectrum.sum())
+        return 0.0 if rank is None or total <= 0.0 else float(spectrum[rank:].sum()) / total
+
+    def next_step(s: LayerShape, rank: int) -> tuple[float, int | None, int] | None:
+        """(gain per parameter, new rank, parameter cost) of the layer's next step up, if any."""
+        new_rank: int | None = rank + multiple
+        if not s.saves(new_rank):
+            new_rank = None
+        cost = s.params(new_rank) - s.factored_params(rank)
+        gain = discarded(s.name, rank) - discarded(s.name, new_rank)
+        return (gain / cost, new_rank, cost) if cost > 0 else None
+
+    by_name = {s.name: s for s in shapes}
+    heap: list[tuple[float, str, int | None, int]] = []
+    for s in shapes:
+        step = next_step(s, multiple)
+        if step:
+            heapq.heappush(heap, (-step[0], s.name, step[1], step[2]))
+    while heap:
+        _, name, new_rank, cost = heapq.heappop(heap)
+        if spent + cost > allowance:
+            continue  # this layer's later steps cost at least as much; leave it where it is
+        plan[name] = new_rank
+        spent += cost
+        if new_rank is not None:
+            step = next_step(by_name[name], new_rank)
+            if step:
+                heapq.heappush(heap, (-step[0], name, step[1], step[2]))
+    return plan
+
+
+def allocate(
+    allocation: Allocation,
+    shapes: list[LayerShape],
+    budget: float,
+    multiple: int,
+    energies: Mapping[str, np.ndarray] | None = None,
+) -> RankPlan:
+    """Dispatch to the allocation strategy by name."""
+    if allocation == "uniform":
+        return uniform_ranks(shapes, budget, multiple)
+    if allocation == "energy":
+        if energies is None:
+            raise BudgetError("energy allocation needs a spectrum per layer; use --allocation uniform")
+        return energy_ranks(shapes, energies, budget, multiple)
+    raise BudgetError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")

@@ -1,0 +1,154 @@
+"""Low-rank decompositions of one linear layer (DESIGN §4).
+
+Each method computes its decomposition once (an eigen- or singular value problem) and then yields
+factors at any rank, so that allocation can read the spectrum and factorization can cut it without
+solving twice.
+
+    X ─[W, b]→ Y      ≈      X ─A[d_in,k]→ ─B[k,d_out]→ + c → Y'
+
+The intermediate bias of DESIGN §4 (b₁ = b·Uₖ) is folded into the final bias c, which saves one
+elementwise pass over the [tokens, k] intermediate without changing the function.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import numpy as np
+
+from lrdeploy.errors import InternalError
+from lrdeploy.lowrank.moments import Moments
+
+Method = Literal["pca", "svd", "whiten"]
+METHODS: tuple[str, ...] = ("pca", "svd", "whiten")
+
+
+@dataclass(frozen=True)
+class LowRankFactors:
+    """Y' = X·first·second + bias; `bias` is None when the layer has none and the method adds none."""
+
+    first: np.ndarray
+    second: np.ndarray
+    bias: np.ndarray | None
+
+    @property
+    def rank(self) -> int:
+        return int(self.first.shape[1])
+
+    def dense_weight(self) -> np.ndarray:
+        return self.first @ self.second
+
+
+class Decomposition(Protocol):
+    """A solved decomposition: `energies` are the descending spectrum the truncation discards from."""
+
+    energies: np.ndarray
+
+    def factors(self, rank: int) -> LowRankFactors: ...
+
+
+def _check_rank(rank: int, limit: int) -> None:
+    if not 1 <= rank <= limit:
+        raise InternalError(f"rank {rank} outside [1, {limit}]")
+
+
+@dataclass(frozen=True)
+class FeaturePca:
+    """Project the centred output onto its top-k principal subspace: Y' = μ + (Y − μ)·Uₖ·Uₖᵀ."""
+
+    weight: np.ndarray
+    bias: np.ndarray | None
+    output_mean: np.ndarray
+    eigenvectors: np.ndarray
+    energies: np.ndarray
+
+    def factors(self, rank: int) -> LowRankFactors:
+        _check_rank(rank, min(self.weight.shape))
+        basis = self.eigenvectors[:, :rank]
+        projector_bias = self.output_mean if self.bias is None else self.output_mean - self.bias
+        bias = self.output_mean - (projector_bias @ basis) @ basis.T
+        return LowRankFactors(self.weight @ basis, basis.T.copy(), bias)
+
+
+@dataclass(frozen=True)
+class WeightSvd:
+    """Truncated SVD of the weight alone, W ≈ Uₖ·Σₖ·Vₖᵀ; needs no data (the baseline)."""
+
+    left: np.ndarray
+    singular_values: np.ndarray
+    right: np.ndarray
+    bias: np.ndarray | None
+
+    @property
+    def energies(self) -> np.ndarray:
+        return self.singular_values**2
+
+    def factors(self, rank: int) -> LowRankFactors:
+        _check_rank(rank, self.singular_values.shape[0])
+        root = np.sqrt(self.singular_values[:rank])
+        return LowRankFactors(self.left[:, :rank] * root, root[:, None] * self.right[:rank], self.bias)
+
+
+@dataclass(frozen=True)
+class WhitenedSvd:
+    """Activation-aware SVD (SVD-LLM style): truncate the SVD of Sᵀ·W where S·Sᵀ = Cov[x], map back with
+    S⁻ᵀ, and refit the bias so that the output mean is kept: c = E[y] − E[x]·A·B."""
+
+    whitener_t: np.ndarray
+    left: np.ndarray
+    singular_values: np.ndarray
+    right: np.ndarray
+    input_mean: np.ndarray
+    output_mean: np.ndarray
+
+    @property
+    def energies(self) -> np.ndarray:
+        return self.singular_values**2
+
+    def factors(self, rank: int) -> LowRankFactors:
+        _check_rank(rank, self.singular_values.shape[0])
+        first = np.linalg.solve(self.whitener_t, self.left[:, :rank] * self.singular_values[:rank])
+        second = self.right[:rank].copy()
+        bias = self.output_mean - (self.input_mean @ first) @ second
+        return LowRankFactors(first, second, bias)
+
+
+def _damped_cholesky(covariance: np.ndarray, damping: float) -> np.ndarray:
+    """Lower-triangular S with S·Sᵀ = Cov + λI, raising λ until the matrix is positive definite."""
+    scale = float(np.mean(np.diag(covariance))) or 1.0
+    for attempt in range(8):
+        lam = damping * scale * (10.0**attempt)
+        try:
+            return np.linalg.cholesky(covariance + lam * np.eye(covariance.shape[0]))
+        except np.linalg.LinAlgError:
+            continue
+    raise InternalError("input covariance is not positive definite even with strong damping")
+
+
+def decompose(
+    method: Method,
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    input_moments: Moments | None = None,
+    damping: float = 1e-5,
+) -> Decomposition:
+    """Solve one layer's decomposition in float64. `input_moments` is required by pca and whiten."""
+    w = np.asarray(weight, np.float64)
+    b = None if bias is None else np.asarray(bias, np.float64).reshape(-1)
+    if method == "svd":
+        left, sv, right = np.linalg.svd(w, full_matrices=False)
+        return WeightSvd(left, sv, right, b)
+    if input_moments is None:
+        raise InternalError(f"method {method!r} needs calibration statistics")
+    if method == "pca":
+        out = input_moments.through_linear(w, b)
+        eigvals, eigvecs = np.linalg.eigh(out.covariance)
+        order = np.argsort(eigvals)[::-1]
+        return FeaturePca(w, b, out.mean, eigvecs[:, order], np.clip(eigvals[order], 0.0, None))
+    if method == "whiten":
+        whitener = _damped_cholesky(input_moments.covariance, damping)
+        left, sv, right = np.linalg.svd(whitener.T @ w, full_matrices=False)
+        output_mean = input_moments.mean @ w + (0.0 if b is None else b)
+        return WhitenedSvd(whitener.T, left, sv, right, input_moments.mean, output_mean)
+    raise InternalError(f"unknown method {method!r}")

@@ -1,0 +1,146 @@
+"""Load and save ONNX models, including models whose weights live in external data files.
+
+Loading refuses external-data locations that point outside the model's folder (a model file must
+not be able to make lrdeploy read arbitrary files). Saving is atomic and keeps weights as external
+data beside the model when the input used external data or the model is large (protobuf cannot
+hold more than 2 GB in one message).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx
+from onnx import external_data_helper
+
+from lrdeploy.errors import ModelLoadError
+
+LARGE_MODEL_BYTES = 1 << 30  # above this, weights go to an external data file
+
+
+@dataclass
+class LoadedModel:
+    proto: onnx.ModelProto
+    path: Path
+    external_files: list[Path]
+
+    @property
+    def external_data(self) -> bool:
+        return bool(self.external_files)
+
+
+def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and tensor-valued attributes of `graph` and of its subgraphs."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _graph_tensors(attr.g)
+            for sub in attr.graphs:
+                yield from _graph_tensors(sub)
+
+
+def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    return _graph_tensors(model.graph)
+
+
+def _check_external_locations(model: onnx.ModelProto, model_dir: Path) -> list[Path]:
+    """Refuse external locations outside `model_dir` or missing; return the external data files used."""
+    base = model_dir.resolve()
+    found: set[Path] = set()
+    for tensor in _all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if os.path.isabs(location) or not target.is_relative_to(base):
+            raise ModelLoadError(
+                f"tensor {tensor.name!r} points to external data {location!r} outside the model's folder; "
+                "refusing to read it: move the data file beside the model and fix its location"
+            )
+        if not target.is_file():
+            raise ModelLoadError(
+                f"external data file {location!r} for tensor {tensor.name!r} is missing; "
+                f"keep it beside the model in {model_dir}"
+            )
+        found.add(target)
+    return sorted(found)
+
+
+def load_model(path: Path) -> LoadedModel:
+    """Load `path` with its external data, or raise ModelLoadError naming what is wrong."""
+    path = Path(path)
+    if not path.exists():
+        raise ModelLoadError(f"model file {path} does not exist; check the path")
+    if not path.is_file():
+        raise ModelLoadError(f"{path} is not a file; pass the path of an .onnx model")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf raises DecodeError and friends; all mean "not ONNX"
+        raise ModelLoadError(
+            f"{path} is not a valid ONNX model ({type(exc).__name__}); pass a .onnx file "
+            "(export PyTorch models with torch.onnx.export)"
+        ) from None
+    if len(proto.graph.node) == 0:
+        raise ModelLoadError(f"{path} is not a valid ONNX model (it has no graph nodes); pass a .onnx file")
+    external = _check_external_locations(proto, path.parent)
+    if external:
+        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    return LoadedModel(proto, path, external)
+
+
+def external_data_name(model_path: Path) -> str:
+    return f"{Path(model_path).name}.data"
+
+
+def save_model(
+    proto: onnx.ModelProto,
+    path: Path,
+    external_data: bool = False,
+    large_model_bytes: int = LARGE_MODEL_BYTES,
+) -> bool:
+    """Write `proto` to `path` atomically; return whether weights went to `<name>.data` beside it.
+
+    Weights go external when `external_data` is set or the model exceeds `large_model_bytes`. The
+    files are written in a temporary folder beside `path` and renamed into place (data file first),
+    so a failure leaves neither a partial model nor a stray data file. With external data the
+    tensors of `proto` are converted in place.
+    """
+    path = Path(path)
+    size = proto.ByteSize()
+    use_external = external_data or size > large_model_bytes
+    tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        tmp_model = tmp_dir / path.name
+        if use_external:
+            data_name = external_data_name(path)
+            onnx.save_model(
+                proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
+                location=data_name, size_threshold=1024,
+            )
+            os.replace(tmp_dir / data_name, path.parent / data_name)
+        else:
+            onnx.save_model(proto, str(tmp_model))
+        os.replace(tmp_model, path)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return use_external
+
+
+def check_model(path: Path) -> None:
+    """onnx.checker on the saved file (by path, so external data and >2 GB models are handled)."""
+    onnx.checker.check_model(str(path), full_check=False)
+
+
+def count_parameters(model: onnx.ModelProto) -> int:
+    """Elements of all initializers and Constant-node tensors (external ones included, via their dims)."""
+    return sum(int(np.prod(tensor.dims)) for tensor in _all_tensors(model))

@@ -1,0 +1,180 @@
+"""Find the linear layers of a graph and normalise each to Y = X·W + b with W of shape [d_in, d_out].
+
+Recognised (anything else that looks like one is listed as skipped, with the reason):
+
+    X ─MatMul(W)─► Y                         pattern "MatMul"
+    X ─MatMul(W)─Add(b)─► Y  (b on either side)  pattern "MatMul+Add"
+    X ─MatMul(Transpose(Wᵀ))─[Add(b)]─► Y    pattern "MatMul(Transpose)" / "MatMul(Transpose)+Add"
+    X ─Gemm(B, C; transB, alpha, beta)─► Y   pattern "Gemm" (W = alpha·B or alpha·Bᵀ, b = beta·C)
+
+Weights may be initializers or Constant nodes, in float32, float16 or float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from lrdeploy.lowrank.allocate import LayerShape
+
+FLOAT_TYPES = (np.float16, np.float32, np.float64)
+
+
+@dataclass
+class LinearLayer:
+    """One linear layer as found in the graph; `eligible` False means it is listed but left alone."""
+
+    name: str
+    pattern: str
+    input_name: str
+    output_name: str
+    d_in: int
+    d_out: int
+    node_names: list[str]
+    weight: np.ndarray | None = field(default=None, repr=False)
+    bias: np.ndarray | None = field(default=None, repr=False)
+    eligible: bool = True
+    reason: str = ""
+
+    @property
+    def params(self) -> int:
+        """Weight parameters (biases are not counted against the budget)."""
+        return self.d_in * self.d_out
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self.weight.dtype if self.weight is not None else np.dtype(np.float32)
+
+    @property
+    def shape(self) -> LayerShape:
+        return LayerShape(self.name, self.d_in, self.d_out)
+
+
+def _constant_value(tensor: gs.Tensor) -> tuple[np.ndarray, bool] | None:
+    """(value, came through a Transpose) when `tensor` is a constant, a Constant node or Transpose of one."""
+    if isinstance(tensor, gs.Constant):
+        return np.asarray(tensor.values), False
+    if len(tensor.inputs) != 1:
+        return None
+    producer = tensor.inputs[0]
+    if producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
+        return np.asarray(producer.attrs["value"].values), False
+    if producer.op == "Transpose" and len(producer.inputs) == 1:
+        inner = _constant_value(producer.inputs[0])
+        if inner is None or inner[0].ndim != 2:
+            return None
+        perm = list(producer.attrs.get("perm", [1, 0]))
+        return (inner[0].T if perm == [1, 0] else inner[0]), perm == [1, 0]
+    return None
+
+
+def _as_bias(value: np.ndarray, d_out: int) -> np.ndarray | None:
+    """`value` as a [d_out] bias if it only varies along the last axis, else None."""
+    if value.size == 1:
+        return np.full(d_out, value.reshape(-1)[0], dtype=value.dtype)
+    if value.shape and value.shape[-1] == d_out and value.size == d_out:
+        return value.reshape(d_out)
+    return None
+
+
+def _single_consumer(tensor: gs.Tensor, graph_outputs: set[str]) -> gs.Node | None:
+    if tensor.name in graph_outputs or len(tensor.outputs) != 1:
+        return None
+    return tensor.outputs[0]
+
+
+def _layer_name(node: gs.Node, index: int, used: set[str]) -> str:
+    name = node.name or f"{node.op}_{index}"
+    while name in used:
+        name = f"{name}_{index}"
+    used.add(name)
+    return name
+
+
+def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLayer:
+    x, w = node.inputs[0], node.inputs[1]
+    y = node.outputs[0]
+    found = _constant_value(w)
+
+    def skipped(reason: str, d_in: int = 0, d_out: int = 0) -> LinearLayer:
+        return LinearLayer(name, "MatMul", x.name, y.name, d_in, d_out, [node.name], eligible=False, reason=reason)
+
+    if found is None:
+        left = _constant_value(x)
+        if left is not None:
+            return skipped("weight is the left operand (W·X); only X·W is factorized")
+        return skipped("weight is not constant (activation × activation)")
+    weight, transposed = found
+    if _constant_value(x) is not None:
+        return skipped("both operands are constant; fold constants first")
+    if weight.ndim != 2:
+        return skipped(f"weight has rank {weight.ndim}; only 2-D weights are factorized")
+    d_in, d_out = weight.shape
+    if weight.dtype.type not in FLOAT_TYPES:
+        return skipped(f"weight dtype {weight.dtype} is not floating point", d_in, d_out)
+    pattern = "MatMul(Transpose)" if transposed else "MatMul"
+    nodes = [node.name]
+    bias = None
+    output_name = y.name
+    consumer = _single_consumer(y, graph_outputs)
+    if consumer is not None and consumer.op == "Add" and len(consumer.inputs) == 2:
+        other = consumer.inputs[1] if consumer.inputs[0] is y else consumer.inputs[0]
+        other_value = _constant_value(other)
+        if other_value is not None:
+            bias = _as_bias(other_value[0], d_out)
+        if bias is not None:
+            pattern += "+Add"
+            nodes.append(consumer.name)
+            output_name = consumer.outputs[0].name
+    return LinearLayer(name, pattern, x.name, output_name, d_in, d_out, nodes, weight, bias)
+
+
+def _match_gemm(node: gs.Node, name: str) -> LinearLayer:
+    x, b_input = node.inputs[0], node.inputs[1]
+    y = node.outputs[0]
+    found = _constant_value(b_input)
+    if found is None:
+        return LinearLayer(name, "Gemm", x.name, y.name, 0, 0, [node.name], eligible=False,
+                           reason="weight is not constant (activation × activation)")
+    value = found[0]
+    if node.attrs.get("transA", 0):
+        return LinearLayer(name, "Gemm", x.name, y.name, 0, 0, [node.name], eligible=False,
+                           reason="Gemm with transA=1 is not supported")
+    alpha = float(node.attrs.get("alpha", 1.0))
+    beta = float(node.attrs.get("beta", 1.0))
+    weight = (value.T if node.attrs.get("transB", 0) else value) * np.asarray(alpha, value.dtype)
+    d_in, d_out = weight.shape
+    bias = None
+    if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
+        c_value = _constant_value(node.inputs[2])
+        bias = None if c_value is None else _as_bias(c_value[0], d_out)
+        if bias is None:
+            return LinearLayer(name, "Gemm", x.name, y.name, d_in, d_out, [node.name], eligible=False,
+                               reason="Gemm's C is not a constant per-column bias")
+        bias = bias * np.asarray(beta, bias.dtype)
+    return LinearLayer(name, "Gemm", x.name, y.name, d_in, d_out, [node.name], weight, bias)
+
+
+def find_linear_layers(graph: gs.Graph, rank_multiple: int = 16) -> list[LinearLayer]:
+    """Every MatMul/Gemm of `graph` in topological order, eligible or with the reason it is skipped.
+
+    A layer is eligible when its weight is a constant 2-D float matrix and a rank of `rank_multiple`
+    would save parameters.
+    """
+    graph.toposort()
+    graph_outputs = {t.name for t in graph.outputs}
+    used: set[str] = set()
+    layers = []
+    for index, node in enumerate(graph.nodes):
+        if node.op not in ("MatMul", "Gemm"):
+            continue
+        name = _layer_name(node, index, used)
+        node.name = name  # unnamed or duplicate names become unique, so layers can be found again
+        layer = _match_gemm(node, name) if node.op == "Gemm" else _match_matmul(node, name, graph_outputs)
+        if layer.eligible and not layer.shape.saves(rank_multiple):
+            layer.eligible = False
+            layer.reason = f"too small: rank {rank_multiple} would not save parameters ({layer.d_in}×{layer.d_out})"
+        layers.append(layer)
+    return layers

@@ -1,0 +1,1 @@
+"""One build = load → inspect → calibrate → allocate ranks → rewrite → validate → report."""

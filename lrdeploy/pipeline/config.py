@@ -1,0 +1,49 @@
+"""The build configuration shared by the CLI and the Python API."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def default_cache_dir() -> Path:
+    """$LRDEPLOY_CACHE_DIR, else $XDG_CACHE_HOME/lrdeploy, else ~/.cache/lrdeploy."""
+    if os.environ.get("LRDEPLOY_CACHE_DIR"):
+        return Path(os.environ["LRDEPLOY_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lrdeploy"
+
+
+@dataclass
+class BuildConfig:
+    """Everything one `lrdeploy build` needs. `calib` is a file path or the string "random"."""
+
+    model: Path
+    rank_budget: float = 0.5
+    calib: str = "random"
+    calib_samples: int | None = None
+    eval: Path | None = None
+    eval_samples: int | None = None
+    method: str = "pca"
+    allocation: str = "uniform"
+    rank_multiple: int = 16
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    output_dir: Path | None = None
+    batch_size: int = 16
+    mask_input: str | None = None
+    cache_dir: Path | None = field(default_factory=default_cache_dir)
+    threads: int = 0
+    atol: float = 1e-2
+    rtol: float = 1e-1
+    seed: int = 1
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        """-o/--output-dir, by default the input model's folder."""
+        return Path(self.output_dir) if self.output_dir is not None else Path(self.model).parent
+
+    @property
+    def output_model(self) -> Path:
+        stem = Path(self.model).name.removesuffix(".onnx")
+        return self.resolved_output_dir / f"{stem}.lowrank.onnx"

@@ -1,0 +1,46 @@
+"""The inspect stage: load a model and list its linear layers, eligible or with the reason they are skipped."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx_graphsurgeon as gs
+
+from lrdeploy.onnx_io import LoadedModel, count_parameters, load_model
+from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
+
+
+@dataclass
+class Inspection:
+    model: LoadedModel
+    graph: gs.Graph
+    layers: list[LinearLayer]
+    model_params: int
+
+    @property
+    def eligible(self) -> list[LinearLayer]:
+        return [layer for layer in self.layers if layer.eligible]
+
+    def to_dict(self) -> dict:
+        eligible = self.eligible
+        return {
+            "model": str(self.model.path),
+            "layers": [
+                {"name": l.name, "pattern": l.pattern, "d_in": l.d_in, "d_out": l.d_out, "params": l.params,
+                 "eligible": l.eligible, "reason": l.reason}
+                for l in self.layers
+            ],
+            "totals": {
+                "layers": len(self.layers),
+                "eligible": len(eligible),
+                "eligible_params": sum(l.params for l in eligible),
+                "model_params": self.model_params,
+            },
+        }
+
+
+def inspect_model(path: Path, rank_multiple: int = 16) -> Inspection:
+    model = load_model(path)
+    graph = gs.import_onnx(model.proto)
+    return Inspection(model, graph, find_linear_layers(graph, rank_multiple), count_parameters(model.proto))

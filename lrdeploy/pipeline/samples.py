@@ -1,0 +1,82 @@
+"""Choose the calibration and held-out evaluation samples of a build.
+
+Evaluation never reuses calibration samples: with --eval FILE it uses that file; otherwise it uses a
+held-out tail of the calibration source (the samples after --calib-samples, or the last fifth).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from lrdeploy.calib.data import (
+    RANDOM_SOURCE,
+    InputSpec,
+    SampleSet,
+    load_sample_file,
+    random_samples,
+    validate_samples,
+)
+from lrdeploy.errors import CalibrationDataError
+
+DEFAULT_RANDOM_SAMPLES = 64
+RANDOM_WARNING = (
+    "calibrating on random data: the factors will be poor; pass real inputs with --calib FILE (.npz or Polygraphy JSON)"
+)
+
+
+@dataclass
+class BuildSamples:
+    calib: SampleSet
+    eval: SampleSet
+    calib_source: str
+    eval_source: str
+    warnings: list[str]
+
+
+def _holdout_split(samples: SampleSet, calib_samples: int | None, label: str) -> tuple[SampleSet, SampleSet]:
+    count = samples.count
+    if calib_samples is None:
+        if count < 2:
+            raise CalibrationDataError(
+                f"{label} has {count} sample; give at least 2 so some can be held out, or pass --eval FILE"
+            )
+        calib_samples = count - max(1, count // 5)
+    if calib_samples >= count:
+        raise CalibrationDataError(
+            f"{label} has {count} samples and --calib-samples {calib_samples} leaves none held out for "
+            "evaluation; lower --calib-samples or pass --eval FILE"
+        )
+    return samples.select(slice(0, calib_samples)), samples.select(slice(calib_samples, None))
+
+
+def prepare_samples(
+    calib: str,
+    specs: list[InputSpec],
+    shapes: dict[str, tuple[int, ...]],
+    calib_samples: int | None,
+    eval_path: Path | None,
+    eval_samples: int | None,
+    seed: int = 1,
+) -> BuildSamples:
+    """Load, check and split calibration and evaluation samples (fails before any expensive work)."""
+    warnings = []
+    if calib == RANDOM_SOURCE:
+        warnings.append(RANDOM_WARNING)
+        wanted = calib_samples or DEFAULT_RANDOM_SAMPLES
+        held = 0 if eval_path else max(4, wanted // 4)
+        source = random_samples(specs, wanted + held, shapes, seed)
+        label = "random data"
+    else:
+        label = f"calibration file {calib}"
+        source = validate_samples(load_sample_file(Path(calib)), specs, label)
+    if eval_path is not None:
+        eval_set = validate_samples(load_sample_file(eval_path), specs, f"evaluation file {eval_path}")
+        calib_set = source.select(slice(0, calib_samples)) if calib_samples else source
+        eval_source = str(eval_path)
+    else:
+        calib_set, eval_set = _holdout_split(source, calib_samples, label)
+        eval_source = f"held-out tail of {label} ({eval_set.count} samples)"
+    if eval_samples is not None:
+        eval_set = eval_set.select(slice(0, eval_samples))
+    return BuildSamples(calib_set, eval_set, label, eval_source, warnings)

@@ -1,0 +1,1 @@
+"""Model execution behind small, lazily imported helpers (ONNX Runtime today)."""

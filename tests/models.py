@@ -1,0 +1,165 @@
+"""Tiny ONNX models built in code for the tests (onnx.helper, opset 17)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _model(nodes, inputs, outputs, initializers, name="tiny") -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, name, inputs, outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="lrdeploy-tests")
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _init(name: str, value: np.ndarray) -> onnx.TensorProto:
+    return numpy_helper.from_array(np.ascontiguousarray(value), name)
+
+
+def random_weight(d_in: int, d_out: int, seed: int = 0, rank: int | None = None) -> np.ndarray:
+    """A [d_in, d_out] weight, optionally of exact rank `rank`."""
+    rng = np.random.default_rng(seed)
+    if rank is None:
+        return (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(np.float32)
+    return (rng.standard_normal((d_in, rank)) @ rng.standard_normal((rank, d_out)) / np.sqrt(d_in * rank)).astype(np.float32)
+
+
+def matmul_add(d_in=64, d_out=96, bias_first=False, with_bias=True, weight=None, dtype=np.float32, seed=0,
+               transposed_weight=False, bias_value=None) -> onnx.ModelProto:
+    """x[N, d_in] ─MatMul(W)─[Add(b)]─► y[N, d_out]; bias on either side of the Add; optional Transpose(Wᵀ)."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    w = (random_weight(d_in, d_out, seed) if weight is None else weight).astype(dtype)
+    rng = np.random.default_rng(seed + 1)
+    b = (rng.standard_normal(d_out) if bias_value is None else bias_value).astype(dtype)
+    nodes, inits = [], []
+    if transposed_weight:
+        inits.append(_init("W_t", w.T.copy()))
+        nodes.append(helper.make_node("Transpose", ["W_t"], ["W"], name="transpose_w", perm=[1, 0]))
+    else:
+        inits.append(_init("W", w))
+    nodes.append(helper.make_node("MatMul", ["x", "W"], ["xw" if with_bias else "y"], name="fc"))
+    if with_bias:
+        inits.append(_init("b", b))
+        nodes.append(helper.make_node("Add", ["b", "xw"] if bias_first else ["xw", "b"], ["y"], name="fc_bias"))
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("x", elem, ["N", d_in])],
+        [helper.make_tensor_value_info("y", elem, ["N", d_out])],
+        inits,
+    )
+
+
+def gemm(d_in=64, d_out=96, trans_b=0, alpha=1.0, beta=1.0, seed=0) -> onnx.ModelProto:
+    """x[N, d_in] ─Gemm(B, C)─► y[N, d_out] with B stored as [d_in, d_out] or, with transB, [d_out, d_in]."""
+    w = random_weight(d_in, d_out, seed)
+    c = np.random.default_rng(seed + 1).standard_normal(d_out).astype(np.float32)
+    node = helper.make_node("Gemm", ["x", "B", "C"], ["y"], name="gemm", transB=trans_b, alpha=alpha, beta=beta)
+    return _model(
+        [node],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", d_in])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", d_out])],
+        [_init("B", w.T.copy() if trans_b else w), _init("C", c)],
+    )
+
+
+def activation_matmul() -> onnx.ModelProto:
+    """a[N, 32] · b[32, 48]: no constant weight, so nothing to factorize."""
+    return _model(
+        [helper.make_node("MatMul", ["a", "b"], ["y"], name="act_mm")],
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 32]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, [32, 48])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 48])],
+        [],
+    )
+
+
+def transformer(layers=2, hidden=64, heads=4, ffn=256, vocab=100, seed=0) -> onnx.ModelProto:
+    """A small BERT-like encoder: embeddings, `layers` post-LN blocks (attention + GELU FFN), mean pooling.
+
+    Inputs input_ids and attention_mask [batch, seq] (int64); outputs last_hidden_state and embedding.
+    """
+    rng = np.random.default_rng(seed)
+    inits, nodes = [], []
+
+    def const(name, value):
+        inits.append(_init(name, np.asarray(value)))
+        return name
+
+    def node(op, inputs, name, **attrs):
+        nodes.append(helper.make_node(op, inputs, [name], name=name, **attrs))
+        return name
+
+    def linear(x, d_in, d_out, name):
+        w = const(f"{name}.weight", (rng.standard_normal((d_in, d_out)) / np.sqrt(d_in)).astype(np.float32))
+        b = const(f"{name}.bias", (0.1 * rng.standard_normal(d_out)).astype(np.float32))
+        return node("Add", [node("MatMul", [x, w], f"{name}/MatMul"), b], f"{name}/Add")
+
+    def layer_norm(x, name):
+        g = const(f"{name}.gamma", np.ones(hidden, np.float32))
+        b = const(f"{name}.beta", np.zeros(hidden, np.float32))
+        return node("LayerNormalization", [x, g, b], name, axis=-1, epsilon=1e-5)
+
+    head_dim = hidden // heads
+    emb = const("embeddings.word", rng.standard_normal((vocab, hidden)).astype(np.float32))
+    h = layer_norm(node("Gather", [emb, "input_ids"], "embeddings/Gather"), "embeddings/LayerNorm")
+    mask_f = node("Cast", ["attention_mask"], "mask/Cast", to=TensorProto.FLOAT)
+    bias_mask = node("Mul", [node("Sub", [const("one", np.float32(1.0)), mask_f], "mask/Sub"),
+                             const("neg", np.float32(-1e4))], "mask/Mul")
+    bias_mask = node("Unsqueeze", [bias_mask, const("axes12", np.array([1, 2], np.int64))], "mask/Unsqueeze")
+    split_shape = const("split_shape", np.array([0, 0, heads, head_dim], np.int64))
+    merge_shape = const("merge_shape", np.array([0, 0, hidden], np.int64))
+    for i in range(layers):
+        p = f"layer{i}"
+
+        def heads_of(t, tag):
+            return node("Transpose", [node("Reshape", [t, split_shape], f"{p}/{tag}/Reshape")], f"{p}/{tag}/Transpose",
+                        perm=[0, 2, 1, 3])
+
+        q = heads_of(linear(h, hidden, hidden, f"{p}/attention/query"), "q")
+        k = heads_of(linear(h, hidden, hidden, f"{p}/attention/key"), "k")
+        v = heads_of(linear(h, hidden, hidden, f"{p}/attention/value"), "v")
+        kt = node("Transpose", [k], f"{p}/kt", perm=[0, 1, 3, 2])
+        scores = node("Div", [node("MatMul", [q, kt], f"{p}/scores/MatMul"),
+                              const(f"{p}.scale", np.float32(np.sqrt(head_dim)))], f"{p}/scores/Div")
+        probs = node("Softmax", [node("Add", [scores, bias_mask], f"{p}/scores/Add")], f"{p}/Softmax", axis=-1)
+        context = node("MatMul", [probs, v], f"{p}/context/MatMul")
+        context = node("Reshape", [node("Transpose", [context], f"{p}/context/Transpose", perm=[0, 2, 1, 3]),
+                                   merge_shape], f"{p}/context/Reshape")
+        attn = linear(context, hidden, hidden, f"{p}/attention/output")
+        h = layer_norm(node("Add", [attn, h], f"{p}/attention/residual"), f"{p}/attention/LayerNorm")
+        up = linear(h, hidden, ffn, f"{p}/intermediate")
+        gelu = node("Mul", [up, node("Add", [const(f"{p}.one", np.float32(1.0)), node(
+            "Erf", [node("Div", [up, const(f"{p}.sqrt2", np.float32(np.sqrt(2.0)))], f"{p}/gelu/Div")], f"{p}/gelu/Erf")],
+            f"{p}/gelu/Add")], f"{p}/gelu/Mul1")
+        gelu = node("Mul", [gelu, const(f"{p}.half", np.float32(0.5))], f"{p}/gelu/Mul2")
+        down = linear(gelu, ffn, hidden, f"{p}/output")
+        h = layer_norm(node("Add", [down, h], f"{p}/output/residual"), f"{p}/output/LayerNorm")
+    nodes.append(helper.make_node("Identity", [h], ["last_hidden_state"], name="output/Identity"))
+    mask3 = node("Unsqueeze", [mask_f, const("axis2", np.array([2], np.int64))], "pool/Unsqueeze")
+    summed = node("ReduceSum", [node("Mul", [h, mask3], "pool/Mul"), const("axis1", np.array([1], np.int64))],
+                  "pool/ReduceSum", keepdims=0)
+    counts = node("ReduceSum", [mask3, const("axis1b", np.array([1], np.int64))], "pool/Count", keepdims=0)
+    nodes.append(helper.make_node("Div", [summed, counts], ["embedding"], name="pool/Div"))
+    return _model(
+        nodes,
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("last_hidden_state", TensorProto.FLOAT, ["batch", "seq", hidden]),
+         helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", hidden])],
+        inits,
+        name="tiny_transformer",
+    )
+
+
+def transformer_inputs(count=64, seq=16, vocab=100, seed=0, min_len=4) -> dict[str, np.ndarray]:
+    """Token ids and right-padded attention masks of random lengths."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(count, seq), dtype=np.int64)
+    lengths = rng.integers(min_len, seq + 1, size=count)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": ids * mask, "attention_mask": mask}
