@@ -17,7 +17,9 @@ import click
 from lrdeploy import __version__
 from lrdeploy.errors import LrdeployError
 
-EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+# Paths are checked by the pipeline, not by click, so that a missing file gets the same one-line
+# "Error: …" and exit code 1 as every other input problem.
+FILE = click.Path(path_type=Path)
 
 
 def _console(stderr: bool = False):
@@ -47,7 +49,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model", type=EXISTING_FILE)
+@click.argument("model", type=FILE)
 @click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1),
               help="Ranks are multiples of this; a layer too small to save parameters at it is skipped.")
 @click.option("--json", "as_json", is_flag=True, help="Print machine-readable JSON instead of a table.")
@@ -97,14 +99,14 @@ def _print_build_summary(console, result) -> None:
 
 
 @main.command()
-@click.argument("model", type=EXISTING_FILE)
-@click.option("--rank-budget", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True),
-              help="Fraction of the eligible linear layers' weight parameters to keep.")
+@click.argument("model", type=FILE)
+@click.option("--rank-budget", default=0.5, show_default=True, type=float,
+              help="Fraction of the eligible linear layers' weight parameters to keep, in (0, 1].")
 @click.option("--calib", default="random", show_default=True,
               help="Calibration inputs: an .npz (one array per input, axis 0 = samples), a Polygraphy inputs "
                    "JSON (polygraphy run --save-inputs), or 'random'.")
 @click.option("--calib-samples", type=click.IntRange(min=1), help="Use the first N samples for calibration.")
-@click.option("--eval", "eval_path", type=EXISTING_FILE,
+@click.option("--eval", "eval_path", type=FILE,
               help="Held-out inputs for validation (default: the tail of --calib not used for calibration).")
 @click.option("--eval-samples", type=click.IntRange(min=1), help="Validate on at most N samples.")
 @click.option("--method", type=click.Choice(["pca", "svd", "whiten"]), default="pca", show_default=True)

@@ -48,7 +48,7 @@ def realized_ratio(shapes: list[LayerShape], plan: Mapping[str, int | None]) -> 
     return sum(s.params(plan[s.name]) for s in shapes) / dense
 
 
-def _check_budget(shapes: list[LayerShape], budget: float, multiple: int) -> None:
+def check_budget(shapes: list[LayerShape], budget: float, multiple: int) -> None:
     if not 0.0 < budget <= 1.0:
         raise BudgetError(f"rank budget {budget} is outside (0, 1]; pass e.g. --rank-budget 0.5")
     floor = realized_ratio(shapes, {s.name: multiple for s in shapes})
@@ -74,7 +74,7 @@ def uniform_ranks(shapes: list[LayerShape], budget: float, multiple: int) -> Ran
     Rounding up, or a layer left dense because its rank would not save parameters, can push the total
     over the budget; then the per-layer fraction is lowered by bisection until the realized ratio fits.
     """
-    _check_budget(shapes, budget, multiple)
+    check_budget(shapes, budget, multiple)
     plan = _uniform_plan(shapes, budget, multiple)
     if realized_ratio(shapes, plan) <= budget:
         return plan
@@ -117,7 +117,7 @@ def energy_ranks(
     """Global greedy: start every layer at one rank multiple, then repeatedly give `multiple` more
     ranks (or, at the top, the whole dense layer) to the layer whose discarded normalized energy falls
     most per parameter spent, while the budget allows."""
-    _check_budget(shapes, budget, multiple)
+    check_budget(shapes, budget, multiple)
     allowance = budget * sum(s.dense_params for s in shapes)
     plan: RankPlan = {s.name: multiple for s in shapes}
     spent = sum(s.factored_params(multiple) for s in shapes)

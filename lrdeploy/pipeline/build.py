@@ -26,7 +26,7 @@ from lrdeploy.calib.data import detect_mask_input, iter_batches, model_input_spe
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import BudgetError, NoEligibleLayersError, OutputError
 from lrdeploy.files import prepare_output_dir
-from lrdeploy.lowrank.allocate import RankPlan, allocate, realized_ratio
+from lrdeploy.lowrank.allocate import RankPlan, allocate, check_budget, realized_ratio
 from lrdeploy.lowrank.decompose import METHODS, Decomposition, decompose
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
 from lrdeploy.passes.factorize import factorize_layers
@@ -142,6 +142,8 @@ def build(config: BuildConfig, console=None) -> BuildResult:
     with stages.stage("load"):
         inspection = inspect_model(config.model, config.rank_multiple)
         eligible = _require_eligible(inspection)
+        shapes = [layer.shape for layer in eligible]
+        check_budget(shapes, config.rank_budget, config.rank_multiple)  # before any expensive work
         output_dir = prepare_output_dir(config.resolved_output_dir)
         output_model = config.output_model
         if output_model.resolve() == Path(config.model).resolve():
@@ -173,7 +175,6 @@ def build(config: BuildConfig, console=None) -> BuildResult:
             for layer in eligible
         }
     with stages.stage("allocate"):
-        shapes = [layer.shape for layer in eligible]
         energies = {name: d.energies for name, d in decompositions.items()}
         plan = allocate(config.allocation, shapes, config.rank_budget, config.rank_multiple, energies)
     with stages.stage("rewrite"):

@@ -42,7 +42,7 @@ def compare_models(
 ) -> AccuracyReport:
     """Run both models on `feeds` with Polygraphy and summarise the differences per output."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     feeds = list(feeds)
@@ -53,7 +53,7 @@ def compare_models(
     G_LOGGER.colors = False  # avoids Polygraphy's notice about the optional 'colored' package
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # our own table reports the outcome
         results = Comparator.run(runners, data_loader=feeds)
-        passed = bool(Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=rtol)))
+        passed = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)))
     (_, reference), (_, candidate) = results[0], results[1]
     names = list(reference[0].keys())
     outputs = {

@@ -1,0 +1,35 @@
+"""Shared fixtures: tiny models on disk, their calibration inputs, and an isolated statistics cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+from tests import models
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch):
+    """Never touch the user's ~/.cache/lrdeploy from tests."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("LRDEPLOY_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def transformer_files(tmp_path):
+    """(model path, calibration npz path) for the two-layer tiny transformer."""
+    model_path = tmp_path / "tiny.onnx"
+    onnx.save(models.transformer(), model_path)
+    calib_path = tmp_path / "calib.npz"
+    np.savez(calib_path, **models.transformer_inputs(96))
+    return model_path, calib_path
+
+
+def run_model(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of an ONNX model (ModelProto or path) on ONNX Runtime CPU."""
+    from lrdeploy.runtime.onnxruntime import create_session
+
+    session = create_session(model, threads=1)
+    return session.run(None, feeds)

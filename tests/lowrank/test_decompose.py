@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+
+from lrdeploy.errors import InternalError
+from lrdeploy.lowrank.decompose import decompose
+from lrdeploy.lowrank.moments import Moments
+
+
+def _moments(x: np.ndarray) -> Moments:
+    return Moments.zeros(x.shape[1]).add(x.shape[0], x.sum(0), x.T @ x)
+
+
+def _data(n=400, d_in=24, seed=0):
+    rng = np.random.default_rng(seed)
+    mixing = rng.standard_normal((d_in, d_in))
+    return rng.standard_normal((n, d_in)) @ mixing + rng.standard_normal(d_in)
+
+
+def test_moments_through_linear_match_direct_computation():
+    x = _data()
+    w = np.random.default_rng(1).standard_normal((24, 10))
+    b = np.random.default_rng(2).standard_normal(10)
+    via_input = _moments(x).through_linear(w, b)
+    direct = _moments(x @ w + b)
+    np.testing.assert_allclose(via_input.total, direct.total, rtol=1e-10)
+    np.testing.assert_allclose(via_input.gram, direct.gram, rtol=1e-9)
+    np.testing.assert_allclose(via_input.covariance, np.cov((x @ w + b).T, bias=True), rtol=1e-8, atol=1e-8)
+
+
+@pytest.mark.parametrize("method", ["pca", "svd", "whiten"])
+def test_full_rank_reproduces_layer(method):
+    x = _data()
+    rng = np.random.default_rng(3)
+    w, b = rng.standard_normal((24, 16)), rng.standard_normal(16)
+    factors = decompose(method, w, b, _moments(x)).factors(16)
+    y = x @ w + b
+    y_hat = x @ factors.first @ factors.second + factors.bias
+    assert np.linalg.norm(y_hat - y) / np.linalg.norm(y) < 1e-8
+
+
+def test_pca_is_exact_at_the_true_output_rank():
+    x = _data(d_in=32)
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((32, 5)) @ rng.standard_normal((5, 20))  # outputs span 5 directions
+    b = rng.standard_normal(20)
+    decomposition = decompose("pca", w, b, _moments(x))
+    factors = decomposition.factors(5)
+    y = x @ w + b
+    assert np.linalg.norm(x @ factors.first @ factors.second + factors.bias - y) / np.linalg.norm(y) < 1e-8
+    assert decomposition.energies[5:].sum() < 1e-8 * decomposition.energies.sum()
+    assert factors.first.shape == (32, 5) and factors.second.shape == (5, 20)
+
+
+def test_pca_beats_weight_svd_on_correlated_inputs():
+    """Features low-rank, weights not: the calibrated projection loses less output energy at equal rank."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((500, 4)) @ rng.standard_normal((4, 32)) + 0.01 * rng.standard_normal((500, 32))
+    w = rng.standard_normal((32, 32))
+    y = x @ w
+
+    def error(method):
+        f = decompose(method, w, None, _moments(x)).factors(4)
+        y_hat = x @ f.first @ f.second + (0 if f.bias is None else f.bias)
+        return np.linalg.norm(y_hat - y) / np.linalg.norm(y)
+
+    assert error("pca") < 0.05 < error("svd")
+
+
+def test_svd_needs_no_statistics_but_pca_does():
+    w = np.eye(8)
+    assert decompose("svd", w, None).factors(8).rank == 8
+    with pytest.raises(InternalError, match="needs calibration statistics"):
+        decompose("pca", w, None)
+
+
+def test_rank_out_of_range_is_a_bug():
+    with pytest.raises(InternalError, match="rank 9 outside"):
+        decompose("svd", np.eye(8), None).factors(9)

@@ -1,0 +1,150 @@
+"""The CLI end to end on tiny models (click's CliRunner): outputs, reports, and every bad input."""
+
+import hashlib
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from lrdeploy.cli import main
+from tests import models
+from tests.conftest import run_model
+
+REPORT_KEYS = {"lrdeploy_version", "input_model", "output_model", "config", "layers", "params", "accuracy", "timings"}
+
+
+def _digest(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_inspect_table_and_json(transformer_files):
+    model, _ = transformer_files
+    table = _invoke("inspect", model)
+    assert table.exit_code == 0
+    assert "12 eligible" in table.output and "MatMul+Add" in table.output and "skipped: weight" in table.output
+    data = json.loads(_invoke("inspect", model, "--json").output)
+    assert data["totals"] == {"layers": 16, "eligible": 12, "eligible_params": 8 * 64 * 64 + 4 * 64 * 256,
+                              "model_params": data["totals"]["model_params"]}
+    skipped = [l for l in data["layers"] if not l["eligible"]]
+    assert {l["reason"] for l in skipped} == {"weight is not constant (activation × activation)"}
+
+
+@pytest.mark.parametrize("budget", [0.4, 0.7])
+def test_build_writes_model_and_reports(transformer_files, tmp_path, budget):
+    model, calib = transformer_files
+    before = _digest(model)
+    out = tmp_path / "out"
+    result = _invoke("build", model, "--rank-budget", budget, "--calib", calib, "-o", out)
+    assert result.exit_code == 0, result.output
+    assert _digest(model) == before
+    compressed = out / "tiny.lowrank.onnx"
+    onnx.checker.check_model(str(compressed))
+    report = json.loads((out / "report.json").read_text())
+    assert REPORT_KEYS <= set(report)
+    assert report["config"] == {"rank_budget": budget, "method": "pca", "allocation": "uniform", "rank_multiple": 16,
+                                "calib_samples": 77, "calib_source": f"calibration file {calib}",
+                                "eval_source": "held-out tail of calibration file " + str(calib) + " (19 samples)"}
+    assert report["params"]["linear_ratio"] <= budget
+    assert report["params"]["model_after"] < report["params"]["model_before"]
+    assert report["accuracy"]["samples"] == 19
+    embedding = report["accuracy"]["outputs"]["embedding"]
+    assert 0.5 < embedding["cosine_p5"] <= embedding["cosine_mean"] < 1.0
+    factorized = [l for l in report["layers"] if l["status"] == "factorized"]
+    assert factorized and all(l["rank"] % 16 == 0 and l["params_after"] == l["rank"] * (l["d_in"] + l["d_out"])
+                              for l in factorized)
+    props = {p.key: p.value for p in onnx.load(str(compressed)).metadata_props}
+    assert props["lrdeploy.method"] == "pca" and float(props["lrdeploy.rank_budget"]) == budget
+    assert json.loads(props["lrdeploy.ranks"]) == {l["name"]: l["rank"] for l in report["layers"] if l["status"] != "skipped"}
+    assert "| layer | pattern |" in (out / "report.md").read_text()
+    feeds = models.transformer_inputs(4)
+    assert [o.shape for o in run_model(compressed, feeds)] == [o.shape for o in run_model(model, feeds)]
+
+
+def test_second_build_reuses_calibration_statistics(transformer_files, tmp_path):
+    model, calib = transformer_files
+    first = _invoke("build", model, "--calib", calib, "-o", tmp_path / "a", "--rank-budget", "0.5")
+    second = _invoke("build", model, "--calib", calib, "-o", tmp_path / "b", "--rank-budget", "0.4", "--method", "whiten")
+    assert "statistics from cache" not in first.output
+    assert "statistics from cache" in second.output
+
+
+def test_random_calibration_warns(transformer_files, tmp_path):
+    model, _ = transformer_files
+    result = _invoke("build", model, "--shape", "input_ids:1x16", "--shape", "attention_mask:1x16",
+                     "--calib-samples", "16", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert "Warning: calibrating on random data: the factors will be poor" in result.output
+
+
+def test_json_output_and_energy_allocation(transformer_files, tmp_path):
+    model, calib = transformer_files
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "-o", str(tmp_path / "o"),
+                                       "--allocation", "energy", "--json"])
+    assert result.exit_code == 0
+    report = json.loads(result.stdout)
+    assert report["config"]["allocation"] == "energy" and report["params"]["linear_ratio"] <= 0.5
+
+
+def test_external_data_model_round_trip(tmp_path):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    onnx.save_model(models.transformer(), str(model_dir / "tiny.onnx"), save_as_external_data=True,
+                    location="tiny.onnx.data", size_threshold=1024)
+    np.savez(tmp_path / "c.npz", **models.transformer_inputs(64))
+    result = _invoke("build", model_dir / "tiny.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "tiny.lowrank.onnx.data").is_file()
+    assert json.loads((tmp_path / "out" / "report.json").read_text())["external_data"] is True
+    feeds = models.transformer_inputs(3)
+    run_model(tmp_path / "out" / "tiny.lowrank.onnx", feeds)
+
+
+def _bad_inputs(tmp_path, model, calib):
+    """(name, args, expected message regex) for every kind of bad input."""
+    not_onnx = tmp_path / "notes.onnx"
+    not_onnx.write_text("hello")
+    no_layers = tmp_path / "act.onnx"
+    onnx.save(models.activation_matmul(), no_layers)
+    arrays = models.transformer_inputs(20)
+    np.savez(tmp_path / "missing.npz", input_ids=arrays["input_ids"])
+    np.savez(tmp_path / "dtype.npz", input_ids=arrays["input_ids"].astype(np.float32), attention_mask=arrays["attention_mask"])
+    np.savez(tmp_path / "shape.npz", input_ids=arrays["input_ids"][:, :, None], attention_mask=arrays["attention_mask"])
+    np.savez(tmp_path / "pickled.npz", input_ids=np.array([None, 1], dtype=object), attention_mask=arrays["attention_mask"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    return [
+        ("missing model", ["build", tmp_path / "nope.onnx", "--calib", calib], r"model file .*nope.onnx does not exist; check the path"),
+        ("not onnx", ["build", not_onnx, "--calib", calib], r"notes.onnx is not a valid ONNX model \(\w+\); pass a .onnx file"),
+        ("no eligible layer", ["build", no_layers], r"has no linear layer to compress \(1 MatMul/Gemm found, all skipped: weight is not constant"),
+        ("budget zero", ["build", model, "--rank-budget", "0", "--calib", calib], r"rank budget 0.0 is outside \(0, 1\]; pass e.g. --rank-budget 0.5"),
+        ("budget above one", ["build", model, "--rank-budget", "1.5", "--calib", calib], r"rank budget 1.5 is outside \(0, 1\]"),
+        ("budget too small", ["build", model, "--rank-budget", "0.1", "--calib", calib], r"rank budget 0.1 is below what the smallest rank \(16\) keeps \(0.375\); raise --rank-budget to at least 0.375 or lower --rank-multiple"),
+        ("calib missing input", ["build", model, "--calib", tmp_path / "missing.npz"], r"has no array for model input 'attention_mask'"),
+        ("calib wrong dtype", ["build", model, "--calib", tmp_path / "dtype.npz"], r"input 'input_ids' is float32 but the model expects int64"),
+        ("calib wrong shape", ["build", model, "--calib", tmp_path / "shape.npz"], r"input 'input_ids' has shape 20x16x1 but the model expects \?x\?"),
+        ("pickled npz", ["build", model, "--calib", tmp_path / "pickled.npz"], r"holds pickled \(object\) arrays"),
+        ("missing calib", ["build", model, "--calib", tmp_path / "nope.npz"], r"calibration file .*nope.npz does not exist"),
+        ("unwritable output", ["build", model, "--calib", calib, "-o", a_file / "sub"], r"cannot write to output directory .*a_file/sub \(.+\); choose another with -o/--output-dir"),
+    ]
+
+
+def test_every_bad_input_gives_one_error_line_and_leaves_no_output(transformer_files, tmp_path):
+    model, calib = transformer_files
+    before = _digest(model)
+    for name, args, message in _bad_inputs(tmp_path, model, calib):
+        listing = sorted(p.name for p in model.parent.rglob("*"))
+        result = CliRunner().invoke(main, [str(a) for a in args])
+        assert result.exit_code == 1, (name, result.output)
+        assert isinstance(result.exception, SystemExit), name  # no traceback
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("Error: "), (name, result.stderr)
+        import re
+        assert re.search(message, lines[0]), (name, lines[0])
+        assert sorted(p.name for p in model.parent.rglob("*")) == listing, name
+    assert _digest(model) == before
