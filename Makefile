@@ -1,0 +1,31 @@
+# The two commands of the README's quick start. Everything installs into .venv from scratch.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+BUDGET ?= 0.5
+DEMO_DIR ?= out/minilm
+
+.PHONY: install demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# torch is pinned first: a bare `torch` requirement would pull a newer build with gigabytes of CUDA packages.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e ".[demo,test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/python scripts/minilm_assets.py $(DEMO_DIR)
+	$(BIN)/lrdeploy build $(DEMO_DIR)/minilm.onnx --calib $(DEMO_DIR)/calib.npz --eval $(DEMO_DIR)/eval.npz \
+		--rank-budget $(BUDGET) -o $(DEMO_DIR)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) out
