@@ -73,11 +73,12 @@ def uniform_ranks(shapes: list[LayerShape], budget: float, multiple: int) -> Ran
 
     Rounding up, or a layer left dense because its rank would not save parameters, can push the total
     over the budget; then the per-layer fraction is lowered by bisection until the realized ratio fits.
+    Whatever rounding left unspent is then handed out one multiple at a time, smallest fraction first.
     """
     check_budget(shapes, budget, multiple)
     plan = _uniform_plan(shapes, budget, multiple)
     if realized_ratio(shapes, plan) <= budget:
-        return plan
+        return _top_up(shapes, plan, budget, multiple)
     low, high = 0.0, budget
     for _ in range(50):
         mid = (low + high) / 2
