@@ -123,11 +123,19 @@ def _print_build_summary(console, result) -> None:
 @click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache.")
 @click.option("--atol", default=1e-2, show_default=True, type=float, help="Polygraphy comparison absolute tolerance.")
 @click.option("--rtol", default=1e-1, show_default=True, type=float, help="Polygraphy comparison relative tolerance.")
+@click.option("--latency-aware", is_flag=True,
+              help="Time each layer shape dense vs split on --backend and keep dense wherever the split does not pay.")
+@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda"]), default="ort-cpu", show_default=True,
+              help="Where --latency-aware times layers.")
+@click.option("--tokens", default=4096, show_default=True, type=click.IntRange(min=1),
+              help="Rows (batch × sequence) of the --latency-aware layer timings.")
+@click.option("--bench", "run_bench", is_flag=True, help="Also benchmark dense vs compressed on ONNX Runtime CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @user_errors
 def build(model: Path, rank_budget: float, calib: str, calib_samples, eval_path, eval_samples, method: str,
           allocation: str, rank_multiple: int, shapes, output_dir, batch_size: int, mask_input, cache_dir,
-          no_cache: bool, atol: float, rtol: float, as_json: bool) -> None:
+          no_cache: bool, atol: float, rtol: float, latency_aware: bool, backend: str, tokens: int, run_bench: bool,
+          as_json: bool) -> None:
     """Compress MODEL: calibrate, factorize linear layers under --rank-budget, validate, report."""
     from lrdeploy.calib.data import parse_shape_overrides
     from lrdeploy.pipeline.build import build as run_build
@@ -138,6 +146,8 @@ def build(model: Path, rank_budget: float, calib: str, calib_samples, eval_path,
         eval_samples=eval_samples, method=method, allocation=allocation, rank_multiple=rank_multiple,
         shapes=parse_shape_overrides(shapes), output_dir=output_dir, batch_size=batch_size, mask_input=mask_input,
         cache_dir=None if no_cache else (cache_dir or default_cache_dir()), atol=atol, rtol=rtol,
+        latency_aware=latency_aware, latency_device=backend.removeprefix("ort-"), latency_tokens=tokens,
+        bench=run_bench,
     )
     console = _console(stderr=as_json)
     result = run_build(config, console=console)
@@ -145,3 +155,77 @@ def build(model: Path, rank_budget: float, calib: str, calib_samples, eval_path,
         click.echo(json.dumps(result.report.to_dict(), indent=2))
     else:
         _print_build_summary(console, result)
+
+
+def _int_list(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise click.BadParameter(f"{text!r} is not a list of positive integers like 1,8,32")
+    return values
+
+
+@main.command()
+@click.argument("model", type=FILE)
+@click.option("-o", "--output", "engine_path", required=True, type=FILE, help="Where to save the engine.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "best"]), default="fp16", show_default=True)
+@click.option("--shapes", "shapes", multiple=True, metavar="NAME:MIN[,OPT[,MAX]]",
+              help="Optimization profile per dynamic input, e.g. input_ids:1x128,8x128,32x128 (repeatable).")
+@click.option("--timing-cache", type=FILE, help="Timing cache to load (if present) and save.")
+@click.option("--workspace", "workspace_mib", type=click.IntRange(min=1), help="Builder workspace limit in MiB.")
+@user_errors
+def engine(model: Path, engine_path: Path, precision: str, shapes, timing_cache, workspace_mib) -> None:
+    """Build a TensorRT engine from MODEL through Polygraphy's loaders (needs TensorRT and an NVIDIA GPU)."""
+    from lrdeploy.export.trt import EngineConfig, build_engine, parse_profile_shapes, trtexec_command
+    from lrdeploy.onnx_io import load_model
+
+    load_model(model)  # one-line errors for a missing or broken model before TensorRT is even looked for
+    config = EngineConfig(model, engine_path, precision, parse_profile_shapes(list(shapes)), timing_cache, workspace_mib)
+    click.echo(f"Equivalent trtexec command:\n  {trtexec_command(config)}")
+    build_engine(config)
+    click.echo(f"Engine: {engine_path}")
+
+
+@main.command()
+@click.argument("models", nargs=-1, required=True)
+@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt", "torch-cpu", "torch-cuda"]),
+              default="ort-cpu", show_default=True)
+@click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes, comma-separated.")
+@click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens per sample.")
+@click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
+@click.option("--iterations", type=click.IntRange(min=1), help="Timed runs per model and shape (default 20).")
+@click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds of timed runs per shape.")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "best"]), default="fp16", show_default=True,
+              help="For trt and torch backends.")
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime threads (0 = all).")
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
+              show_default=True, help="Where bench.json, bench.md and bench_latency.png go.")
+@click.option("--json", "as_json", is_flag=True, help="Print bench.json to stdout.")
+@user_errors
+def bench(models, backend, batches, seq, warmup, iterations, duration, precision, threads, output_dir, as_json) -> None:
+    """Time MODEL, or MODEL and MODEL_B alternately run by run, like trtexec: warm-up, then timed runs.
+
+    ONNX files for ort-* and trt backends; package.module:function factories for torch-* backends.
+    """
+    import dataclasses
+
+    from lrdeploy.bench.bench_report import write_bench
+    from lrdeploy.bench.measure import BenchSettings
+    from lrdeploy.files import prepare_output_dir
+    from lrdeploy.pipeline.bench import BenchConfig, describe_shape, run_bench
+
+    if iterations and duration:
+        raise click.BadParameter("give --iterations or --duration, not both")
+    settings = BenchSettings(warmup, iterations if iterations or duration else 20, duration)
+    config = BenchConfig(list(models), backend, _int_list(batches), seq, settings, threads, precision)
+    prepare_output_dir(output_dir)
+    console = _console(stderr=as_json)
+    result = run_bench(config, on_shape=lambda shape: console.print(describe_shape(shape)))
+    command = "lrdeploy bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lrdeploy bench"
+    paths = write_bench(result, output_dir, command)
+    if as_json:
+        click.echo(json.dumps(dataclasses.asdict(result), indent=2))
+    else:
+        console.print("Wrote " + ", ".join(str(p) for p in paths))

@@ -3,10 +3,11 @@
 report.json schema (all keys always present):
     lrdeploy_version, input_model, output_model, external_data,
     config {rank_budget, method, allocation, rank_multiple, calib_samples, calib_source, eval_source},
-    layers [{name, pattern, d_in, d_out, rank|null, params_before, params_after, status, reason}],
+    layers [{name, pattern, d_in, d_out, rank|null, params_before, params_after, status, reason,
+             predicted_speedup|null, measured_speedup|null}],
     params {linear_before, linear_after, linear_ratio, model_before, model_after, model_ratio},
     accuracy {samples, passed, atol, rtol, outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs}}},
-    timings {stage: seconds}, warnings [str]
+    timings {stage: seconds}, warnings [str], bench (see bench.json) | null
 Parameters count weights only (biases excluded), so linear_ratio is what --rank-budget bounds.
 """
 
@@ -31,6 +32,8 @@ class LayerRecord:
     params_after: int
     status: str  # "factorized" | "dense" | "skipped"
     reason: str
+    predicted_speedup: float | None = None  # dense FLOPs / split FLOPs
+    measured_speedup: float | None = None  # dense time / split time (with --latency-aware)
 
 
 @dataclass
@@ -83,9 +86,14 @@ class BuildReport:
     accuracy: AccuracyReport | None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    bench: dict | None = None  # BenchResult of dense vs compressed (with --bench)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _speedup(value: float | None) -> str:
+    return "" if value is None else f"×{value:.2f}"
 
 
 def render_markdown(report: BuildReport) -> str:
@@ -120,14 +128,21 @@ def render_markdown(report: BuildReport) -> str:
     lines += [
         "## Layers",
         "",
-        "| layer | pattern | d_in | d_out | rank | params before | params after | status | reason |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| layer | pattern | d_in | d_out | rank | params before | params after | status | FLOP speed-up "
+        "| measured speed-up | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
         f"| {l.name} | {l.pattern} | {l.d_in} | {l.d_out} | {'' if l.rank is None else l.rank} | "
-        f"{l.params_before:,} | {l.params_after:,} | {l.status} | {l.reason} |"
+        f"{l.params_before:,} | {l.params_after:,} | {l.status} | {_speedup(l.predicted_speedup)} | "
+        f"{_speedup(l.measured_speedup)} | {l.reason} |"
         for l in report.layers
     ]
+    if report.bench is not None:
+        from lrdeploy.bench.bench_report import bench_markdown
+        from lrdeploy.bench.measure import result_from_dict
+
+        lines += ["## Latency", ""] + bench_markdown(result_from_dict(report.bench)).splitlines()[2:] + [""]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in report.timings.items()]
     return "\n".join(lines) + "\n"

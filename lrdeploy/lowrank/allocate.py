@@ -171,3 +171,28 @@ def allocate(
             raise BudgetError("energy allocation needs a spectrum per layer; use --allocation uniform")
         return energy_ranks(shapes, energies, budget, multiple)
     raise BudgetError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+
+
+def allocate_around_dense(
+    allocation: Allocation,
+    shapes: list[LayerShape],
+    dense: set[str],
+    budget: float,
+    multiple: int,
+    energies: Mapping[str, np.ndarray] | None = None,
+) -> RankPlan:
+    """Allocate with the layers in `dense` held dense: the others share what the budget leaves."""
+    rest = [s for s in shapes if s.name not in dense]
+    plan: RankPlan = {name: None for name in dense}
+    if not rest:
+        return plan
+    total = sum(s.dense_params for s in shapes)
+    left = budget * total - sum(s.dense_params for s in shapes if s.name in dense)
+    share = left / sum(s.dense_params for s in rest)
+    if share <= 0 or realized_ratio(rest, {s.name: multiple for s in rest}) > share:
+        raise BudgetError(
+            f"keeping {len(dense)} layers dense where splitting does not pay leaves too little of rank budget "
+            f"{budget} for the others; raise --rank-budget or build without --latency-aware"
+        )
+    plan.update(allocate(allocation, rest, min(share, 1.0), multiple, energies))
+    return plan

@@ -2,7 +2,7 @@
 
     model.onnx ─inspect─► [LinearLayer] ─calibrate─► {input tensor: Moments}
     ─decompose─► spectra ─allocate─► RankPlan ─factorize─► model.lowrank.onnx
-    ─validate (Polygraphy)─► AccuracyReport ─► report.json, report.md
+    ─validate (Polygraphy)─► AccuracyReport [─bench─► LatencyReport] ─► report.json, report.md
 
 Every user error surfaces as an LrdeployError before the first output file is written; outputs are
 written atomically and never over the input.
@@ -10,6 +10,7 @@ written atomically and never over the input.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from contextlib import contextmanager
@@ -31,9 +32,12 @@ from lrdeploy.lowrank.decompose import METHODS, Decomposition, decompose
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
 from lrdeploy.passes.factorize import factorize_layers
 from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.bench.bench_report import write_bench
+from lrdeploy.pipeline.bench import BenchConfig, run_bench
 from lrdeploy.pipeline.calibrate import calibrate
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection, inspect_model
+from lrdeploy.pipeline.latency import LatencyPlan, latency_aware_plan
 from lrdeploy.pipeline.samples import prepare_samples
 from lrdeploy.pipeline.validate import compare_models
 
@@ -103,7 +107,7 @@ def _require_eligible(inspection: Inspection) -> list[LinearLayer]:
     return eligible
 
 
-def _layer_records(layers: list[LinearLayer], plan: RankPlan) -> list[LayerRecord]:
+def _layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPlan | None) -> list[LayerRecord]:
     records = []
     for layer in layers:
         if not layer.eligible:
@@ -112,11 +116,18 @@ def _layer_records(layers: list[LinearLayer], plan: RankPlan) -> list[LayerRecor
             continue
         rank = plan[layer.name]
         if rank is None:
+            slower = latency.slower.get(layer.name) if latency else None
+            reason = ("the allocated rank would not save parameters" if slower is None
+                      else f"kept dense: its split measured ×{slower:.2f} of dense speed")
             records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params,
-                                       layer.params, "dense", "the allocated rank would not save parameters"))
+                                       layer.params, "dense", reason))
         else:
-            records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, rank, layer.params,
-                                       layer.shape.factored_params(rank), "factorized", ""))
+            records.append(LayerRecord(
+                layer.name, layer.pattern, layer.d_in, layer.d_out, rank, layer.params,
+                layer.shape.factored_params(rank), "factorized", "",
+                predicted_speedup=layer.params / layer.shape.factored_params(rank),
+                measured_speedup=latency.measured_speedup(layer.shape, rank) if latency else None,
+            ))
     return records
 
 
@@ -174,9 +185,15 @@ def build(config: BuildConfig, console=None) -> BuildResult:
                                   None if moments is None else moments[layer.input_name])
             for layer in eligible
         }
+    latency = None
     with stages.stage("allocate"):
         energies = {name: d.energies for name, d in decompositions.items()}
-        plan = allocate(config.allocation, shapes, config.rank_budget, config.rank_multiple, energies)
+        if config.latency_aware:
+            latency = latency_aware_plan(config.allocation, shapes, config.rank_budget, config.rank_multiple, energies,
+                                         config.latency_tokens, config.latency_device, config.threads)
+            plan = latency.plan
+        else:
+            plan = allocate(config.allocation, shapes, config.rank_budget, config.rank_multiple, energies)
     with stages.stage("rewrite"):
         factors = {name: decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}
         factorize_layers(inspection.graph, inspection.layers, factors)
@@ -189,6 +206,12 @@ def build(config: BuildConfig, console=None) -> BuildResult:
     with stages.stage("validate"):
         feeds = iter_batches(samples.eval, specs, config.batch_size, mask_name)
         accuracy = compare_models(config.model, output_model, feeds, config.atol, config.rtol)
+    bench = None
+    if config.bench:
+        with stages.stage("bench"):
+            bench = run_bench(BenchConfig([str(config.model), str(output_model)], "ort-cpu", config.bench_batches,
+                                          config.bench_seq, threads=config.threads))
+            write_bench(bench, output_dir, f"lrdeploy bench {config.model} {output_model} --backend ort-cpu")
 
     linear_before = sum(s.dense_params for s in shapes)
     ratio = realized_ratio(shapes, plan)
@@ -199,12 +222,13 @@ def build(config: BuildConfig, console=None) -> BuildResult:
         external_data=external,
         config=BuildConfigRecord(config.rank_budget, config.method, config.allocation, config.rank_multiple,
                                  samples.calib.count, samples.calib_source, samples.eval_source),
-        layers=_layer_records(inspection.layers, plan),
+        layers=_layer_records(inspection.layers, plan, latency),
         params=ParamSummary(linear_before, round(ratio * linear_before), ratio, inspection.model_params, model_after,
                             model_after / max(inspection.model_params, 1)),
         accuracy=accuracy,
         timings=stages.timings,
         warnings=samples.warnings,
+        bench=None if bench is None else dataclasses.asdict(bench),
     )
     json_path, md_path = write_reports(report, output_dir)
     return BuildResult(report, output_model, json_path, md_path)

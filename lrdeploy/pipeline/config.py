@@ -37,6 +37,12 @@ class BuildConfig:
     atol: float = 1e-2
     rtol: float = 1e-1
     seed: int = 1
+    latency_aware: bool = False
+    latency_device: str = "cpu"  # ONNX Runtime provider the per-layer timings run on: cpu or cuda
+    latency_tokens: int = 4096  # rows of X in the per-layer timings (batch × sequence)
+    bench: bool = False
+    bench_batches: tuple[int, ...] = (1, 8, 32)
+    bench_seq: int = 128
 
     @property
     def resolved_output_dir(self) -> Path:

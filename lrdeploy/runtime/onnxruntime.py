@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions for in-memory or on-disk models.
+"""ONNX Runtime: sessions for in-memory or on-disk models, and a Runner for the CPU and CUDA providers.
 
 Models under the protobuf limit are handed to ONNX Runtime as bytes; larger ones are written with
 external data to a temporary folder first (ONNX Runtime cannot take a >2 GB message).
@@ -6,12 +6,18 @@ external data to a temporary folder first (ONNX Runtime cannot take a >2 GB mess
 
 from __future__ import annotations
 
+import platform
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import onnx
 
+from lrdeploy.errors import MissingDependencyError
+from lrdeploy.runtime.base import Runner
+
 PROTOBUF_LIMIT_BYTES = (1 << 31) - (1 << 20)
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 def session_options(threads: int = 0):
@@ -23,11 +29,26 @@ def session_options(threads: int = 0):
     return options
 
 
-def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: list[str] | None = None):
-    """An InferenceSession for `model` (a ModelProto or a path), on CPU unless `providers` says otherwise."""
+def check_provider(provider: str) -> None:
+    """Raise MissingDependencyError when this ONNX Runtime build lacks `provider`."""
     import onnxruntime as ort
 
-    providers = providers or ["CPUExecutionProvider"]
+    available = ort.get_available_providers()
+    if provider not in available:
+        raise MissingDependencyError(
+            f"ONNX Runtime here has no {provider} (it has {', '.join(available)}); on a machine with an NVIDIA "
+            "GPU install onnxruntime-gpu (pip install lrdeploy[gpu]) or use --backend ort-cpu"
+        )
+
+
+def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: list[str] | None = None):
+    """An InferenceSession for `model` (a ModelProto or a path), on CPU unless `providers` says otherwise.
+
+    A ModelProto over 2 GB is converted to external data in place while it is saved for the session.
+    """
+    import onnxruntime as ort
+
+    providers = providers or [PROVIDERS["cpu"]]
     options = session_options(threads)
     if isinstance(model, (str, Path)):
         return ort.InferenceSession(str(model), options, providers=providers)
@@ -36,4 +57,39 @@ def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: l
     with tempfile.TemporaryDirectory(prefix="lrdeploy-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(str(path), options, providers=providers)  # proto was converted in place
+        return ort.InferenceSession(str(path), options, providers=providers)
+
+
+class OrtRunner(Runner):
+    """An ONNX model on ONNX Runtime, `device` "cpu" or "cuda"."""
+
+    def __init__(self, model: Path, device: str = "cpu", threads: int = 0, name: str | None = None):
+        super().__init__(name or Path(model).name)
+        self.model = Path(model)
+        self._device = device
+        self.threads = threads
+        self.backend = f"ort-{device}"
+        self.session = None
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self._device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+
+    def activate(self) -> None:
+        provider = PROVIDERS[self._device]
+        check_provider(provider)
+        self.session = create_session(self.model, self.threads, [provider])
+        self.active = True
+
+    def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        names = [o.name for o in self.session.get_outputs()]
+        return dict(zip(names, self.session.run(names, feed)))
+
+    def deactivate(self) -> None:
+        self.session = None
+        super().deactivate()
+
+    def versions(self) -> dict[str, str]:
+        import onnxruntime as ort
+
+        return {"onnxruntime": ort.__version__}

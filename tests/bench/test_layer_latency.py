@@ -1,0 +1,45 @@
+import numpy as np
+import pytest
+
+import lrdeploy.pipeline.latency as latency
+from lrdeploy.bench.layer_latency import ShapeTiming, layer_model, time_shapes
+from lrdeploy.errors import BudgetError
+from lrdeploy.lowrank.allocate import LayerShape, allocate_around_dense, realized_ratio
+from tests.conftest import run_model
+
+
+def test_layer_models_have_the_right_structure_and_shapes():
+    dense, split = layer_model(64, 96, None), layer_model(64, 96, 16)
+    assert [n.op_type for n in dense.graph.node] == ["MatMul", "Add"]
+    assert [n.op_type for n in split.graph.node] == ["MatMul", "MatMul", "Add"]
+    x = np.ones((5, 64), np.float32)
+    assert run_model(split, {"x": x})[0].shape == run_model(dense, {"x": x})[0].shape == (5, 96)
+
+
+def test_time_shapes_measures_every_rank():
+    timings = time_shapes({(64, 96): {16, 32}}, tokens=32, threads=1, iterations=3, warmup=1)
+    timing = timings[(64, 96)]
+    assert set(timing.split_ms) == {16, 32} and timing.dense_ms > 0 and timing.speedup(16) > 0
+
+
+def test_latency_aware_plan_holds_slow_splits_dense_within_budget(monkeypatch):
+    shapes = [LayerShape(f"sq{i}", 384, 384) for i in range(4)] + [LayerShape(f"wide{i}", 384, 1536) for i in range(2)]
+
+    def fake_time_shapes(needed, tokens, device, threads):
+        # square splits lose at any rank; wide ones win
+        return {key: ShapeTiming(*key, tokens, 1.0, {r: (2.0 if key == (384, 384) else 0.5) for r in ranks})
+                for key, ranks in needed.items()}
+
+    monkeypatch.setattr(latency, "time_shapes", fake_time_shapes)
+    result = latency.latency_aware_plan("uniform", shapes, 0.8, 16, None, tokens=128)
+    assert all(result.plan[f"sq{i}"] is None for i in range(4))
+    assert all(result.plan[f"wide{i}"] is not None for i in range(2))
+    assert result.slower == {f"sq{i}": 0.5 for i in range(4)}
+    assert realized_ratio(shapes, result.plan) <= 0.8
+    assert result.measured_speedup(shapes[4], result.plan["wide0"]) == 2.0
+
+
+def test_holding_layers_dense_can_exhaust_the_budget():
+    shapes = [LayerShape("a", 384, 384), LayerShape("b", 384, 384)]
+    with pytest.raises(BudgetError, match=r"keeping 1 layers dense where splitting does not pay leaves too little"):
+        allocate_around_dense("uniform", shapes, {"a"}, 0.5, 16)
