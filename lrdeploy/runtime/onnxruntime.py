@@ -6,6 +6,7 @@ external data to a temporary folder first (ONNX Runtime cannot take a >2 GB mess
 
 from __future__ import annotations
 
+import os
 import platform
 import tempfile
 from pathlib import Path
@@ -60,6 +61,17 @@ def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: l
         return ort.InferenceSession(str(path), options, providers=providers)
 
 
+def cpu_description() -> str:
+    """CPU model name and core count, e.g. "AMD EPYC 7B13 (2 cores)", for reports."""
+    name = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            name = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return f"{name} ({os.cpu_count()} cores)"
+
+
 class OrtRunner(Runner):
     """An ONNX model on ONNX Runtime, `device` "cpu" or "cuda"."""
 
@@ -73,7 +85,7 @@ class OrtRunner(Runner):
 
     @property
     def device(self) -> str:
-        return "cuda" if self._device == "cuda" else f"cpu ({platform.processor() or platform.machine()})"
+        return "cuda" if self._device == "cuda" else cpu_description()
 
     def activate(self) -> None:
         provider = PROVIDERS[self._device]
