@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 BUDGET ?= 0.5
-DEMO_DIR ?= out/minilm
+DEMO_DIR ?= out/demo
 
 .PHONY: install demo test clean
 
@@ -20,9 +20,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	$(BIN)/python scripts/minilm_assets.py $(DEMO_DIR)
-	$(BIN)/lrdeploy build $(DEMO_DIR)/minilm.onnx --calib $(DEMO_DIR)/calib.npz --eval $(DEMO_DIR)/eval.npz \
-		--rank-budget $(BUDGET) -o $(DEMO_DIR)
+	$(BIN)/lrdeploy demo --rank-budget $(BUDGET) -o $(DEMO_DIR)
 
 test: install
 	$(BIN)/python -m pytest -q

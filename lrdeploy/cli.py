@@ -95,32 +95,55 @@ def _print_build_summary(console, result) -> None:
         for name, o in report.accuracy.outputs.items():
             table.add_row(name, f"{o.cosine_mean:.4f}", f"{o.cosine_p5:.4f}", f"{o.rel_l2:.4f}", f"{o.max_abs:.4g}")
         console.print(table)
-    console.print(f"Reports: {result.report_json}, {result.report_md}")
+    console.print(f"Reports: {result.report_json}, {result.report_md}, {result.report_html}")
+
+
+def build_options(command):
+    """The options `build` and `sweep` share (calibration, method, allocation, outputs)."""
+    options = [
+        click.option("--calib", default="random", show_default=True,
+                     help="Calibration inputs: an .npz (one array per input, axis 0 = samples), a Polygraphy inputs "
+                          "JSON (polygraphy run --save-inputs), or 'random'."),
+        click.option("--calib-samples", type=click.IntRange(min=1), help="Use the first N samples for calibration."),
+        click.option("--eval", "eval_path", type=FILE,
+                     help="Held-out inputs for validation (default: the tail of --calib not used for calibration)."),
+        click.option("--eval-samples", type=click.IntRange(min=1), help="Validate on at most N samples."),
+        click.option("--method", type=click.Choice(["pca", "svd", "whiten"]), default="pca", show_default=True),
+        click.option("--allocation", type=click.Choice(["uniform", "energy"]), default="uniform", show_default=True),
+        click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1)),
+        click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
+                     help="Shape of a dynamic input for random data, e.g. input_ids:1x128 (repeatable)."),
+        click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Where to write NAME.lowrank.onnx and the reports (default: beside the input)."),
+        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
+        click.option("--mask-input", help="Attention-mask input whose zeros mark padding (default: by name)."),
+        click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
+                     help="Calibration statistics cache (default: ~/.cache/lrdeploy)."),
+        click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _build_config(model, calib, calib_samples, eval_path, eval_samples, method, allocation, rank_multiple, shapes,
+                  output_dir, batch_size, mask_input, cache_dir, no_cache, **extra):
+    from lrdeploy.calib.data import parse_shape_overrides
+    from lrdeploy.pipeline.config import BuildConfig, default_cache_dir
+
+    return BuildConfig(
+        model=model, calib=calib, calib_samples=calib_samples, eval=eval_path, eval_samples=eval_samples,
+        method=method, allocation=allocation, rank_multiple=rank_multiple, shapes=parse_shape_overrides(shapes),
+        output_dir=output_dir, batch_size=batch_size, mask_input=mask_input,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), **extra,
+    )
 
 
 @main.command()
 @click.argument("model", type=FILE)
 @click.option("--rank-budget", default=0.5, show_default=True, type=float,
               help="Fraction of the eligible linear layers' weight parameters to keep, in (0, 1].")
-@click.option("--calib", default="random", show_default=True,
-              help="Calibration inputs: an .npz (one array per input, axis 0 = samples), a Polygraphy inputs "
-                   "JSON (polygraphy run --save-inputs), or 'random'.")
-@click.option("--calib-samples", type=click.IntRange(min=1), help="Use the first N samples for calibration.")
-@click.option("--eval", "eval_path", type=FILE,
-              help="Held-out inputs for validation (default: the tail of --calib not used for calibration).")
-@click.option("--eval-samples", type=click.IntRange(min=1), help="Validate on at most N samples.")
-@click.option("--method", type=click.Choice(["pca", "svd", "whiten"]), default="pca", show_default=True)
-@click.option("--allocation", type=click.Choice(["uniform", "energy"]), default="uniform", show_default=True)
-@click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-              help="Shape of a dynamic input for random data, e.g. input_ids:1x128 (repeatable).")
-@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Where to write NAME.lowrank.onnx and the reports (default: beside the input).")
-@click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--mask-input", help="Attention-mask input whose zeros mark padding (default: auto-detected by name).")
-@click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
-              help="Calibration statistics cache (default: ~/.cache/lrdeploy).")
-@click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache.")
+@build_options
 @click.option("--atol", default=1e-2, show_default=True, type=float, help="Polygraphy comparison absolute tolerance.")
 @click.option("--rtol", default=1e-1, show_default=True, type=float, help="Polygraphy comparison relative tolerance.")
 @click.option("--latency-aware", is_flag=True,
@@ -132,22 +155,14 @@ def _print_build_summary(console, result) -> None:
 @click.option("--bench", "run_bench", is_flag=True, help="Also benchmark dense vs compressed on ONNX Runtime CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @user_errors
-def build(model: Path, rank_budget: float, calib: str, calib_samples, eval_path, eval_samples, method: str,
-          allocation: str, rank_multiple: int, shapes, output_dir, batch_size: int, mask_input, cache_dir,
-          no_cache: bool, atol: float, rtol: float, latency_aware: bool, backend: str, tokens: int, run_bench: bool,
-          as_json: bool) -> None:
+def build(model: Path, rank_budget: float, atol: float, rtol: float, latency_aware: bool, backend: str, tokens: int,
+          run_bench: bool, as_json: bool, **options) -> None:
     """Compress MODEL: calibrate, factorize linear layers under --rank-budget, validate, report."""
-    from lrdeploy.calib.data import parse_shape_overrides
     from lrdeploy.pipeline.build import build as run_build
-    from lrdeploy.pipeline.config import BuildConfig, default_cache_dir
 
-    config = BuildConfig(
-        model=model, rank_budget=rank_budget, calib=calib, calib_samples=calib_samples, eval=eval_path,
-        eval_samples=eval_samples, method=method, allocation=allocation, rank_multiple=rank_multiple,
-        shapes=parse_shape_overrides(shapes), output_dir=output_dir, batch_size=batch_size, mask_input=mask_input,
-        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), atol=atol, rtol=rtol,
-        latency_aware=latency_aware, latency_device=backend.removeprefix("ort-"), latency_tokens=tokens,
-        bench=run_bench,
+    config = _build_config(
+        model, rank_budget=rank_budget, atol=atol, rtol=rtol, latency_aware=latency_aware,
+        latency_device=backend.removeprefix("ort-"), latency_tokens=tokens, bench=run_bench, **options,
     )
     console = _console(stderr=as_json)
     result = run_build(config, console=console)
@@ -229,3 +244,110 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
         click.echo(json.dumps(dataclasses.asdict(result), indent=2))
     else:
         console.print("Wrote " + ", ".join(str(p) for p in paths))
+
+
+def _float_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if not values:
+        raise click.BadParameter(f"{text!r} is not a list of budgets like 0.9,0.7,0.5")
+    return values
+
+
+@main.command()
+@click.argument("model", type=FILE)
+@click.option("--budgets", default="0.9,0.7,0.5,0.3", show_default=True, help="Budgets to build, comma-separated.")
+@click.option("--target-cosine", type=float, help="Find the smallest budget whose mean cosine reaches this; keep that model.")
+@click.option("--target-metric", metavar="NAME=VALUE",
+              help="Like --target-cosine for another metric: cosine_mean, cosine_p5 or topk_agreement.")
+@click.option("--output", "output_name", help="Model output the metrics are read from (default: the first).")
+@click.option("--bench-batch", default=32, show_default=True, type=click.IntRange(min=0),
+              help="Batch size of the latency ratio per budget (0: no latency).")
+@click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens per sample for latency.")
+@click.option("--bench-iterations", default=10, show_default=True, type=click.IntRange(min=1),
+              help="Timed runs per budget (dense and compressed alternated).")
+@click.option("--rank-budget", default=0.5, show_default=True, type=float, help="Budget whose report heads report.html.")
+@build_options
+@user_errors
+def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch, seq, bench_iterations, rank_budget,
+          **options) -> None:
+    """Calibrate MODEL once and build several budgets; or bisect to the smallest budget meeting a target."""
+    from rich.table import Table
+
+    from lrdeploy.pipeline.sweep import parse_target, run_sweep
+
+    metric, target = parse_target(target_cosine, target_metric)
+    config = _build_config(model, rank_budget=rank_budget, **options)
+    console = _console()
+    report = run_sweep(config, _float_list(budgets), console, metric, target, output_name, bench_batch or None, seq,
+                       bench_iterations)
+    table = Table(title=f"Sweep of {model} (output {report.output})")
+    for column in ("ρ", "linear kept", "cosine mean", "cosine p5", "top-k", "latency ratio", "model"):
+        table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
+    fmt = lambda v, d=4: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+    for p in report.points:
+        table.add_row(f"{p.budget:.3f}", fmt(p.linear_ratio, 3), fmt(p.cosine_mean), fmt(p.cosine_p5),
+                      fmt(p.topk_agreement, 3), fmt(p.latency_ratio, 3), p.output_model or "(not kept)")
+    console.print(table)
+    if target is not None:
+        if report.chosen is None:
+            raise_error = f"no budget reaches {metric} ≥ {target} (best: ρ=1.0); lower the target"
+            click.echo(f"Error: {raise_error}", err=True)
+            sys.exit(1)
+        console.print(f"Smallest budget with {metric} ≥ {target}: ρ={report.chosen:.3f}")
+    console.print(f"Reports: {config.resolved_output_dir / 'sweep.json'}, {config.resolved_output_dir / 'report.html'}")
+
+
+@main.command()
+@click.option("--hf", "hf_dir", type=click.Path(file_okay=False, path_type=Path),
+              help="A local Hugging Face / sentence-transformers model folder.")
+@click.option("--factory", help="package.module:function returning (module, {input name: example tensor}).")
+@click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
+              help="For --hf: pool token states into one vector per sample inside the graph.")
+@click.option("--normalize/--no-normalize", default=True, show_default=True,
+              help="For --hf with pooling: L2-normalise the pooled vector.")
+@click.option("-o", "--output", "output_path", required=True, type=FILE, help="The ONNX file to write.")
+@click.option("--tolerance", default=1e-4, show_default=True, type=float,
+              help="Largest ONNX Runtime vs PyTorch max abs difference accepted.")
+@user_errors
+def export(hf_dir, factory, pooling, normalize, output_path, tolerance) -> None:
+    """Export a PyTorch model to ONNX ready for `lrdeploy build` and check it against PyTorch."""
+    from lrdeploy.export.torch_onnx import export_factory, export_hf
+
+    if bool(hf_dir) == bool(factory):
+        raise click.UsageError("give exactly one of --hf DIR or --factory module:function")
+    result = (export_hf(hf_dir, output_path, pooling, normalize, tolerance) if hf_dir
+              else export_factory(factory, output_path, tolerance))
+    click.echo(f"Exported {result.path} (inputs {', '.join(result.input_names)}; outputs "
+               f"{', '.join(result.output_names)}); ONNX Runtime vs PyTorch max abs difference {result.max_abs_diff:.3g}")
+
+
+@main.command()
+@click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("lrdeploy-demo"),
+              show_default=True)
+@click.option("--rank-budget", default=0.5, show_default=True, type=float)
+@click.option("--calib-sentences", default=512, show_default=True, type=click.IntRange(min=8))
+@click.option("--eval-sentences", default=1000, show_default=True, type=click.IntRange(min=16))
+@click.option("--budgets", default="0.9,0.7,0.5,0.3", show_default=True, help="Budgets for the accuracy curve.")
+@click.option("--bench-batch", "bench_batches", default="1,8,32", show_default=True)
+@click.option("--bench-iterations", default=15, show_default=True, type=click.IntRange(min=1))
+@user_errors
+def demo(output_dir, rank_budget, calib_sentences, eval_sentences, budgets, bench_batches, bench_iterations) -> None:
+    """Compress the real all-MiniLM-L6-v2 end to end and write report.html."""
+    from lrdeploy.pipeline.demo import DemoSettings, run_demo
+
+    console = _console()
+    settings = DemoSettings(output_dir, rank_budget, calib_sentences, eval_sentences, tuple(_float_list(budgets)),
+                            _int_list(bench_batches), 128, bench_iterations)
+    result = run_demo(settings, console)
+    top = result.headline
+    console.print(f"\n[bold]all-MiniLM-L6-v2 at rank budget {rank_budget}[/bold]")
+    console.print(f"  size: {top['size_ratio']:.2f}× of the parameters ({top['linear_ratio']:.2f}× of the linear layers)")
+    agreement = result.main.report.accuracy.outputs["embedding"].topk_agreement
+    console.print(f"  accuracy: cosine {top['cosine']:.3f} to the original embedding, top-10 neighbours "
+                  f"{agreement:.2f} agree ({result.main.report.accuracy.samples} held-out sentences)")
+    if top["speedup"] is not None:
+        console.print(f"  speed: {top['speedup']:.2f}× faster at batch {settings.bench_batches[-1]}×128 on ONNX Runtime CPU")
+    console.print(f"Report: {result.report_html}")

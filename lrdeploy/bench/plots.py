@@ -48,3 +48,85 @@ def latency_plot(result: BenchResult) -> bytes:
     ax.set_title(f"{result.backend}, {result.precision}")
     ax.legend(fontsize=8)
     return _png(plt, fig)
+
+
+def short_names(names: list[str]) -> list[str]:
+    """Layer names without their shared prefix and trailing op name: `/encoder/layer.0/attention/self/query/MatMul`
+    → `layer.0/attention/self/query` when every name starts with `/encoder/`."""
+    import os
+
+    stripped = [n.removesuffix("/MatMul").removesuffix("/Gemm") for n in names]
+    prefix = os.path.commonprefix(stripped) if len(stripped) > 1 else ""
+    prefix = prefix[: prefix.rfind("/") + 1]
+    return [n[len(prefix):] or n for n in stripped]
+
+
+def ranks_plot(layers) -> bytes:
+    """Rank kept per eligible layer (bars) against the layer's break-even rank (line), in model order."""
+    plt, fig, ax = _figure(9.0, 4.2)
+    shown = [l for l in layers if l.status != "skipped"]
+    x = list(range(len(shown)))
+    kept = [l.rank if l.rank is not None else min(l.d_in, l.d_out) for l in shown]
+    colors = ["#2b7bba" if l.status == "factorized" else "#bbbbbb" for l in shown]
+    ax.bar(x, kept, color=colors)
+    ax.plot(x, [l.d_in * l.d_out / (l.d_in + l.d_out) for l in shown], color="#d62728", lw=1, label="break-even rank")
+    ax.set_xticks(x, short_names([l.name for l in shown]), rotation=90, fontsize=6)
+    ax.set_ylabel("rank kept (grey: dense)")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def spectra_plot(spectra: dict[str, dict[str, list[float]]]) -> bytes:
+    """Cumulative energy against rank: output-feature eigenvalues (solid) vs weight singular values² (dashed).
+
+    Features reach most of their energy at a small rank; weights need most of theirs, which is why feature
+    PCA beats weight SVD at the same rank."""
+    import numpy as np
+
+    plt, fig, ax = _figure(7.0, 4.0)
+    for index, (name, spectrum) in zip(range(len(spectra)), zip(short_names(list(spectra)), spectra.values())):
+        color = f"C{index}"
+        for key, style in (("feature", "-"), ("weight", "--")):
+            values = np.asarray(spectrum[key], np.float64)
+            total = values.sum()
+            if total > 0:
+                ax.plot(np.arange(1, len(values) + 1), np.cumsum(values) / total, style, color=color,
+                        label=f"{name} ({key})")
+    ax.axhline(0.9, color="grey", lw=0.8, ls=":")
+    ax.set_xscale("log")
+    ax.set_xlabel("rank")
+    ax.set_ylabel("cumulative energy kept")
+    ax.legend(fontsize=6, ncol=1)
+    return _png(plt, fig)
+
+
+def budget_plot(points, metrics: list[str]) -> bytes:
+    """Accuracy metrics against the rank budget (one line per metric)."""
+    plt, fig, ax = _figure()
+    budgets = [p.budget for p in points]
+    for metric in metrics:
+        values = [getattr(p, metric) for p in points]
+        if all(v is not None for v in values):
+            ax.plot(budgets, values, marker="o", label=metric.replace("_", " "))
+    ax.set_xlabel("rank budget ρ (linear parameters kept)")
+    ax.set_ylabel("accuracy vs original")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+def pareto_plot(points, metric: str, chosen: float | None = None) -> bytes:
+    """Accuracy against latency ratio (or parameter ratio when no latency was measured), budgets annotated."""
+    plt, fig, ax = _figure()
+    use_latency = all(p.latency_ratio is not None for p in points)
+    xs = [p.latency_ratio if use_latency else p.linear_ratio for p in points]
+    ys = [getattr(p, metric) for p in points]
+    ax.plot(xs, ys, marker="o", color="#2b7bba")
+    for p, x, y in zip(points, xs, ys):
+        ax.annotate(f"ρ={p.budget:.2f}", (x, y), textcoords="offset points", xytext=(4, -10), fontsize=7)
+        if chosen is not None and abs(p.budget - chosen) < 1e-9:
+            ax.plot([x], [y], marker="*", ms=14, color="#d62728", label="chosen")
+    ax.set_xlabel("latency compressed / dense" if use_latency else "linear parameters kept")
+    ax.set_ylabel(metric.replace("_", " "))
+    if chosen is not None:
+        ax.legend(fontsize=8)
+    return _png(plt, fig)

@@ -6,8 +6,10 @@ report.json schema (all keys always present):
     layers [{name, pattern, d_in, d_out, rank|null, params_before, params_after, status, reason,
              predicted_speedup|null, measured_speedup|null}],
     params {linear_before, linear_after, linear_ratio, model_before, model_after, model_ratio},
-    accuracy {samples, passed, atol, rtol, outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs}}},
-    timings {stage: seconds}, warnings [str], bench (see bench.json) | null
+    accuracy {samples, passed, atol, rtol, neighbours,
+              outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs, topk_agreement|null}}},
+    timings {stage: seconds}, warnings [str], bench (see bench.json) | null,
+    spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}}
 Parameters count weights only (biases excluded), so linear_ratio is what --rank-budget bounds.
 """
 
@@ -52,6 +54,7 @@ class OutputAccuracy:
     cosine_p5: float
     rel_l2: float
     max_abs: float
+    topk_agreement: float | None = None  # per-sample vector outputs: nearest-neighbour agreement
 
 
 @dataclass
@@ -61,6 +64,7 @@ class AccuracyReport:
     atol: float
     rtol: float
     outputs: dict[str, OutputAccuracy]
+    neighbours: int = 10
 
 
 @dataclass
@@ -87,6 +91,7 @@ class BuildReport:
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     bench: dict | None = None  # BenchResult of dense vs compressed (with --bench)
+    spectra: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {layer: {weight, feature}}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -117,11 +122,12 @@ def render_markdown(report: BuildReport) -> str:
         lines += [
             f"## Accuracy on {a.samples} held-out samples",
             "",
-            "| output | cosine mean | cosine p5 | rel. L2 | max abs |",
-            "|---|---|---|---|---|",
+            f"| output | cosine mean | cosine p5 | rel. L2 | max abs | top-{a.neighbours} neighbours |",
+            "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {name} | {o.cosine_mean:.4f} | {o.cosine_p5:.4f} | {o.rel_l2:.4f} | {o.max_abs:.4g} |"
+            f"| {name} | {o.cosine_mean:.4f} | {o.cosine_p5:.4f} | {o.rel_l2:.4f} | {o.max_abs:.4g} | "
+            f"{'' if o.topk_agreement is None else f'{o.topk_agreement:.3f}'} |"
             for name, o in a.outputs.items()
         ]
         lines += ["", f"Polygraphy comparison (atol {a.atol}, rtol {a.rtol}): {'passed' if a.passed else 'failed'}", ""]
@@ -148,9 +154,13 @@ def render_markdown(report: BuildReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_reports(report: BuildReport, directory: Path) -> tuple[Path, Path]:
-    """Write report.json and report.md into `directory` atomically; return their paths."""
-    json_path, md_path = Path(directory) / "report.json", Path(directory) / "report.md"
+def write_reports(report: BuildReport, directory: Path) -> tuple[Path, Path, Path]:
+    """Write report.json, report.md and report.html into `directory` atomically; return their paths."""
+    from lrdeploy.bench.html import render_build_html
+
+    directory = Path(directory)
+    json_path, md_path, html_path = directory / "report.json", directory / "report.md", directory / "report.html"
     atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     atomic_write_text(md_path, render_markdown(report))
-    return json_path, md_path
+    atomic_write_text(html_path, render_build_html(report))
+    return json_path, md_path, html_path

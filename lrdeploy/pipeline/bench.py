@@ -7,7 +7,6 @@ dict of example inputs, as `lrdeploy export --factory` takes).
 
 from __future__ import annotations
 
-import importlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,20 +42,6 @@ class BenchConfig:
             raise LrdeployError("bench takes one model, or two to compare; pass MODEL [MODEL_B]")
 
 
-def load_factory(spec: str):
-    """Call `package.module:function` and return its (module, example inputs dict)."""
-    module_name, sep, function = spec.partition(":")
-    if not sep or not module_name or not function:
-        raise LrdeployError(f"{spec!r} is not a factory; write it as package.module:function")
-    try:
-        produced = getattr(importlib.import_module(module_name), function)()
-    except (ImportError, AttributeError) as exc:
-        raise LrdeployError(f"cannot load factory {spec!r} ({exc}); check the module path and function name") from None
-    if not (isinstance(produced, tuple) and len(produced) == 2 and isinstance(produced[1], dict)):
-        raise LrdeployError(f"factory {spec!r} must return (module, {{input name: example tensor}})")
-    return produced
-
-
 def _torch_specs(example_inputs: dict) -> list[InputSpec]:
     return [InputSpec(name, np.dtype(str(t.dtype).removeprefix("torch.")), ("batch", "seq", *t.shape[2:]))
             for name, t in example_inputs.items()]
@@ -73,6 +58,7 @@ def make_runner(model: str, config: BenchConfig, name: str, workdir: Path) -> tu
     from lrdeploy.runtime.onnxruntime import OrtRunner
 
     if config.backend.startswith("torch-"):
+        from lrdeploy.export.torch_onnx import load_factory
         from lrdeploy.runtime.torch import TorchRunner
 
         module, example_inputs = load_factory(model)

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -27,18 +28,20 @@ from lrdeploy.calib.data import detect_mask_input, iter_batches, model_input_spe
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import BudgetError, NoEligibleLayersError, OutputError
 from lrdeploy.files import prepare_output_dir
-from lrdeploy.lowrank.allocate import RankPlan, allocate, check_budget, realized_ratio
+from lrdeploy.bench.measure import BenchSettings
+from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget, realized_ratio
 from lrdeploy.lowrank.decompose import METHODS, Decomposition, decompose
+from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
 from lrdeploy.passes.factorize import factorize_layers
-from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
 from lrdeploy.bench.bench_report import write_bench
 from lrdeploy.pipeline.bench import BenchConfig, run_bench
 from lrdeploy.pipeline.calibrate import calibrate
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection, inspect_model
 from lrdeploy.pipeline.latency import LatencyPlan, latency_aware_plan
-from lrdeploy.pipeline.samples import prepare_samples
+from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
 from lrdeploy.pipeline.validate import compare_models
 
 
@@ -48,9 +51,10 @@ class BuildResult:
     output_model: Path
     report_json: Path
     report_md: Path
+    report_html: Path
 
 
-class _Stages:
+class StageTimer:
     """Times each stage and, with a rich console, says what is happening."""
 
     def __init__(self, console=None):
@@ -131,11 +135,12 @@ def _layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPl
     return records
 
 
-def _record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: BuildConfig, plan: RankPlan) -> None:
+def _record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: BuildConfig, budget: float,
+                     plan: RankPlan) -> None:
     entries = {p.key: p.value for p in original.metadata_props}
     entries.update({
         "lrdeploy.version": __version__,
-        "lrdeploy.rank_budget": str(config.rank_budget),
+        "lrdeploy.rank_budget": str(budget),
         "lrdeploy.method": config.method,
         "lrdeploy.allocation": config.allocation,
         "lrdeploy.rank_multiple": str(config.rank_multiple),
@@ -146,19 +151,65 @@ def _record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: 
         proto.metadata_props.add(key=key, value=value)
 
 
-def build(config: BuildConfig, console=None) -> BuildResult:
-    """Compress `config.model` under `config.rank_budget`; write the model and reports."""
+SPECTRUM_LAYERS = 4
+
+
+def _spectra(eligible: list[LinearLayer], moments: dict[str, Moments] | None) -> dict[str, dict[str, list[float]]]:
+    """Weight singular values² beside output-feature eigenvalues for a few layers (first, widest, last):
+    the picture of why features are low-rank while weights are not."""
+    if moments is None:
+        return {}
+    picks = [eligible[0], max(eligible, key=lambda l: l.d_out), max(eligible, key=lambda l: l.d_in), eligible[-1]]
+    chosen = list(dict.fromkeys(layer.name for layer in picks))[:SPECTRUM_LAYERS]
+    by_name = {layer.name: layer for layer in eligible}
+    spectra = {}
+    for name in chosen:
+        layer = by_name[name]
+        weight = np.asarray(layer.weight, np.float64)
+        features = moments[layer.input_name].through_linear(weight, layer.bias).covariance
+        spectra[name] = {
+            "weight": (np.linalg.svd(weight, compute_uv=False) ** 2).round(8).tolist(),
+            "feature": np.clip(np.sort(np.linalg.eigvalsh(features))[::-1], 0, None).round(8).tolist(),
+        }
+    return spectra
+
+
+@dataclass
+class PreparedBuild:
+    """Everything that does not depend on the budget: loaded model, samples, statistics, decompositions.
+
+    A sweep prepares once and realizes many budgets from it.
+    """
+
+    config: BuildConfig
+    inspection: Inspection
+    eligible: list[LinearLayer]
+    specs: list
+    mask_name: str | None
+    samples: BuildSamples
+    decompositions: dict[str, Decomposition]
+    spectra: dict[str, dict[str, list[float]]]
+    stages: StageTimer
+    console: object = None
+
+    @property
+    def shapes(self) -> list[LayerShape]:
+        return [layer.shape for layer in self.eligible]
+
+
+def prepare_build(config: BuildConfig, console=None, budgets: tuple[float, ...] = ()) -> PreparedBuild:
+    """Load, check inputs, calibrate and decompose; every user error surfaces here, before outputs exist."""
     _check_config(config)
-    stages = _Stages(console)
+    stages = StageTimer(console)
     with stages.stage("load"):
         inspection = inspect_model(config.model, config.rank_multiple)
         eligible = _require_eligible(inspection)
-        shapes = [layer.shape for layer in eligible]
-        check_budget(shapes, config.rank_budget, config.rank_multiple)  # before any expensive work
-        output_dir = prepare_output_dir(config.resolved_output_dir)
-        output_model = config.output_model
-        if output_model.resolve() == Path(config.model).resolve():
-            raise OutputError(f"output {output_model} would overwrite the input model; choose another -o/--output-dir")
+        for budget in budgets or (config.rank_budget,):
+            check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
+        prepare_output_dir(config.resolved_output_dir)
+        if config.output_model.resolve() == Path(config.model).resolve():
+            raise OutputError(f"output {config.output_model} would overwrite the input model; "
+                              "choose another -o/--output-dir")
         specs = model_input_specs(inspection.model.proto)
         mask_name = detect_mask_input(specs, config.mask_input)
         samples = prepare_samples(config.calib, specs, config.shapes, config.calib_samples, config.eval,
@@ -185,42 +236,62 @@ def build(config: BuildConfig, console=None) -> BuildResult:
                                   None if moments is None else moments[layer.input_name])
             for layer in eligible
         }
+        spectra = _spectra(eligible, moments)
+    return PreparedBuild(config, inspection, eligible, specs, mask_name, samples, decompositions, spectra, stages,
+                         console)
+
+
+def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, bench: bool | None = None) -> BuildResult:
+    """Allocate ranks for `budget`, rewrite, save, validate (and bench, by default when the config says so);
+    write the model and reports."""
+    config, inspection = prepared.config, prepared.inspection
+    run_latency_bench = config.bench if bench is None else bench
+    stages = StageTimer(prepared.console)
+    stages.timings.update(prepared.stages.timings)
+    output_dir = prepare_output_dir(output_dir)
+    output_model = output_dir / config.output_model.name
+    shapes = prepared.shapes
     latency = None
     with stages.stage("allocate"):
-        energies = {name: d.energies for name, d in decompositions.items()}
+        energies = {name: d.energies for name, d in prepared.decompositions.items()}
         if config.latency_aware:
-            latency = latency_aware_plan(config.allocation, shapes, config.rank_budget, config.rank_multiple, energies,
+            latency = latency_aware_plan(config.allocation, shapes, budget, config.rank_multiple, energies,
                                          config.latency_tokens, config.latency_device, config.threads)
             plan = latency.plan
         else:
-            plan = allocate(config.allocation, shapes, config.rank_budget, config.rank_multiple, energies)
+            plan = allocate(config.allocation, shapes, budget, config.rank_multiple, energies)
     with stages.stage("rewrite"):
-        factors = {name: decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}
-        factorize_layers(inspection.graph, inspection.layers, factors)
-        proto = gs.export_onnx(inspection.graph)
-        _record_metadata(proto, inspection.model.proto, config, plan)
+        graph = gs.import_onnx(inspection.model.proto)
+        layers = find_linear_layers(graph, config.rank_multiple)
+        factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}
+        factorize_layers(graph, layers, factors)
+        proto = gs.export_onnx(graph)
+        del graph
+        _record_metadata(proto, inspection.model.proto, config, budget, plan)
         model_after = count_parameters(proto)
         external = save_model(proto, output_model, external_data=inspection.model.external_data)
         del proto
         check_model(output_model)
     with stages.stage("validate"):
-        feeds = iter_batches(samples.eval, specs, config.batch_size, mask_name)
-        accuracy = compare_models(config.model, output_model, feeds, config.atol, config.rtol)
+        feeds = iter_batches(prepared.samples.eval, prepared.specs, config.batch_size, prepared.mask_name)
+        accuracy = compare_models(config.model, output_model, feeds, config.atol, config.rtol, config.neighbours)
     bench = None
-    if config.bench:
+    if run_latency_bench:
         with stages.stage("bench"):
             bench = run_bench(BenchConfig([str(config.model), str(output_model)], "ort-cpu", config.bench_batches,
-                                          config.bench_seq, threads=config.threads))
+                                          config.bench_seq, settings=BenchSettings(iterations=config.bench_iterations),
+                                          threads=config.threads))
             write_bench(bench, output_dir, f"lrdeploy bench {config.model} {output_model} --backend ort-cpu")
 
     linear_before = sum(s.dense_params for s in shapes)
     ratio = realized_ratio(shapes, plan)
+    samples = prepared.samples
     report = BuildReport(
         lrdeploy_version=__version__,
         input_model=str(config.model),
         output_model=str(output_model),
         external_data=external,
-        config=BuildConfigRecord(config.rank_budget, config.method, config.allocation, config.rank_multiple,
+        config=BuildConfigRecord(budget, config.method, config.allocation, config.rank_multiple,
                                  samples.calib.count, samples.calib_source, samples.eval_source),
         layers=_layer_records(inspection.layers, plan, latency),
         params=ParamSummary(linear_before, round(ratio * linear_before), ratio, inspection.model_params, model_after,
@@ -229,6 +300,12 @@ def build(config: BuildConfig, console=None) -> BuildResult:
         timings=stages.timings,
         warnings=samples.warnings,
         bench=None if bench is None else dataclasses.asdict(bench),
+        spectra=prepared.spectra,
     )
-    json_path, md_path = write_reports(report, output_dir)
-    return BuildResult(report, output_model, json_path, md_path)
+    paths = write_reports(report, output_dir)
+    return BuildResult(report, output_model, *paths)
+
+
+def build(config: BuildConfig, console=None) -> BuildResult:
+    """Compress `config.model` under `config.rank_budget`; write the model and reports."""
+    return realize_build(prepare_build(config, console), config.rank_budget, config.resolved_output_dir)

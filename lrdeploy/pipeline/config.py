@@ -43,6 +43,8 @@ class BuildConfig:
     bench: bool = False
     bench_batches: tuple[int, ...] = (1, 8, 32)
     bench_seq: int = 128
+    bench_iterations: int = 20
+    neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
 
     @property
     def resolved_output_dir(self) -> Path:

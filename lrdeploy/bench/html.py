@@ -1,0 +1,147 @@
+"""report.html: one self-contained page (inline CSS, plots as embedded PNG, no network references)."""
+
+from __future__ import annotations
+
+import base64
+import html
+
+from lrdeploy.bench.measure import result_from_dict
+from lrdeploy.bench.plots import budget_plot, latency_plot, pareto_plot, ranks_plot, spectra_plot
+from lrdeploy.bench.report import BuildReport
+
+STYLE = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;
+color:#222;padding:0 1rem}h1{margin-bottom:.2rem}h2{margin-top:2rem;border-bottom:1px solid #ddd;padding-bottom:.2rem}
+.sub{color:#666;margin-top:0}.cards{display:flex;gap:1rem;flex-wrap:wrap;margin:1rem 0}
+.card{border:1px solid #ddd;border-radius:8px;padding:.8rem 1.2rem;min-width:180px}
+.card .v{font-size:1.8rem;font-weight:600}.card .l{color:#666;font-size:.85rem}
+table{border-collapse:collapse;font-size:.8rem;margin:.5rem 0}th,td{border:1px solid #ddd;padding:.2rem .45rem;
+text-align:right;vertical-align:top}th{background:#f5f5f5}td.t,th.t{text-align:left}td.t{overflow-wrap:anywhere}
+img{max-width:100%;height:auto}
+.fig{margin:1rem 0}.row{display:flex;gap:1rem;flex-wrap:wrap}.row .fig{flex:1 1 460px}.cap{color:#666;font-size:.85rem}.warn{color:#8a5a00}
+"""
+
+
+def _img(png: bytes, alt: str) -> str:
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode()}">'
+
+
+def _figure(png: bytes, alt: str, caption: str) -> str:
+    return f'<div class="fig">{_img(png, alt)}<div class="cap">{html.escape(caption)}</div></div>'
+
+
+def _table(headers: list[str], rows: list[list], text_columns: tuple[int, ...] = (0,)) -> str:
+    def cell(tag, value, index):
+        cls = ' class="t"' if index in text_columns else ""
+        return f"<{tag}{cls}>{html.escape(str(value))}</{tag}>"
+
+    head = "".join(cell("th", h, i) for i, h in enumerate(headers))
+    body = "".join("<tr>" + "".join(cell("td", v, i) for i, v in enumerate(row)) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value, digits: int = 4) -> str:
+    return "" if value is None else f"{value:.{digits}f}"
+
+
+def _page(title: str, subtitle: str, body: str) -> str:
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+            f"<style>{STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f'<p class="sub">{html.escape(subtitle)}</p>{body}</body></html>\n')
+
+
+def _cards(cards: list[tuple[str, str]]) -> str:
+    return '<div class="cards">' + "".join(
+        f'<div class="card"><div class="v">{html.escape(v)}</div><div class="l">{html.escape(l)}</div></div>'
+        for v, l in cards) + "</div>"
+
+
+def headline(report: BuildReport) -> dict[str, float | None]:
+    """The three numbers a person wants first: size ratio, accuracy (first output), speed-up (largest batch)."""
+    accuracy = None
+    if report.accuracy is not None and report.accuracy.outputs:
+        accuracy = next(iter(report.accuracy.outputs.values())).cosine_mean
+    speedup = None
+    if report.bench and report.bench["shapes"] and report.bench["shapes"][-1]["ratio_p50"]:
+        speedup = 1.0 / report.bench["shapes"][-1]["ratio_p50"]
+    return {"size_ratio": report.params.model_ratio, "linear_ratio": report.params.linear_ratio,
+            "cosine": accuracy, "speedup": speedup}
+
+
+def build_sections(report: BuildReport, sweep=None) -> str:
+    """The body of a build report: summary cards, accuracy (per budget too, with a sweep), plots and tables."""
+    p, c = report.params, report.config
+    top = headline(report)
+    cards = [(f"{p.model_ratio:.2f}×", f"model parameters kept ({p.model_after:,} of {p.model_before:,})"),
+             (f"{p.linear_ratio:.2f}×", f"linear-layer parameters kept (budget {c.rank_budget})")]
+    if top["cosine"] is not None:
+        cards.append((f"{top['cosine']:.3f}", "mean cosine to the original (held-out)"))
+    if top["speedup"] is not None:
+        shape = report.bench["shapes"][-1]
+        cards.append((f"{top['speedup']:.2f}×", f"faster at batch {shape['batch']}×{shape['seq']} ({report.bench['backend']})"))
+    parts = [_cards(cards)]
+    if report.warnings:
+        parts.append("".join(f'<p class="warn">Warning: {html.escape(w)}</p>' for w in report.warnings))
+    if report.accuracy is not None:
+        a = report.accuracy
+        parts.append(f"<h2>Accuracy on {a.samples} held-out samples</h2>")
+        parts.append(_table(["output", "cosine mean", "cosine p5", "rel. L2", "max abs", f"top-{a.neighbours} neighbours"],
+                            [[n, _fmt(o.cosine_mean), _fmt(o.cosine_p5), _fmt(o.rel_l2), f"{o.max_abs:.4g}",
+                              _fmt(o.topk_agreement, 3)] for n, o in a.outputs.items()]))
+    if sweep is not None:
+        parts.append(sweep_sections(sweep))
+    parts.append("<h2>Ranks</h2>")
+    parts.append(_figure(ranks_plot(report.layers), "rank kept per layer",
+                         "Rank kept per linear layer in model order; the red line is the rank above which a split "
+                         "would not save parameters."))
+    if report.spectra:
+        parts.append("<h2>Why features, not weights</h2>")
+        parts.append(_figure(spectra_plot(report.spectra), "eigen-spectra",
+                             "Cumulative energy against rank: the layer's output features (solid, calibrated "
+                             "eigenvalues) concentrate in few directions; its weight (dashed, singular values²) does not."))
+    if report.bench:
+        result = result_from_dict(report.bench)
+        parts.append("<h2>Latency</h2>")
+        parts.append(_figure(latency_plot(result), "latency dense vs compressed",
+                             f"p50 latency (whiskers to p90), runs alternated; {result.device}."))
+        rows = [[f"{s.batch}×{s.seq}", *(f"{s.latency[m].p50_ms:.2f}" for m in result.models), _fmt(s.ratio_p50, 3)]
+                for s in result.shapes]
+        parts.append(_table(["batch × seq", *(f"{m} p50 ms" for m in result.models), "ratio"], rows))
+    parts.append("<h2>Layers</h2>")
+    parts.append(_table(
+        ["layer", "pattern", "d_in", "d_out", "rank", "params before", "params after", "status", "FLOP speed-up",
+         "measured speed-up", "reason"],
+        [[l.name, l.pattern, l.d_in or "", l.d_out or "", "" if l.rank is None else l.rank, f"{l.params_before:,}",
+          f"{l.params_after:,}", l.status, _fmt(l.predicted_speedup, 2), _fmt(l.measured_speedup, 2), l.reason]
+         for l in report.layers], text_columns=(0, 1, 7, 10)))
+    parts.append("<h2>Run</h2>")
+    parts.append(_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in report.timings.items()]))
+    parts.append(f"<p class='cap'>lrdeploy {html.escape(report.lrdeploy_version)}; method {c.method}, allocation "
+                 f"{c.allocation}, rank multiple {c.rank_multiple}; calibration: {c.calib_samples} samples from "
+                 f"{html.escape(c.calib_source)}; evaluation: {html.escape(c.eval_source)}.</p>")
+    return "".join(parts)
+
+
+def sweep_sections(sweep) -> str:
+    """Per-budget table, accuracy-per-budget and Pareto plots of a sweep."""
+    points = sorted(sweep.points, key=lambda p: p.budget)
+    parts = ["<h2>Accuracy per budget</h2>", '<div class="row">']
+    parts.append(_figure(budget_plot(points, ["cosine_mean", "cosine_p5", "topk_agreement"]), "accuracy per budget",
+                         f"Output '{sweep.output}', held-out samples; one calibration for every budget."))
+    parts.append(_figure(pareto_plot(points, sweep.metric, sweep.chosen), "pareto",
+                         "Accuracy against cost; the star marks the budget kept."))
+    parts.append("</div>")
+    parts.append(_table(
+        ["ρ", "linear kept", "model kept", "cosine mean", "cosine p5", "top-k agreement", "latency ratio", "model"],
+        [[f"{p.budget:.3f}", _fmt(p.linear_ratio, 3), _fmt(p.model_ratio, 3), _fmt(p.cosine_mean), _fmt(p.cosine_p5),
+          _fmt(p.topk_agreement, 3), _fmt(p.latency_ratio, 3), p.output_model or "(not kept)"] for p in points]))
+    if sweep.target is not None:
+        verdict = (f"smallest budget meeting it: ρ={sweep.chosen:.3f}" if sweep.chosen is not None
+                   else "not met at any budget tried")
+        parts.append(f"<p>Target {html.escape(sweep.metric)} ≥ {sweep.target}: {verdict}.</p>")
+    return "".join(parts)
+
+
+def render_build_html(report: BuildReport, sweep=None, title: str = "lrdeploy build report") -> str:
+    subtitle = f"{report.input_model} → {report.output_model}"
+    return _page(title, subtitle, build_sections(report, sweep))

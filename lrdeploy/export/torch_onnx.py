@@ -1,0 +1,173 @@
+"""PyTorch → ONNX, ready for `lrdeploy build`.
+
+Two sources:
+- a local Hugging Face / sentence-transformers folder (`--hf DIR`): the encoder, with mean or CLS pooling
+  and L2 normalisation inside the graph so that the output is the sentence embedding;
+- a factory (`--factory package.module:function`) returning (module, {input name: example tensor}).
+
+Graphs get dynamic batch (axis 0) and sequence (axis 1 of rank-2 and rank-3 inputs) axes, opset 17,
+weights as initializers and the given input/output names. After export the graph is run in ONNX Runtime
+beside PyTorch on the example inputs and the max abs difference is checked against a tolerance.
+torch and transformers are imported lazily (`pip install torch==2.13.0`, then the `torch` extra).
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lrdeploy.errors import LrdeployError, MissingDependencyError
+
+OPSET = 17
+POOLINGS = ("mean", "cls", "none")
+
+
+class ExportError(LrdeployError):
+    """The model could not be exported, or the export does not match PyTorch."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    max_abs_diff: float
+    input_names: list[str]
+    output_names: list[str]
+
+
+def require_torch():
+    try:
+        import torch
+    except ImportError:
+        raise MissingDependencyError(
+            "exporting needs PyTorch; run `pip install torch==2.13.0` then `pip install lrdeploy[torch]`"
+        ) from None
+    return torch
+
+
+def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = True, seq_len: int = 16):
+    """(module, example inputs) for the Hugging Face encoder in `model_dir` with pooling in the graph."""
+    torch = require_torch()
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError("exporting --hf models needs transformers; `pip install lrdeploy[torch]`") from None
+    if pooling not in POOLINGS:
+        raise ExportError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    if not (Path(model_dir) / "config.json").is_file():
+        raise ExportError(f"{model_dir} is not a Hugging Face model folder (no config.json); pass the folder "
+                          "that holds config.json and the weights")
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    encoder = transformers.AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+
+    class SentenceEmbedder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, input_ids, attention_mask):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            if pooling == "none":
+                return hidden
+            if pooling == "cls":
+                pooled = hidden[:, 0]
+            else:
+                mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            return torch.nn.functional.normalize(pooled, p=2, dim=-1) if normalize else pooled
+
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 2000, (2, seq_len), generator=generator)
+    mask = torch.ones((2, seq_len), dtype=torch.int64)
+    mask[1, seq_len // 2:] = 0  # one padded sample, so pooling is checked with a real mask
+    return SentenceEmbedder().eval(), {"input_ids": ids, "attention_mask": mask}
+
+
+def load_factory(spec: str):
+    """Call `package.module:function` and check it returns (module, {input name: example tensor})."""
+    module_name, sep, function = spec.partition(":")
+    if not sep or not module_name or not function:
+        raise ExportError(f"{spec!r} is not a factory; write it as package.module:function")
+    try:
+        produced = getattr(importlib.import_module(module_name), function)()
+    except (ImportError, AttributeError) as exc:
+        raise ExportError(f"cannot load factory {spec!r} ({exc}); check the module path and function name") from None
+    if not (isinstance(produced, tuple) and len(produced) == 2 and isinstance(produced[1], dict) and produced[1]):
+        raise ExportError(f"factory {spec!r} must return (module, {{input name: example tensor}})")
+    return produced
+
+
+def _outputs(output) -> list:
+    if isinstance(output, dict):
+        return list(output.values())
+    if isinstance(output, (tuple, list)):
+        return list(output)
+    return [output]
+
+
+def _output_names(module, example_inputs: dict, default: str) -> list[str]:
+    torch = require_torch()
+    with torch.no_grad():
+        output = module(**example_inputs)
+    if isinstance(output, dict):
+        return list(output)
+    count = len(_outputs(output))
+    return [default] if count == 1 else [f"{default}_{i}" for i in range(count)]
+
+
+def _dynamic_axes(example_inputs: dict, output_names: list[str], output_ranks: list[int]) -> dict:
+    axes = {}
+    for name, tensor in example_inputs.items():
+        axes[name] = {0: "batch", 1: "sequence"} if tensor.dim() in (2, 3) else ({0: "batch"} if tensor.dim() else {})
+    for name, rank in zip(output_names, output_ranks):
+        axes[name] = {0: "batch", 1: "sequence"} if rank >= 3 else ({0: "batch"} if rank else {})
+    return axes
+
+
+def export_module(module, example_inputs: dict, output: Path, output_name: str = "output",
+                  tolerance: float = 1e-4) -> ExportResult:
+    """Export `module(**example_inputs)` to `output` (atomically) and check ONNX Runtime parity."""
+    torch = require_torch()
+    from lrdeploy.files import atomic_path
+    from lrdeploy.runtime.onnxruntime import create_session
+
+    module = module.eval()
+    output = Path(output)
+    output_names = _output_names(module, example_inputs, output_name)
+    with torch.no_grad():
+        expected = [t.detach().float().numpy() for t in _outputs(module(**example_inputs))]
+    input_names = list(example_inputs)
+    with atomic_path(output) as tmp, torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer chatter about Python control flow; parity is checked below
+        try:
+            torch.onnx.export(
+                module, (), str(tmp), kwargs=dict(example_inputs), dynamo=False, opset_version=OPSET,
+                input_names=input_names, output_names=output_names,
+                dynamic_axes=_dynamic_axes(example_inputs, output_names, [e.ndim for e in expected]),
+            )
+        except Exception as exc:
+            raise ExportError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+                              "make the module traceable or export it yourself") from None
+        session = create_session(tmp)
+        feed = {name: t.numpy() for name, t in example_inputs.items()}
+        actual = session.run(output_names, feed)
+        diff = max(float(np.max(np.abs(a.astype(np.float64) - e))) for a, e in zip(actual, expected))
+        if diff > tolerance:
+            raise ExportError(f"ONNX Runtime differs from PyTorch by {diff:.3g} (max abs) on the example inputs, "
+                              f"above --tolerance {tolerance:g}; check the model or raise --tolerance")
+    return ExportResult(output, diff, input_names, output_names)
+
+
+def export_hf(model_dir: Path, output: Path, pooling: str = "mean", normalize: bool = True,
+              tolerance: float = 1e-4) -> ExportResult:
+    module, inputs = sentence_embedder(model_dir, pooling, normalize)
+    return export_module(module, inputs, output, "last_hidden_state" if pooling == "none" else "embedding", tolerance)
+
+
+def export_factory(spec: str, output: Path, tolerance: float = 1e-4) -> ExportResult:
+    module, inputs = load_factory(spec)
+    return export_module(module, inputs, output, "output", tolerance)

@@ -1,0 +1,75 @@
+"""PyTorch → ONNX export: parity with PyTorch, dynamic axes, clean names, clear errors."""
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from lrdeploy.cli import main  # noqa: E402
+from lrdeploy.export.torch_onnx import ExportError, export_factory, export_hf  # noqa: E402
+from tests.conftest import run_model  # noqa: E402
+from tests.factories import tiny_bert_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return tiny_bert_dir(tmp_path_factory.mktemp("bert"))
+
+
+@pytest.mark.parametrize("pooling, normalize, output", [("mean", True, "embedding"), ("cls", False, "embedding"),
+                                                         ("none", False, "last_hidden_state")])
+def test_hf_export_matches_pytorch_with_dynamic_axes(bert_dir, tmp_path, pooling, normalize, output):
+    import torch
+
+    from lrdeploy.export.torch_onnx import sentence_embedder
+
+    result = export_hf(bert_dir, tmp_path / "m.onnx", pooling, normalize)
+    assert result.max_abs_diff <= 1e-4 and result.output_names == [output]
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert [i.name for i in model.graph.input] == ["input_ids", "attention_mask"]
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    assert len(model.graph.initializer) > 10  # weights are initializers, not Constant nodes
+    # another batch and sequence length than the example: the axes are dynamic
+    module, _ = sentence_embedder(bert_dir, pooling, normalize)
+    ids = torch.randint(1, 3000, (5, 23))
+    mask = torch.ones_like(ids)
+    mask[0, 7:] = 0
+    with torch.no_grad():
+        expected = module(input_ids=ids, attention_mask=mask).numpy()
+    (actual,) = run_model(tmp_path / "m.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    np.testing.assert_allclose(actual, expected, atol=1e-4)
+    if normalize:
+        np.testing.assert_allclose(np.linalg.norm(actual, axis=1), 1.0, rtol=1e-5)
+
+
+def test_factory_export_and_cli(tmp_path):
+    result = export_factory("tests.factories:tiny_mlp", tmp_path / "mlp.onnx")
+    assert result.input_names == ["input"] and result.output_names == ["output"] and result.max_abs_diff <= 1e-5
+    cli = CliRunner().invoke(main, ["export", "--factory", "tests.factories:tiny_mlp", "-o", str(tmp_path / "c.onnx")])
+    assert cli.exit_code == 0, cli.output
+    assert "ONNX Runtime vs PyTorch max abs difference" in cli.output
+    (out,) = run_model(tmp_path / "c.onnx", {"input": np.ones((3, 7, 32), np.float32)})
+    assert out.shape == (3, 7, 16)
+
+
+def test_tolerance_is_enforced(tmp_path):
+    with pytest.raises(ExportError, match=r"ONNX Runtime differs from PyTorch by .* above --tolerance 0"):
+        export_factory("tests.factories:tiny_mlp", tmp_path / "m.onnx", tolerance=0.0)
+    assert not list(tmp_path.iterdir())  # nothing half-written
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--factory", "tests.factories"], r"is not a factory; write it as package.module:function"),
+    (["--factory", "tests.nowhere:f"], r"cannot load factory 'tests.nowhere:f'"),
+    (["--factory", "tests.factories:not_a_pair"], r"must return \(module, \{input name: example tensor\}\)"),
+    (["--hf", "/nonexistent/dir"], r"is not a Hugging Face model folder \(no config.json\)"),
+])
+def test_export_errors(tmp_path, args, message):
+    import re
+
+    result = CliRunner().invoke(main, ["export", *args, "-o", str(tmp_path / "x.onnx")])
+    assert result.exit_code == 1, result.output
+    assert re.search(message, result.stderr) and result.stderr.startswith("Error: ")

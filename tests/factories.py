@@ -1,0 +1,25 @@
+"""Factories for `lrdeploy export --factory` and `bench --backend torch-*` in tests."""
+
+
+def tiny_mlp():
+    import torch
+
+    torch.manual_seed(0)
+    module = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 16))
+    return module, {"input": torch.randn(4, 10, 32)}
+
+
+def tiny_bert_dir(path):
+    """Save a 2-layer random BERT (hidden 64) in Hugging Face format under `path`; return the folder."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=3000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=64)
+    BertModel(config).save_pretrained(str(path))
+    return path
+
+
+def not_a_pair():
+    return "nope"

@@ -1,0 +1,59 @@
+"""Sweeps: one calibration, accuracy falling with the budget, bisection meeting its target."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from lrdeploy.cli import main
+from lrdeploy.errors import BudgetError
+from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.sweep import parse_target, run_sweep
+
+
+def test_sweep_accuracy_does_not_rise_as_budget_falls(transformer_files, tmp_path):
+    model, calib = transformer_files
+    report = run_sweep(BuildConfig(model=model, calib=str(calib), output_dir=tmp_path), [0.9, 0.7, 0.5, 0.4],
+                       bench_batch=None)
+    assert [p.budget for p in report.points] == [0.9, 0.7, 0.5, 0.4]
+    cosines = [p.cosine_mean for p in report.points]
+    assert cosines == sorted(cosines, reverse=True)
+    assert all(p.linear_ratio <= p.budget for p in report.points)
+    for p in report.points:  # every budget's model is kept in its own folder
+        assert p.output_model.endswith(f"rho_{p.budget:.3f}/tiny.lowrank.onnx")
+    data = json.loads((tmp_path / "sweep.json").read_text())
+    assert [p["budget"] for p in data["points"]] == [0.9, 0.7, 0.5, 0.4]
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "sweep.md").is_file()
+
+
+def test_bisection_finds_smallest_budget_meeting_target_and_keeps_only_it(transformer_files, tmp_path):
+    model, calib = transformer_files
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["sweep", str(model), "--calib", str(calib), "-o", str(out),
+                                       "--target-cosine", "0.9", "--bench-batch", "0"])
+    assert result.exit_code == 0, result.output
+    data = json.loads((out / "sweep.json").read_text())
+    chosen = data["chosen"]
+    points = {p["budget"]: p for p in data["points"]}
+    assert points[chosen]["cosine_mean"] >= 0.9
+    assert all(p["cosine_mean"] < 0.9 for b, p in points.items() if b < chosen)  # every smaller budget tried fails
+    assert max((b for b in points if b < chosen), default=0) > chosen - 0.03  # narrowed to the tolerance
+    kept = sorted(p.name for p in out.iterdir())
+    assert kept == ["report.html", "report.json", "report.md", "sweep.json", "sweep.md", "tiny.lowrank.onnx"]
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["rank_budget"] == chosen and report["output_model"] == str(out / "tiny.lowrank.onnx")
+
+
+def test_unreachable_target_is_an_error(transformer_files, tmp_path):
+    model, calib = transformer_files
+    result = CliRunner().invoke(main, ["sweep", str(model), "--calib", str(calib), "-o", str(tmp_path),
+                                       "--target-cosine", "1.01", "--bench-batch", "0"])
+    assert result.exit_code == 1
+    assert "Error: no budget reaches cosine_mean ≥ 1.01" in result.stderr
+
+
+def test_target_metric_parsing():
+    assert parse_target(0.97, None) == ("cosine_mean", 0.97)
+    assert parse_target(None, "topk_agreement=0.8") == ("topk_agreement", 0.8)
+    with pytest.raises(BudgetError, match="is not NAME=VALUE with NAME one of cosine_mean, cosine_p5, topk_agreement"):
+        parse_target(None, "accuracy=0.9")
