@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
-from typing import Literal, Mapping
+from typing import Callable, Literal, Mapping
 
 import numpy as np
 
 from lrdeploy.errors import BudgetError
 
-Allocation = Literal["uniform", "energy"]
-ALLOCATIONS: tuple[str, ...] = ("uniform", "energy")
+Allocation = Literal["uniform", "energy", "sensitivity"]
+ALLOCATIONS: tuple[str, ...] = ("uniform", "energy", "sensitivity")
 RankPlan = dict[str, "int | None"]
 
 
@@ -112,30 +112,36 @@ def _top_up(shapes: list[LayerShape], plan: RankPlan, budget: float, multiple: i
     return plan
 
 
-def energy_ranks(
-    shapes: list[LayerShape], energies: Mapping[str, np.ndarray], budget: float, multiple: int
-) -> RankPlan:
-    """Global greedy: start every layer at one rank multiple, then repeatedly give `multiple` more
-    ranks (or, at the top, the whole dense layer) to the layer whose discarded normalized energy falls
-    most per parameter spent, while the budget allows."""
+LossCurve = Callable[[LayerShape, "int | None"], float]
+
+
+def greedy_ranks(shapes: list[LayerShape], loss: LossCurve, budget: float, multiple: int) -> RankPlan:
+    """Global greedy knapsack: start every layer at one rank multiple, then repeatedly move the layer whose
+    loss falls most per parameter spent to its best next rank (any higher multiple, or dense), while the
+    budget allows. Looking past the next multiple (the lower convex hull of each loss curve) keeps a layer
+    whose curve has a flat stretch from being starved; on convex curves this is the optimal allocation up
+    to the last step's rounding.
+
+    `loss(shape, rank)` is the layer's estimated damage at `rank` (None = dense, loss 0).
+    """
     check_budget(shapes, budget, multiple)
     allowance = budget * sum(s.dense_params for s in shapes)
     plan: RankPlan = {s.name: multiple for s in shapes}
     spent = sum(s.factored_params(multiple) for s in shapes)
 
-    def discarded(name: str, rank: int | None) -> float:
-        spectrum = energies[name]
-        total = float(spectrum.sum())
-        return 0.0 if rank is None or total <= 0.0 else float(spectrum[rank:].sum()) / total
-
     def next_step(s: LayerShape, rank: int) -> tuple[float, int | None, int] | None:
-        """(gain per parameter, new rank, parameter cost) of the layer's next step up, if any."""
-        new_rank: int | None = rank + multiple
-        if not s.saves(new_rank):
-            new_rank = None
-        cost = s.params(new_rank) - s.factored_params(rank)
-        gain = discarded(s.name, rank) - discarded(s.name, new_rank)
-        return (gain / cost, new_rank, cost) if cost > 0 else None
+        """(loss drop per parameter, new rank, parameter cost) of the layer's steepest move up, if any."""
+        candidates: list[int | None] = list(range(rank + multiple, min(s.d_in, s.d_out) + 1, multiple))
+        candidates = [k for k in candidates if s.saves(k)] + [None]
+        here = loss(s, rank)
+        best = None
+        for new_rank in candidates:
+            cost = s.params(new_rank) - s.factored_params(rank)
+            if cost > 0:
+                ratio = (here - loss(s, new_rank)) / cost
+                if best is None or ratio > best[0]:
+                    best = (ratio, new_rank, cost)
+        return best
 
     by_name = {s.name: s for s in shapes}
     heap: list[tuple[float, str, int | None, int]] = []
@@ -146,7 +152,18 @@ def energy_ranks(
     while heap:
         _, name, new_rank, cost = heapq.heappop(heap)
         if spent + cost > allowance:
-            continue  # this layer's later steps cost at least as much; leave it where it is
+            shape, rank = by_name[name], plan[name]
+            smaller = [k for k in range(rank + multiple, shape.d_in + 1, multiple)
+                       if k != new_rank and shape.saves(k) and spent + shape.factored_params(k) - shape.factored_params(rank) <= allowance
+                       and loss(shape, k) < loss(shape, rank)]
+            if smaller:  # the hull step does not fit; take the largest step up that does
+                k = max(smaller)
+                spent += shape.factored_params(k) - shape.factored_params(rank)
+                plan[name] = k
+                step = next_step(shape, k)
+                if step:
+                    heapq.heappush(heap, (-step[0], name, step[1], step[2]))
+            continue
         plan[name] = new_rank
         spent += cost
         if new_rank is not None:
@@ -156,20 +173,39 @@ def energy_ranks(
     return plan
 
 
+def energy_ranks(
+    shapes: list[LayerShape], energies: Mapping[str, np.ndarray], budget: float, multiple: int
+) -> RankPlan:
+    """Greedy on normalized discarded eigen-energy: a layer's loss at rank k is the fraction of its spectrum
+    beyond k. (A few dominant dimensions can make a layer look "rank 4" here; see sensitivity.)"""
+
+    def discarded(shape: LayerShape, rank: int | None) -> float:
+        spectrum = energies[shape.name]
+        total = float(spectrum.sum())
+        return 0.0 if rank is None or total <= 0.0 else float(spectrum[rank:].sum()) / total
+
+    return greedy_ranks(shapes, discarded, budget, multiple)
+
+
 def allocate(
     allocation: Allocation,
     shapes: list[LayerShape],
     budget: float,
     multiple: int,
     energies: Mapping[str, np.ndarray] | None = None,
+    loss: LossCurve | None = None,
 ) -> RankPlan:
-    """Dispatch to the allocation strategy by name."""
+    """Dispatch to the allocation strategy by name (`loss` is the measured curve sensitivity needs)."""
     if allocation == "uniform":
         return uniform_ranks(shapes, budget, multiple)
     if allocation == "energy":
         if energies is None:
             raise BudgetError("energy allocation needs a spectrum per layer; use --allocation uniform")
         return energy_ranks(shapes, energies, budget, multiple)
+    if allocation == "sensitivity":
+        if loss is None:
+            raise BudgetError("sensitivity allocation needs measured sensitivities; use --allocation uniform")
+        return greedy_ranks(shapes, loss, budget, multiple)
     raise BudgetError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
 
 
@@ -180,6 +216,7 @@ def allocate_around_dense(
     budget: float,
     multiple: int,
     energies: Mapping[str, np.ndarray] | None = None,
+    loss: LossCurve | None = None,
 ) -> RankPlan:
     """Allocate with the layers in `dense` held dense: the others share what the budget leaves."""
     rest = [s for s in shapes if s.name not in dense]
@@ -194,5 +231,5 @@ def allocate_around_dense(
             f"keeping {len(dense)} layers dense where splitting does not pay leaves too little of rank budget "
             f"{budget} for the others; raise --rank-budget or build without --latency-aware"
         )
-    plan.update(allocate(allocation, rest, min(share, 1.0), multiple, energies))
+    plan.update(allocate(allocation, rest, min(share, 1.0), multiple, energies, loss))
     return plan

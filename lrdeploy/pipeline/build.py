@@ -29,7 +29,7 @@ from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import BudgetError, NoEligibleLayersError, OutputError
 from lrdeploy.files import prepare_output_dir
 from lrdeploy.bench.measure import BenchSettings
-from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget, realized_ratio
+from lrdeploy.lowrank.allocate import ALLOCATIONS, LayerShape, RankPlan, allocate, check_budget, realized_ratio
 from lrdeploy.lowrank.decompose import METHODS, Decomposition, decompose
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
@@ -37,11 +37,17 @@ from lrdeploy.passes.factorize import factorize_layers
 from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
 from lrdeploy.bench.bench_report import write_bench
 from lrdeploy.pipeline.bench import BenchConfig, run_bench
-from lrdeploy.pipeline.calibrate import calibrate
+from lrdeploy.pipeline.calibrate import cache_key, calibrate, load_sensitivity, store_sensitivity
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection, inspect_model
 from lrdeploy.pipeline.latency import LatencyPlan, latency_aware_plan
 from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
+from lrdeploy.pipeline.sensitivity import (
+    SensitivityTable,
+    count_measurements,
+    measure_sensitivity,
+    sensitivity_loss,
+)
 from lrdeploy.pipeline.validate import compare_models
 
 
@@ -93,6 +99,8 @@ class StageTimer:
 def _check_config(config: BuildConfig) -> None:
     if not 0.0 < config.rank_budget <= 1.0:
         raise BudgetError(f"rank budget {config.rank_budget} is outside (0, 1]; pass e.g. --rank-budget 0.5")
+    if config.allocation not in ALLOCATIONS:
+        raise BudgetError(f"unknown allocation {config.allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
     if config.method not in METHODS:
         raise BudgetError(f"unknown method {config.method!r}; choose one of {', '.join(METHODS)}")
     if config.rank_multiple < 1:
@@ -191,6 +199,7 @@ class PreparedBuild:
     spectra: dict[str, dict[str, list[float]]]
     stages: StageTimer
     console: object = None
+    sensitivity: SensitivityTable | None = None
 
     @property
     def shapes(self) -> list[LayerShape]:
@@ -237,8 +246,27 @@ def prepare_build(config: BuildConfig, console=None, budgets: tuple[float, ...] 
             for layer in eligible
         }
         spectra = _spectra(eligible, moments)
+    sensitivity = None
+    if config.allocation == "sensitivity":
+        with stages.stage("sensitivity"):
+            probe = samples.calib.select(slice(0, config.sensitivity_samples))
+            cache_path = None
+            if config.cache_dir is not None:
+                model_files = [inspection.model.path, *inspection.model.external_files]
+                key = cache_key(model_files, probe, f"{mask_name}|{config.method}|{config.rank_multiple}|sensitivity-v1")
+                cache_path = Path(config.cache_dir) / f"{key}.sensitivity.json"
+                sensitivity = load_sensitivity(cache_path)
+            if sensitivity is None or set(sensitivity) != {layer.name for layer in eligible}:
+                progress = stages.progress("measuring sensitivity")
+                sensitivity = measure_sensitivity(
+                    inspection.model.proto, eligible, decompositions, config.rank_multiple,
+                    iter_batches(probe, specs, config.batch_size, mask_name), config.threads,
+                    progress(count_measurements(eligible, config.rank_multiple)) if progress else None,
+                )
+                if cache_path is not None:
+                    store_sensitivity(cache_path, sensitivity)
     return PreparedBuild(config, inspection, eligible, specs, mask_name, samples, decompositions, spectra, stages,
-                         console)
+                         console, sensitivity)
 
 
 def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, bench: bool | None = None) -> BuildResult:
@@ -254,12 +282,13 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, benc
     latency = None
     with stages.stage("allocate"):
         energies = {name: d.energies for name, d in prepared.decompositions.items()}
+        loss = None if prepared.sensitivity is None else sensitivity_loss(prepared.sensitivity, energies)
         if config.latency_aware:
             latency = latency_aware_plan(config.allocation, shapes, budget, config.rank_multiple, energies,
-                                         config.latency_tokens, config.latency_device, config.threads)
+                                         config.latency_tokens, config.latency_device, config.threads, loss)
             plan = latency.plan
         else:
-            plan = allocate(config.allocation, shapes, budget, config.rank_multiple, energies)
+            plan = allocate(config.allocation, shapes, budget, config.rank_multiple, energies, loss)
     with stages.stage("rewrite"):
         graph = gs.import_onnx(inspection.model.proto)
         layers = find_linear_layers(graph, config.rank_multiple)

@@ -8,6 +8,7 @@ cache is an .npz (no pickle) written atomically.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 from typing import Callable
@@ -17,7 +18,7 @@ import onnx
 
 from lrdeploy.calib.data import InputSpec, SampleSet, iter_batches
 from lrdeploy.calib.stats import TensorRequest, collect_moments, count_passes
-from lrdeploy.files import atomic_path
+from lrdeploy.files import atomic_path, atomic_write_text
 from lrdeploy.lowrank.moments import Moments
 
 CACHE_FORMAT = "moments-v1"
@@ -29,9 +30,10 @@ def _file_digest(digest: "hashlib._Hash", path: Path) -> None:
             digest.update(block)
 
 
-def cache_key(model_files: list[Path], samples: SampleSet, mask_name: str | None) -> str:
-    """Hex key over the model file and its external data files, the samples and the mask setting."""
-    digest = hashlib.sha256(f"{CACHE_FORMAT}|{mask_name}|".encode())
+def cache_key(model_files: list[Path], samples: SampleSet, settings: str | None) -> str:
+    """Hex key over the model file and its external data files, the samples and the settings that change
+    the result (the mask input for moments; also method and rank multiple for sensitivities)."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{settings}|".encode())
     for path in model_files:
         _file_digest(digest, path)
     digest.update(samples.content_digest())
@@ -67,6 +69,23 @@ def store_cached(path: Path, moments: dict[str, Moments]) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
+
+
+def load_sensitivity(path: Path) -> dict[str, dict[int, float]] | None:
+    """A cached sensitivity table, or None when absent or unreadable."""
+    try:
+        data = json.loads(path.read_text())
+        return {name: {int(rank): float(v) for rank, v in ranks.items()} for name, ranks in data.items()}
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def store_sensitivity(path: Path, table: dict[str, dict[int, float]]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(table))
+    except OSError:
+        pass  # the cache is an optimisation; an unwritable cache folder must not fail the build
 
 
 def calibrate(

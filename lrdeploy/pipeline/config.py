@@ -44,6 +44,7 @@ class BuildConfig:
     bench_batches: tuple[int, ...] = (1, 8, 32)
     bench_seq: int = 128
     bench_iterations: int = 20
+    sensitivity_samples: int = 16  # calibration samples the sensitivity measurements run on
     neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
 
     @property

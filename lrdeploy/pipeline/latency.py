@@ -12,7 +12,7 @@ from typing import Mapping
 import numpy as np
 
 from lrdeploy.bench.layer_latency import Shape, ShapeTiming, time_shapes
-from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate_around_dense
+from lrdeploy.lowrank.allocate import LayerShape, LossCurve, RankPlan, allocate_around_dense
 
 MAX_ROUNDS = 5
 
@@ -33,13 +33,14 @@ class LatencyPlan:
 def latency_aware_plan(
     allocation: str, shapes: list[LayerShape], budget: float, multiple: int,
     energies: Mapping[str, np.ndarray] | None, tokens: int, device: str = "cpu", threads: int = 0,
+    loss: LossCurve | None = None,
 ) -> LatencyPlan:
     """A plan in which every factorized layer was measured faster than dense, with the timings behind it."""
     slower: dict[str, float] = {}
     timings: dict[Shape, ShapeTiming] = {}
     plan: RankPlan = {}
     for _ in range(MAX_ROUNDS):
-        plan = allocate_around_dense(allocation, shapes, set(slower), budget, multiple, energies)
+        plan = allocate_around_dense(allocation, shapes, set(slower), budget, multiple, energies, loss)
         needed: dict[Shape, set[int]] = {}
         for s in shapes:
             rank = plan[s.name]
