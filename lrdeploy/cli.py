@@ -352,3 +352,32 @@ def demo(output_dir, rank_budget, calib_sentences, eval_sentences, budgets, benc
     if top["speedup"] is not None:
         console.print(f"  speed: {top['speedup']:.2f}× faster at batch {settings.bench_batches[-1]}×128 on ONNX Runtime CPU")
     console.print(f"Report: {result.report_html}")
+
+
+@main.command()
+@click.option("--hf", "hf_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="A local Hugging Face sentence-embedder folder (mean pooling + L2 norm are added).")
+@click.option("--rank-budget", default=0.5, show_default=True, type=float)
+@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1), help="Distillation steps.")
+@click.option("--method", type=click.Choice(["pca", "svd", "whiten"]), default="pca", show_default=True)
+@click.option("--allocation", type=click.Choice(["uniform", "energy"]), default="uniform", show_default=True)
+@click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=5e-5, show_default=True, type=float, help="AdamW peak learning rate.")
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
+@user_errors
+def distill(hf_dir, rank_budget, steps, method, allocation, rank_multiple, lr, batch_size, output_dir) -> None:
+    """Compress a Hugging Face embedder in PyTorch, fine-tune it label-free toward the original, export ONNX."""
+    from lrdeploy.pipeline.distill import DistillSettings, run_distill
+
+    if not 0.0 < rank_budget <= 1.0:
+        from lrdeploy.errors import BudgetError
+
+        raise BudgetError(f"rank budget {rank_budget} is outside (0, 1]; pass e.g. --rank-budget 0.5")
+    console = _console()
+    settings = DistillSettings(hf_dir, output_dir, rank_budget, steps, method, allocation, rank_multiple, lr, batch_size)
+    report, history = run_distill(settings, console)
+    o = next(iter(report.accuracy.outputs.values()))
+    console.print(f"held-out cosine {history['initial_cosine']:.4f} one-shot → {o.cosine_mean:.4f} after {steps} steps"
+                  + (f"; top-{report.accuracy.neighbours} neighbours {o.topk_agreement:.3f}" if o.topk_agreement else ""))
+    console.print(f"Compressed model: {report.output_model}; reports in {output_dir}")

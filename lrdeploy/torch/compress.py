@@ -1,0 +1,105 @@
+"""compress(model, calib_batches, rank_budget, ...): feature PCA (or svd/whiten) on a PyTorch model's
+nn.Linear layers, using the same moments, decompositions and allocation as the ONNX path.
+
+Inputs of every nn.Linear are collected with forward hooks into float64 moments (padding excluded when the
+batches carry an attention mask), then each chosen layer is replaced by a LowRankLinear.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+import numpy as np
+import torch
+
+from lrdeploy.errors import BudgetError
+from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate
+from lrdeploy.lowrank.decompose import decompose
+from lrdeploy.lowrank.moments import Moments
+from lrdeploy.torch.lowrank_linear import LowRankLinear
+
+Batch = Mapping[str, torch.Tensor]
+
+
+@dataclass
+class CompressionResult:
+    model: torch.nn.Module
+    plan: RankPlan
+    shapes: list[LayerShape]
+
+
+def linear_layers(model: torch.nn.Module, exclude: tuple[str, ...] = ()) -> dict[str, torch.nn.Linear]:
+    """Named nn.Linear modules of `model`, minus names matching any `exclude` glob."""
+    return {name: module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Linear) and not any(fnmatch.fnmatch(name, p) for p in exclude)}
+
+
+@torch.no_grad()
+def collect_input_moments(model: torch.nn.Module, layers: dict[str, torch.nn.Linear], batches: Iterable[Batch],
+                          mask_key: str = "attention_mask") -> dict[str, Moments]:
+    """Σx and Σxxᵀ of every layer's input over the batches (rows where the batch's mask is 0 are skipped)."""
+    moments = {name: Moments.zeros(layer.in_features) for name, layer in layers.items()}
+    current_mask: list[torch.Tensor | None] = [None]
+
+    def hook(name):
+        def record(module, inputs, output):
+            x = inputs[0].detach().to(torch.float64)
+            mask = current_mask[0]
+            rows = x.reshape(-1, x.shape[-1])
+            if mask is not None and x.dim() == 3 and mask.shape == x.shape[:2]:
+                rows = rows[mask.reshape(-1).bool()]
+            moments[name] = moments[name].add(rows.shape[0], rows.sum(0).numpy(), (rows.T @ rows).numpy())
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        model.eval()
+        for batch in batches:
+            current_mask[0] = batch.get(mask_key)
+            model(**batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {name: m for name, m in moments.items() if m.count > 0}
+
+
+def _replace(model: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
+def compress(model: torch.nn.Module, calib_batches: Iterable[Batch], rank_budget: float, method: str = "pca",
+             allocation: str = "uniform", rank_multiple: int = 16, exclude: tuple[str, ...] = ()) -> CompressionResult:
+    """Replace the model's nn.Linear layers (in place) by LowRankLinear under `rank_budget`.
+
+    Layers never reached by the calibration batches (e.g. an unused pooler) and layers too small to save
+    parameters at `rank_multiple` stay as they are.
+    """
+    if allocation == "sensitivity":
+        raise BudgetError("sensitivity allocation is available on the ONNX path (`lrdeploy build`); "
+                          "use --allocation uniform or energy in PyTorch")
+    candidates = linear_layers(model, exclude)
+    batches = list(calib_batches)
+    moments = collect_input_moments(model, candidates, batches)
+    layers = {n: l for n, l in candidates.items() if n in moments
+              and LayerShape(n, l.in_features, l.out_features).saves(rank_multiple)}
+    if not layers:
+        raise BudgetError("no nn.Linear layer to compress (none reached by the calibration batches, or all too small)")
+    shapes = [LayerShape(n, l.in_features, l.out_features) for n, l in layers.items()]
+    decompositions = {}
+    for name, layer in layers.items():
+        weight = layer.weight.detach().to(torch.float64).numpy().T  # row convention [d_in, d_out]
+        bias = None if layer.bias is None else layer.bias.detach().to(torch.float64).numpy()
+        decompositions[name] = decompose(method, weight, bias, moments[name])
+    plan = allocate(allocation, shapes, rank_budget, rank_multiple, {n: d.energies for n, d in decompositions.items()})
+    for name, rank in plan.items():
+        if rank is not None:
+            dtype = layers[name].weight.dtype
+            _replace(model, name, LowRankLinear.from_factors(decompositions[name].factors(rank), dtype))
+    return CompressionResult(model, plan, shapes)
+
+
+def parameter_count(model: torch.nn.Module) -> int:
+    return int(sum(np.prod(p.shape) for p in model.parameters()))

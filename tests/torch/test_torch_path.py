@@ -1,0 +1,127 @@
+"""The PyTorch path: LowRankLinear, compress (same maths as ONNX), distillation, LoRITa."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from lrdeploy.lowrank.decompose import decompose  # noqa: E402
+from lrdeploy.lowrank.moments import Moments  # noqa: E402
+from lrdeploy.torch.compress import collect_input_moments, compress, linear_layers, parameter_count  # noqa: E402
+from lrdeploy.torch.distill import DistillConfig, distill  # noqa: E402
+from lrdeploy.torch.lorita import FactoredLinear, collapse, overparameterize  # noqa: E402
+from lrdeploy.torch.lowrank_linear import LowRankLinear  # noqa: E402
+
+
+class Encoder(torch.nn.Module):
+    """A tiny token encoder: embedding → 2 MLP blocks → masked mean pooling."""
+
+    def __init__(self, vocab=50, hidden=64):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(hidden, 4 * hidden), torch.nn.GELU(), torch.nn.Linear(4 * hidden, hidden))
+            for _ in range(2))
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        for block in self.blocks:
+            h = h + block(h)
+        mask = attention_mask.unsqueeze(-1).float()
+        return (h * mask).sum(1) / mask.sum(1)
+
+
+def _batches(count=6, batch=16, seq=12, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(1, 50, (batch, seq), generator=g)
+        lengths = torch.randint(3, seq + 1, (batch,), generator=g)
+        mask = (torch.arange(seq)[None] < lengths[:, None]).long()
+        out.append({"input_ids": ids * mask, "attention_mask": mask})
+    return out
+
+
+def test_low_rank_linear_exports_as_two_matmuls_with_parity(tmp_path):
+    import onnx
+
+    from lrdeploy.export.torch_onnx import export_module
+    from lrdeploy.lowrank.decompose import LowRankFactors
+
+    rng = np.random.default_rng(0)
+    factors = LowRankFactors(rng.standard_normal((32, 8)), rng.standard_normal((8, 48)), rng.standard_normal(48))
+    layer = LowRankLinear.from_factors(factors)
+    x = torch.randn(5, 32)
+    expected = x.double().numpy() @ factors.first @ factors.second + factors.bias
+    np.testing.assert_allclose(layer(x).detach().numpy(), expected, rtol=1e-4, atol=1e-4)
+    result = export_module(torch.nn.Sequential(layer), {"input": torch.randn(3, 7, 32)}, tmp_path / "l.onnx")
+    assert result.max_abs_diff <= 1e-4  # outputs are ~40 in size: float32 rounding
+    assert [n.op_type for n in onnx.load(str(tmp_path / "l.onnx")).graph.node].count("MatMul") == 2
+
+
+def test_collected_moments_skip_padding():
+    model = Encoder()
+    batches = _batches(2)
+    first = model.blocks[0][0]
+    moments = collect_input_moments(model, {"blocks.0.0": first}, batches)["blocks.0.0"]
+    with torch.no_grad():
+        rows = torch.cat([model.embed(b["input_ids"])[b["attention_mask"].bool()] for b in batches]).double()
+    assert moments.count == sum(int(b["attention_mask"].sum()) for b in batches)
+    np.testing.assert_allclose(moments.gram, (rows.T @ rows).numpy(), rtol=1e-6, atol=1e-6)
+
+
+def test_compress_uses_the_shared_maths_and_meets_budget():
+    model, batches = Encoder(), _batches()
+    reference_layer = model.blocks[0][0]
+    weight = reference_layer.weight.detach().double().numpy().T
+    bias = reference_layer.bias.detach().double().numpy()
+    moments = collect_input_moments(model, {"blocks.0.0": reference_layer}, batches)["blocks.0.0"]
+    result = compress(model, batches, 0.5)
+    rank = result.plan["blocks.0.0"]
+    expected = decompose("pca", weight, bias, moments).factors(rank)
+    replaced = model.blocks[0][0]
+    assert isinstance(replaced, LowRankLinear) and replaced.rank == rank
+    np.testing.assert_allclose(replaced.first.weight.detach().numpy().T, expected.first, rtol=1e-4, atol=1e-5)
+    kept = sum(s.params(result.plan[s.name]) for s in result.shapes) / sum(s.dense_params for s in result.shapes)
+    assert kept <= 0.5
+
+
+def test_short_distillation_lowers_the_loss():
+    teacher, batches = Encoder(), _batches(8)
+    student = Encoder()
+    compress(student, batches[:4], 0.35)
+    before = parameter_count(student)
+    result = distill(student, teacher, batches[:6], batches[6:], DistillConfig(steps=60, lr=3e-3, eval_every=20))
+    assert result.best_cosine > result.initial_cosine + 0.001
+    assert parameter_count(student) == before  # still the compressed structure
+    losses = [h["train_loss"] for h in result.history if "train_loss" in h]
+    assert losses[-1] < losses[0]
+
+
+def test_overparameterize_is_exact_and_collapse_at_full_rank_too():
+    model = Encoder()
+    batches = _batches(1)
+    with torch.no_grad():
+        expected = model(**batches[0])
+    overparameterize(model, depth=3)
+    assert all(isinstance(m, FactoredLinear) for m in (model.blocks[0][0], model.blocks[1][2]))
+    assert len(model.blocks[0][0].factors) == 3
+    with torch.no_grad():
+        np.testing.assert_allclose(model(**batches[0]).numpy(), expected.numpy(), rtol=1e-4, atol=1e-5)
+    weight, bias = model.blocks[1][2].product()
+    np.testing.assert_allclose(weight.detach().numpy(), Encoder().blocks[1][2].weight.detach().numpy(), atol=1e-5)
+    plan = collapse(model, 1.0)
+    assert set(plan) == {"blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"}
+    assert not any(isinstance(m, FactoredLinear) for m in model.modules())
+    with torch.no_grad():  # ρ=1 still truncates just under the break-even rank: close, not exact
+        cosine = torch.nn.functional.cosine_similarity(model(**batches[0]), expected, dim=1)
+    assert float(cosine.min()) > 0.95
+
+
+def test_collapse_truncates_under_budget():
+    model = overparameterize(Encoder(), depth=2)
+    plan = collapse(model, 0.4, rank_multiple=8)
+    kept = [r for r in plan.values() if r is not None]
+    assert kept and all(r % 8 == 0 for r in kept)
+    assert isinstance(model.blocks[0][0], LowRankLinear)
