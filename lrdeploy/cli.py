@@ -121,6 +121,8 @@ def build_options(command):
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Calibration statistics cache (default: ~/.cache/lrdeploy)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache."),
+        click.option("--refit", is_flag=True,
+                     help="Refit each split's second factor and bias toward the original model's outputs."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -128,7 +130,7 @@ def build_options(command):
 
 
 def _build_config(model, calib, calib_samples, eval_path, eval_samples, method, allocation, rank_multiple, shapes,
-                  output_dir, batch_size, mask_input, cache_dir, no_cache, **extra):
+                  output_dir, batch_size, mask_input, cache_dir, no_cache, refit=False, **extra):
     from lrdeploy.calib.data import parse_shape_overrides
     from lrdeploy.pipeline.config import BuildConfig, default_cache_dir
 
@@ -136,7 +138,7 @@ def _build_config(model, calib, calib_samples, eval_path, eval_samples, method, 
         model=model, calib=calib, calib_samples=calib_samples, eval=eval_path, eval_samples=eval_samples,
         method=method, allocation=allocation, rank_multiple=rank_multiple, shapes=parse_shape_overrides(shapes),
         output_dir=output_dir, batch_size=batch_size, mask_input=mask_input,
-        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), **extra,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), refit=refit, **extra,
     )
 
 

@@ -41,6 +41,7 @@ from lrdeploy.pipeline.calibrate import cache_key, calibrate, load_sensitivity, 
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection, inspect_model
 from lrdeploy.pipeline.latency import LatencyPlan, latency_aware_plan
+from lrdeploy.pipeline.refit import refit_factors, refit_stages
 from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
 from lrdeploy.pipeline.sensitivity import (
     SensitivityTable,
@@ -269,6 +270,13 @@ def prepare_build(config: BuildConfig, console=None, budgets: tuple[float, ...] 
                          console, sensitivity)
 
 
+def compressed_model(original: onnx.ModelProto, rank_multiple: int, factors: dict) -> onnx.ModelProto:
+    """`original` with the layers named in `factors` split (a fresh graph each call; the original is kept)."""
+    graph = gs.import_onnx(original)
+    factorize_layers(graph, find_linear_layers(graph, rank_multiple), factors)
+    return gs.export_onnx(graph)
+
+
 def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, bench: bool | None = None) -> BuildResult:
     """Allocate ranks for `budget`, rewrite, save, validate (and bench, by default when the config says so);
     write the model and reports."""
@@ -289,13 +297,20 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, benc
             plan = latency.plan
         else:
             plan = allocate(config.allocation, shapes, budget, config.rank_multiple, energies, loss)
+    factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}
+    compress = lambda chosen: compressed_model(inspection.model.proto, config.rank_multiple, chosen)  # noqa: E731
+    if config.refit:
+        with stages.stage("refit"):
+            probe = prepared.samples.calib.select(slice(0, config.refit_samples))
+            progress = stages.progress("refitting")
+            factors = refit_factors(
+                inspection.model.proto, prepared.eligible, factors, compress,
+                lambda: iter_batches(probe, prepared.specs, config.batch_size, prepared.mask_name),
+                prepared.mask_name, config.threads,
+                on_stage=progress(len(refit_stages(prepared.eligible, factors))) if progress else None,
+            )
     with stages.stage("rewrite"):
-        graph = gs.import_onnx(inspection.model.proto)
-        layers = find_linear_layers(graph, config.rank_multiple)
-        factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}
-        factorize_layers(graph, layers, factors)
-        proto = gs.export_onnx(graph)
-        del graph
+        proto = compress(factors)
         _record_metadata(proto, inspection.model.proto, config, budget, plan)
         model_after = count_parameters(proto)
         external = save_model(proto, output_model, external_data=inspection.model.external_data)

@@ -45,6 +45,8 @@ class BuildConfig:
     bench_seq: int = 128
     bench_iterations: int = 20
     sensitivity_samples: int = 16  # calibration samples the sensitivity measurements run on
+    refit: bool = False
+    refit_samples: int = 256  # calibration samples the refit's joint statistics come from
     neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
 
     @property

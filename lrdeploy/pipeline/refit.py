@@ -1,0 +1,91 @@
+"""Error-aware refit: after the first factor A of every split is chosen, refit its second factor and bias by
+ridge least squares so that the compressed model's layer reproduces the ORIGINAL model's layer output:
+
+    min over B′, c′ of  E ‖ X̃·A·B′ + c′ − Y ‖²,   X̃ = the layer's input in the compressed model,
+                                                   Y = the layer's output in the original model.
+
+Both models run side by side in one ONNX Runtime graph (the compressed copy's names prefixed), so the joint
+moments of Z = X̃·A and Y come from a forward pass over the calibration data, cut after the layers being
+refit. Layers are refit sequentially, one stage at a time in model order (a stage = the layers reading one
+tensor, e.g. Q, K and V), each against inputs produced by the already-refit stages before it. Refitting all
+layers from one pass instead over-corrects: every layer compensates the same upstream error that the
+upstream refits also remove (measured on MiniLM: ρ=0.5 fell from 0.846 to 0.755).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from lrdeploy.calib.stats import CrossMoments, CrossRequest, collect_cross_moments
+from lrdeploy.lowrank.decompose import LowRankFactors
+from lrdeploy.passes.linear_layers import LinearLayer
+
+PREFIX = "lrdeploy_compressed/"
+
+
+def side_by_side(original: onnx.ModelProto, compressed: onnx.ModelProto) -> onnx.ModelProto:
+    """One graph running both models on the same inputs; the compressed copy's names start with PREFIX.
+
+    The compressed model is copied first: onnx-graphsurgeon's constants can share TensorProtos with the
+    model they came from, so renaming them in place would rename the caller's (and the original's) weights.
+    """
+    clone = onnx.ModelProto()
+    clone.CopyFrom(compressed)
+    graph, other = gs.import_onnx(original), gs.import_onnx(clone)
+    inputs = {t.name: t for t in graph.inputs}
+    for tensor in other.tensors().values():
+        if tensor.name not in inputs:
+            tensor.name = PREFIX + tensor.name
+    for node in other.nodes:
+        node.name = PREFIX + node.name
+        for index, tensor in enumerate(node.inputs):
+            if tensor.name in inputs:
+                node.inputs[index] = inputs[tensor.name]
+        graph.nodes.append(node)
+    graph.outputs = graph.outputs + [t for t in other.outputs]
+    graph.toposort()
+    return gs.export_onnx(graph, do_type_check=False)
+
+
+def solve_second_factor(first: np.ndarray, moments: CrossMoments, ridge: float) -> LowRankFactors:
+    """Ridge least squares for B′, c′ given Z = X̃·A; `ridge` is relative to the mean eigenvalue of Cov[z]."""
+    n = max(moments.count, 1.0)
+    z_mean, y_mean = moments.sum_source / n, moments.sum_target / n
+    czz = moments.source_gram / n - np.outer(z_mean, z_mean)
+    czy = moments.cross_gram / n - np.outer(z_mean, y_mean)
+    damping = ridge * max(float(np.trace(czz)) / czz.shape[0], 1e-12)
+    second = np.linalg.solve(czz + damping * np.eye(czz.shape[0]), czy)
+    return LowRankFactors(first, second, y_mean - z_mean @ second)
+
+
+def refit_factors(
+    original: onnx.ModelProto, layers: list[LinearLayer], factors: dict[str, LowRankFactors],
+    compress: Callable[[dict[str, LowRankFactors]], onnx.ModelProto],
+    batches: Callable[[], Iterable[dict[str, np.ndarray]]], mask_name: str | None, threads: int = 0,
+    ridge: float = 1e-3, on_stage: Callable[[], None] | None = None,
+) -> dict[str, LowRankFactors]:
+    """Refit the second factor and bias of every split layer, stage by stage in model order;
+    `compress(factors)` builds the compressed model from the current factors."""
+    for stage in refit_stages(layers, factors):
+        requests = [CrossRequest(f"{PREFIX}{layer.name}/lowrank_a/output", factors[layer.name].rank, layer.output_name,
+                                 layer.d_out) for layer in stage]
+        joint = side_by_side(original, compress(factors))
+        moments = collect_cross_moments(joint, requests, batches(), mask_name, threads)
+        factors = {**factors, **{layer.name: solve_second_factor(factors[layer.name].first, m, ridge)
+                                 for layer, m in zip(stage, moments)}}
+        if on_stage is not None:
+            on_stage()
+    return factors
+
+
+def refit_stages(layers: list[LinearLayer], factors: dict[str, LowRankFactors]) -> list[list[LinearLayer]]:
+    """Split layers grouped by the tensor they read, in model order (layers are given topologically sorted)."""
+    stages: dict[str, list[LinearLayer]] = {}
+    for layer in layers:
+        if layer.name in factors:
+            stages.setdefault(layer.input_name, []).append(layer)
+    return list(stages.values())
