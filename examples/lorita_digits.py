@@ -101,7 +101,7 @@ def accuracy(model, x, y) -> float:
     return float((model(x).argmax(1) == y).float().mean())
 
 
-def run(make, epochs, budgets, multiple=4, seed=0):
+def run(make, epochs, budgets, multiple=1, seed=0):
     x_train, x_test, y_train, y_test = data(seed)
     torch.manual_seed(seed)
     normal = train(make(), x_train, y_train, epochs, weight_decay=1e-4, seed=seed)

@@ -296,9 +296,8 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
     console.print(table)
     if target is not None:
         if report.chosen is None:
-            raise_error = f"no budget reaches {metric} ≥ {target} (best: ρ=1.0); lower the target"
-            click.echo(f"Error: {raise_error}", err=True)
-            sys.exit(1)
+            best = max(getattr(p, metric) or 0.0 for p in report.points)
+            raise LrdeployError(f"no budget reaches {metric} ≥ {target} (best {best:.4f}, at ρ=1.0); lower the target")
         console.print(f"Smallest budget with {metric} ≥ {target}: ρ={report.chosen:.3f}")
     console.print(f"Reports: {config.resolved_output_dir / 'sweep.json'}, {config.resolved_output_dir / 'report.html'}")
 

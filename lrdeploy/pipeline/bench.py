@@ -8,7 +8,7 @@ dict of example inputs, as `lrdeploy export --factory` takes).
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,13 +29,11 @@ class BenchConfig:
     backend: str = "ort-cpu"
     batches: tuple[int, ...] = (1, 8, 32)
     seq: int = 128
-    settings: BenchSettings = None  # type: ignore[assignment]
+    settings: BenchSettings = field(default_factory=BenchSettings)
     threads: int = 0
     precision: str = "fp16"
 
     def __post_init__(self) -> None:
-        if self.settings is None:
-            self.settings = BenchSettings()
         if self.backend not in BACKENDS:
             raise LrdeployError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
         if not 1 <= len(self.models) <= 2:
