@@ -23,19 +23,19 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy import __version__
+from lrdeploy.bench.bench_report import write_bench
+from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.bench.report import BuildConfigRecord, BuildReport, LayerRecord, ParamSummary, write_reports
 from lrdeploy.calib.data import detect_mask_input, iter_batches, model_input_specs
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import BudgetError, NoEligibleLayersError, OutputError
 from lrdeploy.files import prepare_output_dir
-from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.lowrank.allocate import ALLOCATIONS, LayerShape, RankPlan, allocate, check_budget, realized_ratio
 from lrdeploy.lowrank.decompose import METHODS, Decomposition, decompose
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
 from lrdeploy.passes.factorize import factorize_layers
 from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
-from lrdeploy.bench.bench_report import write_bench
 from lrdeploy.pipeline.bench import BenchConfig, run_bench
 from lrdeploy.pipeline.calibrate import cache_key, calibrate, load_sensitivity, store_sensitivity
 from lrdeploy.pipeline.config import BuildConfig
@@ -183,6 +183,30 @@ def _spectra(eligible: list[LinearLayer], moments: dict[str, Moments] | None) ->
     return spectra
 
 
+def _sensitivity_table(config: BuildConfig, inspection: Inspection, eligible: list[LinearLayer],
+                       decompositions: dict[str, Decomposition], samples: BuildSamples, specs: list,
+                       mask_name: str | None, stages: StageTimer) -> SensitivityTable:
+    """The sensitivity table from the cache, or measured on the first calibration samples (and cached)."""
+    probe = samples.calib.select(slice(0, config.sensitivity_samples))
+    cache_path = None
+    if config.cache_dir is not None:
+        model_files = [inspection.model.path, *inspection.model.external_files]
+        key = cache_key(model_files, probe, f"{mask_name}|{config.method}|{config.rank_multiple}|sensitivity-v1")
+        cache_path = Path(config.cache_dir) / f"{key}.sensitivity.json"
+        cached = load_sensitivity(cache_path)
+        if cached is not None and set(cached) == {layer.name for layer in eligible}:
+            return cached
+    progress = stages.progress("measuring sensitivity")
+    table = measure_sensitivity(
+        inspection.model.proto, eligible, decompositions, config.rank_multiple,
+        iter_batches(probe, specs, config.batch_size, mask_name), config.threads,
+        progress(count_measurements(eligible, config.rank_multiple)) if progress else None,
+    )
+    if cache_path is not None:
+        store_sensitivity(cache_path, table)
+    return table
+
+
 @dataclass
 class PreparedBuild:
     """Everything that does not depend on the budget: loaded model, samples, statistics, decompositions.
@@ -250,22 +274,8 @@ def prepare_build(config: BuildConfig, console=None, budgets: tuple[float, ...] 
     sensitivity = None
     if config.allocation == "sensitivity":
         with stages.stage("sensitivity"):
-            probe = samples.calib.select(slice(0, config.sensitivity_samples))
-            cache_path = None
-            if config.cache_dir is not None:
-                model_files = [inspection.model.path, *inspection.model.external_files]
-                key = cache_key(model_files, probe, f"{mask_name}|{config.method}|{config.rank_multiple}|sensitivity-v1")
-                cache_path = Path(config.cache_dir) / f"{key}.sensitivity.json"
-                sensitivity = load_sensitivity(cache_path)
-            if sensitivity is None or set(sensitivity) != {layer.name for layer in eligible}:
-                progress = stages.progress("measuring sensitivity")
-                sensitivity = measure_sensitivity(
-                    inspection.model.proto, eligible, decompositions, config.rank_multiple,
-                    iter_batches(probe, specs, config.batch_size, mask_name), config.threads,
-                    progress(count_measurements(eligible, config.rank_multiple)) if progress else None,
-                )
-                if cache_path is not None:
-                    store_sensitivity(cache_path, sensitivity)
+            sensitivity = _sensitivity_table(config, inspection, eligible, decompositions, samples, specs, mask_name,
+                                             stages)
     return PreparedBuild(config, inspection, eligible, specs, mask_name, samples, decompositions, spectra, stages,
                          console, sensitivity)
 
