@@ -173,6 +173,12 @@ def greedy_ranks(shapes: list[LayerShape], loss: LossCurve, budget: float, multi
     return plan
 
 
+def discarded_fraction(spectrum: np.ndarray, rank: int) -> float:
+    """Share of a descending spectrum's total energy that truncation at `rank` discards (0 for an empty one)."""
+    total = float(spectrum.sum())
+    return 0.0 if total <= 0.0 else float(spectrum[rank:].sum()) / total
+
+
 def energy_ranks(
     shapes: list[LayerShape], energies: Mapping[str, np.ndarray], budget: float, multiple: int
 ) -> RankPlan:
@@ -180,9 +186,7 @@ def energy_ranks(
     beyond k. (A few dominant dimensions can make a layer look "rank 4" here; see sensitivity.)"""
 
     def discarded(shape: LayerShape, rank: int | None) -> float:
-        spectrum = energies[shape.name]
-        total = float(spectrum.sum())
-        return 0.0 if rank is None or total <= 0.0 else float(spectrum[rank:].sum()) / total
+        return 0.0 if rank is None else discarded_fraction(energies[shape.name], rank)
 
     return greedy_ranks(shapes, discarded, budget, multiple)
 

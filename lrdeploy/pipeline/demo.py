@@ -77,10 +77,9 @@ def prepare_assets(settings: DemoSettings, stages: StageTimer) -> tuple[Path, Pa
 
 
 def _point(budget: float, result: BuildResult) -> SweepPoint:
-    p, o = result.report.params, result.report.accuracy.outputs[EMBEDDING]
+    """The demo's sweep point; its latency ratio is the main build's largest-batch benchmark, if any."""
     ratio = result.report.bench["shapes"][-1]["ratio_p50"] if result.report.bench else None
-    return SweepPoint(budget, p.linear_ratio, p.model_ratio, o.cosine_mean, o.cosine_p5, o.topk_agreement, ratio,
-                      str(result.output_model))
+    return SweepPoint.from_build(budget, result, EMBEDDING, ratio)
 
 
 def run_demo(settings: DemoSettings, console=None) -> DemoResult:

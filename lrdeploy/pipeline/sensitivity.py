@@ -20,9 +20,10 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lrdeploy.lowrank.allocate import LayerShape
+from lrdeploy.lowrank.allocate import LayerShape, discarded_fraction
 from lrdeploy.lowrank.decompose import Decomposition
 from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.pipeline.validate import per_sample_cosine
 from lrdeploy.runtime.onnxruntime import create_session
 
 SensitivityTable = dict[str, dict[int, float]]
@@ -59,13 +60,8 @@ def _degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarra
     """Mean over outputs of mean over samples of 1 − cosine."""
     losses = []
     for ref_batches, out_batches in zip(zip(*reference), zip(*outputs)):
-        cos = []
-        for r, o in zip(ref_batches, out_batches):
-            r = r.reshape(r.shape[0], -1).astype(np.float64)
-            o = o.reshape(o.shape[0], -1).astype(np.float64)
-            denom = np.linalg.norm(r, axis=1) * np.linalg.norm(o, axis=1)
-            cos.append(np.where(denom > 0, np.sum(r * o, axis=1) / np.where(denom > 0, denom, 1), 1.0))
-        losses.append(1.0 - float(np.mean(np.concatenate(cos))))
+        cosines = np.concatenate([per_sample_cosine(r, o) for r, o in zip(ref_batches, out_batches)])
+        losses.append(1.0 - float(np.mean(cosines)))
     return float(np.mean(losses))
 
 
@@ -108,9 +104,7 @@ def sensitivity_loss(table: SensitivityTable, energies: dict[str, np.ndarray]) -
     """A loss curve per layer: measured degradation, interpolated between measured ranks linearly in the
     normalized energy the truncation discards (0 loss when dense or when nothing is discarded)."""
     def discarded(name: str, rank: int) -> float:
-        spectrum = energies[name]
-        total = float(spectrum.sum())
-        return 0.0 if total <= 0 else float(spectrum[rank:].sum()) / total
+        return discarded_fraction(energies[name], rank)
 
     def loss(shape: LayerShape, rank: int | None) -> float:
         if rank is None:

@@ -38,6 +38,14 @@ class SweepPoint:
     output_model: str | None
 
 
+    @classmethod
+    def from_build(cls, budget: float, result: BuildResult, output: str, latency_ratio: float | None) -> "SweepPoint":
+        """The point of one budget's build, read from its report (accuracy of `output`)."""
+        params, accuracy = result.report.params, result.report.accuracy.outputs[output]
+        return cls(budget, params.linear_ratio, params.model_ratio, accuracy.cosine_mean, accuracy.cosine_p5,
+                   accuracy.topk_agreement, latency_ratio, str(result.output_model))
+
+
 @dataclass
 class SweepReport:
     model: str
@@ -90,9 +98,7 @@ class Sweep:
                                           self.bench_seq, BenchSettings(warmup=2, iterations=self.bench_iterations), config.threads))
             latency_ratio = bench.shapes[0].ratio_p50
         self.results[budget] = result
-        self.points[budget] = SweepPoint(budget, result.report.params.linear_ratio, result.report.params.model_ratio,
-                                         accuracy.cosine_mean, accuracy.cosine_p5, accuracy.topk_agreement,
-                                         latency_ratio, str(result.output_model))
+        self.points[budget] = SweepPoint.from_build(budget, result, self.output, latency_ratio)
         if self.prepared.console is not None:
             self.prepared.console.print(
                 f"ρ={budget:.3f}: cosine {accuracy.cosine_mean:.4f}"

@@ -16,7 +16,8 @@ import numpy as np
 from lrdeploy.bench.report import AccuracyReport, OutputAccuracy
 
 
-def _per_sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def per_sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each sample (axis 0) of `a` and `b`, flattened, in float64; 1 where a norm is 0."""
     a = a.reshape(a.shape[0], -1).astype(np.float64)
     b = b.reshape(b.shape[0], -1).astype(np.float64)
     denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
@@ -44,7 +45,7 @@ def output_accuracy(reference: list[np.ndarray], candidate: list[np.ndarray], ne
     For per-sample vectors (2-D outputs such as sentence embeddings) with more than `neighbours` samples,
     the top-k nearest-neighbour agreement is computed too.
     """
-    cosines = np.concatenate([_per_sample_cosine(r, c) for r, c in zip(reference, candidate)])
+    cosines = np.concatenate([per_sample_cosine(r, c) for r, c in zip(reference, candidate)])
     err_sq = sum(float(np.sum((r.astype(np.float64) - c) ** 2)) for r, c in zip(reference, candidate))
     ref_sq = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
     max_abs = max(float(np.max(np.abs(r.astype(np.float64) - c))) for r, c in zip(reference, candidate))
