@@ -17,7 +17,6 @@ import argparse
 import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from lrdeploy.torch.compress import compress

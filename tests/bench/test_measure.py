@@ -5,7 +5,6 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from lrdeploy.bench.bench_report import write_bench
 from lrdeploy.bench.feeds import timing_feed
 from lrdeploy.bench.measure import BenchSettings, LatencyStats, benchmark, result_from_dict, time_shape
 from lrdeploy.calib.data import model_input_specs

@@ -1,7 +1,6 @@
 """Moments collected inside ONNX Runtime equal a float64 numpy reference over the real (unpadded) tokens."""
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 import pytest
 

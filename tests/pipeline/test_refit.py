@@ -20,7 +20,6 @@ def test_side_by_side_runs_both_models_on_shared_inputs():
     original = models.transformer(layers=1)
     graph = gs.import_onnx(original)
     layers = find_linear_layers(graph)
-    rng = np.random.default_rng(0)
     factors = {l.name: decompose("svd", l.weight, l.bias).factors(16) for l in layers if l.eligible}
     factorize_layers(graph, layers, factors)
     compressed = gs.export_onnx(graph)
@@ -32,7 +31,6 @@ def test_side_by_side_runs_both_models_on_shared_inputs():
     outputs = run_model(joint, feeds)
     for got, want in zip(outputs, run_model(original, feeds) + run_model(compressed, feeds)):
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-    del rng
 
 
 def test_least_squares_recovers_an_exact_second_factor():

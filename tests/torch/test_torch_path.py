@@ -6,8 +6,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lrdeploy.lowrank.decompose import decompose  # noqa: E402
-from lrdeploy.lowrank.moments import Moments  # noqa: E402
-from lrdeploy.torch.compress import collect_input_moments, compress, linear_layers, parameter_count  # noqa: E402
+from lrdeploy.torch.compress import collect_input_moments, compress, parameter_count  # noqa: E402
 from lrdeploy.torch.distill import DistillConfig, distill  # noqa: E402
 from lrdeploy.torch.lorita import FactoredLinear, collapse, overparameterize  # noqa: E402
 from lrdeploy.torch.lowrank_linear import LowRankLinear  # noqa: E402
