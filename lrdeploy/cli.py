@@ -356,29 +356,48 @@ def demo(output_dir, rank_budget, calib_sentences, eval_sentences, budgets, benc
 
 
 @main.command()
-@click.option("--hf", "hf_dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+@click.option("--hf", "hf_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A local Hugging Face sentence-embedder folder (mean pooling + L2 norm are added).")
 @click.option("--rank-budget", default=0.5, show_default=True, type=float)
+@click.option("--target-cosine", type=float, default=None,
+              help="Instead of --rank-budget: the smallest budget whose distilled model keeps this held-out cosine.")
 @click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1), help="Distillation steps.")
 @click.option("--method", type=click.Choice(["pca", "svd", "whiten"]), default="pca", show_default=True)
-@click.option("--allocation", type=click.Choice(["uniform", "energy"]), default="uniform", show_default=True)
+@click.option("--allocation", type=click.Choice(["uniform", "energy", "sensitivity"]), default="sensitivity",
+              show_default=True)
+@click.option("--refit", is_flag=True, help="Refit the second factors toward the original before distilling.")
 @click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=5e-5, show_default=True, type=float, help="AdamW peak learning rate.")
+@click.option("--lr", default=3e-4, show_default=True, type=float, help="AdamW peak learning rate.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--hidden-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
+              help="Weight of the per-block hidden-state loss (0: final embedding only).")
+@click.option("--train-text", type=click.Choice(["pydoc+docstrings", "pydoc"]), default="pydoc+docstrings",
+              show_default=True, help="Unlabeled training sentences (the evaluation sentences are always left out).")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @user_errors
-def distill(hf_dir, rank_budget, steps, method, allocation, rank_multiple, lr, batch_size, output_dir) -> None:
-    """Compress a Hugging Face embedder in PyTorch, fine-tune it label-free toward the original, export ONNX."""
+def distill(hf_dir, rank_budget, target_cosine, steps, method, allocation, refit, rank_multiple, lr, batch_size,
+            hidden_weight, train_text, output_dir) -> None:
+    """Compress a Hugging Face embedder (ONNX build pipeline), fine-tune it label-free toward the original in
+    PyTorch, export ONNX and report."""
+    from lrdeploy.errors import BudgetError
     from lrdeploy.pipeline.distill import DistillSettings, run_distill
 
     if not 0.0 < rank_budget <= 1.0:
-        from lrdeploy.errors import BudgetError
-
         raise BudgetError(f"rank budget {rank_budget} is outside (0, 1]; pass e.g. --rank-budget 0.5")
+    if target_cosine is not None and not 0.0 < target_cosine <= 1.0:
+        raise BudgetError(f"--target-cosine {target_cosine} is outside (0, 1]; pass e.g. --target-cosine 0.98")
     console = _console()
-    settings = DistillSettings(hf_dir, output_dir, rank_budget, steps, method, allocation, rank_multiple, lr, batch_size)
-    report, history = run_distill(settings, console)
-    o = next(iter(report.accuracy.outputs.values()))
-    console.print(f"held-out cosine {history['initial_cosine']:.4f} one-shot → {o.cosine_mean:.4f} after {steps} steps"
-                  + (f"; top-{report.accuracy.neighbours} neighbours {o.topk_agreement:.3f}" if o.topk_agreement else ""))
-    console.print(f"Compressed model: {report.output_model}; reports in {output_dir}")
+    settings = DistillSettings(hf_dir, output_dir, rank_budget, target_cosine, steps, method, allocation, refit,
+                               rank_multiple, lr, batch_size, hidden_weight, train_text=train_text)
+    result = run_distill(settings, console)
+    if target_cosine is not None:
+        console.print(f"Target cosine ≥ {target_cosine}: " + (
+            f"smallest budget meeting it ρ={result.chosen:.3f}" if result.chosen is not None else "not met")
+            + f"; sweep in {output_dir}/sweep.md")
+        return
+    o = next(iter(result.report.accuracy.outputs.values()))
+    f = result.report.finetune
+    console.print(f"held-out cosine {o.cosine_mean:.4f}, top-{result.report.accuracy.neighbours} neighbours "
+                  f"{o.topk_agreement:.3f} after {f['steps']} distillation steps (check cosine "
+                  f"{f['initial_cosine']:.4f} → {f['best_cosine']:.4f})")
+    console.print(f"Compressed model: {result.output_model}; reports in {output_dir}")

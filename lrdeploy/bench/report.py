@@ -2,14 +2,16 @@
 
 report.json schema (all keys always present):
     lrdeploy_version, input_model, output_model, external_data,
-    config {rank_budget, method, allocation, rank_multiple, calib_samples, calib_source, eval_source},
+    config {rank_budget, method, allocation, rank_multiple, calib_samples, calib_source, eval_source, refit},
     layers [{name, pattern, d_in, d_out, rank|null, params_before, params_after, status, reason,
              predicted_speedup|null, measured_speedup|null}],
     params {linear_before, linear_after, linear_ratio, model_before, model_after, model_ratio},
     accuracy {samples, passed, atol, rtol, neighbours,
               outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs, topk_agreement|null}}},
     timings {stage: seconds}, warnings [str], bench (see bench.json) | null,
-    spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}}
+    spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}},
+    finetune {steps, lr, hidden_weight, train_samples, initial_cosine, best_cosine, best_step,
+              history [{step, eval_cosine, train_loss?}]} | null   (label-free distillation, `lrdeploy distill`)
 Parameters count weights only (biases excluded), so linear_ratio is what --rank-budget bounds.
 """
 
@@ -76,6 +78,7 @@ class BuildConfigRecord:
     calib_samples: int
     calib_source: str
     eval_source: str
+    refit: bool = False
 
 
 @dataclass
@@ -92,6 +95,7 @@ class BuildReport:
     warnings: list[str] = field(default_factory=list)
     bench: dict | None = None  # BenchResult of dense vs compressed (with --bench)
     spectra: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {layer: {weight, feature}}
+    finetune: dict | None = None  # FinetuneRecord-shaped dict when the factors were fine-tuned by distillation
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -109,12 +113,18 @@ def render_markdown(report: BuildReport) -> str:
         "",
         f"- input: `{report.input_model}`",
         f"- output: `{report.output_model}`",
-        f"- method `{c.method}`, allocation `{c.allocation}`, rank budget {c.rank_budget}, rank multiple {c.rank_multiple}",
+        f"- method `{c.method}`, allocation `{c.allocation}`, rank budget {c.rank_budget}, rank multiple {c.rank_multiple}"
+        + (", sequential refit" if c.refit else ""),
         f"- calibration: {c.calib_samples} samples from {c.calib_source}; evaluation: {c.eval_source}",
         f"- linear-layer parameters: {p.linear_before:,} → {p.linear_after:,} (ratio {p.linear_ratio:.3f})",
         f"- whole-model parameters: {p.model_before:,} → {p.model_after:,} (ratio {p.model_ratio:.3f})",
         "",
     ]
+    if report.finetune is not None:
+        f = report.finetune
+        lines[-1:-1] = [f"- fine-tuned by label-free distillation: {f['steps']} steps on {f['train_samples']} samples, "
+                        f"lr {f['lr']}, hidden-state weight {f['hidden_weight']}; held-out cosine during training "
+                        f"{f['initial_cosine']:.4f} → {f['best_cosine']:.4f} (best at step {f['best_step']})"]
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     if report.accuracy is not None:

@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Protocol
 
 import numpy as np
 import onnx
@@ -31,7 +31,7 @@ from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import BudgetError, NoEligibleLayersError, OutputError
 from lrdeploy.files import prepare_output_dir
 from lrdeploy.lowrank.allocate import ALLOCATIONS, LayerShape, RankPlan, allocate, check_budget, realized_ratio
-from lrdeploy.lowrank.decompose import METHODS, Decomposition, decompose
+from lrdeploy.lowrank.decompose import METHODS, Decomposition, LowRankFactors, decompose
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
 from lrdeploy.passes.factorize import factorize_layers
@@ -145,7 +145,7 @@ def _layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPl
 
 
 def _record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: BuildConfig, budget: float,
-                     plan: RankPlan) -> None:
+                     plan: RankPlan, finetune: dict | None) -> None:
     entries = {p.key: p.value for p in original.metadata_props}
     entries.update({
         "lrdeploy.version": __version__,
@@ -154,6 +154,8 @@ def _record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: 
         "lrdeploy.allocation": config.allocation,
         "lrdeploy.rank_multiple": str(config.rank_multiple),
         "lrdeploy.ranks": json.dumps(plan),
+        "lrdeploy.refit": str(config.refit).lower(),
+        **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune["steps"])}),
     })
     del proto.metadata_props[:]
     for key, value in entries.items():
@@ -287,9 +289,54 @@ def compressed_model(original: onnx.ModelProto, rank_multiple: int, factors: dic
     return gs.export_onnx(graph)
 
 
-def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, bench: bool | None = None) -> BuildResult:
-    """Allocate ranks for `budget`, rewrite, save, validate (and bench, by default when the config says so);
-    write the model and reports."""
+@dataclass
+class ChosenFactors:
+    """What one budget turns a PreparedBuild into: the rank plan and the (optionally refit) factors per split."""
+
+    plan: RankPlan
+    factors: dict[str, LowRankFactors]
+    latency: LatencyPlan | None = None
+
+
+def choose_factors(prepared: PreparedBuild, budget: float, stages: StageTimer) -> ChosenFactors:
+    """Allocate ranks for `budget` (latency-aware if configured) and refit the second factors if configured."""
+    config = prepared.config
+    latency = None
+    with stages.stage("allocate"):
+        energies = {name: d.energies for name, d in prepared.decompositions.items()}
+        loss = None if prepared.sensitivity is None else sensitivity_loss(prepared.sensitivity, energies)
+        if config.latency_aware:
+            latency = latency_aware_plan(config.allocation, prepared.shapes, budget, config.rank_multiple, energies,
+                                         config.latency_tokens, config.latency_device, config.threads, loss)
+            plan = latency.plan
+        else:
+            plan = allocate(config.allocation, prepared.shapes, budget, config.rank_multiple, energies, loss)
+    factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}
+    if config.refit:
+        with stages.stage("refit"):
+            probe = prepared.samples.calib.select(slice(0, config.refit_samples))
+            progress = stages.progress("refitting")
+            factors = refit_factors(
+                prepared.inspection.model.proto, prepared.eligible, factors,
+                lambda chosen: compressed_model(prepared.inspection.model.proto, config.rank_multiple, chosen),
+                lambda: iter_batches(probe, prepared.specs, config.batch_size, prepared.mask_name),
+                prepared.mask_name, config.threads,
+                on_stage=progress(len(refit_stages(prepared.eligible, factors))) if progress else None,
+            )
+    return ChosenFactors(plan, factors, latency)
+
+
+class Finetuner(Protocol):
+    """Turns the chosen factors into a fine-tuned compressed model (e.g. `lrdeploy distill`'s distillation)."""
+
+    def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
+        """The compressed model with the factors trained further, and a report record of the training."""
+
+
+def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, bench: bool | None = None,
+                  finetune: Finetuner | None = None) -> BuildResult:
+    """Allocate ranks for `budget`, rewrite (or fine-tune), save, validate (and bench, by default when the config
+    says so); write the model and reports."""
     config, inspection = prepared.config, prepared.inspection
     run_latency_bench = config.bench if bench is None else bench
     stages = StageTimer(prepared.console)
@@ -297,31 +344,16 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, benc
     output_dir = prepare_output_dir(output_dir)
     output_model = output_dir / config.output_model.name
     shapes = prepared.shapes
-    latency = None
-    with stages.stage("allocate"):
-        energies = {name: d.energies for name, d in prepared.decompositions.items()}
-        loss = None if prepared.sensitivity is None else sensitivity_loss(prepared.sensitivity, energies)
-        if config.latency_aware:
-            latency = latency_aware_plan(config.allocation, shapes, budget, config.rank_multiple, energies,
-                                         config.latency_tokens, config.latency_device, config.threads, loss)
-            plan = latency.plan
-        else:
-            plan = allocate(config.allocation, shapes, budget, config.rank_multiple, energies, loss)
-    factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}
-    compress = lambda chosen: compressed_model(inspection.model.proto, config.rank_multiple, chosen)  # noqa: E731
-    if config.refit:
-        with stages.stage("refit"):
-            probe = prepared.samples.calib.select(slice(0, config.refit_samples))
-            progress = stages.progress("refitting")
-            factors = refit_factors(
-                inspection.model.proto, prepared.eligible, factors, compress,
-                lambda: iter_batches(probe, prepared.specs, config.batch_size, prepared.mask_name),
-                prepared.mask_name, config.threads,
-                on_stage=progress(len(refit_stages(prepared.eligible, factors))) if progress else None,
-            )
+    chosen = choose_factors(prepared, budget, stages)
+    plan, latency = chosen.plan, chosen.latency
+    finetune_record = None
+    if finetune is not None:
+        with stages.stage("finetune"):
+            proto, finetune_record = finetune(prepared, chosen)
     with stages.stage("rewrite"):
-        proto = compress(factors)
-        _record_metadata(proto, inspection.model.proto, config, budget, plan)
+        if finetune is None:
+            proto = compressed_model(inspection.model.proto, config.rank_multiple, chosen.factors)
+        _record_metadata(proto, inspection.model.proto, config, budget, plan, finetune_record)
         model_after = count_parameters(proto)
         external = save_model(proto, output_model, external_data=inspection.model.external_data)
         del proto
@@ -346,7 +378,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, benc
         output_model=str(output_model),
         external_data=external,
         config=BuildConfigRecord(budget, config.method, config.allocation, config.rank_multiple,
-                                 samples.calib.count, samples.calib_source, samples.eval_source),
+                                 samples.calib.count, samples.calib_source, samples.eval_source, config.refit),
         layers=_layer_records(inspection.layers, plan, latency),
         params=ParamSummary(linear_before, round(ratio * linear_before), ratio, inspection.model_params, model_after,
                             model_after / max(inspection.model_params, 1)),
@@ -355,6 +387,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, benc
         warnings=samples.warnings,
         bench=None if bench is None else dataclasses.asdict(bench),
         spectra=prepared.spectra,
+        finetune=finetune_record,
     )
     paths = write_reports(report, output_dir)
     return BuildResult(report, output_model, *paths)

@@ -1,30 +1,40 @@
-"""`lrdeploy distill`: compress a Hugging Face sentence embedder in PyTorch, recover its accuracy by label-free
-distillation, and export the result to ONNX with the usual report.
+"""`lrdeploy distill`: compress a Hugging Face sentence embedder with the ONNX build pipeline (any allocation,
+sensitivity included, and the optional refit), fine-tune the factors in PyTorch by label-free distillation
+toward the original, and write the usual compressed ONNX model and report.
 
-    HF folder ─sentence_embedder─► teacher ─copy─ compress (feature PCA) ─ distill (mimic teacher) ─► student
-    teacher, student ─export (parity-checked)─► original.onnx, NAME.lowrank.onnx ─validate─► report.*
+    HF folder ─export─► NAME.onnx ─prepare_build (calibrate, decompose, sensitivity)─► ranks + factors
+    teacher (PyTorch) ─copy, factors in LowRankLinear─► student ─distill (mimic teacher)─► NAME.lowrank.onnx
+    ─validate on the held-out sentences─► report.*
 
-Text: Python's pydoc sentences by default; the evaluation split is never trained on.
+With `target_cosine`, the sweep's bisection searches the smallest budget whose DISTILLED model meets the
+target (every probed budget is distilled for the same number of steps).
+
+Text: the demo's pydoc split (512 calibration / 1000 evaluation sentences) plus, for training, every other
+pydoc sentence and the standard library's docstrings. The evaluation sentences are never trained on or used
+to pick the checkpoint: a separate check split of the training pool does that.
 """
 
 from __future__ import annotations
 
 import copy
-import time
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import onnx
 
-from lrdeploy import __version__
-from lrdeploy.bench.report import BuildConfigRecord, BuildReport, LayerRecord, ParamSummary, write_reports
 from lrdeploy.calib.data import InputSpec, SampleSet, iter_batches
-from lrdeploy.files import prepare_output_dir
-from lrdeploy.onnx_io import count_parameters, load_model
-from lrdeploy.pipeline.validate import compare_models
+from lrdeploy.files import atomic_path, prepare_output_dir
+from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
+from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.sweep import SweepReport, run_sweep
 
 SPECS = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "sequence")),
          InputSpec("attention_mask", np.dtype(np.int64), ("batch", "sequence"))]
+TRAIN_TEXTS = ("pydoc+docstrings", "pydoc")
+CHECK_SENTENCES = 256
 
 
 @dataclass
@@ -32,16 +42,42 @@ class DistillSettings:
     hf_dir: Path
     output_dir: Path
     rank_budget: float = 0.5
+    target_cosine: float | None = None  # search the smallest budget meeting it after distillation
     steps: int = 1000
     method: str = "pca"
-    allocation: str = "uniform"
+    allocation: str = "sensitivity"
+    refit: bool = False
     rank_multiple: int = 16
-    lr: float = 5e-5
+    lr: float = 3e-4
     batch_size: int = 32
+    hidden_weight: float = 1.0
     eval_every: int = 200
     calib_sentences: int = 512
     eval_sentences: int = 1000
+    train_text: str = "pydoc+docstrings"
     seed: int = 0
+
+
+@dataclass
+class TextSplit:
+    calib: list[str]
+    check: list[str]
+    train: list[str]
+    evaluation: list[str]
+
+
+def split_text(settings: DistillSettings) -> TextSplit:
+    """Calibration and evaluation as in the demo; the training pool is every other sentence of the chosen
+    texts, shuffled, minus a check split for picking the best checkpoint."""
+    from lrdeploy.calib.text import docstring_sentences, pydoc_sentences, pydoc_split
+
+    calib, evaluation = pydoc_split(settings.calib_sentences, settings.eval_sentences, settings.seed)
+    held_out = set(evaluation)
+    texts = pydoc_sentences() + (docstring_sentences() if settings.train_text == "pydoc+docstrings" else [])
+    pool = [s for s in dict.fromkeys(texts) if s not in held_out]
+    order = np.random.default_rng(settings.seed).permutation(len(pool))
+    pool = [pool[i] for i in order]
+    return TextSplit(calib, pool[:CHECK_SENTENCES], pool[CHECK_SENTENCES:], evaluation)
 
 
 def _torch_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict]:
@@ -51,78 +87,72 @@ def _torch_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict]
             for feed in iter_batches(SampleSet(arrays), SPECS, batch_size, "attention_mask")]
 
 
-def _split_text(settings: DistillSettings) -> tuple[list[str], list[str], list[str]]:
-    """(calibration, training, evaluation) sentences; training is every pydoc sentence not held out."""
-    from lrdeploy.calib.text import pydoc_sentences, pydoc_split
+class Distiller:
+    """The Finetuner of `realize_build`: the teacher's copy gets the chosen factors, is distilled toward the
+    teacher, and comes back as an ONNX model with the two-MatMul structure."""
 
-    calib, evaluation = pydoc_split(settings.calib_sentences, settings.eval_sentences, settings.seed)
-    held_out = set(evaluation)
-    return calib, [s for s in pydoc_sentences() if s not in held_out], evaluation
+    def __init__(self, teacher, examples: dict, train_batches: list[dict], check_batches: list[dict],
+                 settings: DistillSettings, say: Callable[[str], None]):
+        self.teacher, self.examples = teacher, examples
+        self.train_batches, self.check_batches = train_batches, check_batches
+        self.settings, self.say = settings, say
+
+    def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
+        from lrdeploy.export.torch_onnx import export_module
+        from lrdeploy.torch.compress import apply_factors
+        from lrdeploy.torch.distill import DistillConfig, distill, transformer_blocks
+
+        s = self.settings
+        student = copy.deepcopy(self.teacher)
+        apply_factors(student, {layer.name: (layer.weight, chosen.factors[layer.name])
+                                for layer in prepared.eligible if layer.name in chosen.factors})
+        config = DistillConfig(steps=s.steps, lr=s.lr, hidden_weight=s.hidden_weight, eval_every=s.eval_every,
+                               seed=s.seed)
+        record = {"steps": s.steps, "lr": s.lr, "hidden_weight": s.hidden_weight,
+                  "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
+        if chosen.factors:  # at full rank nothing is compressed and there is nothing to recover
+            result = distill(student, self.teacher, self.train_batches, self.check_batches, config,
+                             transformer_blocks(self.teacher),
+                             on_eval=lambda step, cos: self.say(f"  step {step}: check cosine {cos:.4f}"))
+            record.update(initial_cosine=result.initial_cosine, best_cosine=result.best_cosine,
+                          best_step=result.best_step, history=result.history)
+        else:
+            record.update(steps=0, initial_cosine=1.0, best_cosine=1.0, best_step=0, history=[])
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "student.onnx"
+            export_module(student, self.examples, path, "embedding")
+            return onnx.load(str(path)), record
 
 
-def run_distill(settings: DistillSettings, console=None) -> tuple[BuildReport, dict]:
+def run_distill(settings: DistillSettings, console=None) -> BuildResult | SweepReport:
+    """Export, split text, prepare the ONNX build, then distill at `rank_budget` (a BuildResult) or search
+    the smallest budget meeting `target_cosine` (a SweepReport)."""
     import torch
 
     from lrdeploy.calib.text import tokenize
     from lrdeploy.export.torch_onnx import export_module, sentence_embedder
-    from lrdeploy.torch.compress import compress
-    from lrdeploy.torch.distill import DistillConfig, distill
 
     out = prepare_output_dir(settings.output_dir)
-    timings: dict[str, float] = {}
     say = console.print if console is not None else (lambda *a, **k: None)
     torch.manual_seed(settings.seed)
-    start = time.perf_counter()
     teacher, examples = sentence_embedder(settings.hf_dir, "mean", True)
-    calib_text, train_text, eval_text = _split_text(settings)
-    calib = _torch_batches(tokenize(calib_text, settings.hf_dir), settings.batch_size)
-    train = _torch_batches(tokenize(train_text, settings.hf_dir), settings.batch_size)
-    eval_arrays = tokenize(eval_text, settings.hf_dir)
-    evaluation = _torch_batches(eval_arrays, settings.batch_size)
-    timings["load"] = time.perf_counter() - start
+    model_path = out / f"{Path(settings.hf_dir).name or 'model'}.onnx"
+    export_module(teacher, examples, model_path, "embedding")
+    text = split_text(settings)
+    calib_path, eval_path = out / "calib.npz", out / "eval.npz"
+    for path, sentences in ((calib_path, text.calib), (eval_path, text.evaluation)):
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.savez(handle, **tokenize(sentences, settings.hf_dir))
+    train = _torch_batches(tokenize(text.train, settings.hf_dir), settings.batch_size)
+    check = _torch_batches(tokenize(text.check, settings.hf_dir), settings.batch_size)
+    say(f"{len(text.train)} training, {len(text.check)} check, {len(text.evaluation)} held-out evaluation sentences")
 
-    start = time.perf_counter()
-    student = copy.deepcopy(teacher)
-    compressed = compress(student, calib, settings.rank_budget, settings.method, settings.allocation,
-                          settings.rank_multiple, exclude=("*pooler*",))
-    timings["compress"] = time.perf_counter() - start
-    say(f"compressed {sum(r is not None for r in compressed.plan.values())} of {len(compressed.plan)} linear layers")
-
-    start = time.perf_counter()
-    history = distill(student, teacher, train, evaluation, DistillConfig(steps=settings.steps, lr=settings.lr,
-                                                                       eval_every=settings.eval_every),
-                      on_eval=lambda step, cos: say(f"step {step}: held-out cosine {cos:.4f}"))
-    timings["distill"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    original, lowrank = out / "original.onnx", out / "model.lowrank.onnx"
-    export_module(teacher, examples, original, "embedding")
-    export_module(student, examples, lowrank, "embedding")
-    timings["export"] = time.perf_counter() - start
-    start = time.perf_counter()
-    feeds = iter_batches(SampleSet(eval_arrays), SPECS, 16, "attention_mask")
-    accuracy = compare_models(original, lowrank, feeds, 1e-2, 1e-1)
-    timings["validate"] = time.perf_counter() - start
-
-    shapes = {s.name: s for s in compressed.shapes}
-    layers = [LayerRecord(name, "nn.Linear", s.d_in, s.d_out, rank, s.dense_params, s.params(rank),
-                          "dense" if rank is None else "factorized", "" if rank is not None else
-                          "the allocated rank would not save parameters",
-                          predicted_speedup=None if rank is None else s.dense_params / s.factored_params(rank))
-              for name, rank in compressed.plan.items() for s in [shapes[name]]]
-    linear_before = sum(s.dense_params for s in compressed.shapes)
-    linear_after = sum(l.params_after for l in layers)
-    before, after = count_parameters(load_model(original).proto), count_parameters(load_model(lowrank).proto)
-    report = BuildReport(
-        lrdeploy_version=__version__, input_model=str(settings.hf_dir), output_model=str(lowrank), external_data=False,
-        config=BuildConfigRecord(settings.rank_budget, settings.method, f"{settings.allocation} + distillation "
-                                 f"({settings.steps} steps)", settings.rank_multiple, len(calib_text),
-                                 f"{len(calib_text)} pydoc sentences (distilled on {len(train_text)})",
-                                 f"{len(eval_text)} held-out pydoc sentences"),
-        layers=layers,
-        params=ParamSummary(linear_before, linear_after, linear_after / linear_before, before, after, after / before),
-        accuracy=accuracy, timings={k: round(v, 2) for k, v in timings.items()},
-    )
-    write_reports(report, out)
-    return report, {"initial_cosine": history.initial_cosine, "best_cosine": history.best_cosine,
-                    "best_step": history.best_step, "history": history.history}
+    config = BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
+                         method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
+                         output_dir=out, refit=settings.refit, seed=settings.seed)
+    distiller = Distiller(teacher, examples, train, check, settings, say)
+    if settings.target_cosine is not None:
+        return run_sweep(config, [], console, "cosine_mean", settings.target_cosine, bench_batch=None,
+                         finetune=distiller)
+    return realize_build(prepare_build(config, console), settings.rank_budget, out, bench=False, finetune=distiller)

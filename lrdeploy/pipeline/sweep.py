@@ -20,7 +20,7 @@ from lrdeploy.errors import BudgetError
 from lrdeploy.files import atomic_write_text, prepare_output_dir
 from lrdeploy.lowrank.allocate import realized_ratio
 from lrdeploy.pipeline.bench import BenchConfig, run_bench
-from lrdeploy.pipeline.build import BuildResult, PreparedBuild, prepare_build, realize_build
+from lrdeploy.pipeline.build import BuildResult, Finetuner, PreparedBuild, prepare_build, realize_build
 from lrdeploy.pipeline.config import BuildConfig
 
 METRICS = ("cosine_mean", "cosine_p5", "topk_agreement")
@@ -75,8 +75,8 @@ class Sweep:
     """Builds budgets from one PreparedBuild, measuring each once; results in `points` by budget."""
 
     def __init__(self, prepared: PreparedBuild, output: str | None, bench_batch: int | None, bench_seq: int,
-                 bench_iterations: int = 10):
-        self.prepared = prepared
+                 bench_iterations: int = 10, finetune: Finetuner | None = None):
+        self.prepared, self.finetune = prepared, finetune
         self.output = output or next(iter(_output_names(prepared)))
         self.bench_batch, self.bench_seq, self.bench_iterations = bench_batch, bench_seq, bench_iterations
         self.results: dict[float, BuildResult] = {}
@@ -89,7 +89,7 @@ class Sweep:
         budget = round(budget, 4)
         if budget in self.points:
             return self.points[budget]
-        result = realize_build(self.prepared, budget, self.directory(budget))
+        result = realize_build(self.prepared, budget, self.directory(budget), finetune=self.finetune)
         accuracy = result.report.accuracy.outputs[self.output]
         latency_ratio = None
         if self.bench_batch:
@@ -152,12 +152,13 @@ def _keep_only(sweep: Sweep, chosen: float | None, output_dir: Path) -> None:
 
 def run_sweep(config: BuildConfig, budgets: list[float], console=None, metric: str = "cosine_mean",
               target: float | None = None, output: str | None = None, bench_batch: int | None = 32,
-              bench_seq: int = 128, bench_iterations: int = 10) -> SweepReport:
-    """Build every budget (or bisect toward `target`); write sweep.json, sweep.md and report.html."""
+              bench_seq: int = 128, bench_iterations: int = 10, finetune: Finetuner | None = None) -> SweepReport:
+    """Build every budget (or bisect toward `target`), fine-tuning each if `finetune` is given; write
+    sweep.json, sweep.md and report.html."""
     prepared = prepare_build(config, console, tuple(budgets) if target is None else ())
     if output is not None and output not in _output_names(prepared):
         raise BudgetError(f"--output {output!r} is not a model output ({', '.join(_output_names(prepared))})")
-    sweep = Sweep(prepared, output, bench_batch, bench_seq, bench_iterations)
+    sweep = Sweep(prepared, output, bench_batch, bench_seq, bench_iterations, finetune)
     output_dir = prepare_output_dir(config.resolved_output_dir)
     chosen = None
     if target is None:

@@ -8,15 +8,16 @@ batches carry an attention mask), then each chosen layer is replaced by a LowRan
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
 import numpy as np
 import torch
 
-from lrdeploy.errors import BudgetError
+from lrdeploy.errors import BudgetError, ModelLoadError
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate
-from lrdeploy.lowrank.decompose import decompose
+from lrdeploy.lowrank.decompose import LowRankFactors, decompose
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.torch.lowrank_linear import LowRankLinear
 
@@ -99,6 +100,34 @@ def compress(model: torch.nn.Module, calib_batches: Iterable[Batch], rank_budget
             dtype = layers[name].weight.dtype
             _replace(model, name, LowRankLinear.from_factors(decompositions[name].factors(rank), dtype))
     return CompressionResult(model, plan, shapes)
+
+
+def _weight_key(weight: np.ndarray) -> tuple[tuple[int, ...], bytes]:
+    return weight.shape, hashlib.sha1(np.ascontiguousarray(weight, dtype=np.float32).tobytes()).digest()
+
+
+def apply_factors(model: torch.nn.Module, factors_by_weight: Mapping[str, tuple[np.ndarray, LowRankFactors]],
+                  exclude: tuple[str, ...] = ()) -> dict[str, int]:
+    """Replace (in place) each nn.Linear whose weight equals one of the given row-convention weights [d_in, d_out]
+    by a LowRankLinear holding that weight's factors; returns {module name: rank}.
+
+    This is how factors chosen on the ONNX path (sensitivity allocation, refit) reach a PyTorch model exported
+    from the same weights: ONNX layer names and module names differ, the weights do not. A weight that
+    matches no module, or more than one, is an error.
+    """
+    by_key: dict[tuple, list[str]] = {}
+    for name, layer in linear_layers(model, exclude).items():
+        by_key.setdefault(_weight_key(layer.weight.detach().cpu().numpy().T), []).append(name)
+    applied = {}
+    for layer_name, (weight, layer_factors) in factors_by_weight.items():
+        matches = by_key.get(_weight_key(weight), [])
+        if len(matches) != 1:
+            raise ModelLoadError(f"layer {layer_name}: {len(matches)} nn.Linear modules carry its weight (need exactly "
+                              "one); compress the model the factors were computed from")
+        dtype = model.get_submodule(matches[0]).weight.dtype
+        _replace(model, matches[0], LowRankLinear.from_factors(layer_factors, dtype))
+        applied[matches[0]] = layer_factors.rank
+    return applied
 
 
 def parameter_count(model: torch.nn.Module) -> int:

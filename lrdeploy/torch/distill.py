@@ -1,8 +1,14 @@
 """distill(student, teacher, ...): recover a compressed model's accuracy without labels by making it mimic
-the original's outputs (1 − cosine + MSE on the final output), with AdamW and a warm-up + cosine schedule.
+the original: (1 − cosine) + MSE on the final output and, optionally, a per-block hidden-state loss. AdamW,
+warm-up + cosine schedule, batches reshuffled every pass.
 
-Teacher outputs are computed once. The held-out check runs after every pass over the training batches
-(and at the end); the student ends with the weights of its best check.
+The held-out check runs every `eval_every` steps (and at the end); the student ends with the weights of its
+best check. Dropout stays off by default: the teacher is deterministic, and noise in the student only blurs
+the target it has to copy.
+
+The hidden-state loss compares the outputs of matching blocks (e.g. each transformer layer) token by token,
+padding excluded, each hidden dimension scaled by the teacher's spread of it over the batch: BERT-like models
+have a few dimensions with huge activations that would otherwise drown the rest.
 """
 
 from __future__ import annotations
@@ -24,7 +30,10 @@ class DistillConfig:
     weight_decay: float = 0.01
     warmup_fraction: float = 0.05
     mse_weight: float = 1.0
+    hidden_weight: float = 0.0  # weight of the per-block hidden-state loss (needs hidden_modules)
+    dropout: bool = False
     eval_every: int | None = None  # default: once per pass over the training batches
+    seed: int = 0
 
 
 @dataclass
@@ -41,6 +50,57 @@ def mimic_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mse_weight:
     t = teacher_out.reshape(teacher_out.shape[0], -1)
     cosine = torch.nn.functional.cosine_similarity(s, t, dim=1)
     return (1 - cosine).mean() + mse_weight * torch.nn.functional.mse_loss(s, t)
+
+
+def hidden_state_loss(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
+                      mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean over blocks of the squared error per real token and hidden dimension, each dimension divided by
+    the teacher's variance of it over the batch's real tokens (`mask` [batch, seq], 1 = real)."""
+    losses = []
+    for s, t in zip(student_states, teacher_states):
+        s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+        if mask is not None and mask.numel() == s.shape[0]:
+            keep = mask.reshape(-1).bool()
+            s, t = s[keep], t[keep]
+        scale = t.var(0, unbiased=False).clamp_min(1e-6)
+        losses.append(((s - t) ** 2 / scale).mean())
+    return torch.stack(losses).mean()
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[str]:
+    """Names of the children of the model's longest nn.ModuleList (the stack of transformer layers)."""
+    lists = [(name, module) for name, module in model.named_modules() if isinstance(module, torch.nn.ModuleList)]
+    if not lists:
+        return []
+    name, blocks = max(lists, key=lambda item: len(item[1]))
+    return [f"{name}.{index}" for index in range(len(blocks))]
+
+
+class BlockOutputs:
+    """Forward hooks that record the output (its first element, for tuples) of named submodules."""
+
+    def __init__(self, model: torch.nn.Module, names: Sequence[str]):
+        modules = dict(model.named_modules())
+        missing = [name for name in names if name not in modules]
+        if missing:
+            raise ValueError(f"no submodule named {missing[0]!r}")
+        self.names = list(names)
+        self.values: dict[str, torch.Tensor] = {}
+        self.handles = [modules[name].register_forward_hook(self._recorder(name)) for name in names]
+
+    def _recorder(self, name: str):
+        def record(module, inputs, output):
+            self.values[name] = output[0] if isinstance(output, (tuple, list)) else output
+        return record
+
+    def take(self) -> list[torch.Tensor]:
+        values = [self.values[name] for name in self.names]
+        self.values.clear()
+        return values
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
 
 
 @torch.no_grad()
@@ -60,40 +120,73 @@ def mean_cosine(model: torch.nn.Module, batches: Sequence[Batch], targets: Seque
     return total / max(count, 1)
 
 
+def _schedule(optimizer: torch.optim.Optimizer, config: DistillConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, int(config.warmup_fraction * config.steps))
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
+
+
+def _batch_order(count: int, steps: int, seed: int) -> list[int]:
+    """Batch index per step: a fresh permutation of all batches for every pass."""
+    generator = torch.Generator().manual_seed(seed)
+    order: list[int] = []
+    while len(order) < steps:
+        order.extend(torch.randperm(count, generator=generator).tolist())
+    return order[:steps]
+
+
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_batches: Sequence[Batch],
-            eval_batches: Sequence[Batch], config: DistillConfig,
-            on_step: Callable[[int, float], None] | None = None,
+            eval_batches: Sequence[Batch], config: DistillConfig, hidden_modules: Sequence[str] = (),
+            mask_key: str = "attention_mask", on_step: Callable[[int, float], None] | None = None,
             on_eval: Callable[[int, float], None] | None = None) -> DistillResult:
-    """Train `student` (in place) toward `teacher`'s outputs; returns the held-out cosine history."""
-    train_targets = _outputs(teacher, train_batches)
+    """Train `student` (in place) toward `teacher`; returns the held-out cosine history.
+
+    `hidden_modules` names submodules present in both models (e.g. `transformer_blocks(teacher)`) whose
+    outputs are matched when `config.hidden_weight` > 0; the teacher then runs alongside every step.
+    """
+    use_hidden = config.hidden_weight > 0 and bool(hidden_modules)
+    train_targets = None if use_hidden else _outputs(teacher, train_batches)
     eval_targets = _outputs(teacher, eval_batches)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
-    warmup = max(1, int(config.warmup_fraction * config.steps))
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (
-        1 + math.cos(math.pi * min(step, config.steps) / config.steps)))
+    schedule = _schedule(optimizer, config)
     eval_every = config.eval_every or len(train_batches)
     best = initial = mean_cosine(student, eval_batches, eval_targets)
     best_state, best_step = copy.deepcopy(student.state_dict()), 0
     result = DistillResult(best, initial, 0, [{"step": 0, "eval_cosine": initial}])
-    for step in range(1, config.steps + 1):
-        student.train()
-        index = (step - 1) % len(train_batches)
-        loss = mimic_loss(student(**train_batches[index]), train_targets[index], config.mse_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        loss = loss.detach()
-        if on_step is not None:
-            on_step(step, float(loss))
-        if step % eval_every == 0 or step == config.steps:
-            cosine = mean_cosine(student, eval_batches, eval_targets)
-            result.history.append({"step": step, "train_loss": float(loss), "eval_cosine": cosine})
-            if on_eval is not None:
-                on_eval(step, cosine)
-            if cosine > best:
-                best, best_step, best_state = cosine, step, copy.deepcopy(student.state_dict())
+    student_blocks = BlockOutputs(student, hidden_modules) if use_hidden else None
+    teacher_blocks = BlockOutputs(teacher, hidden_modules) if use_hidden else None
+    teacher.eval()
+    try:
+        for step, index in enumerate(_batch_order(len(train_batches), config.steps, config.seed), start=1):
+            student.train(config.dropout)
+            batch = train_batches[index]
+            output = student(**batch)
+            if use_hidden:
+                with torch.no_grad():
+                    target = teacher(**batch)
+                loss = mimic_loss(output, target, config.mse_weight) + config.hidden_weight * hidden_state_loss(
+                    student_blocks.take(), teacher_blocks.take(), batch.get(mask_key))
+            else:
+                loss = mimic_loss(output, train_targets[index], config.mse_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss = loss.detach()
+            if on_step is not None:
+                on_step(step, float(loss))
+            if step % eval_every == 0 or step == config.steps:
+                cosine = mean_cosine(student, eval_batches, eval_targets)
+                result.history.append({"step": step, "train_loss": float(loss), "eval_cosine": cosine})
+                if on_eval is not None:
+                    on_eval(step, cosine)
+                if cosine > best:
+                    best, best_step, best_state = cosine, step, copy.deepcopy(student.state_dict())
+    finally:
+        for blocks in (student_blocks, teacher_blocks):
+            if blocks is not None:
+                blocks.close()
     student.load_state_dict(best_state)
     student.eval()
     result.best_cosine, result.best_step = best, best_step

