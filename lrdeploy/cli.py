@@ -122,7 +122,9 @@ def build_options(command):
                      help="Calibration statistics cache (default: ~/.cache/lrdeploy)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache."),
         click.option("--refit", is_flag=True,
-                     help="Refit each split's second factor and bias toward the original model's outputs."),
+                     help="Refit the splits layer by layer toward the original model's outputs."),
+        click.option("--refit-mode", type=click.Choice(["second", "both"]), default="second", show_default=True,
+                     help="With --refit: refit the second factor and bias, or both factors (reduced-rank regression)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -130,7 +132,7 @@ def build_options(command):
 
 
 def _build_config(model, calib, calib_samples, eval_path, eval_samples, method, allocation, rank_multiple, shapes,
-                  output_dir, batch_size, mask_input, cache_dir, no_cache, refit=False, **extra):
+                  output_dir, batch_size, mask_input, cache_dir, no_cache, refit=False, refit_mode="second", **extra):
     from lrdeploy.calib.data import parse_shape_overrides
     from lrdeploy.pipeline.config import BuildConfig, default_cache_dir
 
@@ -138,7 +140,8 @@ def _build_config(model, calib, calib_samples, eval_path, eval_samples, method, 
         model=model, calib=calib, calib_samples=calib_samples, eval=eval_path, eval_samples=eval_samples,
         method=method, allocation=allocation, rank_multiple=rank_multiple, shapes=parse_shape_overrides(shapes),
         output_dir=output_dir, batch_size=batch_size, mask_input=mask_input,
-        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), refit=refit, **extra,
+        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), refit=refit, refit_mode=refit_mode,
+        **extra,
     )
 
 
@@ -391,9 +394,14 @@ def distill(hf_dir, rank_budget, target_cosine, steps, method, allocation, refit
                                rank_multiple, lr, batch_size, hidden_weight, train_text=train_text)
     result = run_distill(settings, console)
     if target_cosine is not None:
-        console.print(f"Target cosine ≥ {target_cosine}: " + (
-            f"smallest budget meeting it ρ={result.chosen:.3f}" if result.chosen is not None else "not met")
-            + f"; sweep in {output_dir}/sweep.md")
+        if result.chosen is None:
+            best = max(p.cosine_mean for p in result.points)
+            raise LrdeployError(f"no distilled budget reaches cosine ≥ {target_cosine} (best {best:.4f}); lower the "
+                                "target or raise --steps")
+        chosen = next(p for p in result.points if p.budget == result.chosen)
+        console.print(f"Smallest budget whose distilled model keeps cosine ≥ {target_cosine}: ρ={result.chosen:.3f} "
+                      f"(cosine {chosen.cosine_mean:.4f}); model {chosen.output_model}")
+        console.print(f"Sweep: {output_dir}/sweep.md; report: {output_dir}/report.html")
         return
     o = next(iter(result.report.accuracy.outputs.values()))
     f = result.report.finetune

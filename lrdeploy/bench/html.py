@@ -117,8 +117,15 @@ def build_sections(report: BuildReport, sweep=None) -> str:
     parts.append("<h2>Run</h2>")
     parts.append(_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in report.timings.items()]))
     parts.append(f"<p class='cap'>lrdeploy {html.escape(report.lrdeploy_version)}; method {c.method}, allocation "
-                 f"{c.allocation}, rank multiple {c.rank_multiple}; calibration: {c.calib_samples} samples from "
-                 f"{html.escape(c.calib_source)}; evaluation: {html.escape(c.eval_source)}.</p>")
+                 f"{c.allocation}, rank multiple {c.rank_multiple}{', sequential refit' if c.refit else ''}; calibration: "
+                 f"{c.calib_samples} samples from {html.escape(c.calib_source)}; evaluation: "
+                 f"{html.escape(c.eval_source)}.</p>")
+    if report.finetune is not None:
+        f = report.finetune
+        parts.append(f"<p class='cap'>Fine-tuned by label-free distillation: {f['steps']} steps on "
+                     f"{f['train_samples']} unlabeled samples, lr {f['lr']}, hidden-state weight {f['hidden_weight']}; "
+                     f"cosine on the check split {f['initial_cosine']:.4f} → {f['best_cosine']:.4f} "
+                     f"(best at step {f['best_step']}).</p>")
     return "".join(parts)
 
 

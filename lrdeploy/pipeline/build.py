@@ -322,6 +322,7 @@ def choose_factors(prepared: PreparedBuild, budget: float, stages: StageTimer) -
                 lambda: iter_batches(probe, prepared.specs, config.batch_size, prepared.mask_name),
                 prepared.mask_name, config.threads,
                 on_stage=progress(len(refit_stages(prepared.eligible, factors))) if progress else None,
+                mode=config.refit_mode,
             )
     return ChosenFactors(plan, factors, latency)
 

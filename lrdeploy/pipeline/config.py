@@ -47,6 +47,7 @@ class BuildConfig:
     sensitivity_samples: int = 16  # calibration samples the sensitivity measurements run on
     refit: bool = False
     refit_samples: int = 256  # calibration samples the refit's joint statistics come from
+    refit_mode: str = "second"  # "second": refit B and the bias; "both": reduced-rank regression of A and B
     neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
 
     @property

@@ -1,8 +1,13 @@
-"""Error-aware refit: after the first factor A of every split is chosen, refit its second factor and bias by
-ridge least squares so that the compressed model's layer reproduces the ORIGINAL model's layer output:
+"""Error-aware refit: make each compressed layer reproduce the ORIGINAL model's layer output from the input it
+sees in the compressed model, by ridge least squares. Two modes:
 
-    min over B′, c′ of  E ‖ X̃·A·B′ + c′ − Y ‖²,   X̃ = the layer's input in the compressed model,
-                                                   Y = the layer's output in the original model.
+- `second` (SVD-LLM's update): keep the first factor A, refit the second factor and bias,
+      min over B′, c′ of  E ‖ X̃·A·B′ + c′ − Y ‖²,   X̃ = the layer's input in the compressed model,
+                                                     Y = the layer's output in the original model;
+- `both` (reduced-rank regression): refit both factors at the same rank,
+      min over rank-k M, c′ of E ‖ X̃·M + c′ − Y ‖²:  M_ls = Cov[x̃]⁻¹·Cov[x̃, y] (ridge), then project
+      its fitted outputs on their top-k principal directions V_k: A′ = M_ls·V_k, B′ = V_kᵀ. Without upstream
+      error (X̃ = X, Y = X·W + b) this is exactly feature PCA; with it, A moves too.
 
 Both models run side by side in one ONNX Runtime graph (the compressed copy's names prefixed), so the joint
 moments of Z = X̃·A and Y come from a forward pass over the calibration data, cut after the layers being
@@ -62,24 +67,54 @@ def solve_second_factor(first: np.ndarray, moments: CrossMoments, ridge: float) 
     return LowRankFactors(first, second, y_mean - z_mean @ second)
 
 
+def solve_both_factors(rank: int, moments: CrossMoments, ridge: float) -> LowRankFactors:
+    """Reduced-rank ridge regression of y on x̃ (moments of x̃ and y): rank-`rank` factors and bias."""
+    n = max(moments.count, 1.0)
+    x_mean, y_mean = moments.sum_source / n, moments.sum_target / n
+    cxx = moments.source_gram / n - np.outer(x_mean, x_mean)
+    cxy = moments.cross_gram / n - np.outer(x_mean, y_mean)
+    damping = ridge * max(float(np.trace(cxx)) / cxx.shape[0], 1e-12)
+    full = np.linalg.solve(cxx + damping * np.eye(cxx.shape[0]), cxy)
+    fitted = full.T @ cxx @ full
+    eigenvalues, eigenvectors = np.linalg.eigh((fitted + fitted.T) / 2)
+    basis = eigenvectors[:, np.argsort(eigenvalues)[::-1][:rank]]
+    first, second = full @ basis, basis.T.copy()
+    return LowRankFactors(first, second, y_mean - x_mean @ first @ second)
+
+
+REFIT_MODES = ("second", "both")
+
+
 def refit_factors(
     original: onnx.ModelProto, layers: list[LinearLayer], factors: dict[str, LowRankFactors],
     compress: Callable[[dict[str, LowRankFactors]], onnx.ModelProto],
     batches: Callable[[], Iterable[dict[str, np.ndarray]]], mask_name: str | None, threads: int = 0,
-    ridge: float = 1e-3, on_stage: Callable[[], None] | None = None,
+    ridge: float = 1e-3, on_stage: Callable[[], None] | None = None, mode: str = "second",
 ) -> dict[str, LowRankFactors]:
-    """Refit the second factor and bias of every split layer, stage by stage in model order;
-    `compress(factors)` builds the compressed model from the current factors."""
+    """Refit every split layer (its second factor and bias, or with `mode="both"` both factors), stage by
+    stage in model order; `compress(factors)` builds the compressed model from the current factors."""
+    graph_inputs = {tensor.name for tensor in original.graph.input}
     for stage in refit_stages(layers, factors):
-        requests = [CrossRequest(f"{PREFIX}{layer.name}/lowrank_a/output", factors[layer.name].rank, layer.output_name,
-                                 layer.d_out) for layer in stage]
+        if mode == "both":
+            requests = [CrossRequest(_compressed_input(layer, graph_inputs), layer.d_in, layer.output_name, layer.d_out)
+                        for layer in stage]
+        else:
+            requests = [CrossRequest(f"{PREFIX}{layer.name}/lowrank_a/output", factors[layer.name].rank,
+                                     layer.output_name, layer.d_out) for layer in stage]
         joint = side_by_side(original, compress(factors))
         moments = collect_cross_moments(joint, requests, batches(), mask_name, threads)
-        factors = {**factors, **{layer.name: solve_second_factor(factors[layer.name].first, m, ridge)
-                                 for layer, m in zip(stage, moments)}}
+        factors = {**factors, **{
+            layer.name: solve_both_factors(factors[layer.name].rank, m, ridge) if mode == "both"
+            else solve_second_factor(factors[layer.name].first, m, ridge)
+            for layer, m in zip(stage, moments)}}
         if on_stage is not None:
             on_stage()
     return factors
+
+
+def _compressed_input(layer: LinearLayer, graph_inputs: set[str]) -> str:
+    """The layer's input tensor in the compressed copy of the side-by-side graph (graph inputs are shared)."""
+    return layer.input_name if layer.input_name in graph_inputs else PREFIX + layer.input_name
 
 
 def refit_stages(layers: list[LinearLayer], factors: dict[str, LowRankFactors]) -> list[list[LinearLayer]]:

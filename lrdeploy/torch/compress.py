@@ -79,8 +79,8 @@ def compress(model: torch.nn.Module, calib_batches: Iterable[Batch], rank_budget
     parameters at `rank_multiple` stay as they are.
     """
     if allocation == "sensitivity":
-        raise BudgetError("sensitivity allocation is available on the ONNX path (`lrdeploy build`); "
-                          "use --allocation uniform or energy in PyTorch")
+        raise BudgetError("sensitivity allocation runs on the ONNX path: use `lrdeploy distill --allocation "
+                          "sensitivity`, or build on the exported model and pass its factors to apply_factors()")
     candidates = linear_layers(model, exclude)
     batches = list(calib_batches)
     moments = collect_input_moments(model, candidates, batches)

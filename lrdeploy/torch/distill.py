@@ -4,7 +4,9 @@ warm-up + cosine schedule, batches reshuffled every pass.
 
 The held-out check runs every `eval_every` steps (and at the end); the student ends with the weights of its
 best check. Dropout stays off by default: the teacher is deterministic, and noise in the student only blurs
-the target it has to copy.
+the target it has to copy. Embedding tables are frozen by default: compression does not touch them, and their
+dense gradients and AdamW updates would cost as much as the whole encoder's (MiniLM: 11.7 M of 22.7 M
+parameters).
 
 The hidden-state loss compares the outputs of matching blocks (e.g. each transformer layer) token by token,
 padding excluded, each hidden dimension scaled by the teacher's spread of it over the batch: BERT-like models
@@ -32,6 +34,7 @@ class DistillConfig:
     mse_weight: float = 1.0
     hidden_weight: float = 0.0  # weight of the per-block hidden-state loss (needs hidden_modules)
     dropout: bool = False
+    freeze_embeddings: bool = True  # compression leaves nn.Embedding tables as they are; so does training
     eval_every: int | None = None  # default: once per pass over the training batches
     seed: int = 0
 
@@ -147,6 +150,10 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_batches: S
     use_hidden = config.hidden_weight > 0 and bool(hidden_modules)
     train_targets = None if use_hidden else _outputs(teacher, train_batches)
     eval_targets = _outputs(teacher, eval_batches)
+    if config.freeze_embeddings:  # stays so after training: the student's tables keep requires_grad False
+        for module in student.modules():
+            if isinstance(module, torch.nn.Embedding):
+                module.weight.requires_grad_(False)
     optimizer = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr=config.lr,
                                   weight_decay=config.weight_decay)
     schedule = _schedule(optimizer, config)

@@ -11,7 +11,8 @@ from lrdeploy.cli import main
 from lrdeploy.lowrank.decompose import decompose
 from lrdeploy.passes.factorize import factorize_layers
 from lrdeploy.passes.linear_layers import find_linear_layers
-from lrdeploy.pipeline.refit import PREFIX, refit_stages, side_by_side, solve_second_factor
+from lrdeploy.lowrank.moments import Moments
+from lrdeploy.pipeline.refit import PREFIX, refit_stages, side_by_side, solve_both_factors, solve_second_factor
 from tests import models
 from tests.conftest import run_model
 
@@ -44,6 +45,20 @@ def test_least_squares_recovers_an_exact_second_factor():
     np.testing.assert_allclose(factors.bias, bias, atol=1e-6)
 
 
+def test_reduced_rank_refit_without_upstream_error_is_feature_pca():
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2000, 12)) @ rng.standard_normal((12, 12)) + rng.standard_normal(12)
+    weight, bias = rng.standard_normal((12, 9)), rng.standard_normal(9)
+    y = x @ weight + bias
+    moments = CrossMoments(2000.0, x.sum(0), y.sum(0), x.T @ x, x.T @ y)
+    refit = solve_both_factors(4, moments, ridge=1e-12)
+    pca = decompose("pca", weight, bias, Moments(2000.0, x.sum(0), x.T @ x)).factors(4)
+    np.testing.assert_allclose(refit.first @ refit.second, pca.first @ pca.second, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(refit.bias, pca.bias, rtol=1e-6, atol=1e-6)
+    exact = solve_both_factors(9, moments, ridge=1e-12)  # full rank: the least-squares map itself
+    np.testing.assert_allclose(exact.first @ exact.second, weight, atol=1e-6)
+
+
 def test_stages_group_layers_reading_one_tensor_in_model_order():
     layers = [l for l in find_linear_layers(gs.import_onnx(models.transformer(layers=2))) if l.eligible]
     stages = refit_stages(layers, {l.name: None for l in layers})
@@ -54,7 +69,7 @@ def test_stages_group_layers_reading_one_tensor_in_model_order():
 def test_refit_improves_held_out_accuracy(transformer_files, tmp_path):
     model, calib = transformer_files
     cosines = []
-    for extra in ([], ["--refit"]):
+    for extra in ([], ["--refit"], ["--refit", "--refit-mode", "both"]):
         result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--rank-budget", "0.5",
                                            "-o", str(tmp_path / str(len(extra))), "--json", *extra])
         assert result.exit_code == 0, result.output
@@ -62,3 +77,4 @@ def test_refit_improves_held_out_accuracy(transformer_files, tmp_path):
         cosines.append(report["accuracy"]["outputs"]["embedding"]["cosine_mean"])
     assert "refit" in report["timings"]
     assert cosines[1] > cosines[0] + 0.005
+    assert cosines[2] > cosines[0] + 0.005

@@ -26,11 +26,12 @@ def test_sweep_accuracy_does_not_rise_as_budget_falls(transformer_files, tmp_pat
     assert (tmp_path / "report.html").is_file() and (tmp_path / "sweep.md").is_file()
 
 
-def test_bisection_finds_smallest_budget_meeting_target_and_keeps_only_it(transformer_files, tmp_path):
+@pytest.mark.parametrize("allocation", ["uniform", "sensitivity"])
+def test_bisection_finds_smallest_budget_meeting_target_and_keeps_only_it(transformer_files, tmp_path, allocation):
     model, calib = transformer_files
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["sweep", str(model), "--calib", str(calib), "-o", str(out),
-                                       "--target-cosine", "0.9", "--bench-batch", "0"])
+                                       "--target-cosine", "0.9", "--bench-batch", "0", "--allocation", allocation])
     assert result.exit_code == 0, result.output
     data = json.loads((out / "sweep.json").read_text())
     chosen = data["chosen"]
@@ -41,6 +42,7 @@ def test_bisection_finds_smallest_budget_meeting_target_and_keeps_only_it(transf
     kept = sorted(p.name for p in out.iterdir())
     assert kept == ["report.html", "report.json", "report.md", "sweep.json", "sweep.md", "tiny.lowrank.onnx"]
     report = json.loads((out / "report.json").read_text())
+    assert report["config"]["allocation"] == allocation
     assert report["config"]["rank_budget"] == chosen and report["output_model"] == str(out / "tiny.lowrank.onnx")
 
 

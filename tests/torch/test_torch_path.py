@@ -6,8 +6,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from lrdeploy.lowrank.decompose import decompose  # noqa: E402
-from lrdeploy.torch.compress import collect_input_moments, compress, parameter_count  # noqa: E402
-from lrdeploy.torch.distill import DistillConfig, distill  # noqa: E402
+from lrdeploy.torch.compress import apply_factors, collect_input_moments, compress, parameter_count  # noqa: E402
+from lrdeploy.torch.distill import DistillConfig, distill, hidden_state_loss, transformer_blocks  # noqa: E402
 from lrdeploy.torch.lorita import FactoredLinear, collapse, overparameterize  # noqa: E402
 from lrdeploy.torch.lowrank_linear import LowRankLinear  # noqa: E402
 
@@ -86,6 +86,23 @@ def test_compress_uses_the_shared_maths_and_meets_budget():
     assert kept <= 0.5
 
 
+def test_apply_factors_finds_modules_by_weight_and_refuses_unknown_weights():
+    from lrdeploy.errors import ModelLoadError
+
+    model, batches = Encoder(), _batches(2)
+    layer = model.blocks[1][2]
+    weight = layer.weight.detach().double().numpy().T
+    factors = decompose("svd", weight, layer.bias.detach().double().numpy()).factors(weight.shape[1])
+    with torch.no_grad():
+        expected = model(**batches[0])
+    applied = apply_factors(model, {"onnx/name/of/it": (weight.astype(np.float32), factors)})
+    assert applied == {"blocks.1.2": 64} and isinstance(model.blocks[1][2], LowRankLinear)
+    with torch.no_grad():  # full-rank factors: the same function
+        np.testing.assert_allclose(model(**batches[0]).numpy(), expected.numpy(), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ModelLoadError, match="0 nn.Linear modules carry its weight"):
+        apply_factors(model, {"other": (np.ones((64, 256), np.float32), factors)})
+
+
 def test_short_distillation_lowers_the_loss():
     teacher, batches = Encoder(), _batches(8)
     student = Encoder()
@@ -93,9 +110,30 @@ def test_short_distillation_lowers_the_loss():
     before = parameter_count(student)
     result = distill(student, teacher, batches[:6], batches[6:], DistillConfig(steps=60, lr=3e-3, eval_every=20))
     assert result.best_cosine > result.initial_cosine + 0.001
+    assert not student.embed.weight.requires_grad  # embedding tables are not trained
     assert parameter_count(student) == before  # still the compressed structure
     losses = [h["train_loss"] for h in result.history if "train_loss" in h]
     assert losses[-1] < losses[0]
+
+
+def test_hidden_state_loss_masks_padding_and_scales_dimensions():
+    teacher = torch.tensor([[[1.0, 10.0], [3.0, 30.0], [99.0, 99.0]]])  # last position is padding
+    student = teacher + torch.tensor([[[1.0, 10.0], [1.0, 10.0], [5.0, 5.0]]])
+    mask = torch.tensor([[1, 1, 0]])
+    # per dimension: error² / teacher variance over real tokens = 1/1 and 100/100 → mean 1
+    assert float(hidden_state_loss([student], [teacher], mask)) == pytest.approx(1.0)
+    assert float(hidden_state_loss([teacher], [teacher], mask)) == 0.0
+
+
+def test_distillation_with_block_losses_hooks_the_transformer_blocks():
+    teacher, batches = Encoder(), _batches(8)
+    student = Encoder()
+    compress(student, batches[:4], 0.35)
+    assert transformer_blocks(teacher) == ["blocks.0", "blocks.1"]
+    config = DistillConfig(steps=40, lr=3e-3, eval_every=20, hidden_weight=1.0)
+    result = distill(student, teacher, batches[:6], batches[6:], config, transformer_blocks(teacher))
+    assert result.best_cosine > result.initial_cosine + 0.001
+    assert not student.blocks[0]._forward_hooks and not teacher.blocks[0]._forward_hooks  # hooks removed
 
 
 def test_overparameterize_is_exact_and_collapse_at_full_rank_too():
