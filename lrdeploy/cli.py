@@ -123,7 +123,7 @@ def build_options(command):
         click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache."),
         click.option("--refit", is_flag=True,
                      help="Refit the splits layer by layer toward the original model's outputs."),
-        click.option("--refit-mode", type=click.Choice(["second", "both"]), default="second", show_default=True,
+        click.option("--refit-mode", type=click.Choice(["second", "both"]), default="both", show_default=True,
                      help="With --refit: refit the second factor and bias, or both factors (reduced-rank regression)."),
     ]
     for option in reversed(options):
@@ -132,7 +132,7 @@ def build_options(command):
 
 
 def _build_config(model, calib, calib_samples, eval_path, eval_samples, method, allocation, rank_multiple, shapes,
-                  output_dir, batch_size, mask_input, cache_dir, no_cache, refit=False, refit_mode="second", **extra):
+                  output_dir, batch_size, mask_input, cache_dir, no_cache, refit=False, refit_mode="both", **extra):
     from lrdeploy.calib.data import parse_shape_overrides
     from lrdeploy.pipeline.config import BuildConfig, default_cache_dir
 
@@ -368,18 +368,21 @@ def demo(output_dir, rank_budget, calib_sentences, eval_sentences, budgets, benc
 @click.option("--method", type=click.Choice(["pca", "svd", "whiten"]), default="pca", show_default=True)
 @click.option("--allocation", type=click.Choice(["uniform", "energy", "sensitivity"]), default="sensitivity",
               show_default=True)
-@click.option("--refit", is_flag=True, help="Refit the second factors toward the original before distilling.")
+@click.option("--refit", is_flag=True, help="Refit the factors toward the original before distilling (on MiniLM "
+              "a better one-shot start that distills to a worse end; off by default).")
 @click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--lr", default=3e-4, show_default=True, type=float, help="AdamW peak learning rate.")
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--hidden-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
               help="Weight of the per-block hidden-state loss (0: final embedding only).")
+@click.option("--freeze-embeddings", is_flag=True,
+              help="Do not train the embedding tables: ~25% faster steps, less accuracy per step.")
 @click.option("--train-text", type=click.Choice(["pydoc+docstrings", "pydoc"]), default="pydoc+docstrings",
               show_default=True, help="Unlabeled training sentences (the evaluation sentences are always left out).")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @user_errors
 def distill(hf_dir, rank_budget, target_cosine, steps, method, allocation, refit, rank_multiple, lr, batch_size,
-            hidden_weight, train_text, output_dir) -> None:
+            hidden_weight, freeze_embeddings, train_text, output_dir) -> None:
     """Compress a Hugging Face embedder (ONNX build pipeline), fine-tune it label-free toward the original in
     PyTorch, export ONNX and report."""
     from lrdeploy.errors import BudgetError
@@ -390,8 +393,10 @@ def distill(hf_dir, rank_budget, target_cosine, steps, method, allocation, refit
     if target_cosine is not None and not 0.0 < target_cosine <= 1.0:
         raise BudgetError(f"--target-cosine {target_cosine} is outside (0, 1]; pass e.g. --target-cosine 0.98")
     console = _console()
-    settings = DistillSettings(hf_dir, output_dir, rank_budget, target_cosine, steps, method, allocation, refit,
-                               rank_multiple, lr, batch_size, hidden_weight, train_text=train_text)
+    settings = DistillSettings(hf_dir, output_dir, rank_budget=rank_budget, target_cosine=target_cosine, steps=steps,
+                               method=method, allocation=allocation, refit=refit, rank_multiple=rank_multiple, lr=lr,
+                               batch_size=batch_size, hidden_weight=hidden_weight,
+                               freeze_embeddings=freeze_embeddings, train_text=train_text)
     result = run_distill(settings, console)
     if target_cosine is not None:
         if result.chosen is None:

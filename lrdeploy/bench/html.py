@@ -6,7 +6,8 @@ import base64
 import html
 
 from lrdeploy.bench.measure import result_from_dict
-from lrdeploy.bench.plots import budget_plot, latency_plot, pareto_plot, ranks_plot, spectra_plot
+from lrdeploy.bench.plots import (budget_plot, distillation_plot, latency_plot, pareto_plot, ranks_plot,
+                                  spectra_plot)
 from lrdeploy.bench.report import BuildReport
 
 STYLE = """
@@ -126,6 +127,10 @@ def build_sections(report: BuildReport, sweep=None) -> str:
                      f"{f['train_samples']} unlabeled samples, lr {f['lr']}, hidden-state weight {f['hidden_weight']}; "
                      f"cosine on the check split {f['initial_cosine']:.4f} → {f['best_cosine']:.4f} "
                      f"(best at step {f['best_step']}).</p>")
+        if f["history"]:
+            parts.append(_figure(distillation_plot(f["history"]), "distillation curve",
+                                 "Cosine to the original on the check split during distillation; the starred "
+                                 "checkpoint is the one exported."))
     return "".join(parts)
 
 

@@ -130,3 +130,17 @@ def pareto_plot(points, metric: str, chosen: float | None = None) -> bytes:
     if chosen is not None:
         ax.legend(fontsize=8)
     return _png(plt, fig)
+
+
+def distillation_plot(history: list[dict]) -> bytes:
+    """Check-split cosine against distillation step (the checkpoint kept is the best point)."""
+    plt, fig, ax = _figure(6.0, 3.0)
+    steps = [h["step"] for h in history]
+    cosines = [h["eval_cosine"] for h in history]
+    ax.plot(steps, cosines, marker="o", color="#2b7bba")
+    best = max(range(len(cosines)), key=cosines.__getitem__)
+    ax.plot([steps[best]], [cosines[best]], marker="*", ms=14, color="#d62728", label="kept")
+    ax.set_xlabel("distillation step")
+    ax.set_ylabel("cosine to the original (check split)")
+    ax.legend(fontsize=8)
+    return _png(plt, fig)

@@ -46,8 +46,8 @@ class BuildConfig:
     bench_iterations: int = 20
     sensitivity_samples: int = 16  # calibration samples the sensitivity measurements run on
     refit: bool = False
-    refit_samples: int = 256  # calibration samples the refit's joint statistics come from
-    refit_mode: str = "second"  # "second": refit B and the bias; "both": reduced-rank regression of A and B
+    refit_samples: int = 512  # calibration samples the refit's joint statistics come from
+    refit_mode: str = "both"  # "second": refit B and the bias; "both": reduced-rank regression of A and B
     neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
 
     @property

@@ -51,6 +51,7 @@ class DistillSettings:
     lr: float = 3e-4
     batch_size: int = 32
     hidden_weight: float = 1.0
+    freeze_embeddings: bool = False
     eval_every: int = 200
     calib_sentences: int = 512
     eval_sentences: int = 1000
@@ -107,8 +108,9 @@ class Distiller:
         apply_factors(student, {layer.name: (layer.weight, chosen.factors[layer.name])
                                 for layer in prepared.eligible if layer.name in chosen.factors})
         config = DistillConfig(steps=s.steps, lr=s.lr, hidden_weight=s.hidden_weight, eval_every=s.eval_every,
-                               seed=s.seed)
+                               freeze_embeddings=s.freeze_embeddings, seed=s.seed)
         record = {"steps": s.steps, "lr": s.lr, "hidden_weight": s.hidden_weight,
+                  "freeze_embeddings": s.freeze_embeddings,
                   "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
         if chosen.factors:  # at full rank nothing is compressed and there is nothing to recover
             result = distill(student, self.teacher, self.train_batches, self.check_batches, config,

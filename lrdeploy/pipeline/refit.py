@@ -7,11 +7,13 @@ sees in the compressed model, by ridge least squares. Two modes:
 - `both` (reduced-rank regression): refit both factors at the same rank,
       min over rank-k M, c′ of E ‖ X̃·M + c′ − Y ‖²:  M_ls = Cov[x̃]⁻¹·Cov[x̃, y] (ridge), then project
       its fitted outputs on their top-k principal directions V_k: A′ = M_ls·V_k, B′ = V_kᵀ. Without upstream
-      error (X̃ = X, Y = X·W + b) this is exactly feature PCA; with it, A moves too.
+      error (X̃ = X, Y = X·W + b) this is exactly feature PCA; with it, A moves too. The default: on MiniLM at
+      ρ=0.5 with sensitivity allocation it reaches 0.909 held-out cosine against 0.893 for `second` (0.878
+      without refit), 512 calibration sentences, ~150 s on 2 cores.
 
 Both models run side by side in one ONNX Runtime graph (the compressed copy's names prefixed), so the joint
-moments of Z = X̃·A and Y come from a forward pass over the calibration data, cut after the layers being
-refit. Layers are refit sequentially, one stage at a time in model order (a stage = the layers reading one
+moments (of Z = X̃·A, or of X̃ itself, with Y) come from a forward pass over the calibration data, cut after
+the layers being refit. Layers are refit sequentially, one stage at a time in model order (a stage = the layers reading one
 tensor, e.g. Q, K and V), each against inputs produced by the already-refit stages before it. Refitting all
 layers from one pass instead over-corrects: every layer compensates the same upstream error that the
 upstream refits also remove (measured on MiniLM: ρ=0.5 fell from 0.846 to 0.755).

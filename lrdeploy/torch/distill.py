@@ -4,9 +4,9 @@ warm-up + cosine schedule, batches reshuffled every pass.
 
 The held-out check runs every `eval_every` steps (and at the end); the student ends with the weights of its
 best check. Dropout stays off by default: the teacher is deterministic, and noise in the student only blurs
-the target it has to copy. Embedding tables are frozen by default: compression does not touch them, and their
-dense gradients and AdamW updates would cost as much as the whole encoder's (MiniLM: 11.7 M of 22.7 M
-parameters).
+the target it has to copy. Embedding tables are trained too by default; `freeze_embeddings` saves their dense
+gradients and AdamW updates (MiniLM: 11.7 M of 22.7 M parameters, ~25% of a step) but, measured on MiniLM at
+ρ=0.5, costs accuracy (check cosine 0.943 against 0.956 after 600 steps).
 
 The hidden-state loss compares the outputs of matching blocks (e.g. each transformer layer) token by token,
 padding excluded, each hidden dimension scaled by the teacher's spread of it over the batch: BERT-like models
@@ -34,7 +34,7 @@ class DistillConfig:
     mse_weight: float = 1.0
     hidden_weight: float = 0.0  # weight of the per-block hidden-state loss (needs hidden_modules)
     dropout: bool = False
-    freeze_embeddings: bool = True  # compression leaves nn.Embedding tables as they are; so does training
+    freeze_embeddings: bool = False  # True: leave nn.Embedding tables as compression left them (faster)
     eval_every: int | None = None  # default: once per pass over the training batches
     seed: int = 0
 

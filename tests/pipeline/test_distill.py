@@ -53,6 +53,7 @@ def test_distill_cli_builds_a_distilled_two_matmul_model(bert_dir, tmp_path):
     assert meta["lrdeploy.finetune_steps"] == "12"
     assert 0.0 < report["accuracy"]["outputs"]["embedding"]["cosine_mean"] <= 1.0 + 1e-6
     assert "held-out cosine" in result.output and (out / "report.md").read_text().count("label-free distillation") == 1
+    assert 'alt="distillation curve"' in (out / "report.html").read_text()
 
 
 def test_distill_target_cosine_keeps_only_the_chosen_budget(bert_dir, tmp_path):

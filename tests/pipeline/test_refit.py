@@ -69,7 +69,7 @@ def test_stages_group_layers_reading_one_tensor_in_model_order():
 def test_refit_improves_held_out_accuracy(transformer_files, tmp_path):
     model, calib = transformer_files
     cosines = []
-    for extra in ([], ["--refit"], ["--refit", "--refit-mode", "both"]):
+    for extra in ([], ["--refit", "--refit-mode", "second"], ["--refit"]):  # "both" is the default mode
         result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--rank-budget", "0.5",
                                            "-o", str(tmp_path / str(len(extra))), "--json", *extra])
         assert result.exit_code == 0, result.output

@@ -108,9 +108,11 @@ def test_short_distillation_lowers_the_loss():
     student = Encoder()
     compress(student, batches[:4], 0.35)
     before = parameter_count(student)
-    result = distill(student, teacher, batches[:6], batches[6:], DistillConfig(steps=60, lr=3e-3, eval_every=20))
+    frozen = student.embed.weight.detach().clone()
+    config = DistillConfig(steps=60, lr=3e-3, eval_every=20, freeze_embeddings=True)
+    result = distill(student, teacher, batches[:6], batches[6:], config)
     assert result.best_cosine > result.initial_cosine + 0.001
-    assert not student.embed.weight.requires_grad  # embedding tables are not trained
+    assert torch.equal(student.embed.weight, frozen)
     assert parameter_count(student) == before  # still the compressed structure
     losses = [h["train_loss"] for h in result.history if "train_loss" in h]
     assert losses[-1] < losses[0]
