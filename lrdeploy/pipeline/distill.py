@@ -27,7 +27,8 @@ import onnx
 
 from lrdeploy.calib.data import InputSpec, SampleSet, iter_batches
 from lrdeploy.files import atomic_path, prepare_output_dir
-from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
+from lrdeploy.pipeline.build import (BuildResult, ChosenFactors, PreparedBuild, StageTimer, prepare_build,
+                                     realize_build)
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.sweep import SweepReport, run_sweep
 
@@ -136,18 +137,21 @@ def run_distill(settings: DistillSettings, console=None) -> BuildResult | SweepR
 
     out = prepare_output_dir(settings.output_dir)
     say = console.print if console is not None else (lambda *a, **k: None)
+    stages = StageTimer(console)
     torch.manual_seed(settings.seed)
-    teacher, examples = sentence_embedder(settings.hf_dir, "mean", True)
-    model_path = out / f"{Path(settings.hf_dir).name or 'model'}.onnx"
-    export_module(teacher, examples, model_path, "embedding")
-    text = split_text(settings)
-    calib_path, eval_path = out / "calib.npz", out / "eval.npz"
-    for path, sentences in ((calib_path, text.calib), (eval_path, text.evaluation)):
-        with atomic_path(path) as tmp:
-            with open(tmp, "wb") as handle:
-                np.savez(handle, **tokenize(sentences, settings.hf_dir))
-    train = _torch_batches(tokenize(text.train, settings.hf_dir), settings.batch_size)
-    check = _torch_batches(tokenize(text.check, settings.hf_dir), settings.batch_size)
+    with stages.stage("export"):
+        teacher, examples = sentence_embedder(settings.hf_dir, "mean", True)
+        model_path = out / f"{Path(settings.hf_dir).name or 'model'}.onnx"
+        export_module(teacher, examples, model_path, "embedding")
+    with stages.stage("tokenize"):
+        text = split_text(settings)
+        calib_path, eval_path = out / "calib.npz", out / "eval.npz"
+        for path, sentences in ((calib_path, text.calib), (eval_path, text.evaluation)):
+            with atomic_path(path) as tmp:
+                with open(tmp, "wb") as handle:
+                    np.savez(handle, **tokenize(sentences, settings.hf_dir))
+        train = _torch_batches(tokenize(text.train, settings.hf_dir), settings.batch_size)
+        check = _torch_batches(tokenize(text.check, settings.hf_dir), settings.batch_size)
     say(f"{len(text.train)} training, {len(text.check)} check, {len(text.evaluation)} held-out evaluation sentences")
 
     config = BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
@@ -157,4 +161,6 @@ def run_distill(settings: DistillSettings, console=None) -> BuildResult | SweepR
     if settings.target_cosine is not None:
         return run_sweep(config, [], console, "cosine_mean", settings.target_cosine, bench_batch=None,
                          finetune=distiller)
-    return realize_build(prepare_build(config, console), settings.rank_budget, out, bench=False, finetune=distiller)
+    prepared = prepare_build(config, console)
+    prepared.stages.timings = {**stages.timings, **prepared.stages.timings}  # the report lists every stage
+    return realize_build(prepared, settings.rank_budget, out, bench=False, finetune=distiller)

@@ -21,6 +21,7 @@ upstream refits also remove (measured on MiniLM: ρ=0.5 fell from 0.846 to 0.755
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
@@ -58,30 +59,44 @@ def side_by_side(original: onnx.ModelProto, compressed: onnx.ModelProto) -> onnx
     return gs.export_onnx(graph, do_type_check=False)
 
 
-def solve_second_factor(first: np.ndarray, moments: CrossMoments, ridge: float) -> LowRankFactors:
-    """Ridge least squares for B′, c′ given Z = X̃·A; `ridge` is relative to the mean eigenvalue of Cov[z]."""
+@dataclass
+class RidgeFit:
+    """y ≈ x·coefficients + (y_mean − x_mean·coefficients), with the source's centred covariance."""
+
+    coefficients: np.ndarray
+    source_cov: np.ndarray
+    source_mean: np.ndarray
+    target_mean: np.ndarray
+
+    def bias(self, product: np.ndarray) -> np.ndarray:
+        """The bias that keeps the target mean for the map `product` (a refit coefficients matrix)."""
+        return self.target_mean - self.source_mean @ product
+
+
+def ridge_fit(moments: CrossMoments, ridge: float) -> RidgeFit:
+    """Ridge least squares of the target on the source; `ridge` is relative to the source's mean variance."""
     n = max(moments.count, 1.0)
-    z_mean, y_mean = moments.sum_source / n, moments.sum_target / n
-    czz = moments.source_gram / n - np.outer(z_mean, z_mean)
-    czy = moments.cross_gram / n - np.outer(z_mean, y_mean)
-    damping = ridge * max(float(np.trace(czz)) / czz.shape[0], 1e-12)
-    second = np.linalg.solve(czz + damping * np.eye(czz.shape[0]), czy)
-    return LowRankFactors(first, second, y_mean - z_mean @ second)
+    source_mean, target_mean = moments.sum_source / n, moments.sum_target / n
+    cov = moments.source_gram / n - np.outer(source_mean, source_mean)
+    cross = moments.cross_gram / n - np.outer(source_mean, target_mean)
+    damping = ridge * max(float(np.trace(cov)) / cov.shape[0], 1e-12)
+    return RidgeFit(np.linalg.solve(cov + damping * np.eye(cov.shape[0]), cross), cov, source_mean, target_mean)
+
+
+def solve_second_factor(first: np.ndarray, moments: CrossMoments, ridge: float) -> LowRankFactors:
+    """B′, c′ given Z = X̃·A (moments of z and y)."""
+    fit = ridge_fit(moments, ridge)
+    return LowRankFactors(first, fit.coefficients, fit.bias(fit.coefficients))
 
 
 def solve_both_factors(rank: int, moments: CrossMoments, ridge: float) -> LowRankFactors:
     """Reduced-rank ridge regression of y on x̃ (moments of x̃ and y): rank-`rank` factors and bias."""
-    n = max(moments.count, 1.0)
-    x_mean, y_mean = moments.sum_source / n, moments.sum_target / n
-    cxx = moments.source_gram / n - np.outer(x_mean, x_mean)
-    cxy = moments.cross_gram / n - np.outer(x_mean, y_mean)
-    damping = ridge * max(float(np.trace(cxx)) / cxx.shape[0], 1e-12)
-    full = np.linalg.solve(cxx + damping * np.eye(cxx.shape[0]), cxy)
-    fitted = full.T @ cxx @ full
+    fit = ridge_fit(moments, ridge)
+    fitted = fit.coefficients.T @ fit.source_cov @ fit.coefficients
     eigenvalues, eigenvectors = np.linalg.eigh((fitted + fitted.T) / 2)
     basis = eigenvectors[:, np.argsort(eigenvalues)[::-1][:rank]]
-    first, second = full @ basis, basis.T.copy()
-    return LowRankFactors(first, second, y_mean - x_mean @ first @ second)
+    first, second = fit.coefficients @ basis, basis.T.copy()
+    return LowRankFactors(first, second, fit.bias(first @ second))
 
 
 REFIT_MODES = ("second", "both")
