@@ -233,10 +233,12 @@ class PreparedBuild:
         return [layer.shape for layer in self.eligible]
 
 
-def prepare_build(config: BuildConfig, console=None, budgets: tuple[float, ...] = ()) -> PreparedBuild:
-    """Load, check inputs, calibrate and decompose; every user error surfaces here, before outputs exist."""
+def prepare_build(config: BuildConfig, console=None, budgets: tuple[float, ...] = (),
+                  stages: StageTimer | None = None) -> PreparedBuild:
+    """Load, check inputs, calibrate and decompose; every user error surfaces here, before outputs exist.
+    `stages` continues a caller's timer (its earlier stages then appear in the report too)."""
     _check_config(config)
-    stages = StageTimer(console)
+    stages = stages or StageTimer(console)
     with stages.stage("load"):
         inspection = inspect_model(config.model, config.rank_multiple)
         eligible = _require_eligible(inspection)

@@ -161,6 +161,5 @@ def run_distill(settings: DistillSettings, console=None) -> BuildResult | SweepR
     if settings.target_cosine is not None:
         return run_sweep(config, [], console, "cosine_mean", settings.target_cosine, bench_batch=None,
                          finetune=distiller)
-    prepared = prepare_build(config, console)
-    prepared.stages.timings = {**stages.timings, **prepared.stages.timings}  # the report lists every stage
+    prepared = prepare_build(config, console, stages=stages)  # the report lists export and tokenize too
     return realize_build(prepared, settings.rank_budget, out, bench=False, finetune=distiller)

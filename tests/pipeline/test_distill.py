@@ -49,6 +49,7 @@ def test_distill_cli_builds_a_distilled_two_matmul_model(bert_dir, tmp_path):
     finetune = report["finetune"]
     assert finetune["steps"] == 12 and finetune["best_cosine"] >= finetune["initial_cosine"]
     assert [h["step"] for h in finetune["history"]][-1] == 12
+    assert list(report["timings"])[:3] == ["export", "tokenize", "load"] and "finetune" in report["timings"]
     meta = {p.key: p.value for p in onnx.load(str(compressed)).metadata_props}
     assert meta["lrdeploy.finetune_steps"] == "12"
     assert 0.0 < report["accuracy"]["outputs"]["embedding"]["cosine_mean"] <= 1.0 + 1e-6
