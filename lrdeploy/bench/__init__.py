@@ -1,1 +1,2 @@
-"""Reports (and, later, latency measurement): the dataclass tree of a build and its renderings."""
+"""Latency measurement: trtexec-style timing of runners (`measure`), synthetic timing feeds (`feeds`), and
+per-layer-shape timings of dense against split layers (`layer_latency`). Rendering lives in `lrdeploy.report`."""

@@ -16,8 +16,9 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from lrdeploy.errors import CalibrationDataError
+from lrdeploy.errors import CalibrationDataError, OptionError
 from lrdeploy.files import load_npz
+from lrdeploy.shapes import parse_named_shapes
 
 RANDOM_SOURCE = "random"
 MASK_NAME_PATTERN = re.compile(r"(attention_?mask|input_?mask|^mask$)", re.IGNORECASE)
@@ -54,17 +55,11 @@ def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
 
 def parse_shape_overrides(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Parse `--shape NAME:DIMS` options such as `input_ids:1x128` into {name: (1, 128)}."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for item in items:
-        name, sep, dims = item.rpartition(":")
-        try:
-            parsed = tuple(int(d) for d in dims.lower().split("x"))
-        except ValueError:
-            parsed = ()
-        if not sep or not name or not parsed or min(parsed) < 1:
-            raise CalibrationDataError(f"--shape {item!r} is not NAME:DIMS; write it like input_ids:1x128")
-        shapes[name] = parsed
-    return shapes
+    parsed = parse_named_shapes(items, "NAME:DIMS", "input_ids:1x128")
+    for item, shapes in zip(items, parsed.values()):
+        if len(shapes) != 1:
+            raise OptionError(f"--shape {item!r} gives {len(shapes)} shapes; give one, like input_ids:1x128")
+    return {name: shapes[0] for name, shapes in parsed.items()}
 
 
 @dataclass
@@ -205,6 +200,18 @@ def detect_mask_input(specs: Sequence[InputSpec], override: str | None = None) -
         return override
     candidates = [s for s in specs if MASK_NAME_PATTERN.search(s.name) and len(s.shape) == 2]
     return candidates[0].name if len(candidates) == 1 else None
+
+
+@dataclass(frozen=True)
+class Feeds:
+    """How samples are fed to a model: its input specs, the batch size and the attention-mask input (if any)."""
+
+    specs: list[InputSpec]
+    batch_size: int
+    mask_name: str | None = None
+
+    def batches(self, samples: "SampleSet") -> Iterator[dict[str, np.ndarray]]:
+        return iter_batches(samples, self.specs, self.batch_size, self.mask_name)
 
 
 def iter_batches(

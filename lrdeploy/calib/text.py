@@ -11,7 +11,7 @@ from typing import Iterable
 
 import numpy as np
 
-from lrdeploy.errors import MissingDependencyError
+from lrdeploy.errors import CalibrationDataError, MissingDependencyError
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z])")
 
@@ -75,7 +75,9 @@ def pydoc_split(calib_count: int, eval_count: int, seed: int = 0) -> tuple[list[
     """Disjoint calibration and evaluation sentences, drawn by a fixed shuffle of `pydoc_sentences()`."""
     sentences = pydoc_sentences()
     if calib_count + eval_count > len(sentences):
-        raise ValueError(f"only {len(sentences)} sentences available, {calib_count + eval_count} asked for")
+        raise CalibrationDataError(
+            f"{calib_count} calibration + {eval_count} evaluation sentences were asked for but pydoc has only "
+            f"{len(sentences)}; lower --calib-sentences or --eval-sentences")
     order = np.random.default_rng(seed).permutation(len(sentences))
     chosen = [sentences[i] for i in order[: calib_count + eval_count]]
     return chosen[:calib_count], chosen[calib_count:]

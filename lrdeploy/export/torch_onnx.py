@@ -20,14 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from lrdeploy.errors import LrdeployError, MissingDependencyError
+from lrdeploy.errors import ExportError, MissingDependencyError
 
 OPSET = 17
 POOLINGS = ("mean", "cls", "none")
-
-
-class ExportError(LrdeployError):
-    """The model could not be exported, or the export does not match PyTorch."""
 
 
 @dataclass

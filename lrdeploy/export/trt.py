@@ -14,24 +14,11 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrdeploy.errors import LrdeployError
+from lrdeploy.errors import EngineConfigError
+from lrdeploy.runtime.base import PRECISIONS
+from lrdeploy.shapes import parse_named_shapes
 
-PRECISIONS = ("fp32", "fp16", "bf16", "best")
 ShapeTriple = tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]
-
-
-class EngineConfigError(LrdeployError):
-    """An engine option that cannot be turned into a TensorRT configuration."""
-
-
-def _dims(text: str, option: str) -> tuple[int, ...]:
-    try:
-        dims = tuple(int(d) for d in text.lower().split("x"))
-    except ValueError:
-        dims = ()
-    if not dims or min(dims) < 1:
-        raise EngineConfigError(f"--shapes {option!r}: {text!r} is not a shape like 32x128")
-    return dims
 
 
 def parse_profile_shapes(items: list[str]) -> dict[str, ShapeTriple]:
@@ -40,17 +27,14 @@ def parse_profile_shapes(items: list[str]) -> dict[str, ShapeTriple]:
     One shape fixes the input; two are min and max (opt = max); three are min, opt, max.
     """
     profile: dict[str, ShapeTriple] = {}
-    for item in items:
-        name, sep, shapes = item.rpartition(":")
-        if not sep or not name:
-            raise EngineConfigError(f"--shapes {item!r} is not NAME:MIN,OPT,MAX; write it like input_ids:1x128,8x128,32x128")
-        dims = [_dims(s, item) for s in shapes.split(",")]
+    parsed = parse_named_shapes(items, "NAME:MIN[,OPT[,MAX]]", "input_ids:1x128,8x128,32x128")
+    for item, (name, dims) in zip(items, parsed.items()):
         if len(dims) > 3 or len({len(d) for d in dims}) != 1:
-            raise EngineConfigError(f"--shapes {item!r}: give one to three shapes of the same rank")
+            raise EngineConfigError(f"--shape {item!r}: give one to three shapes of the same rank")
         triple = (dims[0], dims[0], dims[0]) if len(dims) == 1 else (
             (dims[0], dims[1], dims[1]) if len(dims) == 2 else (dims[0], dims[1], dims[2]))
         if any(a > b for a, b in zip(triple[0], triple[1])) or any(a > b for a, b in zip(triple[1], triple[2])):
-            raise EngineConfigError(f"--shapes {item!r}: shapes must grow from min to opt to max")
+            raise EngineConfigError(f"--shape {item!r}: shapes must grow from min to opt to max")
         profile[name] = triple
     return profile
 

@@ -14,7 +14,7 @@ from typing import Callable, Literal, Mapping
 
 import numpy as np
 
-from lrdeploy.errors import BudgetError
+from lrdeploy.errors import BudgetError, OptionError
 
 Allocation = Literal["uniform", "energy", "sensitivity"]
 ALLOCATIONS: tuple[str, ...] = ("uniform", "energy", "sensitivity")
@@ -48,10 +48,21 @@ def realized_ratio(shapes: list[LayerShape], plan: Mapping[str, int | None]) -> 
     return sum(s.params(plan[s.name]) for s in shapes) / dense
 
 
-def check_budget(shapes: list[LayerShape], budget: float, multiple: int) -> None:
+def check_budget_range(budget: float) -> None:
+    """A rank budget is a fraction of parameters kept: in (0, 1]."""
     if not 0.0 < budget <= 1.0:
         raise BudgetError(f"rank budget {budget} is outside (0, 1]; pass e.g. --rank-budget 0.5")
-    floor = realized_ratio(shapes, {s.name: multiple for s in shapes})
+
+
+def minimum_ratio(shapes: list[LayerShape], multiple: int) -> float:
+    """The fraction of parameters kept when every layer keeps the smallest rank, one `multiple`."""
+    return realized_ratio(shapes, {s.name: multiple for s in shapes})
+
+
+def check_budget(shapes: list[LayerShape], budget: float, multiple: int) -> None:
+    """The budget is a fraction and the smallest ranks fit under it."""
+    check_budget_range(budget)
+    floor = minimum_ratio(shapes, multiple)
     if floor > budget:
         raise BudgetError(
             f"rank budget {budget} is below what the smallest rank ({multiple}) keeps ({floor:.3f}); "
@@ -204,13 +215,13 @@ def allocate(
         return uniform_ranks(shapes, budget, multiple)
     if allocation == "energy":
         if energies is None:
-            raise BudgetError("energy allocation needs a spectrum per layer; use --allocation uniform")
+            raise OptionError("energy allocation needs a spectrum per layer; use --allocation uniform")
         return energy_ranks(shapes, energies, budget, multiple)
     if allocation == "sensitivity":
         if loss is None:
-            raise BudgetError("sensitivity allocation needs measured sensitivities; use --allocation uniform")
+            raise OptionError("sensitivity allocation needs measured sensitivities; use --allocation uniform")
         return greedy_ranks(shapes, loss, budget, multiple)
-    raise BudgetError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    raise OptionError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
 
 
 def allocate_around_dense(
@@ -230,7 +241,7 @@ def allocate_around_dense(
     total = sum(s.dense_params for s in shapes)
     left = budget * total - sum(s.dense_params for s in shapes if s.name in dense)
     share = left / sum(s.dense_params for s in rest)
-    if share <= 0 or realized_ratio(rest, {s.name: multiple for s in rest}) > share:
+    if share <= 0 or minimum_ratio(rest, multiple) > share:
         raise BudgetError(
             f"keeping {len(dense)} layers dense where splitting does not pay leaves too little of rank budget "
             f"{budget} for the others; raise --rank-budget or build without --latency-aware"

@@ -59,3 +59,34 @@ class Moments:
             gram_y = gram_y + cross + cross.T + self.count * np.outer(b, b)
             total_y = total_y + self.count * b
         return Moments(self.count, total_y, gram_y)
+
+
+@dataclass(frozen=True)
+class JointMoments:
+    """Moments of a source stream x together with a target y read at the same positions: x's own moments, Σy
+    [d_y] and Σxyᵀ [d, d_y]. What a least-squares fit of y on x needs."""
+
+    source: Moments
+    target_total: np.ndarray
+    cross_gram: np.ndarray
+
+    @classmethod
+    def zeros(cls, dim: int, target_dim: int) -> "JointMoments":
+        return cls(Moments.zeros(dim), np.zeros(target_dim, np.float64), np.zeros((dim, target_dim), np.float64))
+
+    def add(self, count: float, total: np.ndarray, gram: np.ndarray, target_total: np.ndarray,
+            cross_gram: np.ndarray) -> "JointMoments":
+        """Return these moments plus one batch's sums (cast to float64 before adding)."""
+        return JointMoments(self.source.add(count, total, gram),
+                            self.target_total + np.asarray(target_total, np.float64).reshape(-1),
+                            self.cross_gram + np.asarray(cross_gram, np.float64))
+
+    @property
+    def target_mean(self) -> np.ndarray:
+        """E[y], shape [d_y]."""
+        return self.target_total / max(self.source.count, 1.0)
+
+    @property
+    def cross_covariance(self) -> np.ndarray:
+        """E[xyᵀ] − E[x]E[y]ᵀ, shape [d, d_y]."""
+        return self.cross_gram / max(self.source.count, 1.0) - np.outer(self.source.mean, self.target_mean)

@@ -13,43 +13,47 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Mapping
 
-import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import InternalError
 from lrdeploy.lowrank.decompose import LowRankFactors
 from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.passes.naming import Scope
+
+FIRST_FACTOR = "lowrank_a"
 
 
 @dataclass
 class PassResult:
+    """Whether a pass changed the graph, and what it counted."""
+
     changed: bool
     counts: dict[str, int] = field(default_factory=dict)
 
 
-def _split_layer(graph: gs.Graph, layer: LinearLayer, factors: LowRankFactors,
-                 nodes: Mapping[str, gs.Node], tensors: Mapping[str, gs.Tensor]) -> None:
-    x = tensors[layer.input_name]
-    y = tensors[layer.output_name]
+def first_factor_output(layer_name: str) -> str:
+    """The tensor X·A between a split layer's two MatMuls (what a refit of the second factor regresses on)."""
+    return Scope(gs.Graph(), layer_name).child(FIRST_FACTOR).name("output")
+
+
+def _split_layer(graph: gs.Graph, layer: LinearLayer, factors: LowRankFactors, tensors: Mapping[str, gs.Tensor]) -> None:
+    x, y = tensors[layer.input_name], tensors[layer.output_name]
+    y.inputs.clear()  # the dense MatMul (and its Add) now feed nothing; cleanup removes them
     dtype = layer.dtype
-    for node_name in layer.node_names:
-        nodes[node_name].outputs.clear()
-    a = gs.Constant(f"{layer.name}/lowrank_a/weight", np.ascontiguousarray(factors.first.astype(dtype)))
-    b = gs.Constant(f"{layer.name}/lowrank_b/weight", np.ascontiguousarray(factors.second.astype(dtype)))
-    middle = gs.Variable(f"{layer.name}/lowrank_a/output", dtype=dtype)
-    graph.nodes.append(gs.Node("MatMul", f"{layer.name}/lowrank_a", inputs=[x, a], outputs=[middle]))
+    scope = Scope(graph, layer.name)
+    middle = scope.op("MatMul", FIRST_FACTOR, [x, scope.constant(f"{FIRST_FACTOR}/weight", factors.first.astype(dtype))],
+                      dtype=dtype)
+    second = scope.constant("lowrank_b/weight", factors.second.astype(dtype))
     if factors.bias is None:
-        graph.nodes.append(gs.Node("MatMul", f"{layer.name}/lowrank_b", inputs=[middle, b], outputs=[y]))
+        scope.op("MatMul", "lowrank_b", [middle, second], output=y)
         return
-    product = gs.Variable(f"{layer.name}/lowrank_b/output", dtype=dtype)
-    bias = gs.Constant(f"{layer.name}/lowrank_bias/bias", np.ascontiguousarray(factors.bias.astype(dtype)))
-    graph.nodes.append(gs.Node("MatMul", f"{layer.name}/lowrank_b", inputs=[middle, b], outputs=[product]))
-    graph.nodes.append(gs.Node("Add", f"{layer.name}/lowrank_bias", inputs=[product, bias], outputs=[y]))
+    product = scope.op("MatMul", "lowrank_b", [middle, second], dtype=dtype)
+    scope.op("Add", "lowrank_bias", [product, scope.constant("lowrank_bias/bias", factors.bias.astype(dtype))], output=y)
 
 
 def factorize_layers(graph: gs.Graph, layers: list[LinearLayer], factors: Mapping[str, LowRankFactors]) -> PassResult:
     """Split every layer named in `factors` (in place) and clean the graph up; other layers stay dense."""
-    nodes = {node.name: node for node in graph.nodes}
     tensors = graph.tensors()
     split = 0
     for layer in layers:
@@ -57,7 +61,15 @@ def factorize_layers(graph: gs.Graph, layers: list[LinearLayer], factors: Mappin
             continue
         if not layer.eligible:
             raise InternalError(f"layer {layer.name} is not eligible but has factors")
-        _split_layer(graph, layer, factors[layer.name], nodes, tensors)
+        _split_layer(graph, layer, factors[layer.name], tensors)
         split += 1
     graph.cleanup().toposort()
     return PassResult(changed=split > 0, counts={"factorized": split, "dense": len(layers) - split})
+
+
+def factorized_model(original: onnx.ModelProto, layers: list[LinearLayer],
+                     factors: Mapping[str, LowRankFactors]) -> onnx.ModelProto:
+    """A new model: `original` with the layers named in `factors` split (`original` itself is not changed)."""
+    graph = gs.import_onnx(original)
+    factorize_layers(graph, layers, factors)
+    return gs.export_onnx(graph)

@@ -32,7 +32,6 @@ class LinearLayer:
     output_name: str
     d_in: int
     d_out: int
-    node_names: list[str]
     weight: np.ndarray | None = field(default=None, repr=False)
     bias: np.ndarray | None = field(default=None, repr=False)
     eligible: bool = True
@@ -99,7 +98,7 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
     found = _constant_value(w)
 
     def skipped(reason: str, d_in: int = 0, d_out: int = 0) -> LinearLayer:
-        return LinearLayer(name, "MatMul", x.name, y.name, d_in, d_out, [node.name], eligible=False, reason=reason)
+        return LinearLayer(name, "MatMul", x.name, y.name, d_in, d_out, eligible=False, reason=reason)
 
     if found is None:
         left = _constant_value(x)
@@ -115,7 +114,6 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
     if weight.dtype.type not in FLOAT_TYPES:
         return skipped(f"weight dtype {weight.dtype} is not floating point", d_in, d_out)
     pattern = "MatMul(Transpose)" if transposed else "MatMul"
-    nodes = [node.name]
     bias = None
     output_name = y.name
     consumer = _single_consumer(y, graph_outputs)
@@ -126,9 +124,8 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
             bias = _as_bias(other_value[0], d_out)
         if bias is not None:
             pattern += "+Add"
-            nodes.append(consumer.name)
             output_name = consumer.outputs[0].name
-    return LinearLayer(name, pattern, x.name, output_name, d_in, d_out, nodes, weight, bias)
+    return LinearLayer(name, pattern, x.name, output_name, d_in, d_out, weight, bias)
 
 
 def _match_gemm(node: gs.Node, name: str) -> LinearLayer:
@@ -136,11 +133,11 @@ def _match_gemm(node: gs.Node, name: str) -> LinearLayer:
     y = node.outputs[0]
     found = _constant_value(b_input)
     if found is None:
-        return LinearLayer(name, "Gemm", x.name, y.name, 0, 0, [node.name], eligible=False,
+        return LinearLayer(name, "Gemm", x.name, y.name, 0, 0, eligible=False,
                            reason="weight is not constant (activation × activation)")
     value = found[0]
     if node.attrs.get("transA", 0):
-        return LinearLayer(name, "Gemm", x.name, y.name, 0, 0, [node.name], eligible=False,
+        return LinearLayer(name, "Gemm", x.name, y.name, 0, 0, eligible=False,
                            reason="Gemm with transA=1 is not supported")
     alpha = float(node.attrs.get("alpha", 1.0))
     beta = float(node.attrs.get("beta", 1.0))
@@ -151,19 +148,20 @@ def _match_gemm(node: gs.Node, name: str) -> LinearLayer:
         c_value = _constant_value(node.inputs[2])
         bias = None if c_value is None else _as_bias(c_value[0], d_out)
         if bias is None:
-            return LinearLayer(name, "Gemm", x.name, y.name, d_in, d_out, [node.name], eligible=False,
+            return LinearLayer(name, "Gemm", x.name, y.name, d_in, d_out, eligible=False,
                                reason="Gemm's C is not a constant per-column bias")
         bias = bias * np.asarray(beta, bias.dtype)
-    return LinearLayer(name, "Gemm", x.name, y.name, d_in, d_out, [node.name], weight, bias)
+    return LinearLayer(name, "Gemm", x.name, y.name, d_in, d_out, weight, bias)
 
 
 def find_linear_layers(graph: gs.Graph, rank_multiple: int = 16) -> list[LinearLayer]:
-    """Every MatMul/Gemm of `graph` in topological order, eligible or with the reason it is skipped.
+    """Every MatMul/Gemm of `graph` in graph order (ONNX's topological order), eligible or with the reason it is
+    skipped. Matching only reads the graph: a layer is known by its input and output tensors, and an unnamed
+    or duplicate node gets a unique layer name without being renamed.
 
     A layer is eligible when its weight is a constant 2-D float matrix and a rank of `rank_multiple`
     would save parameters.
     """
-    graph.toposort()
     graph_outputs = {t.name for t in graph.outputs}
     used: set[str] = set()
     layers = []
@@ -171,7 +169,6 @@ def find_linear_layers(graph: gs.Graph, rank_multiple: int = 16) -> list[LinearL
         if node.op not in ("MatMul", "Gemm"):
             continue
         name = _layer_name(node, index, used)
-        node.name = name  # unnamed or duplicate names become unique, so layers can be found again
         layer = _match_gemm(node, name) if node.op == "Gemm" else _match_matmul(node, name, graph_outputs)
         if layer.eligible and not layer.shape.saves(rank_multiple):
             layer.eligible = False

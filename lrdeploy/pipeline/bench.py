@@ -16,11 +16,10 @@ import numpy as np
 from lrdeploy.bench.feeds import timing_feed
 from lrdeploy.bench.measure import BenchResult, BenchSettings, ShapeResult, benchmark
 from lrdeploy.calib.data import InputSpec, model_input_specs
-from lrdeploy.errors import LrdeployError, ModelLoadError
+from lrdeploy.errors import ModelLoadError, OptionError
 from lrdeploy.onnx_io import load_model
-from lrdeploy.runtime.base import Runner
+from lrdeploy.runtime.base import BACKENDS, Runner
 
-BACKENDS = ("ort-cpu", "ort-cuda", "trt", "torch-cpu", "torch-cuda")
 
 
 @dataclass
@@ -35,9 +34,9 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
-            raise LrdeployError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}")
+            raise OptionError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}; pick one of those")
         if not 1 <= len(self.models) <= 2:
-            raise LrdeployError("bench takes one model, or two to compare; pass MODEL [MODEL_B]")
+            raise OptionError("bench takes one model, or two to compare; pass MODEL [MODEL_B]")
 
 
 def _torch_specs(example_inputs: dict) -> list[InputSpec]:
@@ -47,7 +46,8 @@ def _torch_specs(example_inputs: dict) -> list[InputSpec]:
 
 def _onnx_specs(path: Path) -> list[InputSpec]:
     if path.suffix == ".engine":
-        raise LrdeployError("give the ONNX model next to an engine for input shapes, or bench the ONNX file with --backend trt")
+        raise ModelLoadError(f"{path} is a TensorRT engine, which does not say its inputs; bench the ONNX file it was "
+                             "built from with --backend trt")
     return model_input_specs(load_model(path).proto)
 
 

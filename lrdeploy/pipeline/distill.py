@@ -20,44 +20,24 @@ import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import onnx
 
-from lrdeploy.calib.data import InputSpec, SampleSet, iter_batches
+from lrdeploy.calib.data import Feeds, InputSpec, SampleSet
 from lrdeploy.files import atomic_path, prepare_output_dir
-from lrdeploy.pipeline.build import (BuildResult, ChosenFactors, PreparedBuild, StageTimer, prepare_build,
-                                     realize_build)
+from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
 from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.sweep import SweepReport, run_sweep
+from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
+from lrdeploy.pipeline.sweep import SweepSettings, run_sweep
+from lrdeploy.report.model import SweepReport
+from lrdeploy.pipeline.distill_settings import DistillSettings
+from lrdeploy.torch.distill_config import DistillConfig
 
 SPECS = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "sequence")),
          InputSpec("attention_mask", np.dtype(np.int64), ("batch", "sequence"))]
-TRAIN_TEXTS = ("pydoc+docstrings", "pydoc")
+MASK = "attention_mask"
 CHECK_SENTENCES = 256
-
-
-@dataclass
-class DistillSettings:
-    hf_dir: Path
-    output_dir: Path
-    rank_budget: float = 0.5
-    target_cosine: float | None = None  # search the smallest budget meeting it after distillation
-    steps: int = 1000
-    method: str = "pca"
-    allocation: str = "sensitivity"
-    refit: bool = False
-    rank_multiple: int = 16
-    lr: float = 3e-4
-    batch_size: int = 32
-    hidden_weight: float = 1.0
-    freeze_embeddings: bool = False
-    eval_every: int = 200
-    calib_sentences: int = 512
-    eval_sentences: int = 1000
-    train_text: str = "pydoc+docstrings"
-    seed: int = 0
 
 
 @dataclass
@@ -73,11 +53,12 @@ def split_text(settings: DistillSettings) -> TextSplit:
     texts, shuffled, minus a check split for picking the best checkpoint."""
     from lrdeploy.calib.text import docstring_sentences, pydoc_sentences, pydoc_split
 
-    calib, evaluation = pydoc_split(settings.calib_sentences, settings.eval_sentences, settings.seed)
+    seed = settings.training.seed
+    calib, evaluation = pydoc_split(settings.calib_sentences, settings.eval_sentences, seed)
     held_out = set(evaluation)
     texts = pydoc_sentences() + (docstring_sentences() if settings.train_text == "pydoc+docstrings" else [])
     pool = [s for s in dict.fromkeys(texts) if s not in held_out]
-    order = np.random.default_rng(settings.seed).permutation(len(pool))
+    order = np.random.default_rng(seed).permutation(len(pool))
     pool = [pool[i] for i in order]
     return TextSplit(calib, pool[:CHECK_SENTENCES], pool[CHECK_SENTENCES:], evaluation)
 
@@ -86,7 +67,7 @@ def _torch_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict]
     import torch
 
     return [{k: torch.from_numpy(v) for k, v in feed.items()}
-            for feed in iter_batches(SampleSet(arrays), SPECS, batch_size, "attention_mask")]
+            for feed in Feeds(SPECS, batch_size, MASK).batches(SampleSet(arrays))]
 
 
 class Distiller:
@@ -94,29 +75,27 @@ class Distiller:
     teacher, and comes back as an ONNX model with the two-MatMul structure."""
 
     def __init__(self, teacher, examples: dict, train_batches: list[dict], check_batches: list[dict],
-                 settings: DistillSettings, say: Callable[[str], None]):
+                 config: DistillConfig, progress: Progress):
         self.teacher, self.examples = teacher, examples
         self.train_batches, self.check_batches = train_batches, check_batches
-        self.settings, self.say = settings, say
+        self.config, self.progress = config, progress
 
     def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
         from lrdeploy.export.torch_onnx import export_module
         from lrdeploy.torch.compress import apply_factors
-        from lrdeploy.torch.distill import DistillConfig, distill, transformer_blocks
+        from lrdeploy.torch.distill import distill, transformer_blocks
 
-        s = self.settings
+        config = self.config
         student = copy.deepcopy(self.teacher)
         apply_factors(student, {layer.name: (layer.weight, chosen.factors[layer.name])
                                 for layer in prepared.eligible if layer.name in chosen.factors})
-        config = DistillConfig(steps=s.steps, lr=s.lr, hidden_weight=s.hidden_weight, eval_every=s.eval_every,
-                               freeze_embeddings=s.freeze_embeddings, seed=s.seed)
-        record = {"steps": s.steps, "lr": s.lr, "hidden_weight": s.hidden_weight,
-                  "freeze_embeddings": s.freeze_embeddings,
+        record = {"steps": config.steps, "lr": config.lr, "hidden_weight": config.hidden_weight,
+                  "freeze_embeddings": config.freeze_embeddings,
                   "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
         if chosen.factors:  # at full rank nothing is compressed and there is nothing to recover
             result = distill(student, self.teacher, self.train_batches, self.check_batches, config,
                              transformer_blocks(self.teacher),
-                             on_eval=lambda step, cos: self.say(f"  step {step}: check cosine {cos:.4f}"))
+                             on_eval=lambda step, cos: self.progress.note(f"  step {step}: check cosine {cos:.4f}"))
             record.update(initial_cosine=result.initial_cosine, best_cosine=result.best_cosine,
                           best_step=result.best_step, history=result.history)
         else:
@@ -127,7 +106,7 @@ class Distiller:
             return onnx.load(str(path)), record
 
 
-def run_distill(settings: DistillSettings, console=None) -> BuildResult | SweepReport:
+def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> BuildResult | SweepReport:
     """Export, split text, prepare the ONNX build, then distill at `rank_budget` (a BuildResult) or search
     the smallest budget meeting `target_cosine` (a SweepReport)."""
     import torch
@@ -135,15 +114,16 @@ def run_distill(settings: DistillSettings, console=None) -> BuildResult | SweepR
     from lrdeploy.calib.text import tokenize
     from lrdeploy.export.torch_onnx import export_module, sentence_embedder
 
+    settings.check()
     out = prepare_output_dir(settings.output_dir)
-    say = console.print if console is not None else (lambda *a, **k: None)
-    stages = StageTimer(console)
-    torch.manual_seed(settings.seed)
-    with stages.stage("export"):
+    timer = StageTimer(progress)
+    seed = settings.training.seed
+    torch.manual_seed(seed)
+    with timer.stage("export"):
         teacher, examples = sentence_embedder(settings.hf_dir, "mean", True)
         model_path = out / f"{Path(settings.hf_dir).name or 'model'}.onnx"
         export_module(teacher, examples, model_path, "embedding")
-    with stages.stage("tokenize"):
+    with timer.stage("tokenize"):
         text = split_text(settings)
         calib_path, eval_path = out / "calib.npz", out / "eval.npz"
         for path, sentences in ((calib_path, text.calib), (eval_path, text.evaluation)):
@@ -152,14 +132,15 @@ def run_distill(settings: DistillSettings, console=None) -> BuildResult | SweepR
                     np.savez(handle, **tokenize(sentences, settings.hf_dir))
         train = _torch_batches(tokenize(text.train, settings.hf_dir), settings.batch_size)
         check = _torch_batches(tokenize(text.check, settings.hf_dir), settings.batch_size)
-    say(f"{len(text.train)} training, {len(text.check)} check, {len(text.evaluation)} held-out evaluation sentences")
+    progress.note(f"{len(text.train)} training, {len(text.check)} check, {len(text.evaluation)} held-out evaluation "
+                  "sentences")
 
     config = BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
                          method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
-                         output_dir=out, refit=settings.refit, seed=settings.seed)
-    distiller = Distiller(teacher, examples, train, check, settings, say)
-    if settings.target_cosine is not None:
-        return run_sweep(config, [], console, "cosine_mean", settings.target_cosine, bench_batch=None,
-                         finetune=distiller)
-    prepared = prepare_build(config, console, stages=stages)  # the report lists export and tokenize too
-    return realize_build(prepared, settings.rank_budget, out, bench=False, finetune=distiller)
+                         output_dir=out, refit=settings.refit, seed=seed)
+    distiller = Distiller(teacher, examples, train, check, settings.training, progress)
+    if settings.target_cosine is not None:  # the report lists export and tokenize too, on either path
+        return run_sweep(config, SweepSettings(budgets=[], target=settings.target_cosine, bench_batch=None), progress,
+                         distiller, timer.timings)
+    prepared = prepare_build(config, progress, timings=timer.timings)
+    return realize_build(prepared, settings.rank_budget, out, progress, bench=False, finetune=distiller)

@@ -18,6 +18,7 @@ from lrdeploy.calib.data import (
     validate_samples,
 )
 from lrdeploy.errors import CalibrationDataError
+from lrdeploy.pipeline.config import BuildConfig
 
 DEFAULT_RANDOM_SAMPLES = 64
 RANDOM_WARNING = (
@@ -50,22 +51,15 @@ def _holdout_split(samples: SampleSet, calib_samples: int | None, label: str) ->
     return samples.select(slice(0, calib_samples)), samples.select(slice(calib_samples, None))
 
 
-def prepare_samples(
-    calib: str,
-    specs: list[InputSpec],
-    shapes: dict[str, tuple[int, ...]],
-    calib_samples: int | None,
-    eval_path: Path | None,
-    eval_samples: int | None,
-    seed: int = 1,
-) -> BuildSamples:
+def prepare_samples(config: BuildConfig, specs: list[InputSpec]) -> BuildSamples:
     """Load, check and split calibration and evaluation samples (fails before any expensive work)."""
+    calib, calib_samples, eval_path, eval_samples = config.calib, config.calib_samples, config.eval, config.eval_samples
     warnings = []
     if calib == RANDOM_SOURCE:
         warnings.append(RANDOM_WARNING)
         wanted = calib_samples or DEFAULT_RANDOM_SAMPLES
         held = 0 if eval_path else max(4, wanted // 4)
-        source = random_samples(specs, wanted + held, shapes, seed)
+        source = random_samples(specs, wanted + held, config.shapes, config.seed)
         label = "random data"
     else:
         label = f"calibration file {calib}"

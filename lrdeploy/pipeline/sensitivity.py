@@ -1,10 +1,7 @@
 """Sensitivity allocation: how much the model's outputs degrade when each layer alone is cut to a rank.
 
-One augmented model serves every measurement. For each eligible layer L it gets two extra inputs, a weight
-error D_L [d_in, d_out] and a bias error e_L [d_out], added to the layer's output:
-
-    X_L ─MatMul(W)─Add(b)─► Y_L      ⇒      Y_L + X_L·D_L + e_L
-
+One error-injected model (`passes.inject_error`) serves the measurements of a group of layers: each layer L
+gets a weight error D_L and a bias error e_L fed at run time, so that its output becomes Y_L + X_L·D_L + e_L.
 Cutting L alone to rank k is exactly D_L = A_k·B_k − W, e_L = c_k − b (its input is unchanged, since only L
 is cut); every other layer gets zeros. Degradation is 1 − cosine per sample against the dense outputs,
 averaged over samples and outputs, on a few calibration batches. Layers are measured at a few ranks and
@@ -18,15 +15,18 @@ from typing import Callable, Iterable
 
 import numpy as np
 import onnx
-import onnx_graphsurgeon as gs
 
+from lrdeploy.calib.data import Feeds, SampleSet
 from lrdeploy.lowrank.allocate import LayerShape, discarded_fraction
 from lrdeploy.lowrank.decompose import Decomposition
+from lrdeploy.passes.inject_error import error_injected_model
 from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.pipeline.cache import SensitivityTable, StatisticsCache
+from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.progress import Progress
 from lrdeploy.pipeline.validate import per_sample_cosine
 from lrdeploy.runtime.onnxruntime import create_session
 
-SensitivityTable = dict[str, dict[int, float]]
 GROUP_SIZE = 6
 
 
@@ -35,25 +35,6 @@ def candidate_ranks(shape: LayerShape, multiple: int, count: int = 3) -> list[in
     top = max(multiple, int((shape.dense_params / (shape.d_in + shape.d_out) - 1) // multiple) * multiple)
     ranks = {max(multiple, int(round(f * top / multiple)) * multiple) for f in np.linspace(0, 1, count)}
     return sorted(k for k in ranks if shape.saves(k))
-
-
-def _injected_model(model: onnx.ModelProto, layers: list[LinearLayer]) -> onnx.ModelProto:
-    graph = gs.import_onnx(model)
-    tensors = graph.tensors()
-    for index, layer in enumerate(layers):
-        y = tensors[layer.output_name]
-        x = tensors[layer.input_name]
-        delta_w = gs.Variable(f"lrdeploy_sens/{index}/dw", dtype=layer.dtype, shape=[layer.d_in, layer.d_out])
-        delta_b = gs.Variable(f"lrdeploy_sens/{index}/db", dtype=layer.dtype, shape=[layer.d_out])
-        graph.inputs += [delta_w, delta_b]
-        original = gs.Variable(f"lrdeploy_sens/{index}/y", dtype=y.dtype)
-        for producer in list(y.inputs):
-            producer.outputs = [original if t is y else t for t in producer.outputs]
-        error = graph.layer(op="MatMul", inputs=[x, delta_w], outputs=[f"lrdeploy_sens/{index}/xdw"])[0]
-        error = graph.layer(op="Add", inputs=[error, delta_b], outputs=[f"lrdeploy_sens/{index}/err"])[0]
-        graph.layer(op="Add", inputs=[original, error], outputs=[y])
-    graph.cleanup().toposort()
-    return gs.export_onnx(graph, do_type_check=False)
 
 
 def _degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
@@ -76,23 +57,22 @@ def measure_sensitivity(
     small groups keep runs cheap while few groups keep session creation cheap.
     """
     feeds = list(batches)
-    reference = [create_session(model, threads).run(None, feed) for feed in feeds]
+    dense = create_session(model, threads)
+    reference = [dense.run(None, feed) for feed in feeds]
     table: SensitivityTable = {}
     for start in range(0, len(layers), group_size):
         group = layers[start:start + group_size]
-        session = create_session(_injected_model(model, group), threads)
-        zeros = {}
-        for index, layer in enumerate(group):
-            zeros[f"lrdeploy_sens/{index}/dw"] = np.zeros((layer.d_in, layer.d_out), layer.dtype)
-            zeros[f"lrdeploy_sens/{index}/db"] = np.zeros(layer.d_out, layer.dtype)
-        for index, layer in enumerate(group):
+        injected, error_inputs = error_injected_model(model, group)
+        session = create_session(injected, threads)
+        zeros = {name: value for layer, inputs in zip(group, error_inputs) for name, value in inputs.zeros(layer).items()}
+        for layer, inputs in zip(group, error_inputs):
             table[layer.name] = {}
             bias = np.zeros(layer.d_out) if layer.bias is None else np.asarray(layer.bias, np.float64)
             for rank in candidate_ranks(layer.shape, multiple):
                 factors = decompositions[layer.name].factors(rank)
                 delta_w = (factors.dense_weight() - np.asarray(layer.weight, np.float64)).astype(layer.dtype)
                 delta_b = ((0 if factors.bias is None else factors.bias) - bias).astype(layer.dtype)
-                extra = {f"lrdeploy_sens/{index}/dw": delta_w, f"lrdeploy_sens/{index}/db": delta_b}
+                extra = {inputs.weight: delta_w, inputs.bias: delta_b}
                 outputs = [session.run(None, {**feed, **zeros, **extra}) for feed in feeds]
                 table[layer.name][rank] = _degradation(reference, outputs)
                 if on_step is not None:
@@ -120,3 +100,16 @@ def sensitivity_loss(table: SensitivityTable, energies: dict[str, np.ndarray]) -
 
 def count_measurements(layers: list[LinearLayer], multiple: int) -> int:
     return sum(len(candidate_ranks(layer.shape, multiple)) for layer in layers)
+
+
+def measured_sensitivity(model: onnx.ModelProto, layers: list[LinearLayer], decompositions: dict[str, Decomposition],
+                         probe: SampleSet, feeds: Feeds, config: BuildConfig, cache: StatisticsCache,
+                         progress: Progress) -> SensitivityTable:
+    """The sensitivity table of `layers` from the cache, or measured on the `probe` samples (and cached)."""
+    def measure() -> SensitivityTable:
+        on_step = progress.steps("measuring sensitivity", count_measurements(layers, config.rank_multiple))
+        return measure_sensitivity(model, layers, decompositions, config.rank_multiple, feeds.batches(probe),
+                                   config.threads, on_step)
+
+    settings = f"{feeds.mask_name}|{config.method}|{config.rank_multiple}"
+    return cache.sensitivity(probe, settings, {layer.name for layer in layers}, measure)

@@ -7,53 +7,36 @@ every budget it evaluates is reported, so a non-monotone curve is visible in the
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrdeploy.bench.html import render_build_html
 from lrdeploy.bench.measure import BenchSettings
-from lrdeploy.bench.report import write_reports
-from lrdeploy.errors import BudgetError
-from lrdeploy.files import atomic_write_text, prepare_output_dir
-from lrdeploy.lowrank.allocate import realized_ratio
+from lrdeploy.errors import OptionError
+from lrdeploy.files import prepare_output_dir
+from lrdeploy.lowrank.allocate import minimum_ratio
 from lrdeploy.pipeline.bench import BenchConfig, run_bench
 from lrdeploy.pipeline.build import BuildResult, Finetuner, PreparedBuild, prepare_build, realize_build
 from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.progress import SILENT, Progress
+from lrdeploy.report.files import write_reports, write_sweep
+from lrdeploy.report.model import SweepPoint, SweepReport
 
 METRICS = ("cosine_mean", "cosine_p5", "topk_agreement")
 
 
 @dataclass
-class SweepPoint:
-    budget: float
-    linear_ratio: float
-    model_ratio: float
-    cosine_mean: float
-    cosine_p5: float
-    topk_agreement: float | None
-    latency_ratio: float | None
-    output_model: str | None
+class SweepSettings:
+    """Which budgets to build (or, with `target`, the metric to bisect toward), which output the metrics are read
+    from (default: the first), and the latency ratio per budget (`bench_batch` None: none)."""
 
-
-    @classmethod
-    def from_build(cls, budget: float, result: BuildResult, output: str, latency_ratio: float | None) -> "SweepPoint":
-        """The point of one budget's build, read from its report (accuracy of `output`)."""
-        params, accuracy = result.report.params, result.report.accuracy.outputs[output]
-        return cls(budget, params.linear_ratio, params.model_ratio, accuracy.cosine_mean, accuracy.cosine_p5,
-                   accuracy.topk_agreement, latency_ratio, str(result.output_model))
-
-
-@dataclass
-class SweepReport:
-    model: str
-    output: str
-    metric: str
-    target: float | None
-    chosen: float | None
-    points: list[SweepPoint] = field(default_factory=list)
+    budgets: list[float] = field(default_factory=lambda: [0.9, 0.7, 0.5, 0.3])
+    metric: str = "cosine_mean"
+    target: float | None = None
+    output: str | None = None
+    bench_batch: int | None = 32
+    bench_seq: int = 128
+    bench_iterations: int = 10
 
 
 def parse_target(target_cosine: float | None, target_metric: str | None) -> tuple[str, float | None]:
@@ -66,49 +49,71 @@ def parse_target(target_cosine: float | None, target_metric: str | None) -> tupl
     except ValueError:
         number = None
     if not sep or name not in METRICS or number is None:
-        raise BudgetError(f"--target-metric {target_metric!r} is not NAME=VALUE with NAME one of {', '.join(METRICS)}; "
+        raise OptionError(f"--target-metric {target_metric!r} is not NAME=VALUE with NAME one of {', '.join(METRICS)}; "
                           "write it like topk_agreement=0.85")
     return name, number
 
 
-class Sweep:
-    """Builds budgets from one PreparedBuild, measuring each once; results in `points` by budget."""
+def output_names(prepared: PreparedBuild) -> list[str]:
+    return [o.name for o in prepared.inspection.model.proto.graph.output]
 
-    def __init__(self, prepared: PreparedBuild, output: str | None, bench_batch: int | None, bench_seq: int,
-                 bench_iterations: int = 10, finetune: Finetuner | None = None):
-        self.prepared, self.finetune = prepared, finetune
-        self.output = output or next(iter(_output_names(prepared)))
-        self.bench_batch, self.bench_seq, self.bench_iterations = bench_batch, bench_seq, bench_iterations
+
+class Sweep:
+    """Builds budgets from one PreparedBuild, each once, into `rho_<budget>/` folders; results by budget."""
+
+    def __init__(self, prepared: PreparedBuild, settings: SweepSettings, progress: Progress = SILENT,
+                 finetune: Finetuner | None = None):
+        self.prepared, self.settings, self.progress, self.finetune = prepared, settings, progress, finetune
+        self.output = settings.output or output_names(prepared)[0]
         self.results: dict[float, BuildResult] = {}
         self.points: dict[float, SweepPoint] = {}
 
     def directory(self, budget: float) -> Path:
         return self.prepared.config.resolved_output_dir / f"rho_{budget:.3f}"
 
+    def _latency_ratio(self, result: BuildResult) -> float | None:
+        settings, config = self.settings, self.prepared.config
+        if not settings.bench_batch:
+            return None
+        bench = run_bench(BenchConfig([str(config.model), str(result.output_model)], "ort-cpu", (settings.bench_batch,),
+                                      settings.bench_seq, BenchSettings(warmup=2, iterations=settings.bench_iterations),
+                                      config.threads))
+        return bench.shapes[0].ratio_p50
+
     def evaluate(self, budget: float) -> SweepPoint:
         budget = round(budget, 4)
         if budget in self.points:
             return self.points[budget]
-        result = realize_build(self.prepared, budget, self.directory(budget), finetune=self.finetune)
-        accuracy = result.report.accuracy.outputs[self.output]
-        latency_ratio = None
-        if self.bench_batch:
-            config = self.prepared.config
-            bench = run_bench(BenchConfig([str(config.model), str(result.output_model)], "ort-cpu", (self.bench_batch,),
-                                          self.bench_seq, BenchSettings(warmup=2, iterations=self.bench_iterations), config.threads))
-            latency_ratio = bench.shapes[0].ratio_p50
+        result = realize_build(self.prepared, budget, self.directory(budget), self.progress, finetune=self.finetune)
+        self.add(budget, result, self._latency_ratio(result))
+        point = self.points[budget]
+        self.progress.note(f"ρ={budget:.3f}: cosine {point.cosine_mean:.4f}"
+                           + (f", top-k {point.topk_agreement:.3f}" if point.topk_agreement is not None else "")
+                           + (f", latency ratio {point.latency_ratio:.3f}" if point.latency_ratio is not None else ""))
+        return point
+
+    def add(self, budget: float, result: BuildResult, latency_ratio: float | None) -> None:
+        """Record a budget's build (also one built elsewhere, e.g. the demo's main model)."""
         self.results[budget] = result
-        self.points[budget] = SweepPoint.from_build(budget, result, self.output, latency_ratio)
-        if self.prepared.console is not None:
-            self.prepared.console.print(
-                f"ρ={budget:.3f}: cosine {accuracy.cosine_mean:.4f}"
-                + (f", top-k {accuracy.topk_agreement:.3f}" if accuracy.topk_agreement is not None else "")
-                + (f", latency ratio {latency_ratio:.3f}" if latency_ratio is not None else ""))
-        return self.points[budget]
+        self.points[budget] = SweepPoint.from_report(budget, result.report, self.output, latency_ratio)
 
-
-def _output_names(prepared: PreparedBuild) -> list[str]:
-    return [o.name for o in prepared.inspection.model.proto.graph.output]
+    def keep_only(self, chosen: float | None, output_dir: Path) -> None:
+        """Move the chosen budget's model (and external data) to `output_dir`, rewrite its reports there, and
+        delete every budget's folder; the other points keep their figures, not their models (with `chosen`
+        None, no model is kept)."""
+        for budget in list(self.points):
+            folder = self.directory(budget)
+            if budget == chosen:
+                result = self.results[budget]
+                model = output_dir / result.output_model.name
+                for item in folder.glob(f"{result.output_model.name}*"):  # the model and its .data file
+                    item.replace(output_dir / item.name)
+                result.output_model = model
+                result.report.output_model = self.points[budget].output_model = str(model)
+                result.report_json, result.report_md, result.report_html = write_reports(result.report, output_dir)
+            else:
+                self.points[budget].output_model = None
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def bisect_budget(sweep: Sweep, metric: str, target: float, low: float, tolerance: float = 0.02,
@@ -132,67 +137,28 @@ def bisect_budget(sweep: Sweep, metric: str, target: float, low: float, toleranc
     return round(high, 4)
 
 
-def _keep_only(sweep: Sweep, chosen: float | None, output_dir: Path) -> None:
-    """Move the chosen budget's model (and external data) to `output_dir`, rewrite its reports there, and
-    delete every budget's folder."""
-    for budget in list(sweep.points):
-        folder = sweep.directory(budget)
-        if budget == chosen:
-            result = sweep.results[budget]
-            model = output_dir / result.output_model.name
-            for item in folder.glob(f"{result.output_model.name}*"):  # the model and its .data file
-                item.replace(output_dir / item.name)
-            result.output_model = model
-            result.report.output_model = sweep.points[budget].output_model = str(model)
-            result.report_json, result.report_md, result.report_html = write_reports(result.report, output_dir)
-        else:
-            sweep.points[budget].output_model = None
-        shutil.rmtree(folder, ignore_errors=True)
-
-
-def run_sweep(config: BuildConfig, budgets: list[float], console=None, metric: str = "cosine_mean",
-              target: float | None = None, output: str | None = None, bench_batch: int | None = 32,
-              bench_seq: int = 128, bench_iterations: int = 10, finetune: Finetuner | None = None) -> SweepReport:
-    """Build every budget (or bisect toward `target`), fine-tuning each if `finetune` is given; write
-    sweep.json, sweep.md and report.html."""
-    prepared = prepare_build(config, console, tuple(budgets) if target is None else ())
-    if output is not None and output not in _output_names(prepared):
-        raise BudgetError(f"--output {output!r} is not a model output ({', '.join(_output_names(prepared))})")
-    sweep = Sweep(prepared, output, bench_batch, bench_seq, bench_iterations, finetune)
+def run_sweep(config: BuildConfig, settings: SweepSettings, progress: Progress = SILENT,
+              finetune: Finetuner | None = None, timings: dict[str, float] | None = None) -> SweepReport:
+    """Build every budget (or bisect toward `settings.target`), fine-tuning each if `finetune` is given; write
+    sweep.json, sweep.md and report.html. `timings`: a caller's earlier stages, as for `prepare_build`."""
+    budgets = tuple(settings.budgets) if settings.target is None else ()
+    prepared = prepare_build(config, progress, budgets, timings)
+    if settings.output is not None and settings.output not in output_names(prepared):
+        raise OptionError(f"--output {settings.output!r} is not a model output ({', '.join(output_names(prepared))}); "
+                          "pass one of those")
+    sweep = Sweep(prepared, settings, progress, finetune)
     output_dir = prepare_output_dir(config.resolved_output_dir)
     chosen = None
-    if target is None:
-        for budget in budgets:
+    if settings.target is None:
+        for budget in settings.budgets:
             sweep.evaluate(budget)
     else:
-        multiple = config.rank_multiple
-        low = max(0.05, realized_ratio(prepared.shapes, {s.name: multiple for s in prepared.shapes}))
-        chosen = bisect_budget(sweep, metric, target, round(low + 1e-4, 4))
-        _keep_only(sweep, chosen, output_dir)
-    report = SweepReport(str(config.model), sweep.output, metric, target, chosen,
+        low = max(0.05, minimum_ratio(prepared.shapes, config.rank_multiple))
+        chosen = bisect_budget(sweep, settings.metric, settings.target, round(low + 1e-4, 4))
+        sweep.keep_only(chosen, output_dir)
+    report = SweepReport(str(config.model), sweep.output, settings.metric, settings.target, chosen,
                          sorted(sweep.points.values(), key=lambda p: -p.budget))
-    write_sweep(report, sweep, output_dir)
+    main = sweep.results[chosen] if chosen is not None else sweep.results[
+        min(sweep.results, key=lambda b: abs(b - config.rank_budget))]
+    write_sweep(report, main.report, output_dir)
     return report
-
-
-def sweep_markdown(report: SweepReport) -> str:
-    lines = [f"# lrdeploy sweep: {report.model}", "", f"output `{report.output}`", "",
-             "| ρ | linear kept | model kept | cosine mean | cosine p5 | top-k agreement | latency ratio | model |",
-             "|---|---|---|---|---|---|---|---|"]
-    for p in report.points:
-        cells = [f"{p.budget:.3f}", f"{p.linear_ratio:.3f}", f"{p.model_ratio:.3f}", f"{p.cosine_mean:.4f}",
-                 f"{p.cosine_p5:.4f}", "" if p.topk_agreement is None else f"{p.topk_agreement:.3f}",
-                 "" if p.latency_ratio is None else f"{p.latency_ratio:.3f}", p.output_model or "(not kept)"]
-        lines.append("| " + " | ".join(cells) + " |")
-    if report.target is not None:
-        lines += ["", f"Target {report.metric} ≥ {report.target}: " + (
-            f"smallest budget meeting it ρ={report.chosen:.3f}" if report.chosen is not None else "not met")]
-    return "\n".join(lines) + "\n"
-
-
-def write_sweep(report: SweepReport, sweep: Sweep, output_dir: Path) -> None:
-    atomic_write_text(output_dir / "sweep.json", json.dumps(dataclasses.asdict(report), indent=2) + "\n")
-    atomic_write_text(output_dir / "sweep.md", sweep_markdown(report))
-    main = sweep.results.get(report.chosen) if report.chosen is not None else None
-    main = main or sweep.results[min(sweep.results, key=lambda b: abs(b - sweep.prepared.config.rank_budget))]
-    atomic_write_text(output_dir / "report.html", render_build_html(main.report, report, "lrdeploy sweep report"))

@@ -13,7 +13,7 @@ from typing import Iterable
 
 import numpy as np
 
-from lrdeploy.bench.report import AccuracyReport, OutputAccuracy
+from lrdeploy.report.model import AccuracyReport, OutputAccuracy
 
 
 def per_sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

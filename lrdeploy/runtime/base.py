@@ -10,6 +10,9 @@ from abc import ABC, abstractmethod
 
 import numpy as np
 
+BACKENDS = ("ort-cpu", "ort-cuda", "trt", "torch-cpu", "torch-cuda")  # runtime and device, as `--backend` names them
+PRECISIONS = ("fp32", "fp16", "bf16", "best")  # "best": every reduced precision the backend allows
+
 
 class Runner(ABC):
     """A model ready to run on one backend; `backend`, `device` and `precision` describe it for reports."""

@@ -14,8 +14,8 @@ from lrdeploy.errors import MissingDependencyError
 from lrdeploy.runtime.base import Runner
 
 TENSORRT_MISSING = (
-    "TensorRT is not installed; on a machine with an NVIDIA GPU run `pip install lrdeploy[gpu]` "
-    "(tensorrt) or use --backend ort-cpu"
+    "TensorRT is not installed; on a machine with an NVIDIA GPU run `pip install lrdeploy[gpu]` (tensorrt), "
+    "or time the ONNX model on ONNX Runtime instead (`lrdeploy bench MODEL --backend ort-cuda`)"
 )
 
 

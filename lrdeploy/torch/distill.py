@@ -22,21 +22,9 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 
+from lrdeploy.torch.distill_config import DistillConfig
+
 Batch = Mapping[str, torch.Tensor]
-
-
-@dataclass
-class DistillConfig:
-    steps: int = 1000
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    warmup_fraction: float = 0.05
-    mse_weight: float = 1.0
-    hidden_weight: float = 0.0  # weight of the per-block hidden-state loss (needs hidden_modules)
-    dropout: bool = False
-    freeze_embeddings: bool = False  # True: leave nn.Embedding tables as compression left them (faster)
-    eval_every: int | None = None  # default: once per pass over the training batches
-    seed: int = 0
 
 
 @dataclass

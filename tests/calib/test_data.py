@@ -11,7 +11,7 @@ from lrdeploy.calib.data import (
     random_samples,
     validate_samples,
 )
-from lrdeploy.errors import CalibrationDataError
+from lrdeploy.errors import CalibrationDataError, OptionError
 from tests import models
 
 SPECS = model_input_specs(models.transformer())
@@ -72,7 +72,7 @@ def test_random_samples_need_shapes_for_dynamic_axes():
 
 @pytest.mark.parametrize("bad", ["input_ids", "input_ids:", "input_ids:1xa", ":1x8", "x:0x8"])
 def test_bad_shape_option(bad):
-    with pytest.raises(CalibrationDataError, match="is not NAME:DIMS; write it like input_ids:1x128"):
+    with pytest.raises(OptionError, match=f"--shape '{bad}' is not NAME:DIMS; write it like input_ids:1x128"):
         parse_shape_overrides([bad])
 
 

@@ -9,7 +9,8 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from lrdeploy.cli import main  # noqa: E402
-from lrdeploy.export.torch_onnx import ExportError, export_factory, export_hf  # noqa: E402
+from lrdeploy.errors import ExportError  # noqa: E402
+from lrdeploy.export.torch_onnx import export_factory, export_hf  # noqa: E402
 from tests.conftest import run_model  # noqa: E402
 from tests.factories import tiny_bert_dir  # noqa: E402
 

@@ -7,7 +7,8 @@ import pytest
 from click.testing import CliRunner
 
 from lrdeploy.cli import main
-from lrdeploy.export.trt import EngineConfig, EngineConfigError, create_config_loader, parse_profile_shapes, trtexec_command
+from lrdeploy.errors import EngineConfigError, OptionError
+from lrdeploy.export.trt import EngineConfig, create_config_loader, parse_profile_shapes, trtexec_command
 from tests import models
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -22,14 +23,14 @@ def test_profile_shapes_one_two_or_three():
     }
 
 
-@pytest.mark.parametrize("item, message", [
-    ("input_ids", r"is not NAME:MIN,OPT,MAX; write it like input_ids:1x128,8x128,32x128"),
-    ("input_ids:1xa", r"'1xa' is not a shape like 32x128"),
-    ("input_ids:8x128,1x128", r"shapes must grow from min to opt to max"),
-    ("input_ids:1x128,8x128x2", r"give one to three shapes of the same rank"),
+@pytest.mark.parametrize("item, error, message", [
+    ("input_ids", OptionError, r"--shape 'input_ids' is not NAME:MIN\[,OPT\[,MAX\]\]; write it like input_ids:1x128,8x128,32x128"),
+    ("input_ids:1xa", OptionError, r"--shape 'input_ids:1xa' is not NAME:MIN\[,OPT\[,MAX\]\]"),
+    ("input_ids:8x128,1x128", EngineConfigError, r"shapes must grow from min to opt to max"),
+    ("input_ids:1x128,8x128x2", EngineConfigError, r"give one to three shapes of the same rank"),
 ])
-def test_bad_profile_shapes(item, message):
-    with pytest.raises(EngineConfigError, match=message):
+def test_bad_profile_shapes(item, error, message):
+    with pytest.raises(error, match=message):
         parse_profile_shapes([item])
 
 
@@ -70,15 +71,22 @@ def test_trtexec_command():
 
 
 @pytest.mark.skipif(HAS_TRT, reason="TensorRT is installed")
-def test_engine_command_without_tensorrt_gives_one_error_line(tmp_path):
+@pytest.mark.parametrize("spelling", ["--shape", "--shapes"])  # --shapes: the old spelling, kept as a hidden alias
+def test_engine_command_without_tensorrt_gives_one_error_line(tmp_path, spelling):
     onnx.save(models.matmul_add(), tmp_path / "m.onnx")
     result = CliRunner().invoke(main, ["engine", str(tmp_path / "m.onnx"), "-o", str(tmp_path / "m.engine"),
-                                       "--shapes", "x:1x64,8x64,32x64"])
+                                       spelling, "x:1x64,8x64,32x64"])
     assert result.exit_code == 1
+    assert "trtexec --onnx=" in result.stdout and "--minShapes=x:1x64 --optShapes=x:8x64 --maxShapes=x:32x64" in result.stdout
     assert result.stderr.strip() == ("Error: TensorRT is not installed; on a machine with an NVIDIA GPU run "
-                                     "`pip install lrdeploy[gpu]` (tensorrt) or use --backend ort-cpu")
-    assert "trtexec --onnx=" in result.stdout
+                                     "`pip install lrdeploy[gpu]` (tensorrt), or time the ONNX model on ONNX Runtime "
+                                     "instead (`lrdeploy bench MODEL --backend ort-cuda`)")
     assert not (tmp_path / "m.engine").exists()
+
+
+def test_engine_help_shows_one_shape_spelling():
+    text = CliRunner().invoke(main, ["engine", "--help"]).output
+    assert "--shape NAME:MIN[,OPT[,MAX]]" in text and "--shapes" not in text
 
 
 @pytest.mark.tensorrt

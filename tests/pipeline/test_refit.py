@@ -6,13 +6,14 @@ import numpy as np
 import onnx_graphsurgeon as gs
 from click.testing import CliRunner
 
-from lrdeploy.calib.stats import CrossMoments
 from lrdeploy.cli import main
 from lrdeploy.lowrank.decompose import decompose
 from lrdeploy.passes.factorize import factorize_layers
 from lrdeploy.passes.linear_layers import find_linear_layers
-from lrdeploy.lowrank.moments import Moments
-from lrdeploy.pipeline.refit import PREFIX, refit_stages, side_by_side, solve_both_factors, solve_second_factor
+from lrdeploy.lowrank.moments import JointMoments, Moments
+from lrdeploy.passes.side_by_side import PREFIX, side_by_side
+from lrdeploy.lowrank.refit import solve_both_factors, solve_second_factor
+from lrdeploy.pipeline.refit import refit_stages
 from tests import models
 from tests.conftest import run_model
 
@@ -39,7 +40,7 @@ def test_least_squares_recovers_an_exact_second_factor():
     z = rng.standard_normal((500, 6))
     second, bias = rng.standard_normal((6, 10)), rng.standard_normal(10)
     y = z @ second + bias
-    moments = CrossMoments(500.0, z.sum(0), y.sum(0), z.T @ z, z.T @ y)
+    moments = JointMoments(Moments(500.0, z.sum(0), z.T @ z), y.sum(0), z.T @ y)
     factors = solve_second_factor(np.eye(6), moments, ridge=1e-12)
     np.testing.assert_allclose(factors.second, second, atol=1e-6)
     np.testing.assert_allclose(factors.bias, bias, atol=1e-6)
@@ -50,7 +51,7 @@ def test_reduced_rank_refit_without_upstream_error_is_feature_pca():
     x = rng.standard_normal((2000, 12)) @ rng.standard_normal((12, 12)) + rng.standard_normal(12)
     weight, bias = rng.standard_normal((12, 9)), rng.standard_normal(9)
     y = x @ weight + bias
-    moments = CrossMoments(2000.0, x.sum(0), y.sum(0), x.T @ x, x.T @ y)
+    moments = JointMoments(Moments(2000.0, x.sum(0), x.T @ x), y.sum(0), x.T @ y)
     refit = solve_both_factors(4, moments, ridge=1e-12)
     pca = decompose("pca", weight, bias, Moments(2000.0, x.sum(0), x.T @ x)).factors(4)
     np.testing.assert_allclose(refit.first @ refit.second, pca.first @ pca.second, rtol=1e-6, atol=1e-6)

@@ -13,7 +13,8 @@ from lrdeploy.cli import main
 from lrdeploy.lowrank.allocate import LayerShape, greedy_ranks, realized_ratio
 from lrdeploy.lowrank.decompose import decompose
 from lrdeploy.passes.linear_layers import find_linear_layers
-from lrdeploy.pipeline.sensitivity import _injected_model, candidate_ranks, measure_sensitivity, sensitivity_loss
+from lrdeploy.passes.inject_error import error_injected_model
+from lrdeploy.pipeline.sensitivity import candidate_ranks, measure_sensitivity, sensitivity_loss
 from tests import models
 from tests.conftest import run_model
 
@@ -77,13 +78,29 @@ def measured():
 
 def test_injected_model_with_zero_errors_is_the_original(measured):
     model, layers, _, _, feeds = measured
-    injected = _injected_model(model, layers)
+    injected, error_inputs = error_injected_model(model, layers)
+    assert [i.name for i in injected.graph.input][2:] == [name for inputs in error_inputs
+                                                         for name in (inputs.weight, inputs.bias)]
     zeros = {}
-    for index, layer in enumerate(layers):
-        zeros[f"lrdeploy_sens/{index}/dw"] = np.zeros((layer.d_in, layer.d_out), np.float32)
-        zeros[f"lrdeploy_sens/{index}/db"] = np.zeros(layer.d_out, np.float32)
+    for layer, inputs in zip(layers, error_inputs):
+        zeros.update(inputs.zeros(layer))
     for a, b in zip(run_model(model, feeds[0]), run_model(injected, {**feeds[0], **zeros})):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_injected_error_equals_cutting_that_layer_alone(measured):
+    """Feeding A·B − W and c − b into one layer gives exactly the model with that layer split."""
+    from lrdeploy.passes.factorize import factorized_model
+
+    model, layers, decompositions, _, feeds = measured
+    layer = layers[4]  # the FFN up-projection: its input is not touched by any other split
+    factors = decompositions[layer.name].factors(16)
+    injected, error_inputs = error_injected_model(model, [layer])
+    delta = {error_inputs[0].weight: (factors.dense_weight() - layer.weight).astype(np.float32),
+             error_inputs[0].bias: (factors.bias - layer.bias).astype(np.float32)}
+    split = factorized_model(model, layers, {layer.name: factors})
+    for a, b in zip(run_model(split, feeds[0]), run_model(injected, {**feeds[0], **delta})):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_measured_degradation_falls_with_rank(measured):
@@ -105,7 +122,7 @@ def test_measured_degradation_falls_with_rank(measured):
 def test_cli_sensitivity_build_respects_budget_and_caches(transformer_files, tmp_path, isolated_cache, monkeypatch):
     import json
 
-    import lrdeploy.pipeline.build as build_module
+    import lrdeploy.pipeline.sensitivity as sensitivity_module
 
     model, calib = transformer_files
     args = ["build", str(model), "--calib", str(calib), "--allocation", "sensitivity", "--rank-budget", "0.5"]
@@ -118,7 +135,7 @@ def test_cli_sensitivity_build_respects_budget_and_caches(transformer_files, tmp
     def must_not_measure(*args, **kwargs):
         raise AssertionError("the cached sensitivity table should have been used")
 
-    monkeypatch.setattr(build_module, "measure_sensitivity", must_not_measure)
+    monkeypatch.setattr(sensitivity_module, "measure_sensitivity", must_not_measure)
     second = CliRunner().invoke(main, [*args, "-o", str(tmp_path / "b"), "--json"])
     assert second.exit_code == 0, second.output
     assert json.loads(second.stdout)["layers"] == report["layers"]

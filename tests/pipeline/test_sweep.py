@@ -6,15 +6,15 @@ import pytest
 from click.testing import CliRunner
 
 from lrdeploy.cli import main
-from lrdeploy.errors import BudgetError
+from lrdeploy.errors import OptionError
 from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.sweep import parse_target, run_sweep
+from lrdeploy.pipeline.sweep import SweepSettings, parse_target, run_sweep
 
 
 def test_sweep_accuracy_does_not_rise_as_budget_falls(transformer_files, tmp_path):
     model, calib = transformer_files
-    report = run_sweep(BuildConfig(model=model, calib=str(calib), output_dir=tmp_path), [0.9, 0.7, 0.5, 0.4],
-                       bench_batch=None)
+    report = run_sweep(BuildConfig(model=model, calib=str(calib), output_dir=tmp_path),
+                       SweepSettings([0.9, 0.7, 0.5, 0.4], bench_batch=None))
     assert [p.budget for p in report.points] == [0.9, 0.7, 0.5, 0.4]
     cosines = [p.cosine_mean for p in report.points]
     assert cosines == sorted(cosines, reverse=True)
@@ -57,5 +57,5 @@ def test_unreachable_target_is_an_error(transformer_files, tmp_path):
 def test_target_metric_parsing():
     assert parse_target(0.97, None) == ("cosine_mean", 0.97)
     assert parse_target(None, "topk_agreement=0.8") == ("topk_agreement", 0.8)
-    with pytest.raises(BudgetError, match="is not NAME=VALUE with NAME one of cosine_mean, cosine_p5, topk_agreement"):
+    with pytest.raises(OptionError, match="is not NAME=VALUE with NAME one of cosine_mean, cosine_p5, topk_agreement"):
         parse_target(None, "accuracy=0.9")

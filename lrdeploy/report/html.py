@@ -6,9 +6,9 @@ import base64
 import html
 
 from lrdeploy.bench.measure import result_from_dict
-from lrdeploy.bench.plots import (budget_plot, distillation_plot, latency_plot, pareto_plot, ranks_plot,
-                                  spectra_plot)
-from lrdeploy.bench.report import BuildReport
+from lrdeploy.report.model import BuildReport, SweepReport
+from lrdeploy.report.plots import (budget_plot, distillation_plot, latency_plot, pareto_plot, ranks_plot,
+                                   spectra_plot)
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;
@@ -69,7 +69,7 @@ def headline(report: BuildReport) -> dict[str, float | None]:
             "cosine": accuracy, "speedup": speedup}
 
 
-def build_sections(report: BuildReport, sweep=None) -> str:
+def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str:
     """The body of a build report: summary cards, accuracy (per budget too, with a sweep), plots and tables."""
     p, c = report.params, report.config
     top = headline(report)
@@ -134,7 +134,7 @@ def build_sections(report: BuildReport, sweep=None) -> str:
     return "".join(parts)
 
 
-def sweep_sections(sweep) -> str:
+def sweep_sections(sweep: SweepReport) -> str:
     """Per-budget table, accuracy-per-budget and Pareto plots of a sweep."""
     points = sorted(sweep.points, key=lambda p: p.budget)
     parts = ["<h2>Accuracy per budget</h2>", '<div class="row">']
@@ -154,6 +154,6 @@ def sweep_sections(sweep) -> str:
     return "".join(parts)
 
 
-def render_build_html(report: BuildReport, sweep=None, title: str = "lrdeploy build report") -> str:
+def render_build_html(report: BuildReport, sweep: SweepReport | None = None, title: str = "lrdeploy build report") -> str:
     subtitle = f"{report.input_model} → {report.output_model}"
     return _page(title, subtitle, build_sections(report, sweep))

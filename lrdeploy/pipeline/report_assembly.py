@@ -1,0 +1,125 @@
+"""Turn what a build did into its records: the report tree, the model's metadata, the spectra plot's data."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+
+from lrdeploy import __version__
+from lrdeploy.lowrank.allocate import RankPlan, realized_ratio
+from lrdeploy.lowrank.moments import Moments
+from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.latency import LatencyPlan
+from lrdeploy.pipeline.samples import BuildSamples
+from lrdeploy.report.model import AccuracyReport, BuildConfigRecord, BuildReport, LayerRecord, ParamSummary
+
+SPECTRUM_LAYERS = 4
+
+
+def spectra(eligible: list[LinearLayer], moments: dict[str, Moments] | None) -> dict[str, dict[str, list[float]]]:
+    """Weight singular values² beside output-feature eigenvalues for a few layers (first, widest, last):
+    the picture of why features are low-rank while weights are not."""
+    if moments is None:
+        return {}
+    picks = [eligible[0], max(eligible, key=lambda l: l.d_out), max(eligible, key=lambda l: l.d_in), eligible[-1]]
+    chosen = list(dict.fromkeys(layer.name for layer in picks))[:SPECTRUM_LAYERS]
+    by_name = {layer.name: layer for layer in eligible}
+    result = {}
+    for name in chosen:
+        layer = by_name[name]
+        weight = np.asarray(layer.weight, np.float64)
+        features = moments[layer.input_name].through_linear(weight, layer.bias).covariance
+        result[name] = {
+            "weight": (np.linalg.svd(weight, compute_uv=False) ** 2).round(8).tolist(),
+            "feature": np.clip(np.sort(np.linalg.eigvalsh(features))[::-1], 0, None).round(8).tolist(),
+        }
+    return result
+
+
+def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: BuildConfig, budget: float,
+                    plan: RankPlan, finetune: dict | None) -> None:
+    """`proto`'s metadata_props: the original's, plus what lrdeploy did (version, budget, method, ranks, ...)."""
+    entries = {p.key: p.value for p in original.metadata_props}
+    entries.update({
+        "lrdeploy.version": __version__,
+        "lrdeploy.rank_budget": str(budget),
+        "lrdeploy.method": config.method,
+        "lrdeploy.allocation": config.allocation,
+        "lrdeploy.rank_multiple": str(config.rank_multiple),
+        "lrdeploy.ranks": json.dumps(plan),
+        "lrdeploy.refit": str(config.refit).lower(),
+        **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune["steps"])}),
+    })
+    del proto.metadata_props[:]
+    for key, value in entries.items():
+        proto.metadata_props.add(key=key, value=value)
+
+
+def layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPlan | None) -> list[LayerRecord]:
+    """One record per linear layer found: factorized at its rank, kept dense (and why), or skipped (and why)."""
+    records = []
+    for layer in layers:
+        if not layer.eligible:
+            records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params,
+                                       layer.params, "skipped", layer.reason))
+            continue
+        rank = plan[layer.name]
+        if rank is None:
+            slower = latency.slower.get(layer.name) if latency else None
+            reason = ("the allocated rank would not save parameters" if slower is None
+                      else f"kept dense: its split measured ×{slower:.2f} of dense speed")
+            records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params,
+                                       layer.params, "dense", reason))
+        else:
+            records.append(LayerRecord(
+                layer.name, layer.pattern, layer.d_in, layer.d_out, rank, layer.params,
+                layer.shape.factored_params(rank), "factorized", "",
+                predicted_speedup=layer.params / layer.shape.factored_params(rank),
+                measured_speedup=latency.measured_speedup(layer.shape, rank) if latency else None,
+            ))
+    return records
+
+
+@dataclass
+class BuildOutcome:
+    """What one budget's build produced, for the report."""
+
+    budget: float
+    plan: RankPlan
+    latency: LatencyPlan | None
+    output_model: str
+    external_data: bool
+    model_params_after: int
+    accuracy: AccuracyReport | None
+    bench: dict | None
+    finetune: dict | None
+    timings: dict[str, float]
+
+
+def assemble_report(config: BuildConfig, layers: list[LinearLayer], model_params: int, samples: BuildSamples,
+                    layer_spectra: dict[str, dict[str, list[float]]], outcome: BuildOutcome) -> BuildReport:
+    """The report tree of one build (report.json's schema: `report.model`)."""
+    shapes = [layer.shape for layer in layers if layer.eligible]
+    linear_before = sum(s.dense_params for s in shapes)
+    ratio = realized_ratio(shapes, outcome.plan)
+    return BuildReport(
+        lrdeploy_version=__version__,
+        input_model=str(config.model),
+        output_model=outcome.output_model,
+        external_data=outcome.external_data,
+        config=BuildConfigRecord(outcome.budget, config.method, config.allocation, config.rank_multiple,
+                                 samples.calib.count, samples.calib_source, samples.eval_source, config.refit),
+        layers=layer_records(layers, outcome.plan, outcome.latency),
+        params=ParamSummary(linear_before, round(ratio * linear_before), ratio, model_params,
+                            outcome.model_params_after, outcome.model_params_after / max(model_params, 1)),
+        accuracy=outcome.accuracy,
+        timings=outcome.timings,
+        warnings=samples.warnings,
+        bench=outcome.bench,
+        spectra=layer_spectra,
+        finetune=outcome.finetune,
+    )

@@ -1,0 +1,43 @@
+"""Writing reports: each file atomically, with the rendering it needs."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from lrdeploy.bench.measure import BenchResult
+from lrdeploy.files import atomic_path, atomic_write_text
+from lrdeploy.report.html import render_build_html
+from lrdeploy.report.markdown import bench_markdown, render_markdown, sweep_markdown
+from lrdeploy.report.model import BuildReport, SweepReport
+from lrdeploy.report.plots import latency_plot
+
+
+def write_reports(report: BuildReport, directory: Path) -> tuple[Path, Path, Path]:
+    """Write report.json, report.md and report.html into `directory` atomically; return their paths."""
+    directory = Path(directory)
+    json_path, md_path, html_path = directory / "report.json", directory / "report.md", directory / "report.html"
+    atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_text(md_path, render_markdown(report))
+    atomic_write_text(html_path, render_build_html(report))
+    return json_path, md_path, html_path
+
+
+def write_sweep(report: SweepReport, main: BuildReport, directory: Path, title: str = "lrdeploy sweep report") -> None:
+    """Write sweep.json, sweep.md and report.html (the sweep's curves around `main`, the build that heads it)."""
+    directory = Path(directory)
+    atomic_write_text(directory / "sweep.json", json.dumps(dataclasses.asdict(report), indent=2) + "\n")
+    atomic_write_text(directory / "sweep.md", sweep_markdown(report))
+    atomic_write_text(directory / "report.html", render_build_html(main, report, title))
+
+
+def write_bench(result: BenchResult, directory: Path, command: str) -> list[Path]:
+    """Write bench.json (with the command that produced it), bench.md and bench_latency.png."""
+    directory = Path(directory)
+    json_path, md_path, png_path = directory / "bench.json", directory / "bench.md", directory / "bench_latency.png"
+    atomic_write_text(json_path, json.dumps({"command": command, **dataclasses.asdict(result)}, indent=2) + "\n")
+    atomic_write_text(md_path, bench_markdown(result))
+    with atomic_path(png_path) as tmp:
+        tmp.write_bytes(latency_plot(result))
+    return [json_path, md_path, png_path]

@@ -1,0 +1,103 @@
+"""Markdown renderings: report.md of a build, bench.md of a benchmark, sweep.md of a sweep."""
+
+from __future__ import annotations
+
+from lrdeploy.bench.measure import BenchResult, result_from_dict
+from lrdeploy.report.model import BuildReport, SweepReport
+
+
+def _speedup(value: float | None) -> str:
+    return "" if value is None else f"×{value:.2f}"
+
+
+def render_markdown(report: BuildReport) -> str:
+    """report.md: summary, accuracy and per-layer tables."""
+    p, c = report.params, report.config
+    lines = [
+        "# lrdeploy build report",
+        "",
+        f"- input: `{report.input_model}`",
+        f"- output: `{report.output_model}`",
+        f"- method `{c.method}`, allocation `{c.allocation}`, rank budget {c.rank_budget}, rank multiple {c.rank_multiple}"
+        + (", sequential refit" if c.refit else ""),
+        f"- calibration: {c.calib_samples} samples from {c.calib_source}; evaluation: {c.eval_source}",
+        f"- linear-layer parameters: {p.linear_before:,} → {p.linear_after:,} (ratio {p.linear_ratio:.3f})",
+        f"- whole-model parameters: {p.model_before:,} → {p.model_after:,} (ratio {p.model_ratio:.3f})",
+        "",
+    ]
+    if report.finetune is not None:
+        f = report.finetune
+        lines[-1:-1] = [f"- fine-tuned by label-free distillation: {f['steps']} steps on {f['train_samples']} samples, "
+                        f"lr {f['lr']}, hidden-state weight {f['hidden_weight']}; cosine on the check split during training "
+                        f"{f['initial_cosine']:.4f} → {f['best_cosine']:.4f} (best at step {f['best_step']})"]
+    if report.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
+    if report.accuracy is not None:
+        a = report.accuracy
+        lines += [
+            f"## Accuracy on {a.samples} held-out samples",
+            "",
+            f"| output | cosine mean | cosine p5 | rel. L2 | max abs | top-{a.neighbours} neighbours |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {name} | {o.cosine_mean:.4f} | {o.cosine_p5:.4f} | {o.rel_l2:.4f} | {o.max_abs:.4g} | "
+            f"{'' if o.topk_agreement is None else f'{o.topk_agreement:.3f}'} |"
+            for name, o in a.outputs.items()
+        ]
+        lines += ["", f"Polygraphy comparison (atol {a.atol}, rtol {a.rtol}): {'passed' if a.passed else 'failed'}", ""]
+    lines += [
+        "## Layers",
+        "",
+        "| layer | pattern | d_in | d_out | rank | params before | params after | status | FLOP speed-up "
+        "| measured speed-up | reason |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {l.name} | {l.pattern} | {l.d_in} | {l.d_out} | {'' if l.rank is None else l.rank} | "
+        f"{l.params_before:,} | {l.params_after:,} | {l.status} | {_speedup(l.predicted_speedup)} | "
+        f"{_speedup(l.measured_speedup)} | {l.reason} |"
+        for l in report.layers
+    ]
+    if report.bench is not None:
+        lines += ["## Latency", ""] + bench_markdown(result_from_dict(report.bench)).splitlines()[2:] + [""]
+    lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in report.timings.items()]
+    return "\n".join(lines) + "\n"
+
+
+def bench_markdown(result: BenchResult) -> str:
+    lines = [
+        f"# lrdeploy bench: {', '.join(result.models)}",
+        "",
+        f"backend {result.backend}, precision {result.precision}, device {result.device}, "
+        + ", ".join(f"{k} {v}" for k, v in result.versions.items()),
+        "",
+        "| model | batch × seq | mean ms | p50 ms | p90 ms | p95 ms | p99 ms | inferences/s | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for shape in result.shapes:
+        for name, s in shape.latency.items():
+            lines.append(f"| {name} | {shape.batch} × {shape.seq} | {s.mean_ms:.2f} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | "
+                         f"{s.p95_ms:.2f} | {s.p99_ms:.2f} | {s.inferences_per_s:.1f} | {s.tokens_per_s:.0f} |")
+    ratios = [s for s in result.shapes if s.ratio_p50 is not None]
+    if ratios:
+        lines += ["", f"Latency ratio {result.models[1]} / {result.models[0]} (runs alternated):", "",
+                  "| batch × seq | p50 ratio | mean ratio |", "|---|---|---|"]
+        lines += [f"| {s.batch} × {s.seq} | {s.ratio_p50:.3f} | {s.ratio_mean:.3f} |" for s in ratios]
+    return "\n".join(lines) + "\n"
+
+
+def sweep_markdown(report: SweepReport) -> str:
+    lines = [f"# lrdeploy sweep: {report.model}", "", f"output `{report.output}`", "",
+             "| ρ | linear kept | model kept | cosine mean | cosine p5 | top-k agreement | latency ratio | model |",
+             "|---|---|---|---|---|---|---|---|"]
+    for p in report.points:
+        cells = [f"{p.budget:.3f}", f"{p.linear_ratio:.3f}", f"{p.model_ratio:.3f}", f"{p.cosine_mean:.4f}",
+                 f"{p.cosine_p5:.4f}", "" if p.topk_agreement is None else f"{p.topk_agreement:.3f}",
+                 "" if p.latency_ratio is None else f"{p.latency_ratio:.3f}", p.output_model or "(not kept)"]
+        lines.append("| " + " | ".join(cells) + " |")
+    if report.target is not None:
+        lines += ["", f"Target {report.metric} ≥ {report.target}: " + (
+            f"smallest budget meeting it ρ={report.chosen:.3f}" if report.chosen is not None else "not met")]
+    return "\n".join(lines) + "\n"

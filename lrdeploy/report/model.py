@@ -1,0 +1,130 @@
+"""The report model: the dataclass tree of a build (report.json, a stable schema) and of a sweep (sweep.json).
+
+report.json schema (all keys always present):
+    lrdeploy_version, input_model, output_model, external_data,
+    config {rank_budget, method, allocation, rank_multiple, calib_samples, calib_source, eval_source, refit},
+    layers [{name, pattern, d_in, d_out, rank|null, params_before, params_after, status, reason,
+             predicted_speedup|null, measured_speedup|null}],
+    params {linear_before, linear_after, linear_ratio, model_before, model_after, model_ratio},
+    accuracy {samples, passed, atol, rtol, neighbours,
+              outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs, topk_agreement|null}}},
+    timings {stage: seconds}, warnings [str], bench (see bench.json) | null,
+    spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}},
+    finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, initial_cosine, best_cosine, best_step,
+              history [{step, eval_cosine, train_loss?}]} | null   (label-free distillation, `lrdeploy distill`)
+Parameters count weights only (biases excluded), so linear_ratio is what --rank-budget bounds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+
+@dataclass
+class LayerRecord:
+    name: str
+    pattern: str
+    d_in: int
+    d_out: int
+    rank: int | None
+    params_before: int
+    params_after: int
+    status: str  # "factorized" | "dense" | "skipped"
+    reason: str
+    predicted_speedup: float | None = None  # dense FLOPs / split FLOPs
+    measured_speedup: float | None = None  # dense time / split time (with --latency-aware)
+
+
+@dataclass
+class ParamSummary:
+    linear_before: int
+    linear_after: int
+    linear_ratio: float
+    model_before: int
+    model_after: int
+    model_ratio: float
+
+
+@dataclass
+class OutputAccuracy:
+    cosine_mean: float
+    cosine_p5: float
+    rel_l2: float
+    max_abs: float
+    topk_agreement: float | None = None  # per-sample vector outputs: nearest-neighbour agreement
+
+
+@dataclass
+class AccuracyReport:
+    samples: int
+    passed: bool
+    atol: float
+    rtol: float
+    outputs: dict[str, OutputAccuracy]
+    neighbours: int = 10
+
+
+@dataclass
+class BuildConfigRecord:
+    rank_budget: float
+    method: str
+    allocation: str
+    rank_multiple: int
+    calib_samples: int
+    calib_source: str
+    eval_source: str
+    refit: bool = False
+
+
+@dataclass
+class BuildReport:
+    lrdeploy_version: str
+    input_model: str
+    output_model: str
+    external_data: bool
+    config: BuildConfigRecord
+    layers: list[LayerRecord]
+    params: ParamSummary
+    accuracy: AccuracyReport | None
+    timings: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    bench: dict | None = None  # BenchResult of dense vs compressed (with --bench)
+    spectra: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {layer: {weight, feature}}
+    finetune: dict | None = None  # FinetuneRecord-shaped dict when the factors were fine-tuned by distillation
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class SweepPoint:
+    """One budget of a sweep: its size, accuracy on the chosen output and (optionally) latency ratio."""
+
+    budget: float
+    linear_ratio: float
+    model_ratio: float
+    cosine_mean: float
+    cosine_p5: float
+    topk_agreement: float | None
+    latency_ratio: float | None
+    output_model: str | None
+
+    @classmethod
+    def from_report(cls, budget: float, report: BuildReport, output: str, latency_ratio: float | None) -> "SweepPoint":
+        """The point of one budget's build, read from its report (accuracy of `output`)."""
+        params, accuracy = report.params, report.accuracy.outputs[output]
+        return cls(budget, params.linear_ratio, params.model_ratio, accuracy.cosine_mean, accuracy.cosine_p5,
+                   accuracy.topk_agreement, latency_ratio, report.output_model)
+
+
+@dataclass
+class SweepReport:
+    """sweep.json: every budget built (or probed by bisection toward `target` on `metric`), and the one chosen."""
+
+    model: str
+    output: str
+    metric: str
+    target: float | None
+    chosen: float | None
+    points: list[SweepPoint] = field(default_factory=list)
