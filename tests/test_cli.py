@@ -29,8 +29,9 @@ def test_inspect_table_and_json(transformer_files):
     assert table.exit_code == 0
     assert "12 eligible" in table.output and "MatMul+Add" in table.output and "skipped: weight" in table.output
     data = json.loads(_invoke("inspect", model, "--json").output)
+    initializers = onnx.load(str(model)).graph.initializer
     assert data["totals"] == {"layers": 16, "eligible": 12, "eligible_params": 8 * 64 * 64 + 4 * 64 * 256,
-                              "model_params": data["totals"]["model_params"]}
+                              "model_params": sum(int(np.prod(i.dims)) for i in initializers)}
     skipped = [l for l in data["layers"] if not l["eligible"]]
     assert {l["reason"] for l in skipped} == {"weight is not constant (activation × activation)"}
 
@@ -106,46 +107,54 @@ def test_external_data_model_round_trip(tmp_path):
     run_model(tmp_path / "out" / "tiny.lowrank.onnx", feeds)
 
 
-def _bad_inputs(tmp_path, model, calib):
-    """(name, args, expected message regex) for every kind of bad input."""
-    not_onnx = tmp_path / "notes.onnx"
-    not_onnx.write_text("hello")
-    no_layers = tmp_path / "act.onnx"
-    onnx.save(models.activation_matmul(), no_layers)
+def _write_bad_inputs(tmp_path):
+    """The files the bad-input cases name, written beside the tiny model."""
+    (tmp_path / "notes.onnx").write_text("hello")
+    onnx.save(models.activation_matmul(), tmp_path / "act.onnx")
     arrays = models.transformer_inputs(20)
     np.savez(tmp_path / "missing.npz", input_ids=arrays["input_ids"])
     np.savez(tmp_path / "dtype.npz", input_ids=arrays["input_ids"].astype(np.float32), attention_mask=arrays["attention_mask"])
     np.savez(tmp_path / "shape.npz", input_ids=arrays["input_ids"][:, :, None], attention_mask=arrays["attention_mask"])
     np.savez(tmp_path / "pickled.npz", input_ids=np.array([None, 1], dtype=object), attention_mask=arrays["attention_mask"])
-    a_file = tmp_path / "a_file"
-    a_file.write_text("x")
-    return [
-        ("missing model", ["build", tmp_path / "nope.onnx", "--calib", calib], r"model file .*nope.onnx does not exist; check the path"),
-        ("not onnx", ["build", not_onnx, "--calib", calib], r"notes.onnx is not a valid ONNX model \(\w+\); pass a .onnx file"),
-        ("no eligible layer", ["build", no_layers], r"has no linear layer to compress \(1 MatMul/Gemm found, all skipped: weight is not constant"),
-        ("budget zero", ["build", model, "--rank-budget", "0", "--calib", calib], r"rank budget 0.0 is outside \(0, 1\]; pass e.g. --rank-budget 0.5"),
-        ("budget above one", ["build", model, "--rank-budget", "1.5", "--calib", calib], r"rank budget 1.5 is outside \(0, 1\]"),
-        ("budget too small", ["build", model, "--rank-budget", "0.1", "--calib", calib], r"rank budget 0.1 is below what the smallest rank \(16\) keeps \(0.375\); raise --rank-budget to at least 0.375 or lower --rank-multiple"),
-        ("calib missing input", ["build", model, "--calib", tmp_path / "missing.npz"], r"has no array for model input 'attention_mask'"),
-        ("calib wrong dtype", ["build", model, "--calib", tmp_path / "dtype.npz"], r"input 'input_ids' is float32 but the model expects int64"),
-        ("calib wrong shape", ["build", model, "--calib", tmp_path / "shape.npz"], r"input 'input_ids' has shape 20x16x1 but the model expects \?x\?"),
-        ("pickled npz", ["build", model, "--calib", tmp_path / "pickled.npz"], r"holds pickled \(object\) arrays"),
-        ("missing calib", ["build", model, "--calib", tmp_path / "nope.npz"], r"calibration file .*nope.npz does not exist"),
-        ("unwritable output", ["build", model, "--calib", calib, "-o", a_file / "sub"], r"cannot write to output directory .*a_file/sub \(.+\); choose another with -o/--output-dir"),
-    ]
+    (tmp_path / "a_file").write_text("x")
 
 
-def test_every_bad_input_gives_one_error_line_and_leaves_no_output(transformer_files, tmp_path):
+# (case, arguments with {dir} = the model's folder, {model}, {calib}; expected message regex)
+BAD_INPUTS = [
+    ("missing model", ["build", "{dir}/nope.onnx", "--calib", "{calib}"], r"model file .*nope.onnx does not exist; check the path"),
+    ("not onnx", ["build", "{dir}/notes.onnx", "--calib", "{calib}"], r"notes.onnx is not a valid ONNX model \(\w+\); pass a .onnx file"),
+    ("no eligible layer", ["build", "{dir}/act.onnx"], r"has no linear layer to compress \(1 MatMul/Gemm found, all skipped: weight is not constant"),
+    ("budget zero", ["build", "{model}", "--rank-budget", "0", "--calib", "{calib}"], r"rank budget 0.0 is outside \(0, 1\]; pass e.g. --rank-budget 0.5"),
+    ("budget above one", ["build", "{model}", "--rank-budget", "1.5", "--calib", "{calib}"], r"rank budget 1.5 is outside \(0, 1\]"),
+    ("budget too small", ["build", "{model}", "--rank-budget", "0.1", "--calib", "{calib}"], r"rank budget 0.1 is below what the smallest rank \(16\) keeps \(0.375\); raise --rank-budget to at least 0.375 or lower --rank-multiple"),
+    ("calib missing input", ["build", "{model}", "--calib", "{dir}/missing.npz"], r"has no array for model input 'attention_mask'"),
+    ("calib wrong dtype", ["build", "{model}", "--calib", "{dir}/dtype.npz"], r"input 'input_ids' is float32 but the model expects int64"),
+    ("calib wrong shape", ["build", "{model}", "--calib", "{dir}/shape.npz"], r"input 'input_ids' has shape 20x16x1 but the model expects \?x\?"),
+    ("pickled npz", ["build", "{model}", "--calib", "{dir}/pickled.npz"], r"holds pickled \(object\) arrays"),
+    ("missing calib", ["build", "{model}", "--calib", "{dir}/nope.npz"], r"calibration file .*nope.npz does not exist"),
+    ("unwritable output", ["build", "{model}", "--calib", "{calib}", "-o", "{dir}/a_file/sub"], r"cannot write to output directory .*a_file/sub \(.+\); choose another with -o/--output-dir"),
+    ("bad shape option", ["build", "{model}", "--shape", "input_ids:1xa"], r"--shape 'input_ids:1xa' is not NAME:DIMS; write it like input_ids:1x128"),
+    ("unknown mask input", ["build", "{model}", "--calib", "{calib}", "--mask-input", "nope"], r"--mask-input 'nope' is not a model input \(input_ids, attention_mask\)"),
+    ("sweep bad target metric", ["sweep", "{model}", "--calib", "{calib}", "--target-metric", "accuracy=0.9"], r"--target-metric 'accuracy=0.9' is not NAME=VALUE"),
+    ("sweep unknown output", ["sweep", "{model}", "--calib", "{calib}", "--budgets", "0.5", "--output", "nope", "--bench-batch", "0"], r"--output 'nope' is not a model output \(last_hidden_state, embedding\); pass one of those"),
+    ("demo too many sentences", ["demo", "-o", "{dir}/demo", "--calib-sentences", "100000"], r"100000 calibration \+ 1000 evaluation sentences were asked for but pydoc has only \d+; lower --calib-sentences or --eval-sentences"),
+    ("demo budget above one", ["demo", "-o", "{dir}/demo", "--rank-budget", "2"], r"rank budget 2.0 is outside \(0, 1\]"),
+    ("bench engine file", ["bench", "{dir}/m.engine"], r"m.engine is a TensorRT engine, which does not say its inputs; bench the ONNX file"),
+]
+
+
+@pytest.mark.parametrize("args, message", [case[1:] for case in BAD_INPUTS], ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_gives_one_error_line_and_leaves_no_output(transformer_files, tmp_path, args, message):
+    import re
+
     model, calib = transformer_files
-    before = _digest(model)
-    for name, args, message in _bad_inputs(tmp_path, model, calib):
-        listing = sorted(p.name for p in model.parent.rglob("*"))
-        result = CliRunner().invoke(main, [str(a) for a in args])
-        assert result.exit_code == 1, (name, result.output)
-        assert isinstance(result.exception, SystemExit), name  # no traceback
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("Error: "), (name, result.stderr)
-        import re
-        assert re.search(message, lines[0]), (name, lines[0])
-        assert sorted(p.name for p in model.parent.rglob("*")) == listing, name
-    assert _digest(model) == before
+    _write_bad_inputs(tmp_path)
+    (tmp_path / "m.engine").write_bytes(b"engine")
+    before = {p: _digest(p) for p in tmp_path.rglob("*") if p.is_file()}
+    result = CliRunner().invoke(main, [a.format(dir=tmp_path, model=model, calib=calib) for a in args])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit)  # no traceback
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert {p: _digest(p) for p in tmp_path.rglob("*") if p.is_file()} == before  # inputs untouched, nothing written

@@ -64,6 +64,7 @@ def prepare_assets(settings: DemoSettings, timer: StageTimer) -> tuple[Path, Pat
     from lrdeploy.calib.text import pydoc_split, tokenize
     from lrdeploy.export.torch_onnx import export_hf
 
+    calib_text, eval_text = pydoc_split(settings.calib_sentences, settings.eval_sentences)  # fails fast if too many
     model_dir = _minilm_dir()
     out = settings.output_dir
     model, calib, evaluation = out / "minilm.onnx", out / "calib.npz", out / "eval.npz"
@@ -71,7 +72,6 @@ def prepare_assets(settings: DemoSettings, timer: StageTimer) -> tuple[Path, Pat
         if not model.exists():
             export_hf(model_dir, model, pooling="mean", normalize=True)
     with timer.stage("tokenize pydoc sentences"):
-        calib_text, eval_text = pydoc_split(settings.calib_sentences, settings.eval_sentences)
         for path, sentences in ((calib, calib_text), (evaluation, eval_text)):
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as handle:

@@ -47,8 +47,10 @@ def test_distill_cli_builds_a_distilled_two_matmul_model(bert_dir, tmp_path):
     assert _matmuls(compressed) == _matmuls(model) + len(factorized)  # each split adds one MatMul
     assert report["params"]["linear_ratio"] <= 0.5
     finetune = report["finetune"]
-    assert finetune["steps"] == 12 and finetune["best_cosine"] >= finetune["initial_cosine"]
-    assert [h["step"] for h in finetune["history"]][-1] == 12
+    history = {h["step"]: h["eval_cosine"] for h in finetune["history"]}
+    assert finetune["steps"] == 12 and list(history) == [0, 12] and history[0] == finetune["initial_cosine"]
+    # the exported checkpoint is the best one checked (that distillation improves a model: tests/torch)
+    assert finetune["best_cosine"] == max(history.values()) == history[finetune["best_step"]]
     assert list(report["timings"])[:3] == ["export", "tokenize", "load"] and "finetune" in report["timings"]
     meta = {p.key: p.value for p in onnx.load(str(compressed)).metadata_props}
     assert meta["lrdeploy.finetune_steps"] == "12"
@@ -57,6 +59,7 @@ def test_distill_cli_builds_a_distilled_two_matmul_model(bert_dir, tmp_path):
     assert 'alt="distillation curve"' in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_distill_target_cosine_keeps_only_the_chosen_budget(bert_dir, tmp_path):
     out = tmp_path / "target"
     result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--target-cosine", "0.9", "--steps", "4",

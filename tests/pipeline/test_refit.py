@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import onnx_graphsurgeon as gs
+import pytest
 from click.testing import CliRunner
 
 from lrdeploy.cli import main
@@ -67,6 +68,7 @@ def test_stages_group_layers_reading_one_tensor_in_model_order():
     assert stages[0][0].name == "layer0/attention/query/MatMul"
 
 
+@pytest.mark.slow
 def test_refit_improves_held_out_accuracy(transformer_files, tmp_path):
     model, calib = transformer_files
     cosines = []

@@ -18,8 +18,12 @@ def test_quick_run_prints_both_tables(tmp_path):
                    capture_output=True, cwd=Path(__file__).resolve().parents[2], timeout=300)
     text = out.read_text()
     assert "### MLP" in text and "### ViT" in text
-    rows = [line for line in text.splitlines() if line.startswith("| 0.50 |")]
-    assert len(rows) == 2
-    for row in rows:
-        accuracies = [float(cell) for cell in row.strip("|").split("|")[1:]]
-        assert all(0.0 <= a <= 1.0 for a in accuracies)
+    def accuracies(line):
+        return [float(cell) for cell in line.strip("|").split("|")[1:] if cell.strip()]
+
+    mlp = text.split("### ViT")[0].splitlines()
+    (dense,) = [accuracies(line) for line in mlp if line.startswith("| dense")]
+    (half,) = [accuracies(line) for line in mlp if line.startswith("| 0.50 |")]
+    assert min(dense) > 0.8  # even the quick run trains the MLP well past chance (0.1)
+    svd, lorita_svd, feature_pca = half
+    assert svd < min(dense) and feature_pca > svd  # truncating weights costs accuracy; feature PCA keeps more
