@@ -302,8 +302,8 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
 
     metric, target = parse_target(target_cosine, target_metric)
     config = _build_config(model, **options)
-    settings = SweepSettings(_float_list(budgets), metric, target, output_name, bench_batch or None, seq,
-                             bench_iterations)
+    settings = SweepSettings(budgets=_float_list(budgets), metric=metric, target=target, output=output_name,
+                             bench_batch=bench_batch or None, bench_seq=seq, bench_iterations=bench_iterations)
     console = _console()
     report = run_sweep(config, settings, _progress(console))
     table = Table(title=f"Sweep of {model} (output {report.output})")

@@ -24,7 +24,6 @@ import onnx
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs
 from lrdeploy.calib.stats import TensorRequest
-from lrdeploy.errors import NoEligibleLayersError, OutputError
 from lrdeploy.files import prepare_output_dir
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose
@@ -76,18 +75,6 @@ class PreparedBuild:
         return [layer.shape for layer in self.eligible]
 
 
-def _require_eligible(inspection: Inspection) -> list[LinearLayer]:
-    eligible = inspection.eligible
-    if not eligible:
-        reasons = sorted({layer.reason for layer in inspection.layers})
-        found = f"{len(inspection.layers)} MatMul/Gemm found, all skipped: {'; '.join(reasons)}" if reasons else "no MatMul/Gemm found"
-        raise NoEligibleLayersError(
-            f"{inspection.model.path} has no linear layer to compress ({found}); "
-            "run `lrdeploy inspect` on it, or lower --rank-multiple for small layers"
-        )
-    return eligible
-
-
 def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tuple[float, ...] = (),
                   timings: dict[str, float] | None = None) -> PreparedBuild:
     """Load, check inputs, calibrate and decompose; every user error surfaces here, before outputs exist.
@@ -96,13 +83,11 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     timer = StageTimer(progress, timings)
     with timer.stage("load"):
         inspection = inspect_model(config.model, config.rank_multiple)
-        eligible = _require_eligible(inspection)
+        eligible = inspection.require_eligible()
         for budget in budgets or (config.rank_budget,):
             check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
         prepare_output_dir(config.resolved_output_dir)
-        if config.output_model.resolve() == Path(config.model).resolve():
-            raise OutputError(f"output {config.output_model} would overwrite the input model; "
-                              "choose another -o/--output-dir")
+        config.check_output_model()
         specs = model_input_specs(inspection.model.proto)
         feeds = Feeds(specs, config.batch_size, detect_mask_input(specs, config.mask_input))
         samples = prepare_samples(config, specs)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import onnx_graphsurgeon as gs
 
+from lrdeploy.errors import NoEligibleLayersError
 from lrdeploy.onnx_io import LoadedModel, count_parameters, load_model
 from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
 
@@ -21,6 +22,19 @@ class Inspection:
     @property
     def eligible(self) -> list[LinearLayer]:
         return [layer for layer in self.layers if layer.eligible]
+
+    def require_eligible(self) -> list[LinearLayer]:
+        """The eligible layers, or NoEligibleLayersError saying why each layer was skipped."""
+        eligible = self.eligible
+        if not eligible:
+            reasons = sorted({layer.reason for layer in self.layers})
+            found = (f"{len(self.layers)} MatMul/Gemm found, all skipped: {'; '.join(reasons)}" if reasons
+                     else "no MatMul/Gemm found")
+            raise NoEligibleLayersError(
+                f"{self.model.path} has no linear layer to compress ({found}); "
+                "run `lrdeploy inspect` on it, or lower --rank-multiple for small layers"
+            )
+        return eligible
 
     def to_dict(self) -> dict:
         eligible = self.eligible

@@ -15,7 +15,7 @@ from typing import Iterable, Mapping
 import numpy as np
 import torch
 
-from lrdeploy.errors import BudgetError, ModelLoadError
+from lrdeploy.errors import ModelLoadError, NoEligibleLayersError, OptionError
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate
 from lrdeploy.lowrank.decompose import LowRankFactors, decompose
 from lrdeploy.lowrank.moments import Moments
@@ -79,7 +79,7 @@ def compress(model: torch.nn.Module, calib_batches: Iterable[Batch], rank_budget
     parameters at `rank_multiple` stay as they are.
     """
     if allocation == "sensitivity":
-        raise BudgetError("sensitivity allocation runs on the ONNX path: use `lrdeploy distill --allocation "
+        raise OptionError("sensitivity allocation runs on the ONNX path: use `lrdeploy distill --allocation "
                           "sensitivity`, or build on the exported model and pass its factors to apply_factors()")
     candidates = linear_layers(model, exclude)
     batches = list(calib_batches)
@@ -87,7 +87,7 @@ def compress(model: torch.nn.Module, calib_batches: Iterable[Batch], rank_budget
     layers = {n: l for n, l in candidates.items() if n in moments
               and LayerShape(n, l.in_features, l.out_features).saves(rank_multiple)}
     if not layers:
-        raise BudgetError("no nn.Linear layer to compress (none reached by the calibration batches, or all too small)")
+        raise NoEligibleLayersError("no nn.Linear layer to compress (none reached by the calibration batches, or all too small)")
     shapes = [LayerShape(n, l.in_features, l.out_features) for n, l in layers.items()]
     decompositions = {}
     for name, layer in layers.items():

@@ -3,7 +3,6 @@ as a two-MatMul ONNX model with the usual report; --target-cosine bisects over d
 
 import json
 
-import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
