@@ -249,19 +249,21 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
     import dataclasses
 
     from lrdeploy.bench.measure import BenchSettings
-    from lrdeploy.files import prepare_output_dir
+    from lrdeploy.files import check_output_dir, output_set
     from lrdeploy.pipeline.bench import BenchConfig, describe_shape, run_bench
-    from lrdeploy.report.files import write_bench
+    from lrdeploy.report.files import BENCH_FILES, write_bench
 
     if iterations and duration:
         raise click.BadParameter("give --iterations or --duration, not both")
     settings = BenchSettings(warmup, iterations if iterations or duration else 20, duration)
     config = BenchConfig(list(models), backend, _int_list(batches), seq, settings, threads, precision)
-    prepare_output_dir(output_dir)
+    check_output_dir(output_dir)
     console = _console(stderr=as_json)
     result = run_bench(config, on_shape=lambda shape: console.print(describe_shape(shape)))
     command = "lrdeploy bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lrdeploy bench"
-    paths = write_bench(result, output_dir, command)
+    with output_set(output_dir) as stage:
+        write_bench(result, stage, command)
+    paths = [output_dir / name for name in BENCH_FILES]
     if as_json:
         click.echo(json.dumps(dataclasses.asdict(result), indent=2))
     else:

@@ -7,7 +7,9 @@ directory and renamed into place, and the temporary is removed if anything fails
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -40,19 +42,89 @@ def atomic_write_text(target: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def prepare_output_dir(directory: Path) -> Path:
-    """Create `directory` if needed and prove it is writable, before any expensive work starts."""
+def _cannot_write(directory: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or type(exc).__name__
+    return OutputError(f"cannot write to output directory {directory} ({reason}); choose another with -o/--output-dir")
+
+
+def check_output_dir(directory: Path) -> Path:
+    """Prove `directory` could be written, creating nothing (an early error must not leave an empty folder)."""
     directory = Path(directory)
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "Not a directory" if not existing.is_dir() else "Permission denied"
+        raise OutputError(f"cannot write to output directory {directory} ({reason}); choose another with -o/--output-dir")
+    return directory
+
+
+def refuse_overwriting_inputs(outputs: list[Path], inputs: list[Path]) -> None:
+    """OutputError if any output path is one of the inputs (the model, its external data, the sample files)."""
+    taken = {Path(p).resolve(): Path(p) for p in inputs}
+    for output in outputs:
+        if Path(output).resolve() in taken:
+            raise OutputError(f"output {output} would overwrite the input {taken[Path(output).resolve()]}; "
+                              "choose another -o/--output-dir")
+
+
+_LOCKED: set[Path] = set()  # output folders this process holds, so that nested output sets do not lock twice
+
+
+@contextlib.contextmanager
+def _folder_lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the folder itself (flock on its descriptor: no lock file to leave behind)."""
+    key = directory.resolve()
+    if key in _LOCKED:
+        yield
+        return
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputError(f"output directory {directory} is in use by another lrdeploy run; wait for it to "
+                              "finish or choose another -o/--output-dir") from None
+        _LOCKED.add(key)
+        try:
+            yield
+        finally:
+            _LOCKED.discard(key)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def output_set(directory: Path) -> Iterator[Path]:
+    """Stage a run's outputs and publish them together, or not at all:
+
+        with output_set(out) as stage:      # out created if needed, and locked against other runs
+            write files into stage/ ...     # a hidden folder inside out
+        # here every staged file has replaced its namesake in out
+
+    Any failure (an error, a full disk, Ctrl-C) removes the staging folder, and `out` too when this run created
+    it and nothing else is in it. A write error is an OutputError.
+    """
+    directory = Path(directory)
+    created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".lrdeploy-probe-"):
-            pass
+        with _folder_lock(directory):
+            stage = Path(tempfile.mkdtemp(dir=directory, prefix=".lrdeploy-stage-"))
+            try:
+                yield stage
+                for item in sorted(stage.iterdir()):
+                    os.replace(item, directory / item.name)
+            except OSError as exc:
+                raise _cannot_write(directory, exc) from None
+            finally:
+                shutil.rmtree(stage, ignore_errors=True)
     except OSError as exc:
-        reason = exc.strerror or type(exc).__name__
-        raise OutputError(
-            f"cannot write to output directory {directory} ({reason}); choose another with -o/--output-dir"
-        ) from None
-    return directory
+        raise _cannot_write(directory, exc) from None
+    except BaseException:
+        if created and directory.is_dir() and not any(directory.iterdir()):
+            directory.rmdir()
+        raise
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

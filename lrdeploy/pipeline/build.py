@@ -24,10 +24,10 @@ import onnx
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs
 from lrdeploy.calib.stats import TensorRequest
-from lrdeploy.files import prepare_output_dir
+from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose
-from lrdeploy.onnx_io import check_model, count_parameters, save_model
+from lrdeploy.onnx_io import LoadedModel, check_model, count_parameters, external_data_name, save_model
 from lrdeploy.passes.factorize import factorized_model
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.pipeline.bench import BenchConfig, run_bench
@@ -42,7 +42,7 @@ from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, rec
 from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
 from lrdeploy.pipeline.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
 from lrdeploy.pipeline.validate import compare_models
-from lrdeploy.report.files import write_bench, write_reports
+from lrdeploy.report.files import BENCH_FILES, REPORT_FILES, write_bench, write_reports
 from lrdeploy.report.model import BuildReport
 
 
@@ -75,6 +75,18 @@ class PreparedBuild:
         return [layer.shape for layer in self.eligible]
 
 
+def output_files(output_model: Path) -> list[Path]:
+    """Every file a build writes beside `output_model` (its external data, reports, bench results)."""
+    folder = output_model.parent
+    return [output_model, folder / external_data_name(output_model), *(folder / n for n in (*REPORT_FILES, *BENCH_FILES))]
+
+
+def input_files(config: BuildConfig, model: LoadedModel) -> list[Path]:
+    """Every file a build reads: the model, its external data, the sample files."""
+    samples = [Path(config.calib)] if config.calib != "random" else []
+    return [model.path, *model.external_files, *samples, *([Path(config.eval)] if config.eval else [])]
+
+
 def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tuple[float, ...] = (),
                   timings: dict[str, float] | None = None) -> PreparedBuild:
     """Load, check inputs, calibrate and decompose; every user error surfaces here, before outputs exist.
@@ -86,8 +98,8 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         eligible = inspection.require_eligible()
         for budget in budgets or (config.rank_budget,):
             check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
-        prepare_output_dir(config.resolved_output_dir)
-        config.check_output_model()
+        check_output_dir(config.resolved_output_dir)
+        refuse_overwriting_inputs(output_files(config.output_model), input_files(config, inspection.model))
         specs = model_input_specs(inspection.model.proto)
         feeds = Feeds(specs, config.batch_size, detect_mask_input(specs, config.mask_input))
         samples = prepare_samples(config, specs)
@@ -160,40 +172,44 @@ class Finetuner(Protocol):
 def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, progress: Progress = SILENT,
                   bench: bool | None = None, finetune: Finetuner | None = None) -> BuildResult:
     """Allocate ranks for `budget`, rewrite (or fine-tune), save, validate (and bench, by default when the config
-    says so); write the model and reports."""
+    says so); write the model and reports into `output_dir` together, or nothing at all."""
     config, inspection = prepared.config, prepared.inspection
     timer = StageTimer(progress, prepared.timings)
-    output_dir = prepare_output_dir(output_dir)
+    output_dir = Path(output_dir)
     output_model = output_dir / config.output_model.name
+    refuse_overwriting_inputs(output_files(output_model), input_files(config, inspection.model))
     chosen = choose_factors(prepared, budget, timer)
     finetune_record = None
     if finetune is not None:
         with timer.stage("finetune"):
             proto, finetune_record = finetune(prepared, chosen)
-    with timer.stage("rewrite"):
-        if finetune is None:
-            proto = factorized_model(inspection.model.proto, prepared.eligible, chosen.factors)
-        record_metadata(proto, inspection.model.proto, config, budget, chosen.plan, finetune_record)
-        model_after = count_parameters(proto)
-        external = save_model(proto, output_model, external_data=inspection.model.external_data)
-        del proto
-        check_model(output_model)
-    with timer.stage("validate"):
-        accuracy = compare_models(config.model, output_model, prepared.feeds.batches(prepared.samples.eval),
-                                  config.atol, config.rtol, config.neighbours)
-    latency_bench = None
-    if config.bench if bench is None else bench:
-        with timer.stage("bench"):
-            latency_bench = run_bench(BenchConfig([str(config.model), str(output_model)], "ort-cpu",
-                                                  config.bench_batches, config.bench_seq,
-                                                  BenchSettings(iterations=config.bench_iterations), config.threads))
-            write_bench(latency_bench, output_dir, f"lrdeploy bench {config.model} {output_model} --backend ort-cpu")
-    outcome = BuildOutcome(budget, chosen.plan, chosen.latency, str(output_model), external, model_after, accuracy,
-                           None if latency_bench is None else dataclasses.asdict(latency_bench), finetune_record,
-                           timer.timings)
-    report = assemble_report(config, inspection.layers, inspection.model_params, prepared.samples, prepared.spectra,
-                             outcome)
-    return BuildResult(report, output_model, *write_reports(report, output_dir))
+    with output_set(output_dir) as stage:
+        staged_model = stage / output_model.name
+        with timer.stage("rewrite"):
+            if finetune is None:
+                proto = factorized_model(inspection.model.proto, prepared.eligible, chosen.factors)
+            record_metadata(proto, inspection.model.proto, config, budget, chosen.plan, finetune_record)
+            model_after = count_parameters(proto)
+            external = save_model(proto, staged_model, external_data=inspection.model.external_data)
+            del proto
+            check_model(staged_model)
+        with timer.stage("validate"):
+            accuracy = compare_models(config.model, staged_model, prepared.feeds.batches(prepared.samples.eval),
+                                      config.atol, config.rtol, config.neighbours)
+        latency_bench = None
+        if config.bench if bench is None else bench:
+            with timer.stage("bench"):
+                latency_bench = run_bench(BenchConfig([str(config.model), str(staged_model)], "ort-cpu",
+                                                      config.bench_batches, config.bench_seq,
+                                                      BenchSettings(iterations=config.bench_iterations), config.threads))
+                write_bench(latency_bench, stage, f"lrdeploy bench {config.model} {output_model} --backend ort-cpu")
+        outcome = BuildOutcome(budget, chosen.plan, chosen.latency, str(output_model), external, model_after, accuracy,
+                               None if latency_bench is None else dataclasses.asdict(latency_bench), finetune_record,
+                               timer.timings)
+        report = assemble_report(config, inspection.layers, inspection.model_params, prepared.samples,
+                                 prepared.spectra, outcome)
+        write_reports(report, stage)
+    return BuildResult(report, output_model, *(output_dir / name for name in REPORT_FILES))
 
 
 def build(config: BuildConfig, progress: Progress = SILENT) -> BuildResult:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lrdeploy.errors import OptionError, OutputError
+from lrdeploy.errors import OptionError
 from lrdeploy.lowrank.allocate import ALLOCATIONS, check_budget_range
 from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
@@ -67,11 +67,6 @@ class BuildConfig:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
         if self.rank_multiple < 1:
             raise OptionError(f"--rank-multiple {self.rank_multiple} must be at least 1; 16 or 64 suit tensor cores")
-
-    def check_output_model(self) -> None:
-        """The compressed model must not land on the input model."""
-        if self.output_model.resolve() == Path(self.model).resolve():
-            raise OutputError(f"output {self.output_model} would overwrite the input model; choose another -o/--output-dir")
 
     @property
     def resolved_output_dir(self) -> Path:

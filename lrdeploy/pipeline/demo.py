@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from lrdeploy.errors import MissingDependencyError
-from lrdeploy.files import atomic_path, prepare_output_dir
+from lrdeploy.files import atomic_path, check_output_dir, output_set
 from lrdeploy.lowrank.allocate import check_budget_range
 from lrdeploy.pipeline.build import BuildResult, prepare_build, realize_build
 from lrdeploy.pipeline.config import BuildConfig
@@ -84,7 +84,8 @@ def run_demo(settings: DemoSettings, progress: Progress = SILENT) -> DemoResult:
     statistics for the accuracy curve only (their models are not kept)."""
     for budget in (settings.rank_budget, *settings.budgets):
         check_budget_range(budget)
-    out = prepare_output_dir(settings.output_dir)
+    out = check_output_dir(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # the exported model and the tokenized text are reused by later runs
     timer = StageTimer(progress)
     model, calib, evaluation = prepare_assets(settings, timer)
     config = BuildConfig(model=model, rank_budget=settings.rank_budget, calib=str(calib), eval=evaluation,
@@ -96,9 +97,10 @@ def run_demo(settings: DemoSettings, progress: Progress = SILENT) -> DemoResult:
     for budget in settings.budgets:
         if abs(budget - settings.rank_budget) >= 1e-9:
             sweep.evaluate(budget)
-    sweep.keep_only(None, out)
-    sweep.add(settings.rank_budget, main, main.report.bench["shapes"][-1]["ratio_p50"])
-    report = SweepReport(str(model), EMBEDDING, "cosine_mean", None, settings.rank_budget,
-                         sorted(sweep.points.values(), key=lambda p: -p.budget))
-    write_sweep(report, main.report, out, "lrdeploy demo: all-MiniLM-L6-v2")
+    with output_set(out) as stage:
+        sweep.keep_only(None, stage, out)  # the curve needs the other budgets' figures, not their models
+        sweep.add(settings.rank_budget, main, main.report.bench["shapes"][-1]["ratio_p50"])
+        report = SweepReport(str(model), EMBEDDING, "cosine_mean", None, settings.rank_budget,
+                             sorted(sweep.points.values(), key=lambda p: -p.budget))
+        write_sweep(report, main.report, stage, "lrdeploy demo: all-MiniLM-L6-v2")
     return DemoResult(main, report, out / "report.html", headline(main.report))

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from lrdeploy.calib.data import Feeds, InputSpec, SampleSet
-from lrdeploy.files import atomic_path, prepare_output_dir
+from lrdeploy.files import atomic_path, check_output_dir
 from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
@@ -115,7 +115,8 @@ def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> Build
     from lrdeploy.export.torch_onnx import export_module, sentence_embedder
 
     settings.check()
-    out = prepare_output_dir(settings.output_dir)
+    out = check_output_dir(settings.output_dir)
+    out.mkdir(parents=True, exist_ok=True)  # the exported teacher and the tokenized text are written first
     timer = StageTimer(progress)
     seed = settings.training.seed
     torch.manual_seed(seed)

@@ -13,13 +13,13 @@ from pathlib import Path
 
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.errors import OptionError
-from lrdeploy.files import prepare_output_dir
+from lrdeploy.files import output_set
 from lrdeploy.lowrank.allocate import minimum_ratio
 from lrdeploy.pipeline.bench import BenchConfig, run_bench
 from lrdeploy.pipeline.build import BuildResult, Finetuner, PreparedBuild, prepare_build, realize_build
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.progress import SILENT, Progress
-from lrdeploy.report.files import write_reports, write_sweep
+from lrdeploy.report.files import REPORT_FILES, write_reports, write_sweep
 from lrdeploy.report.model import SweepPoint, SweepReport
 
 METRICS = ("cosine_mean", "cosine_p5", "topk_agreement")
@@ -97,23 +97,28 @@ class Sweep:
         self.results[budget] = result
         self.points[budget] = SweepPoint.from_report(budget, result.report, self.output, latency_ratio)
 
-    def keep_only(self, chosen: float | None, output_dir: Path) -> None:
-        """Move the chosen budget's model (and external data) to `output_dir`, rewrite its reports there, and
-        delete every budget's folder; the other points keep their figures, not their models (with `chosen`
-        None, no model is kept)."""
+    def keep_only(self, chosen: float | None, stage: Path, output_dir: Path) -> None:
+        """Move the chosen budget's model (and external data) into `stage` (the staging folder of `output_dir`),
+        write its reports there, and delete every budget's folder; the other points keep their figures, not
+        their models (with `chosen` None, no model is kept)."""
         for budget in list(self.points):
             folder = self.directory(budget)
             if budget == chosen:
                 result = self.results[budget]
-                model = output_dir / result.output_model.name
                 for item in folder.glob(f"{result.output_model.name}*"):  # the model and its .data file
-                    item.replace(output_dir / item.name)
-                result.output_model = model
-                result.report.output_model = self.points[budget].output_model = str(model)
-                result.report_json, result.report_md, result.report_html = write_reports(result.report, output_dir)
+                    item.replace(stage / item.name)
+                result.output_model = output_dir / result.output_model.name
+                result.report.output_model = self.points[budget].output_model = str(result.output_model)
+                write_reports(result.report, stage)
+                result.report_json, result.report_md, result.report_html = (output_dir / n for n in REPORT_FILES)
             else:
                 self.points[budget].output_model = None
             shutil.rmtree(folder, ignore_errors=True)
+
+    def remove_folders(self) -> None:
+        """Delete every budget's folder (a bisection that did not finish keeps none of its models)."""
+        for budget in self.points:
+            shutil.rmtree(self.directory(budget), ignore_errors=True)
 
 
 def bisect_budget(sweep: Sweep, metric: str, target: float, low: float, tolerance: float = 0.02,
@@ -147,18 +152,23 @@ def run_sweep(config: BuildConfig, settings: SweepSettings, progress: Progress =
         raise OptionError(f"--output {settings.output!r} is not a model output ({', '.join(output_names(prepared))}); "
                           "pass one of those")
     sweep = Sweep(prepared, settings, progress, finetune)
-    output_dir = prepare_output_dir(config.resolved_output_dir)
+    output_dir = config.resolved_output_dir
     chosen = None
-    if settings.target is None:
-        for budget in settings.budgets:
-            sweep.evaluate(budget)
-    else:
-        low = max(0.05, minimum_ratio(prepared.shapes, config.rank_multiple))
-        chosen = bisect_budget(sweep, settings.metric, settings.target, round(low + 1e-4, 4))
-        sweep.keep_only(chosen, output_dir)
-    report = SweepReport(str(config.model), sweep.output, settings.metric, settings.target, chosen,
-                         sorted(sweep.points.values(), key=lambda p: -p.budget))
-    main = sweep.results[chosen] if chosen is not None else sweep.results[
-        min(sweep.results, key=lambda b: abs(b - config.rank_budget))]
-    write_sweep(report, main.report, output_dir)
+    with output_set(output_dir) as stage:
+        if settings.target is None:
+            for budget in settings.budgets:
+                sweep.evaluate(budget)
+        else:
+            low = max(0.05, minimum_ratio(prepared.shapes, config.rank_multiple))
+            try:
+                chosen = bisect_budget(sweep, settings.metric, settings.target, round(low + 1e-4, 4))
+            except BaseException:
+                sweep.remove_folders()
+                raise
+            sweep.keep_only(chosen, stage, output_dir)
+        report = SweepReport(str(config.model), sweep.output, settings.metric, settings.target, chosen,
+                             sorted(sweep.points.values(), key=lambda p: -p.budget))
+        main = sweep.results[chosen] if chosen is not None else sweep.results[
+            min(sweep.results, key=lambda b: abs(b - config.rank_budget))]
+        write_sweep(report, main.report, stage)
     return report

@@ -13,11 +13,14 @@ from lrdeploy.report.markdown import bench_markdown, render_markdown, sweep_mark
 from lrdeploy.report.model import BuildReport, SweepReport
 from lrdeploy.report.plots import latency_plot
 
+REPORT_FILES = ("report.json", "report.md", "report.html")
+BENCH_FILES = ("bench.json", "bench.md", "bench_latency.png")
+
 
 def write_reports(report: BuildReport, directory: Path) -> tuple[Path, Path, Path]:
     """Write report.json, report.md and report.html into `directory` atomically; return their paths."""
     directory = Path(directory)
-    json_path, md_path, html_path = directory / "report.json", directory / "report.md", directory / "report.html"
+    json_path, md_path, html_path = (directory / name for name in REPORT_FILES)
     atomic_write_text(json_path, json.dumps(report.to_dict(), indent=2) + "\n")
     atomic_write_text(md_path, render_markdown(report))
     atomic_write_text(html_path, render_build_html(report))
@@ -35,7 +38,7 @@ def write_sweep(report: SweepReport, main: BuildReport, directory: Path, title: 
 def write_bench(result: BenchResult, directory: Path, command: str) -> list[Path]:
     """Write bench.json (with the command that produced it), bench.md and bench_latency.png."""
     directory = Path(directory)
-    json_path, md_path, png_path = directory / "bench.json", directory / "bench.md", directory / "bench_latency.png"
+    json_path, md_path, png_path = (directory / name for name in BENCH_FILES)
     atomic_write_text(json_path, json.dumps({"command": command, **dataclasses.asdict(result)}, indent=2) + "\n")
     atomic_write_text(md_path, bench_markdown(result))
     with atomic_path(png_path) as tmp:
