@@ -188,7 +188,9 @@ def build(model: Path, as_json: bool, **options) -> None:
     console = _console(stderr=as_json)
     result = run_build(_build_config(model, **options), _progress(console))
     if as_json:
-        click.echo(json.dumps(result.report.to_dict(), indent=2))
+        from lrdeploy.report.files import strict_json
+
+        click.echo(strict_json(result.report.to_dict()), nl=False)
     else:
         _print_build_summary(console, result)
 
@@ -265,7 +267,9 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
         write_bench(result, stage, command)
     paths = [output_dir / name for name in BENCH_FILES]
     if as_json:
-        click.echo(json.dumps(dataclasses.asdict(result), indent=2))
+        from lrdeploy.report.files import strict_json
+
+        click.echo(strict_json(dataclasses.asdict(result)), nl=False)
     else:
         console.print("Wrote " + ", ".join(str(p) for p in paths))
 

@@ -79,7 +79,7 @@ def test_second_build_reuses_calibration_statistics(transformer_files, tmp_path)
 def test_random_calibration_warns(transformer_files, tmp_path):
     model, _ = transformer_files
     result = _invoke("build", model, "--shape", "input_ids:1x16", "--shape", "attention_mask:1x16",
-                     "--calib-samples", "16", "-o", tmp_path / "out")
+                     "--calib-samples", "64", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
     assert "Warning: calibrating on random data: the factors will be poor" in result.output
 

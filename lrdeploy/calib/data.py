@@ -172,6 +172,11 @@ def validate_samples(samples: SampleSet, specs: Sequence[InputSpec], label: str)
                 f"{label}: input {spec.name!r} is {array.dtype} but the model expects {spec.dtype}; "
                 f"convert it with .astype(numpy.{spec.dtype})"
             )
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            bad = int(array.size - np.isfinite(array).sum())
+            raise CalibrationDataError(
+                f"{label}: input {spec.name!r} holds {bad} NaN or infinite values; replace or drop those samples"
+            )
         static_ok = array.ndim == len(spec.shape) and all(
             not isinstance(dim, int) or axis == 0 and dim == 1 or array.shape[axis] == dim
             for axis, dim in enumerate(spec.shape)
@@ -188,6 +193,31 @@ def validate_samples(samples: SampleSet, specs: Sequence[InputSpec], label: str)
     if samples.count == 0:
         raise CalibrationDataError(f"{label} holds no samples; give at least one")
     return SampleSet({spec.name: samples.arrays[spec.name] for spec in specs})
+
+
+def check_masks(samples: SampleSet, mask_name: str | None, label: str) -> None:
+    """Every sample has at least one real position: a sample whose attention mask is all zeros has no content,
+    and statistics or accuracy measured on such samples mean nothing."""
+    if mask_name is None:
+        return
+    mask = samples.arrays[mask_name]
+    empty = int((mask.reshape(mask.shape[0], -1) == 0).all(axis=1).sum())
+    if empty:
+        raise CalibrationDataError(
+            f"{label}: {empty} of {samples.count} samples have an all-zero {mask_name!r} (no real token); "
+            "drop them, or check how the mask was made"
+        )
+
+
+def check_index_ranges(samples: SampleSet, limits: Mapping[str, int], label: str) -> None:
+    """Integer inputs that index a table (token ids into an embedding) stay inside it: 0 ≤ id < rows."""
+    for name, rows in limits.items():
+        values = samples.arrays.get(name)
+        if values is not None and values.size and (values.min() < 0 or values.max() >= rows):
+            raise CalibrationDataError(
+                f"{label}: input {name!r} holds ids from {values.min()} to {values.max()} but the model's table "
+                f"has {rows} rows (ids 0..{rows - 1}); tokenize with the model's own tokenizer"
+            )
 
 
 def detect_mask_input(specs: Sequence[InputSpec], override: str | None = None) -> str | None:

@@ -210,18 +210,21 @@ def allocate(
     energies: Mapping[str, np.ndarray] | None = None,
     loss: LossCurve | None = None,
 ) -> RankPlan:
-    """Dispatch to the allocation strategy by name (`loss` is the measured curve sensitivity needs)."""
+    """Dispatch to the allocation strategy by name (`loss` is the measured curve sensitivity needs). A budget of
+    1 keeps every parameter: every layer stays dense."""
+    if allocation not in ALLOCATIONS:
+        raise OptionError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if budget == 1.0:
+        return {s.name: None for s in shapes}
     if allocation == "uniform":
         return uniform_ranks(shapes, budget, multiple)
     if allocation == "energy":
         if energies is None:
             raise OptionError("energy allocation needs a spectrum per layer; use --allocation uniform")
         return energy_ranks(shapes, energies, budget, multiple)
-    if allocation == "sensitivity":
-        if loss is None:
-            raise OptionError("sensitivity allocation needs measured sensitivities; use --allocation uniform")
-        return greedy_ranks(shapes, loss, budget, multiple)
-    raise OptionError(f"unknown allocation {allocation!r}; choose one of {', '.join(ALLOCATIONS)}")
+    if loss is None:
+        raise OptionError("sensitivity allocation needs measured sensitivities; use --allocation uniform")
+    return greedy_ranks(shapes, loss, budget, multiple)
 
 
 def allocate_around_dense(

@@ -29,6 +29,7 @@ from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budg
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose
 from lrdeploy.onnx_io import LoadedModel, check_model, count_parameters, external_data_name, save_model
 from lrdeploy.passes.factorize import factorized_model
+from lrdeploy.passes.index_inputs import index_limits
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.pipeline.bench import BenchConfig, run_bench
 from lrdeploy.pipeline.cache import StatisticsCache
@@ -102,7 +103,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         refuse_overwriting_inputs(output_files(config.output_model), input_files(config, inspection.model))
         specs = model_input_specs(inspection.model.proto)
         feeds = Feeds(specs, config.batch_size, detect_mask_input(specs, config.mask_input))
-        samples = prepare_samples(config, specs)
+        samples = prepare_samples(config, specs, feeds.mask_name, index_limits(inspection.graph))
     for warning in samples.warnings:
         progress.warn(warning)
     cache = StatisticsCache(config.cache_dir, [inspection.model.path, *inspection.model.external_files])

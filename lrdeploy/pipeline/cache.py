@@ -20,7 +20,7 @@ from lrdeploy.calib.data import SampleSet
 from lrdeploy.files import atomic_path, atomic_write_text
 from lrdeploy.lowrank.moments import Moments
 
-CACHE_FORMAT = "moments-v1"
+CACHE_FORMAT = "moments-v2"  # v2: entries carry a checksum of their content
 SensitivityTable = dict[str, dict[int, float]]
 
 
@@ -40,22 +40,32 @@ def cache_key(model_files: list[Path], samples: SampleSet, settings: str | None)
     return digest.hexdigest()[:32]
 
 
+def _checksum(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = np.ascontiguousarray(arrays[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
 def _read_moments(path: Path, names: list[str]) -> dict[str, Moments] | None:
-    """Moments for all `names` from a cache file, or None when it is absent or lacks one of them."""
+    """Moments for all `names` from a cache file, or None when it is absent, lacks one of them, or is damaged
+    in any way (unreadable, truncated, or content that does not match its checksum)."""
     if not path.is_file():
         return None
     try:
         with np.load(path, allow_pickle=False) as data:
-            stored = [str(n) for n in data["names"]]
-            index = {name: i for i, name in enumerate(stored)}
-            if any(name not in index for name in names):
+            arrays = {name: data[name] for name in data.files if name != "checksum"}
+            if str(data["checksum"]) != _checksum(arrays):
                 return None
-            return {
-                name: Moments(float(data[f"count_{index[name]}"]), data[f"total_{index[name]}"], data[f"gram_{index[name]}"])
-                for name in names
-            }
-    except (OSError, ValueError, KeyError):
-        return None  # a damaged cache entry is recomputed, never trusted
+        index = {str(name): i for i, name in enumerate(arrays["names"])}
+        if any(name not in index for name in names):
+            return None
+        return {name: Moments(float(arrays[f"count_{index[name]}"]), arrays[f"total_{index[name]}"],
+                              arrays[f"gram_{index[name]}"]) for name in names}
+    except Exception:  # noqa: BLE001 — whatever is wrong with an entry, it is recomputed, never trusted
+        return None
 
 
 def _write_moments(path: Path, moments: dict[str, Moments]) -> None:
@@ -66,23 +76,34 @@ def _write_moments(path: Path, moments: dict[str, Moments]) -> None:
         arrays[f"count_{i}"] = np.array(moments[name].count)
         arrays[f"total_{i}"] = moments[name].total
         arrays[f"gram_{i}"] = moments[name].gram
+    arrays["checksum"] = np.array(_checksum(arrays))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as handle:
             np.savez(handle, **arrays)
 
 
+def _table_text(table: SensitivityTable) -> str:
+    return json.dumps({name: {str(rank): value for rank, value in ranks.items()} for name, ranks in table.items()},
+                      sort_keys=True)
+
+
 def _read_sensitivity(path: Path) -> SensitivityTable | None:
-    """A cached sensitivity table, or None when absent or unreadable."""
+    """A cached sensitivity table, or None when absent, unreadable or not matching its checksum."""
     try:
         data = json.loads(path.read_text())
-        return {name: {int(rank): float(v) for rank, v in ranks.items()} for name, ranks in data.items()}
-    except (OSError, ValueError, AttributeError):
+        table = {name: {int(rank): float(v) for rank, v in ranks.items()} for name, ranks in data["table"].items()}
+        if data["sha256"] != hashlib.sha256(_table_text(table).encode()).hexdigest():
+            return None
+        return table
+    except Exception:  # noqa: BLE001 — likewise
         return None
 
 
 def _write_sensitivity(path: Path, table: SensitivityTable) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(table))
+    text = _table_text(table)
+    atomic_write_text(path, json.dumps({"sha256": hashlib.sha256(text.encode()).hexdigest(),
+                                        "table": json.loads(text)}))
 
 
 class StatisticsCache:

@@ -5,12 +5,31 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from lrdeploy.calib.data import Feeds, SampleSet
 from lrdeploy.calib.stats import TensorRequest, collect_moments, count_passes
+from lrdeploy.errors import CalibrationDataError
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import LoadedModel
 from lrdeploy.pipeline.cache import StatisticsCache
 from lrdeploy.pipeline.progress import SILENT, Progress
+
+
+def check_moments(moments: dict[str, Moments]) -> None:
+    """Statistics a decomposition can trust: finite, and over at least as many positions as the tensor is wide
+    (fewer leave its covariance rank-deficient; none means the data had no real token at all)."""
+    for name, m in moments.items():
+        if not (np.isfinite(m.total).all() and np.isfinite(m.gram).all()):
+            raise CalibrationDataError(
+                f"the statistics of {name!r} are not finite (NaN or overflow): the calibration inputs drive the model "
+                "outside float32's range; check them for huge values (e.g. 1e30)"
+            )
+        if m.count < m.dim:
+            raise CalibrationDataError(
+                f"calibration counted {m.count:.0f} real positions of {name!r}, fewer than its width {m.dim}; give "
+                "more calibration samples (--calib-samples) or check the attention mask"
+            )
 
 
 def calibrate(model: LoadedModel, requests: list[TensorRequest], samples: SampleSet, feeds: Feeds,
@@ -19,7 +38,9 @@ def calibrate(model: LoadedModel, requests: list[TensorRequest], samples: Sample
 
     def collect() -> dict[str, Moments]:
         on_batch = progress.steps("calibrating", count_passes(requests) * math.ceil(samples.count / feeds.batch_size))
-        return collect_moments(model.proto, requests, lambda: feeds.batches(samples), feeds.mask_name,
-                               threads=threads, on_batch=on_batch)
+        moments = collect_moments(model.proto, requests, lambda: feeds.batches(samples), feeds.mask_name,
+                                  threads=threads, on_batch=on_batch)
+        check_moments(moments)  # before anything is cached
+        return moments
 
     return cache.moments(samples, feeds.mask_name, [r.name for r in requests], collect)

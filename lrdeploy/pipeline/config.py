@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,9 @@ class BuildConfig:
                                        ("--backend", self.backend, LATENCY_BACKENDS)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
+        for option, value in (("--atol", self.atol), ("--rtol", self.rtol)):
+            if not math.isfinite(value) or value < 0:
+                raise OptionError(f"{option} {value} is not a tolerance; give a finite number ≥ 0, e.g. {option} 0.01")
         if self.rank_multiple < 1:
             raise OptionError(f"--rank-multiple {self.rank_multiple} must be at least 1; 16 or 64 suit tensor cores")
 

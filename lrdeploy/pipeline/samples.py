@@ -8,19 +8,26 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Mapping
 
 from lrdeploy.calib.data import (
     RANDOM_SOURCE,
     InputSpec,
     SampleSet,
+    check_index_ranges,
+    check_masks,
     load_sample_file,
     random_samples,
     validate_samples,
 )
-from lrdeploy.errors import CalibrationDataError
+from lrdeploy.errors import CalibrationDataError, OptionError
 from lrdeploy.pipeline.config import BuildConfig
 
 DEFAULT_RANDOM_SAMPLES = 64
+SAME_FILE_WARNING = (
+    "--eval names the same file as --calib, so the accuracy is measured on calibration samples and overstates the "
+    "held-out accuracy; leave --eval out (the tail of --calib is held out) or pass other samples"
+)
 RANDOM_WARNING = (
     "calibrating on random data: the factors will be poor; pass real inputs with --calib FILE (.npz or Polygraphy JSON)"
 )
@@ -51,8 +58,19 @@ def _holdout_split(samples: SampleSet, calib_samples: int | None, label: str) ->
     return samples.select(slice(0, calib_samples)), samples.select(slice(calib_samples, None))
 
 
-def prepare_samples(config: BuildConfig, specs: list[InputSpec]) -> BuildSamples:
-    """Load, check and split calibration and evaluation samples (fails before any expensive work)."""
+def _check_shape_overrides(config: BuildConfig, specs: list[InputSpec]) -> None:
+    unknown = sorted(set(config.shapes) - {spec.name for spec in specs})
+    if unknown:
+        raise OptionError(f"--shape names {', '.join(map(repr, unknown))}, which is not a model input "
+                          f"({', '.join(spec.name for spec in specs)}); name one of those")
+
+
+def prepare_samples(config: BuildConfig, specs: list[InputSpec], mask_name: str | None = None,
+                    index_limits: Mapping[str, int] | None = None) -> BuildSamples:
+    """Load, check and split calibration and evaluation samples (fails before any expensive work): the model's
+    inputs with its dtypes and shapes, finite values, no sample without a real position (`mask_name`), and ids
+    inside the tables they index (`index_limits`)."""
+    _check_shape_overrides(config, specs)
     calib, calib_samples, eval_path, eval_samples = config.calib, config.calib_samples, config.eval, config.eval_samples
     warnings = []
     if calib == RANDOM_SOURCE:
@@ -64,8 +82,13 @@ def prepare_samples(config: BuildConfig, specs: list[InputSpec]) -> BuildSamples
     else:
         label = f"calibration file {calib}"
         source = validate_samples(load_sample_file(Path(calib)), specs, label)
+        check_masks(source, mask_name, label)
     if eval_path is not None:
-        eval_set = validate_samples(load_sample_file(eval_path), specs, f"evaluation file {eval_path}")
+        eval_label = f"evaluation file {eval_path}"
+        eval_set = validate_samples(load_sample_file(eval_path), specs, eval_label)
+        check_masks(eval_set, mask_name, eval_label)
+        if calib != RANDOM_SOURCE and Path(eval_path).resolve() == Path(calib).resolve():
+            warnings.append(SAME_FILE_WARNING)
         calib_set = source.select(slice(0, calib_samples)) if calib_samples else source
         eval_source = str(eval_path)
     else:
@@ -73,4 +96,6 @@ def prepare_samples(config: BuildConfig, specs: list[InputSpec]) -> BuildSamples
         eval_source = f"held-out tail of {label} ({eval_set.count} samples)"
     if eval_samples is not None:
         eval_set = eval_set.select(slice(0, eval_samples))
+    check_index_ranges(calib_set, index_limits or {}, label)
+    check_index_ranges(eval_set, index_limits or {}, f"evaluation data ({eval_source})")
     return BuildSamples(calib_set, eval_set, label, eval_source, warnings)

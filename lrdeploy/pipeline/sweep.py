@@ -40,8 +40,10 @@ class SweepSettings:
 
 
 def parse_target(target_cosine: float | None, target_metric: str | None) -> tuple[str, float | None]:
-    """(metric, value) from --target-cosine X or --target-metric NAME=VALUE."""
+    """(metric, value) from --target-cosine X or --target-metric NAME=VALUE; every metric lies in (0, 1]."""
     if target_metric is None:
+        if target_cosine is not None and not 0.0 < target_cosine <= 1.0:  # false for NaN too
+            raise OptionError(f"--target-cosine {target_cosine} is outside (0, 1]; pass e.g. --target-cosine 0.98")
         return "cosine_mean", target_cosine
     name, sep, value = target_metric.partition("=")
     try:
@@ -51,11 +53,20 @@ def parse_target(target_cosine: float | None, target_metric: str | None) -> tupl
     if not sep or name not in METRICS or number is None:
         raise OptionError(f"--target-metric {target_metric!r} is not NAME=VALUE with NAME one of {', '.join(METRICS)}; "
                           "write it like topk_agreement=0.85")
+    if not 0.0 < number <= 1.0:
+        raise OptionError(f"--target-metric {target_metric!r}: {number} is outside (0, 1]; write it like "
+                          f"{name}=0.85")
     return name, number
 
 
 def output_names(prepared: PreparedBuild) -> list[str]:
     return [o.name for o in prepared.inspection.model.proto.graph.output]
+
+
+def output_ranks(prepared: PreparedBuild) -> dict[str, int | None]:
+    """Each model output's rank as the graph declares it (None where it declares no shape)."""
+    return {o.name: len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else None
+            for o in prepared.inspection.model.proto.graph.output}
 
 
 class Sweep:
@@ -152,6 +163,12 @@ def run_sweep(config: BuildConfig, settings: SweepSettings, progress: Progress =
         raise OptionError(f"--output {settings.output!r} is not a model output ({', '.join(output_names(prepared))}); "
                           "pass one of those")
     sweep = Sweep(prepared, settings, progress, finetune)
+    if settings.target is not None and settings.metric == "topk_agreement":
+        rank = output_ranks(prepared).get(sweep.output)
+        if rank != 2:
+            raise OptionError(f"topk_agreement is measured only for outputs of one vector per sample ([batch, d]); "
+                              f"{sweep.output!r} has rank {rank}: target cosine_mean or cosine_p5, or pick such an "
+                              "output with --output")
     output_dir = config.resolved_output_dir
     chosen = None
     with output_set(output_dir) as stage:

@@ -46,12 +46,30 @@ def test_bisection_finds_smallest_budget_meeting_target_and_keeps_only_it(transf
     assert report["config"]["rank_budget"] == chosen and report["output_model"] == str(out / "tiny.lowrank.onnx")
 
 
-def test_unreachable_target_is_an_error(transformer_files, tmp_path):
+def test_unreachable_target_is_an_error(transformer_files, tmp_path, monkeypatch):
+    import lrdeploy.pipeline.sweep as sweep_module
+
+    def bisect_finding_nothing(sweep, metric, target, low, **kwargs):
+        sweep.evaluate(1.0)
+        return None
+
+    monkeypatch.setattr(sweep_module, "bisect_budget", bisect_finding_nothing)
     model, calib = transformer_files
-    result = CliRunner().invoke(main, ["sweep", str(model), "--calib", str(calib), "-o", str(tmp_path),
-                                       "--target-cosine", "1.01", "--bench-batch", "0"])
+    result = CliRunner().invoke(main, ["sweep", str(model), "--calib", str(calib), "-o", str(tmp_path / "out"),
+                                       "--target-cosine", "0.99", "--bench-batch", "0"])
     assert result.exit_code == 1
-    assert "Error: no budget reaches cosine_mean ≥ 1.01" in result.stderr
+    assert result.stderr.startswith("Error: no budget reaches cosine_mean ≥ 0.99 (best 1.0000, at ρ=1.0); lower the target")
+    assert not list((tmp_path / "out").glob("rho_*"))
+
+
+def test_budget_one_keeps_every_layer_dense(transformer_files, tmp_path):
+    model, calib = transformer_files
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--rank-budget", "1", "-o",
+                                       str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {l["status"] for l in report["layers"]} == {"dense", "skipped"} and report["params"]["linear_ratio"] == 1.0
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_target_metric_parsing():
