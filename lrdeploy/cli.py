@@ -1,7 +1,8 @@
 """The `lrdeploy` command line: a click group that builds config objects and calls the pipeline.
 
-LrdeployError → one line "Error: …" on stderr and exit code 1; bad usage → click's exit code 2; any
-other exception is a bug and keeps its traceback. Heavy modules are imported inside the commands so
+LrdeployError → one line "Error: …" on stderr and exit code 1; bad usage → click's exit code 2; Ctrl-C →
+exit code 130 (outputs of the interrupted run are removed); any other exception is a bug and keeps its
+traceback. Heavy modules are imported inside the commands so
 that `lrdeploy --help` stays fast and works without optional packages.
 """
 
@@ -51,6 +52,9 @@ def user_errors(command):
         except LrdeployError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
+        except KeyboardInterrupt:
+            click.echo("Interrupted: nothing of this run's outputs was kept", err=True)
+            sys.exit(130)  # 128 + SIGINT, as shells expect
 
     return wrapper
 

@@ -7,6 +7,7 @@ directory and renamed into place, and the temporary is removed if anything fails
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import shutil
@@ -68,6 +69,7 @@ def refuse_overwriting_inputs(outputs: list[Path], inputs: list[Path]) -> None:
                               "choose another -o/--output-dir")
 
 
+WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # full, too large...
 _LOCKED: set[Path] = set()  # output folders this process holds, so that nested output sets do not lock twice
 
 
@@ -116,6 +118,8 @@ def output_set(directory: Path) -> Iterator[Path]:
                 for item in sorted(stage.iterdir()):
                     os.replace(item, directory / item.name)
             except OSError as exc:
+                if exc.errno not in WRITE_ERRORS:
+                    raise
                 raise _cannot_write(directory, exc) from None
             finally:
                 shutil.rmtree(stage, ignore_errors=True)

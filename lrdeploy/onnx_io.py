@@ -72,6 +72,13 @@ def _check_external_locations(model: onnx.ModelProto, model_dir: Path) -> list[P
                 f"external data file {location!r} for tensor {tensor.name!r} is missing; "
                 f"keep it beside the model in {model_dir}"
             )
+        entries = {e.key: e.value for e in tensor.external_data}
+        end = int(entries.get("offset", 0)) + int(entries.get("length", 0))
+        if end > target.stat().st_size:
+            raise ModelLoadError(
+                f"external data file {location!r} is truncated: tensor {tensor.name!r} needs bytes up to {end} but "
+                f"the file has {target.stat().st_size}; copy the complete file beside the model again"
+            )
         found.add(target)
     return sorted(found)
 
@@ -92,10 +99,36 @@ def load_model(path: Path) -> LoadedModel:
         ) from None
     if len(proto.graph.node) == 0:
         raise ModelLoadError(f"{path} is not a valid ONNX model (it has no graph nodes); pass a .onnx file")
+    _check_opset(proto, path)
     external = _check_external_locations(proto, path.parent)
+    _check_structure(path)
     if external:
         external_data_helper.load_external_data_for_model(proto, str(path.parent))
     return LoadedModel(proto, path, external)
+
+
+MIN_OPSET = 11  # the oldest default-domain opset lrdeploy's graphs (calibration, sensitivity) are written for
+
+
+def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
+    """The model's default-domain opset is one lrdeploy and the installed onnx can work with."""
+    opset = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+    newest = onnx.defs.onnx_opset_version()
+    if opset is None or not MIN_OPSET <= opset <= newest:
+        raise ModelLoadError(
+            f"{path} uses ONNX opset {opset}, outside the {MIN_OPSET}–{newest} lrdeploy supports; re-export it with "
+            f"an opset in that range (e.g. torch.onnx.export(..., opset_version=17))"
+        )
+
+
+def _check_structure(path: Path) -> None:
+    """onnx's checker on the file (by path, so external data and models over 2 GB work): a model that breaks
+    ONNX's rules (a name produced twice, an undefined input) would fail later with a long traceback."""
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as exc:
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise ModelLoadError(f"{path} is not a valid ONNX model: {first}; fix or re-export the model") from None
 
 
 def external_data_name(model_path: Path) -> str:

@@ -163,3 +163,43 @@ def transformer_inputs(count=64, seq=16, vocab=100, seed=0, min_len=4) -> dict[s
     lengths = rng.integers(min_len, seq + 1, size=count)
     mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
     return {"input_ids": ids * mask, "attention_mask": mask}
+
+
+def pooled_encoder(opset: int = OPSET, hidden=64, ffn=256, vocab=100, seed=0) -> onnx.ModelProto:
+    """A token-embedding encoder written for `opset` (11 and up): Gather → two MatMul+Add layers with Relu →
+    masked mean pooling, inputs input_ids and attention_mask like the transformer's. Below opset 13 Unsqueeze
+    and ReduceSum take their axes as attributes, from 13 on as inputs."""
+    rng = np.random.default_rng(seed)
+    inits = [_init("emb", rng.standard_normal((vocab, hidden)).astype(np.float32)),
+             _init("w1", random_weight(hidden, ffn, seed + 1)), _init("b1", np.zeros(ffn, np.float32)),
+             _init("w2", random_weight(ffn, hidden, seed + 2)), _init("b2", np.zeros(hidden, np.float32))]
+    axes_as_input = opset >= 13
+    if axes_as_input:
+        inits += [_init("axis1", np.array([1], np.int64)), _init("axis2", np.array([2], np.int64))]
+
+    def axes(op, inputs, output, values, **attrs):
+        if axes_as_input:
+            return helper.make_node(op, [*inputs, f"axis{values[0]}"], [output], name=output, **attrs)
+        return helper.make_node(op, inputs, [output], name=output, axes=values, **attrs)
+
+    nodes = [
+        helper.make_node("Gather", ["emb", "input_ids"], ["x"], name="embed"),
+        helper.make_node("MatMul", ["x", "w1"], ["up_mm"], name="up"), helper.make_node("Add", ["up_mm", "b1"], ["up_b"], name="up_bias"),
+        helper.make_node("Relu", ["up_b"], ["act"], name="relu"),
+        helper.make_node("MatMul", ["act", "w2"], ["down_mm"], name="down"), helper.make_node("Add", ["down_mm", "b2"], ["h"], name="down_bias"),
+        helper.make_node("Cast", ["attention_mask"], ["mask_f"], name="mask_cast", to=TensorProto.FLOAT),
+        axes("Unsqueeze", ["mask_f"], "mask3", [2]),
+        helper.make_node("Mul", ["h", "mask3"], ["masked"], name="mask_mul"),
+        axes("ReduceSum", ["masked"], "summed", [1], keepdims=0),
+        axes("ReduceSum", ["mask3"], "counts", [1], keepdims=0),
+        helper.make_node("Div", ["summed", "counts"], ["embedding"], name="pool"),
+    ]
+    graph = helper.make_graph(
+        nodes, "pooled_encoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("embedding", TensorProto.FLOAT, ["batch", hidden])], initializer=inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="lrdeploy-tests")
+    model.ir_version = 7
+    onnx.checker.check_model(model)
+    return model

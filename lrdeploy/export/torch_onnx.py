@@ -58,7 +58,13 @@ def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = 
                           "that holds config.json and the weights")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
-    encoder = transformers.AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    try:
+        encoder = transformers.AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+    except Exception as exc:  # noqa: BLE001 — malformed config, missing or truncated weights: all the folder's fault
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        raise ExportError(f"cannot load the Hugging Face model in {model_dir} ({type(exc).__name__}: {first[:200]}); "
+                          "check its config.json and that its weights (model.safetensors or pytorch_model.bin) are "
+                          "complete") from None
 
     class SentenceEmbedder(torch.nn.Module):
         def __init__(self):

@@ -12,6 +12,8 @@ the same positions):
 
 Outputs per request, in order: count, Σx, Σxxᵀ, then Σy, Σxyᵀ with a target. Padding positions (mask 0) are
 zeroed when the model has an attention mask and X has one axis more than the mask (one row per token).
+The nodes are written for the model's own opset: ReduceSum takes its axes as an attribute below opset 13,
+and below opset 15 the row count is Gather(Shape(Xm), 0) instead of Shape(Xm, end=1).
 """
 
 from __future__ import annotations
@@ -66,12 +68,17 @@ def _rows(scope: Scope, source: gs.Tensor, dim: int, mask_column: gs.Variable | 
 
 
 def _column_sum(scope: Scope, rows: gs.Variable) -> gs.Variable:
+    if scope.graph.opset < 13:
+        return scope.op("ReduceSum", "total", [rows], {"axes": [0], "keepdims": 0}, dtype=np.float32)
     return scope.op("ReduceSum", "total", [rows, np.array([0], np.int64)], {"keepdims": 0}, dtype=np.float32)
 
 
 def _count(scope: Scope, rows: gs.Variable, mask_column: gs.Variable | None) -> gs.Variable:
     if mask_column is not None:
         return scope.op("ReduceSum", "count", [mask_column], {"keepdims": 0}, dtype=np.float32)
+    if scope.graph.opset < 15:
+        shape = scope.op("Shape", "shape", [rows], dtype=np.int64)
+        return scope.op("Gather", "count", [shape, np.array(0, np.int64)], {"axis": 0}, dtype=np.int64)
     return scope.op("Shape", "count", [rows], {"end": 1}, dtype=np.int64)
 
 

@@ -7,6 +7,8 @@ dict of example inputs, as `lrdeploy export --factory` takes).
 
 from __future__ import annotations
 
+import math
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,8 @@ from lrdeploy.calib.data import InputSpec, model_input_specs
 from lrdeploy.errors import ModelLoadError, OptionError
 from lrdeploy.onnx_io import load_model
 from lrdeploy.runtime.base import BACKENDS, Runner
+
+MEMORY_SHARE_FOR_INPUTS = 8  # inputs may take at most this fraction of memory: activations need the rest
 
 
 
@@ -85,11 +89,36 @@ def _unique_names(models: list[str]) -> list[str]:
     return names
 
 
+def _signature(specs: list[InputSpec]) -> list[tuple]:
+    return [(s.name, str(s.dtype), len(s.shape)) for s in specs]
+
+
+def check_feeds(config: BenchConfig, specs_per_model: list[list[InputSpec]]) -> None:
+    """The models take the same inputs, every batch fits a fixed batch axis, and the largest feed fits in memory."""
+    specs = specs_per_model[0]
+    if any(_signature(other) != _signature(specs) for other in specs_per_model[1:]):
+        described = ["(" + ", ".join(f"{n} {d} rank {r}" for n, d, r in _signature(s)) + ")" for s in specs_per_model]
+        raise OptionError(f"the models take different inputs {' vs '.join(described)}; compare models of one input "
+                          "signature")
+    for spec in specs:
+        fixed = spec.shape[0] if spec.shape and isinstance(spec.shape[0], int) else None
+        if fixed is not None and any(batch != fixed for batch in config.batches):
+            raise OptionError(f"input {spec.name!r} has a fixed batch of {fixed}; bench it with --batch {fixed}")
+    largest = max(config.batches)
+    feed_bytes = sum(np.dtype(s.dtype).itemsize * largest * math.prod(
+        d if isinstance(d, int) else config.seq for d in s.shape[1:]) for s in specs)
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if feed_bytes > memory / MEMORY_SHARE_FOR_INPUTS:
+        raise OptionError(f"--batch {largest} × --seq {config.seq} needs {feed_bytes / 2**30:.1f} GiB for the inputs "
+                          f"alone, more than this machine's {memory / 2**30:.1f} GiB allows; lower --batch or --seq")
+
+
 def run_bench(config: BenchConfig, on_shape=None) -> BenchResult:
     """Measure the configured models (alternating run by run when there are two)."""
     with tempfile.TemporaryDirectory(prefix="lrdeploy-bench-") as workdir:
         made = [make_runner(m, config, n, Path(workdir)) for m, n in zip(config.models, _unique_names(config.models))]
         runners = [runner for runner, _ in made]
+        check_feeds(config, [model_specs for _, model_specs in made])
         specs = made[0][1]
         make_feed = lambda batch, seq: timing_feed(specs, batch, seq)  # noqa: E731
         return benchmark(runners, make_feed, list(config.batches), config.seq, config.settings, on_shape)

@@ -6,6 +6,11 @@ from lrdeploy.bench.measure import BenchResult, result_from_dict
 from lrdeploy.report.model import BuildReport, SweepReport
 
 
+def cell(text: object) -> str:
+    """Text safe inside a Markdown table cell: a newline or a pipe in a name would break the row."""
+    return " ".join(str(text).splitlines()).replace("|", "\\|")
+
+
 def _speedup(value: float | None) -> str:
     return "" if value is None else f"×{value:.2f}"
 
@@ -41,7 +46,7 @@ def render_markdown(report: BuildReport) -> str:
             "|---|---|---|---|---|---|",
         ]
         lines += [
-            f"| {name} | {o.cosine_mean:.4f} | {o.cosine_p5:.4f} | {o.rel_l2:.4f} | {o.max_abs:.4g} | "
+            f"| {cell(name)} | {o.cosine_mean:.4f} | {o.cosine_p5:.4f} | {o.rel_l2:.4f} | {o.max_abs:.4g} | "
             f"{'' if o.topk_agreement is None else f'{o.topk_agreement:.3f}'} |"
             for name, o in a.outputs.items()
         ]
@@ -54,9 +59,9 @@ def render_markdown(report: BuildReport) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
-        f"| {l.name} | {l.pattern} | {l.d_in} | {l.d_out} | {'' if l.rank is None else l.rank} | "
+        f"| {cell(l.name)} | {cell(l.pattern)} | {l.d_in} | {l.d_out} | {'' if l.rank is None else l.rank} | "
         f"{l.params_before:,} | {l.params_after:,} | {l.status} | {_speedup(l.predicted_speedup)} | "
-        f"{_speedup(l.measured_speedup)} | {l.reason} |"
+        f"{_speedup(l.measured_speedup)} | {cell(l.reason)} |"
         for l in report.layers
     ]
     if report.bench is not None:
@@ -78,7 +83,7 @@ def bench_markdown(result: BenchResult) -> str:
     ]
     for shape in result.shapes:
         for name, s in shape.latency.items():
-            lines.append(f"| {name} | {shape.batch} × {shape.seq} | {s.mean_ms:.2f} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | "
+            lines.append(f"| {cell(name)} | {shape.batch} × {shape.seq} | {s.mean_ms:.2f} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | "
                          f"{s.p95_ms:.2f} | {s.p99_ms:.2f} | {s.inferences_per_s:.1f} | {s.tokens_per_s:.0f} |")
     ratios = [s for s in result.shapes if s.ratio_p50 is not None]
     if ratios:
@@ -95,7 +100,7 @@ def sweep_markdown(report: SweepReport) -> str:
     for p in report.points:
         cells = [f"{p.budget:.3f}", f"{p.linear_ratio:.3f}", f"{p.model_ratio:.3f}", f"{p.cosine_mean:.4f}",
                  f"{p.cosine_p5:.4f}", "" if p.topk_agreement is None else f"{p.topk_agreement:.3f}",
-                 "" if p.latency_ratio is None else f"{p.latency_ratio:.3f}", p.output_model or "(not kept)"]
+                 "" if p.latency_ratio is None else f"{p.latency_ratio:.3f}", cell(p.output_model or "(not kept)")]
         lines.append("| " + " | ".join(cells) + " |")
     if report.target is not None:
         lines += ["", f"Target {report.metric} ≥ {report.target}: " + (
