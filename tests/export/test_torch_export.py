@@ -74,3 +74,32 @@ def test_export_errors(tmp_path, args, message):
     result = CliRunner().invoke(main, ["export", *args, "-o", str(tmp_path / "x.onnx")])
     assert result.exit_code == 1, result.output
     assert re.search(message, result.stderr) and result.stderr.startswith("Error: ")
+
+
+def _break_folder(folder, damage):
+    if damage == "malformed config.json":
+        (folder / "config.json").write_text("{not json")
+    for weights in [*folder.glob("*.safetensors"), *folder.glob("*.bin")]:
+        if damage == "no weights":
+            weights.unlink()
+        elif damage == "truncated safetensors":
+            weights.write_bytes(weights.read_bytes()[:1000])
+
+
+@pytest.mark.parametrize("damage, cause", [("malformed config.json", r"OSError: .*config.json.* is not a valid JSON"),
+                                           ("no weights", r"OSError: .*no file named"),
+                                           ("truncated safetensors", r"SafetensorError|Error")])
+def test_broken_hf_folder_is_one_error_line(bert_dir, tmp_path, damage, cause):
+    import re
+    import shutil
+
+    folder = tmp_path / "broken"
+    shutil.copytree(bert_dir, folder)
+    _break_folder(folder, damage)
+    result = CliRunner().invoke(main, ["export", "--hf", str(folder), "-o", str(tmp_path / "m.onnx")])
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit)
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith(f"Error: cannot load the Hugging Face model in {folder} (") and re.search(cause, line)
+    assert line.endswith("check its config.json and that its weights (model.safetensors or pytorch_model.bin) are "
+                         "complete")
+    assert not (tmp_path / "m.onnx").exists()
