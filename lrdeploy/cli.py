@@ -20,7 +20,7 @@ from lrdeploy.errors import LrdeployError, TargetNotMetError
 from lrdeploy.lowrank.allocate import ALLOCATIONS
 from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
-from lrdeploy.pipeline.config import LATENCY_BACKENDS, BuildConfig
+from lrdeploy.pipeline.config import LATENCY_BACKENDS, OPTIMIZERS, BuildConfig
 from lrdeploy.pipeline.distill_settings import TRAIN_TEXTS, DistillSettings
 from lrdeploy.runtime.base import BACKENDS, PRECISIONS
 from lrdeploy.torch.distill_config import DistillConfig
@@ -151,6 +151,13 @@ def build_options(command):
                      help="Refit the splits layer by layer toward the original model's outputs."),
         click.option("--refit-mode", type=click.Choice(REFIT_MODES), default=d.refit_mode, show_default=True,
                      help="With --refit: refit the second factor and bias, or both factors (reduced-rank regression)."),
+        click.option("--optimize", type=click.Choice(OPTIMIZERS), default=d.optimize, show_default=True,
+                     help="ort: fuse the model with ONNX Runtime's transformer optimizer first and compress inside the "
+                          "fused graph, so the output keeps every fusion (Attention, SkipLayerNormalization, BiasGelu)."),
+        click.option("--num-heads", type=click.IntRange(min=0), default=0, help="For --optimize ort: attention heads "
+                     "(default: read from the graph)."),
+        click.option("--hidden-size", type=click.IntRange(min=0), default=0, help="For --optimize ort: hidden size "
+                     "(default: read from the graph)."),
     ]
     for option in reversed(options):
         command = option(command)

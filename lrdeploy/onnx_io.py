@@ -135,6 +135,17 @@ def external_data_name(model_path: Path) -> str:
     return f"{Path(model_path).name}.data"
 
 
+PROTOBUF_LIMIT = 1 << 31
+
+
+def serialized_size(model: onnx.ModelProto) -> int:
+    """Bytes `model` serializes to; protobuf cannot even size a message past 2 GB, so that counts as 2 GB."""
+    try:
+        return model.ByteSize()
+    except Exception:  # noqa: BLE001 — EncodeError and friends
+        return PROTOBUF_LIMIT
+
+
 def save_model(
     proto: onnx.ModelProto,
     path: Path,
@@ -149,8 +160,7 @@ def save_model(
     tensors of `proto` are converted in place.
     """
     path = Path(path)
-    size = proto.ByteSize()
-    use_external = external_data or size > large_model_bytes
+    use_external = external_data or serialized_size(proto) > large_model_bytes
     tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         tmp_model = tmp_dir / path.name

@@ -81,6 +81,17 @@ class JointMoments:
                             self.target_total + np.asarray(target_total, np.float64).reshape(-1),
                             self.cross_gram + np.asarray(cross_gram, np.float64))
 
+    def target_through_linear(self, weight: np.ndarray | None, bias: np.ndarray | None) -> "JointMoments":
+        """The joint moments of x and y′ = y·W + b (W None: y′ = y + b), exactly, from those of x and y."""
+        total, cross = self.target_total, self.cross_gram
+        if weight is not None:
+            w = np.asarray(weight, np.float64)
+            total, cross = total @ w, cross @ w
+        if bias is not None:
+            b = np.asarray(bias, np.float64).reshape(-1)
+            total, cross = total + self.source.count * b, cross + np.outer(self.source.total, b)
+        return JointMoments(self.source, total, cross)
+
     @property
     def target_mean(self) -> np.ndarray:
         """E[y], shape [d_y]."""

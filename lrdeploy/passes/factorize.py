@@ -2,6 +2,12 @@
 
     X ─MatMul(W[d_in,d_out])─ Add(b) → Y   ⇒   X ─MatMul(A[d_in,k])─ MatMul(B[k,d_out])─ Add(c) → Y
 
+Inside a graph fused by ONNX Runtime the fused op keeps its place and takes the new bias, so every fusion
+survives (ONNX Runtime's Attention accepts an input width k different from the hidden size):
+
+    X ─MatMul(W)─► BiasGelu(·, b)          ⇒   X ─MatMul(A)─MatMul(B)─► BiasGelu(·, c)     (likewise SkipLayerNorm)
+    X ─Attention(W_qkv, b_qkv)─► context   ⇒   X ─MatMul(A)─► Attention(B, c)─► context
+
 New nodes and initializers are named after the layer (`<layer>/lowrank_a`, `<layer>/lowrank_b`,
 `<layer>/lowrank_bias`) so they can be found in Netron and TensorRT layer logs. The output tensor Y
 keeps its name, so graph outputs and downstream consumers are untouched. Factors are cast to the
@@ -18,7 +24,7 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import InternalError
 from lrdeploy.lowrank.decompose import LowRankFactors
-from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.passes.linear_layers import FUSED_BIAS_INPUTS, LinearLayer
 from lrdeploy.passes.naming import Scope
 
 FIRST_FACTOR = "lowrank_a"
@@ -37,19 +43,38 @@ def first_factor_output(layer_name: str) -> str:
     return Scope(gs.Graph(), layer_name).child(FIRST_FACTOR).name("output")
 
 
+def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = tensor
+
+
 def _split_layer(graph: gs.Graph, layer: LinearLayer, factors: LowRankFactors, tensors: Mapping[str, gs.Tensor]) -> None:
     x, y = tensors[layer.input_name], tensors[layer.output_name]
-    y.inputs.clear()  # the dense MatMul (and its Add) now feed nothing; cleanup removes them
     dtype = layer.dtype
     scope = Scope(graph, layer.name)
-    middle = scope.op("MatMul", FIRST_FACTOR, [x, scope.constant(f"{FIRST_FACTOR}/weight", factors.first.astype(dtype))],
-                      dtype=dtype)
+    first = scope.constant(f"{FIRST_FACTOR}/weight", factors.first.astype(dtype))
     second = scope.constant("lowrank_b/weight", factors.second.astype(dtype))
+    bias = None if factors.bias is None else scope.constant("lowrank_bias/bias", factors.bias.astype(dtype))
+    if not layer.output_is_product:  # a fused Attention: it takes the thin input and the second factor
+        attention = y.inputs[0]
+        attention.inputs[0] = scope.op("MatMul", FIRST_FACTOR, [x, first], dtype=dtype)
+        attention.inputs[1] = second
+        if bias is not None:
+            _set_input(attention, 2, bias)
+        return
+    y.inputs.clear()  # the dense MatMul (and its Add) now feed nothing; cleanup removes them
+    middle = scope.op("MatMul", FIRST_FACTOR, [x, first], dtype=dtype)
+    if layer.bias_in_consumer is not None:  # the fused consumer adds the new bias
+        scope.op("MatMul", "lowrank_b", [middle, second], output=y)
+        if bias is not None:
+            _set_input(y.outputs[0], FUSED_BIAS_INPUTS[layer.bias_in_consumer], bias)
+        return
     if factors.bias is None:
         scope.op("MatMul", "lowrank_b", [middle, second], output=y)
         return
     product = scope.op("MatMul", "lowrank_b", [middle, second], dtype=dtype)
-    scope.op("Add", "lowrank_bias", [product, scope.constant("lowrank_bias/bias", factors.bias.astype(dtype))], output=y)
+    scope.op("Add", "lowrank_bias", [product, bias], output=y)
 
 
 def factorize_layers(graph: gs.Graph, layers: list[LinearLayer], factors: Mapping[str, LowRankFactors]) -> PassResult:

@@ -6,8 +6,13 @@ to its output:
     X_L ─MatMul(W)─Add(b)─► Y_L      ⇒      X_L ─MatMul(W)─Add(b)─► Y′_L ─Add─► Y_L
                                               X_L ─MatMul(D_L)─Add(e_L)──┘
 
-Y_L keeps its name, so every consumer reads the perturbed value. Feeding zeros reproduces the model; feeding
-D_L = A·B − W, e_L = c − b reproduces the model with L alone replaced by a low-rank pair.
+Y_L keeps its name, so every consumer reads the perturbed value. A fused Attention has no Y_L tensor; its packed
+weight and bias take the error instead (the same thing, as X·(W + D) = X·W + X·D):
+
+    X ─Attention(W, b)─►   ⇒   X ─Attention(Add(W, D_L), Add(b, e_L))─►
+
+Feeding zeros reproduces the model; feeding D_L = A·B − W, e_L = c − b reproduces the model with L alone
+replaced by a low-rank pair.
 """
 
 from __future__ import annotations
@@ -47,11 +52,21 @@ def error_injected_model(model: onnx.ModelProto, layers: list[LinearLayer]) -> t
         y, x = tensors[layer.output_name], tensors[layer.input_name]
         delta_w = scope.add_input("weight_error", layer.dtype, [layer.d_in, layer.d_out])
         delta_b = scope.add_input("bias_error", layer.dtype, [layer.d_out])
+        inputs.append(ErrorInputs(delta_w.name, delta_b.name))
+        if not layer.output_is_product:
+            attention = y.inputs[0]
+            attention.inputs[1] = scope.op("Add", "perturbed_weight", [attention.inputs[1], delta_w])
+            has_bias = len(attention.inputs) > 2 and attention.inputs[2].name
+            bias = scope.op("Add", "perturbed_bias", [attention.inputs[2], delta_b]) if has_bias else delta_b
+            if has_bias:
+                attention.inputs[2] = bias
+            else:
+                attention.inputs[2:] = [bias, *attention.inputs[3:]]
+            continue
         dense = scope.variable("dense_output", y.dtype)
         for producer in list(y.inputs):
             producer.outputs = [dense if t is y else t for t in producer.outputs]
         error = scope.op("Add", "error", [scope.op("MatMul", "input_error", [x, delta_w]), delta_b])
         scope.op("Add", "perturbed", [dense, error], output=y)
-        inputs.append(ErrorInputs(delta_w.name, delta_b.name))
     graph.cleanup().toposort()
     return gs.export_onnx(graph, do_type_check=False), inputs

@@ -7,6 +7,14 @@ Recognised (anything else that looks like one is listed as skipped, with the rea
     X ─MatMul(Transpose(Wᵀ))─[Add(b)]─► Y    pattern "MatMul(Transpose)" / "MatMul(Transpose)+Add"
     X ─Gemm(B, C; transB, alpha, beta)─► Y   pattern "Gemm" (W = alpha·B or alpha·Bᵀ, b = beta·C)
 
+and inside graphs fused by ONNX Runtime's transformer optimizer (`ort_fusion`), where the bias is added by
+the op that consumes the product (the layer's output tensor is then the product X·W, before the bias):
+
+    X ─MatMul(W)─► BiasGelu(·, b)                     pattern "MatMul+BiasGelu"
+    X ─MatMul(W)─► SkipLayerNormalization(·, skip, γ, β[, b])   pattern "MatMul+SkipLayerNormalization"
+    X ─Attention(W_qkv[d, 3d], b_qkv)─► context       pattern "Attention" (the packed Q|K|V projection; its
+                                                      output tensor is the attention's, not the projection's)
+
 Weights may be initializers or Constant nodes, in float32, float16 or float64.
 """
 
@@ -20,6 +28,8 @@ import onnx_graphsurgeon as gs
 from lrdeploy.lowrank.allocate import LayerShape
 
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
+FUSED_BIAS_INPUTS = {"BiasGelu": 1, "SkipLayerNormalization": 4}  # fused ops that add a MatMul's bias: which input
+ATTENTION = "Attention"
 
 
 @dataclass
@@ -49,6 +59,17 @@ class LinearLayer:
     @property
     def shape(self) -> LayerShape:
         return LayerShape(self.name, self.d_in, self.d_out)
+
+    @property
+    def output_is_product(self) -> bool:
+        """Whether `output_name` carries X·W (+ b): false for a fused Attention, whose output is the attention's."""
+        return self.pattern != ATTENTION
+
+    @property
+    def bias_in_consumer(self) -> str | None:
+        """The fused op that adds this layer's bias after `output_name` (BiasGelu, SkipLayerNormalization)."""
+        consumer = self.pattern.rpartition("+")[2]
+        return consumer if consumer in FUSED_BIAS_INPUTS else None
 
 
 def _constant_value(tensor: gs.Tensor) -> tuple[np.ndarray, bool] | None:
@@ -117,6 +138,15 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
     bias = None
     output_name = y.name
     consumer = _single_consumer(y, graph_outputs)
+    fused_bias = FUSED_BIAS_INPUTS.get(consumer.op) if consumer is not None else None
+    if fused_bias is not None and consumer.inputs[0] is y:
+        bias = None
+        if len(consumer.inputs) > fused_bias and consumer.inputs[fused_bias].name:
+            found_bias = _constant_value(consumer.inputs[fused_bias])
+            if found_bias is None:
+                return skipped(f"{consumer.op}'s bias is not constant", d_in, d_out)
+            bias = _as_bias(found_bias[0], d_out)
+        return LinearLayer(name, f"{pattern}+{consumer.op}", x.name, y.name, d_in, d_out, weight, bias)
     if consumer is not None and consumer.op == "Add" and len(consumer.inputs) == 2:
         other = consumer.inputs[1] if consumer.inputs[0] is y else consumer.inputs[0]
         other_value = _constant_value(other)
@@ -154,6 +184,19 @@ def _match_gemm(node: gs.Node, name: str) -> LinearLayer:
     return LinearLayer(name, "Gemm", x.name, y.name, d_in, d_out, weight, bias)
 
 
+def _match_attention(node: gs.Node, name: str) -> LinearLayer:
+    """ONNX Runtime's fused Attention: its packed Q|K|V projection X·W_qkv + b_qkv is the linear layer."""
+    x, y = node.inputs[0], node.outputs[0]
+    weight = _constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    bias = _constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    if weight is None or weight[0].ndim != 2 or (bias is None and len(node.inputs) > 2 and node.inputs[2].name):
+        return LinearLayer(name, "Attention", x.name, y.name, 0, 0, eligible=False,
+                           reason="Attention's packed weight or bias is not constant")
+    d_in, d_out = weight[0].shape
+    return LinearLayer(name, "Attention", x.name, y.name, d_in, d_out, weight[0],
+                       None if bias is None else _as_bias(bias[0], d_out))
+
+
 def find_linear_layers(graph: gs.Graph, rank_multiple: int = 16) -> list[LinearLayer]:
     """Every MatMul/Gemm of `graph` in graph order (ONNX's topological order), eligible or with the reason it is
     skipped. Matching only reads the graph: a layer is known by its input and output tensors, and an unnamed
@@ -166,10 +209,11 @@ def find_linear_layers(graph: gs.Graph, rank_multiple: int = 16) -> list[LinearL
     used: set[str] = set()
     layers = []
     for index, node in enumerate(graph.nodes):
-        if node.op not in ("MatMul", "Gemm"):
+        if node.op not in ("MatMul", "Gemm", "Attention"):
             continue
         name = _layer_name(node, index, used)
-        layer = _match_gemm(node, name) if node.op == "Gemm" else _match_matmul(node, name, graph_outputs)
+        layer = (_match_gemm(node, name) if node.op == "Gemm" else _match_attention(node, name)
+                 if node.op == "Attention" else _match_matmul(node, name, graph_outputs))
         if layer.eligible and not layer.shape.saves(rank_multiple):
             layer.eligible = False
             layer.reason = f"too small: rank {rank_multiple} would not save parameters ({layer.d_in}×{layer.d_out})"

@@ -26,6 +26,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import InternalError
+from lrdeploy.onnx_io import PROTOBUF_LIMIT, serialized_size
 from lrdeploy.passes.naming import Scope
 
 SCOPE = "lrdeploy_calib"
@@ -47,11 +48,23 @@ class MomentRequest:
         return 3 if self.target is None else 5
 
 
+def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX's shape inference; for graphs with ONNX Runtime's contrib ops (com.microsoft: Attention,
+    SkipLayerNormalization, ...), which it cannot type, ONNX Runtime's symbolic shape inference."""
+    if serialized_size(model) >= PROTOBUF_LIMIT - (1 << 20):
+        return model
+    if any(node.domain not in ("", "ai.onnx") for node in model.graph.node):
+        from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+        return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    return onnx.shape_inference.infer_shapes(model)
+
+
 def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
-    """Ranks of the graph's tensors from ONNX shape inference (tensors it cannot type are absent)."""
+    """Ranks of the graph's tensors from shape inference (tensors it cannot type are absent)."""
     try:
-        inferred = onnx.shape_inference.infer_shapes(model) if model.ByteSize() < (1 << 31) - (1 << 20) else model
-    except Exception:
+        inferred = _infer_shapes(model)
+    except Exception:  # noqa: BLE001 — without shapes, masking is skipped rather than the build failed
         inferred = model
     ranks = {}
     for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):

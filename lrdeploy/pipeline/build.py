@@ -30,12 +30,13 @@ from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose
 from lrdeploy.onnx_io import LoadedModel, check_model, count_parameters, external_data_name, save_model
 from lrdeploy.passes.factorize import factorized_model
 from lrdeploy.passes.index_inputs import index_limits
+from lrdeploy.passes.ort_fusion import fused_op_counts
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.pipeline.bench import BenchConfig, run_bench
 from lrdeploy.pipeline.cache import StatisticsCache
 from lrdeploy.pipeline.calibrate import calibrate
 from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.inspect import Inspection, inspect_model
+from lrdeploy.pipeline.inspect import Inspection, inspect_fused, inspect_model
 from lrdeploy.pipeline.latency import LatencyPlan, latency_aware_plan
 from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.refit import RefitSettings, refit_factors, refit_stages
@@ -106,7 +107,13 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         samples = prepare_samples(config, specs, feeds.mask_name, index_limits(inspection.graph))
     for warning in samples.warnings:
         progress.warn(warning)
-    cache = StatisticsCache(config.cache_dir, [inspection.model.path, *inspection.model.external_files])
+    if config.optimize == "ort":
+        with timer.stage("optimize"):
+            inspection = inspect_fused(inspection, config.rank_multiple, config.num_heads, config.hidden_size)
+            eligible = inspection.require_eligible()
+            feeds = Feeds(model_input_specs(inspection.model.proto), config.batch_size, feeds.mask_name)
+    cache = StatisticsCache(config.cache_dir, [inspection.model.path, *inspection.model.external_files],
+                            "" if config.optimize == "none" else config.optimize)
 
     moments = None
     if config.method != "svd":
@@ -191,6 +198,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
                 proto = factorized_model(inspection.model.proto, prepared.eligible, chosen.factors)
             record_metadata(proto, inspection.model.proto, config, budget, chosen.plan, finetune_record)
             model_after = count_parameters(proto)
+            fused_ops = {"dense": fused_op_counts(inspection.model.proto), "compressed": fused_op_counts(proto)}
             external = save_model(proto, staged_model, external_data=inspection.model.external_data)
             del proto
             check_model(staged_model)
@@ -206,7 +214,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
                 write_bench(latency_bench, stage, f"lrdeploy bench {config.model} {output_model} --backend ort-cpu")
         outcome = BuildOutcome(budget, chosen.plan, chosen.latency, str(output_model), external, model_after, accuracy,
                                None if latency_bench is None else dataclasses.asdict(latency_bench), finetune_record,
-                               timer.timings)
+                               timer.timings, fused_ops)
         report = assemble_report(config, inspection.layers, inspection.model_params, prepared.samples,
                                  prepared.spectra, outcome)
         write_reports(report, stage)

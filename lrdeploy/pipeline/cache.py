@@ -109,13 +109,15 @@ def _write_sensitivity(path: Path, table: SensitivityTable) -> None:
 class StatisticsCache:
     """Get-or-compute for one model's moments and sensitivity tables; with `directory` None it only computes."""
 
-    def __init__(self, directory: Path | None, model_files: list[Path]):
+    def __init__(self, directory: Path | None, model_files: list[Path], graph_variant: str = ""):
+        """`graph_variant` names a rewrite of the model applied before calibration (e.g. "ort" fusion)."""
         self.directory = None if directory is None else Path(directory)
-        self.model_files = model_files
+        self.model_files, self.graph_variant = model_files, graph_variant
 
     def _path(self, samples: SampleSet, settings: str, suffix: str) -> Path | None:
         if self.directory is None:
             return None
+        settings = f"{settings}|{self.graph_variant}" if self.graph_variant else settings
         return self.directory / f"{cache_key(self.model_files, samples, settings)}{suffix}"
 
     def moments(self, samples: SampleSet, mask_name: str | None, names: list[str],

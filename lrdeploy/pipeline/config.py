@@ -13,6 +13,7 @@ from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
 
 LATENCY_BACKENDS = ("ort-cpu", "ort-cuda")  # where --latency-aware times layer shapes
+OPTIMIZERS = ("none", "ort")  # ort: compress inside ONNX Runtime's transformer-fused graph (keeps the fusions)
 
 
 def default_cache_dir() -> Path:
@@ -56,6 +57,9 @@ class BuildConfig:
     refit: bool = False
     refit_samples: int = 512  # calibration samples the refit's joint statistics come from
     refit_mode: str = "both"  # "second": refit B and the bias; "both": reduced-rank regression of A and B
+    optimize: str = "none"  # one of OPTIMIZERS
+    num_heads: int = 0  # for --optimize ort; 0: read from the graph
+    hidden_size: int = 0  # likewise
     neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
 
     def check(self) -> None:
@@ -63,7 +67,8 @@ class BuildConfig:
         check_budget_range(self.rank_budget)
         for option, value, choices in (("--method", self.method, METHODS), ("--allocation", self.allocation, ALLOCATIONS),
                                        ("--refit-mode", self.refit_mode, REFIT_MODES),
-                                       ("--backend", self.backend, LATENCY_BACKENDS)):
+                                       ("--backend", self.backend, LATENCY_BACKENDS),
+                                       ("--optimize", self.optimize, OPTIMIZERS)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
         for option, value in (("--atol", self.atol), ("--rtol", self.rtol)):

@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 from lrdeploy.errors import NoEligibleLayersError
 from lrdeploy.onnx_io import LoadedModel, count_parameters, load_model
 from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
+from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime
 
 
 @dataclass
@@ -55,6 +56,16 @@ class Inspection:
 
 
 def inspect_model(path: Path, rank_multiple: int = 16) -> Inspection:
-    model = load_model(path)
+    return inspect_loaded(load_model(path), rank_multiple)
+
+
+def inspect_loaded(model: LoadedModel, rank_multiple: int = 16) -> Inspection:
     graph = gs.import_onnx(model.proto)
     return Inspection(model, graph, find_linear_layers(graph, rank_multiple), count_parameters(model.proto))
+
+
+def inspect_fused(inspection: Inspection, rank_multiple: int, num_heads: int = 0, hidden_size: int = 0) -> Inspection:
+    """The model as ONNX Runtime's transformer optimizer fuses it, inspected (its file and external data stay
+    the original's: that is what is read, hashed for the cache, and compared against)."""
+    fused = fuse_for_onnxruntime(inspection.model.proto, num_heads, hidden_size)
+    return inspect_loaded(LoadedModel(fused, inspection.model.path, inspection.model.external_files), rank_multiple)

@@ -22,6 +22,7 @@ import onnx
 from lrdeploy.calib.data import Feeds, SampleSet
 from lrdeploy.calib.stats import collect_joint_moments
 from lrdeploy.lowrank.decompose import LowRankFactors
+from lrdeploy.lowrank.moments import JointMoments
 from lrdeploy.lowrank.refit import solve_both_factors, solve_second_factor
 from lrdeploy.passes.factorize import factorized_model, first_factor_output
 from lrdeploy.passes.linear_layers import LinearLayer
@@ -40,10 +41,23 @@ class RefitSettings:
 
 def _request(layer: LinearLayer, factors: LowRankFactors, mode: str, graph_inputs: set[str]) -> MomentRequest:
     """What to regress the layer's original output on: its input in the compressed copy (`both`), or the
-    tensor between its two factors there (`second`)."""
-    if mode == "both":
-        return MomentRequest(compressed_name(layer.input_name, graph_inputs), layer.d_in, layer.output_name, layer.d_out)
-    return MomentRequest(PREFIX + first_factor_output(layer.name), factors.rank, layer.output_name, layer.d_out)
+    tensor between its two factors there (`second`). The original output is read from the original model's
+    product tensor, or, inside a fused Attention (which has none), from its input (see `_original_output`)."""
+    source = (MomentRequest(compressed_name(layer.input_name, graph_inputs), layer.d_in) if mode == "both"
+              else MomentRequest(PREFIX + first_factor_output(layer.name), factors.rank))
+    if layer.output_is_product:
+        return MomentRequest(source.source, source.dim, layer.output_name, layer.d_out)
+    return MomentRequest(source.source, source.dim, layer.input_name, layer.d_in)
+
+
+def _original_output(layer: LinearLayer, moments: JointMoments) -> JointMoments:
+    """Joint moments with the layer's full original output y = x·W + b as the target: mapped exactly from the
+    input for a fused Attention; the bias added for a product whose bias a fused consumer applies."""
+    if not layer.output_is_product:
+        return moments.target_through_linear(layer.weight, layer.bias)
+    if layer.bias_in_consumer is not None:
+        return moments.target_through_linear(None, layer.bias)
+    return moments
 
 
 def refit_factors(original: onnx.ModelProto, layers: list[LinearLayer], factors: dict[str, LowRankFactors],
@@ -55,7 +69,8 @@ def refit_factors(original: onnx.ModelProto, layers: list[LinearLayer], factors:
     for stage in refit_stages(layers, factors):
         requests = [_request(layer, factors[layer.name], settings.mode, graph_inputs) for layer in stage]
         joint = side_by_side(original, factorized_model(original, layers, factors))
-        moments = collect_joint_moments(joint, requests, feeds.batches(samples), feeds.mask_name, settings.threads)
+        moments = [_original_output(layer, m) for layer, m in zip(stage, collect_joint_moments(
+            joint, requests, feeds.batches(samples), feeds.mask_name, settings.threads))]
         factors = {**factors, **{
             layer.name: solve_both_factors(factors[layer.name].rank, m, settings.ridge) if settings.mode == "both"
             else solve_second_factor(factors[layer.name].first, m, settings.ridge)

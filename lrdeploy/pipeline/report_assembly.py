@@ -52,6 +52,7 @@ def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: B
         "lrdeploy.rank_multiple": str(config.rank_multiple),
         "lrdeploy.ranks": json.dumps(plan),
         "lrdeploy.refit": str(config.refit).lower(),
+        "lrdeploy.optimize": config.optimize,
         **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune["steps"])}),
     })
     del proto.metadata_props[:]
@@ -98,6 +99,7 @@ class BuildOutcome:
     bench: dict | None
     finetune: dict | None
     timings: dict[str, float]
+    fused_ops: dict[str, dict[str, int]]
 
 
 def assemble_report(config: BuildConfig, layers: list[LinearLayer], model_params: int, samples: BuildSamples,
@@ -112,7 +114,8 @@ def assemble_report(config: BuildConfig, layers: list[LinearLayer], model_params
         output_model=outcome.output_model,
         external_data=outcome.external_data,
         config=BuildConfigRecord(outcome.budget, config.method, config.allocation, config.rank_multiple,
-                                 samples.calib.count, samples.calib_source, samples.eval_source, config.refit),
+                                 samples.calib.count, samples.calib_source, samples.eval_source, config.refit,
+                                 config.optimize),
         layers=layer_records(layers, outcome.plan, outcome.latency),
         params=ParamSummary(linear_before, round(ratio * linear_before), ratio, model_params,
                             outcome.model_params_after, outcome.model_params_after / max(model_params, 1)),
@@ -122,4 +125,5 @@ def assemble_report(config: BuildConfig, layers: list[LinearLayer], model_params
         bench=outcome.bench,
         spectra=layer_spectra,
         finetune=outcome.finetune,
+        fused_ops=outcome.fused_ops,
     )

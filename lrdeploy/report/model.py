@@ -2,7 +2,8 @@
 
 report.json schema (all keys always present):
     lrdeploy_version, input_model, output_model, external_data,
-    config {rank_budget, method, allocation, rank_multiple, calib_samples, calib_source, eval_source, refit},
+    config {rank_budget, method, allocation, rank_multiple, calib_samples, calib_source, eval_source, refit,
+            optimize},
     layers [{name, pattern, d_in, d_out, rank|null, params_before, params_after, status, reason,
              predicted_speedup|null, measured_speedup|null}],
     params {linear_before, linear_after, linear_ratio, model_before, model_after, model_ratio},
@@ -11,7 +12,9 @@ report.json schema (all keys always present):
     timings {stage: seconds}, warnings [str], bench (see bench.json) | null,
     spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}},
     finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, initial_cosine, best_cosine, best_step,
-              history [{step, eval_cosine, train_loss?}]} | null   (label-free distillation, `lrdeploy distill`)
+              history [{step, eval_cosine, train_loss?}]} | null   (label-free distillation, `lrdeploy distill`),
+    fused_ops {dense: {op: count}, compressed: {op: count}}   (ONNX Runtime fused ops, e.g. Attention; equal
+              counts mean compression kept every fusion)
 Parameters count weights only (biases excluded), so linear_ratio is what --rank-budget bounds.
 """
 
@@ -75,6 +78,7 @@ class BuildConfigRecord:
     calib_source: str
     eval_source: str
     refit: bool = False
+    optimize: str = "none"  # "ort": compressed inside ONNX Runtime's fused graph
 
 
 @dataclass
@@ -92,6 +96,7 @@ class BuildReport:
     bench: dict | None = None  # BenchResult of dense vs compressed (with --bench)
     spectra: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {layer: {weight, feature}}
     finetune: dict | None = None  # FinetuneRecord-shaped dict when the factors were fine-tuned by distillation
+    fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # {"dense"|"compressed": {op: count}}
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

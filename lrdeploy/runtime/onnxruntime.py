@@ -13,8 +13,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import external_data_helper
 
 from lrdeploy.errors import MissingDependencyError
+from lrdeploy.onnx_io import serialized_size
 from lrdeploy.runtime.base import Runner
 
 PROTOBUF_LIMIT_BYTES = (1 << 31) - (1 << 20)
@@ -45,7 +47,8 @@ def check_provider(provider: str) -> None:
 def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: list[str] | None = None):
     """An InferenceSession for `model` (a ModelProto or a path), on CPU unless `providers` says otherwise.
 
-    A ModelProto over 2 GB is converted to external data in place while it is saved for the session.
+    A ModelProto over protobuf's 2 GB limit is saved with external data to a temporary folder for the session;
+    its weights are read back afterwards, so the caller's proto is unchanged.
     """
     import onnxruntime as ort
 
@@ -53,12 +56,15 @@ def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: l
     options = session_options(threads)
     if isinstance(model, (str, Path)):
         return ort.InferenceSession(str(model), options, providers=providers)
-    if model.ByteSize() < PROTOBUF_LIMIT_BYTES:
+    if serialized_size(model) < PROTOBUF_LIMIT_BYTES:
         return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
     with tempfile.TemporaryDirectory(prefix="lrdeploy-ort-") as tmp:
         path = Path(tmp) / "model.onnx"
         onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-        return ort.InferenceSession(str(path), options, providers=providers)
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers)
+        finally:  # saving moved the weights out of `model`: bring them back before the folder goes
+            external_data_helper.load_external_data_for_model(model, tmp)
 
 
 def cpu_description() -> str:

@@ -1,0 +1,83 @@
+"""ONNX Runtime's transformer fusions, applied the way a deployment engineer ships a BERT-like encoder:
+
+    LayerNorm(x + y) ─► SkipLayerNormalization          MatMul─Add─Gelu ─► MatMul─BiasGelu
+    Q, K, V MatMuls + softmax(QKᵀ)V + reshapes ─► Attention(X, W_qkv[d, 3d], b_qkv)
+
+`onnxruntime.transformers.optimizer` does the rewrite (fusions only: opt_level 0, so the graph stays portable
+and ONNX Runtime still applies its own optimizations when a session loads it). Its attention matcher needs the
+model's head count and hidden size; they are read from the graph here (the Reshape that splits heads, the
+LayerNorm width) unless given. lrdeploy then factorizes INSIDE the fused graph (see `linear_layers` and
+`factorize`), so every fusion of the dense model survives compression.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from lrdeploy.errors import OptionError
+
+FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
+             "SkipSimplifiedLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "GemmFastGelu")
+
+
+def _reshape_dims(node: gs.Node) -> list[int | None] | None:
+    """The target shape of a Reshape as far as constants say (None for computed entries)."""
+    shape = node.inputs[1] if len(node.inputs) > 1 else None
+    if isinstance(shape, gs.Constant):
+        return [int(v) for v in np.asarray(shape.values).reshape(-1)]
+    producer = shape.inputs[0] if shape is not None and shape.inputs else None
+    if producer is None or producer.op != "Concat":
+        return None
+    dims: list[int | None] = []
+    for part in producer.inputs:
+        value = part.values if isinstance(part, gs.Constant) else (
+            part.inputs[0].attrs.get("value").values if part.inputs and part.inputs[0].op == "Constant" else None)
+        dims += [None] if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+    return dims
+
+
+def attention_geometry(graph: gs.Graph) -> tuple[int, int] | None:
+    """(number of heads, hidden size) of the graph's self-attention, or None where it cannot be read: the hidden
+    size is the first LayerNormalization's width, the head count comes from the Reshape to [b, s, heads, dim]."""
+    norms = [n for n in graph.nodes if n.op == "LayerNormalization" and isinstance(n.inputs[1], gs.Constant)]
+    if not norms:
+        return None
+    hidden = int(norms[0].inputs[1].values.shape[-1])
+    votes: Counter[int] = Counter()
+    for node in graph.nodes:
+        dims = _reshape_dims(node) if node.op == "Reshape" else None
+        if dims is None or len(dims) != 4:
+            continue
+        heads, dim = dims[2], dims[3]
+        if heads is not None and heads > 0 and hidden % heads == 0:
+            votes[heads] += 1
+        elif dim is not None and dim > 0 and hidden % dim == 0 and hidden // dim > 1:
+            votes[hidden // dim] += 1
+    return (votes.most_common(1)[0][0], hidden) if votes else None
+
+
+def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each ONNX Runtime fused op the model has (ops it does not have are left out)."""
+    counts = Counter(node.op_type for node in model.graph.node if node.op_type in FUSED_OPS)
+    return dict(sorted(counts.items()))
+
+
+def fuse_for_onnxruntime(model: onnx.ModelProto, num_heads: int = 0, hidden_size: int = 0) -> onnx.ModelProto:
+    """`model` as ONNX Runtime's BERT optimizer fuses it (a new model; `model` is not changed)."""
+    from onnxruntime.transformers import optimizer
+
+    if not num_heads or not hidden_size:
+        geometry = attention_geometry(gs.import_onnx(model))
+        if geometry is None:
+            raise OptionError("cannot tell the model's attention head count and hidden size from its graph; give "
+                              "them with --num-heads and --hidden-size")
+        num_heads, hidden_size = num_heads or geometry[0], hidden_size or geometry[1]
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    fused = optimizer.optimize_model(copy, model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
+                                     opt_level=0)
+    return fused.model
