@@ -250,11 +250,15 @@ def engine(model: Path, engine_path: Path, precision: str, shapes, old_shapes, t
 @click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
               help="For trt and torch backends.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime threads (0 = all).")
+@click.option("--optimize", type=click.Choice(OPTIMIZERS), default="none", show_default=True,
+              help="ort: time every model as ONNX Runtime's transformer optimizer fuses it (the dense baseline a user "
+                   "ships); the report lists each model's fused ops.")
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("."),
               show_default=True, help="Where bench.json, bench.md and bench_latency.png go.")
 @click.option("--json", "as_json", is_flag=True, help="Print bench.json to stdout.")
 @user_errors
-def bench(models, backend, batches, seq, warmup, iterations, duration, precision, threads, output_dir, as_json) -> None:
+def bench(models, backend, batches, seq, warmup, iterations, duration, precision, threads, optimize, output_dir,
+          as_json) -> None:
     """Time MODEL, or MODEL and MODEL_B alternately run by run, like trtexec: warm-up, then timed runs.
 
     ONNX files for ort-* and trt backends; package.module:function factories for torch-* backends.
@@ -269,7 +273,7 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
     if iterations and duration:
         raise click.BadParameter("give --iterations or --duration, not both")
     settings = BenchSettings(warmup, iterations if iterations or duration else 20, duration)
-    config = BenchConfig(list(models), backend, _int_list(batches), seq, settings, threads, precision)
+    config = BenchConfig(list(models), backend, _int_list(batches), seq, settings, threads, precision, optimize)
     check_output_dir(output_dir)
     console = _console(stderr=as_json)
     result = run_bench(config, on_shape=lambda shape: console.print(describe_shape(shape)))

@@ -70,6 +70,8 @@ class BenchResult:
     versions: dict[str, str]
     models: list[str]
     shapes: list[ShapeResult] = field(default_factory=list)
+    optimize: str = "none"  # "ort": every model ran as ONNX Runtime's transformer optimizer fuses it
+    fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # {model: {fused op: count}}
 
 
 def time_shape(runners: list[Runner], feed: dict[str, np.ndarray], settings: BenchSettings,
@@ -122,4 +124,5 @@ def result_from_dict(data: dict) -> BenchResult:
                     s["ratio_mean"])
         for s in data["shapes"]
     ]
-    return BenchResult(data["backend"], data["precision"], data["device"], data["versions"], data["models"], shapes)
+    return BenchResult(data["backend"], data["precision"], data["device"], data["versions"], data["models"], shapes,
+                       data.get("optimize", "none"), data.get("fused_ops", {}))

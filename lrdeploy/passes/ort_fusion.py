@@ -79,5 +79,7 @@ def fuse_for_onnxruntime(model: onnx.ModelProto, num_heads: int = 0, hidden_size
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
     fused = optimizer.optimize_model(copy, model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
-                                     opt_level=0)
-    return fused.model
+                                     opt_level=0).model
+    domains = {node.domain for node in fused.graph.node} - {"", "ai.onnx"} - {o.domain for o in fused.opset_import}
+    fused.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in sorted(domains))  # e.g. com.microsoft
+    return fused

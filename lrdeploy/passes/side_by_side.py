@@ -35,7 +35,7 @@ def side_by_side(original: onnx.ModelProto, compressed: onnx.ModelProto) -> onnx
     for tensor in other.tensors().values():
         tensor.name = compressed_name(tensor.name, inputs.keys())
     for node in other.nodes:
-        node.name = PREFIX + node.name
+        node.name = PREFIX + node.name if node.name else ""  # unnamed nodes stay unnamed (names must be unique)
         for index, tensor in enumerate(node.inputs):
             if tensor.name in inputs:
                 node.inputs[index] = inputs[tensor.name]

@@ -35,10 +35,14 @@ class BenchConfig:
     settings: BenchSettings = field(default_factory=BenchSettings)
     threads: int = 0
     precision: str = "fp16"
+    optimize: str = "none"  # "ort": run ONNX Runtime's transformer optimizer on every ONNX model compared
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise OptionError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}; pick one of those")
+        if self.optimize not in ("none", "ort") or (self.optimize == "ort" and not self.backend.startswith("ort-")):
+            raise OptionError(f"--optimize {self.optimize!r} applies to ONNX Runtime backends (ort-cpu, ort-cuda); "
+                              "leave it out for --backend " + self.backend)
         if not 1 <= len(self.models) <= 2:
             raise OptionError("bench takes one model, or two to compare; pass MODEL [MODEL_B]")
 
@@ -69,6 +73,8 @@ def make_runner(model: str, config: BenchConfig, name: str, workdir: Path) -> tu
     path = Path(model)
     if not path.is_file():
         raise ModelLoadError(f"model file {path} does not exist; check the path")
+    if config.optimize == "ort":
+        path = optimized_copy(path, workdir / name)
     if config.backend.startswith("ort-"):
         return OrtRunner(path, config.backend.removeprefix("ort-"), config.threads, name), _onnx_specs(path)
     from lrdeploy.export.trt import EngineConfig, build_engine
@@ -80,6 +86,20 @@ def make_runner(model: str, config: BenchConfig, name: str, workdir: Path) -> tu
         for b in (min(config.batches), max(config.batches), max(config.batches))) for s in specs}
     engine = build_engine(EngineConfig(path, workdir / f"{name}.engine", config.precision, shapes))
     return TrtRunner(engine, name, config.precision), specs
+
+
+def optimized_copy(path: Path, folder: Path) -> Path:
+    """`path` as ONNX Runtime's transformer optimizer fuses it, saved in `folder` (a model that is already fused,
+    e.g. the output of `build --optimize ort`, is used as it is)."""
+    from lrdeploy.onnx_io import save_model
+    from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime, fused_op_counts
+
+    loaded = load_model(path)
+    if fused_op_counts(loaded.proto):
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(fuse_for_onnxruntime(loaded.proto), folder / path.name, external_data=loaded.external_data)
+    return folder / path.name
 
 
 def _unique_names(models: list[str]) -> list[str]:
@@ -121,7 +141,13 @@ def run_bench(config: BenchConfig, on_shape=None) -> BenchResult:
         check_feeds(config, [model_specs for _, model_specs in made])
         specs = made[0][1]
         make_feed = lambda batch, seq: timing_feed(specs, batch, seq)  # noqa: E731
-        return benchmark(runners, make_feed, list(config.batches), config.seq, config.settings, on_shape)
+        result = benchmark(runners, make_feed, list(config.batches), config.seq, config.settings, on_shape)
+        if config.optimize == "ort":
+            from lrdeploy.passes.ort_fusion import fused_op_counts
+
+            result.optimize = config.optimize
+            result.fused_ops = {runner.name: fused_op_counts(load_model(runner.model).proto) for runner in runners}
+    return result
 
 
 def describe_shape(shape: ShapeResult) -> str:

@@ -76,7 +76,10 @@ def bench_markdown(result: BenchResult) -> str:
         f"# lrdeploy bench: {', '.join(result.models)}",
         "",
         f"backend {result.backend}, precision {result.precision}, device {result.device}, "
-        + ", ".join(f"{k} {v}" for k, v in result.versions.items()),
+        + ", ".join(f"{k} {v}" for k, v in result.versions.items())
+        + ("; every model as ONNX Runtime's transformer optimizer fuses it ("
+           + "; ".join(f"{cell(m)}: " + (", ".join(f"{n} {op}" for op, n in ops.items()) or "no fused op")
+                       for m, ops in result.fused_ops.items()) + ")" if result.optimize == "ort" else ""),
         "",
         "| model | batch × seq | mean ms | p50 ms | p90 ms | p95 ms | p99 ms | inferences/s | tokens/s |",
         "|---|---|---|---|---|---|---|---|---|",

@@ -1,0 +1,113 @@
+"""`--optimize ort`: compression inside ONNX Runtime's fused graph keeps every fusion, is exact at full rank,
+and calibration, sensitivity, refit and bench work on it (a tiny random BERT exported like MiniLM)."""
+
+import json
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from lrdeploy.calib.data import Feeds, SampleSet, model_input_specs  # noqa: E402
+from lrdeploy.calib.stats import TensorRequest, collect_moments  # noqa: E402
+from lrdeploy.cli import main  # noqa: E402
+from lrdeploy.lowrank.decompose import decompose  # noqa: E402
+from lrdeploy.passes.factorize import factorized_model  # noqa: E402
+from lrdeploy.passes.inject_error import error_injected_model  # noqa: E402
+from lrdeploy.passes.linear_layers import find_linear_layers  # noqa: E402
+from lrdeploy.passes.ort_fusion import attention_geometry, fuse_for_onnxruntime, fused_op_counts  # noqa: E402
+from tests.conftest import run_model  # noqa: E402
+from tests.factories import tiny_bert_dir  # noqa: E402
+
+FUSED = {"Attention": 2, "BiasGelu": 2, "EmbedLayerNormalization": 1, "SkipLayerNormalization": 4}
+
+
+def _inputs(count, seq=12, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(3, seq + 1, size=count)
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int64)
+    return {"input_ids": rng.integers(1, 3000, size=(count, seq)) * mask, "attention_mask": mask}
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from lrdeploy.export.torch_onnx import export_hf
+
+    folder = tmp_path_factory.mktemp("bert")
+    export_hf(tiny_bert_dir(folder / "hf"), folder / "bert.onnx", "mean", True)
+    np.savez(folder / "calib.npz", **_inputs(96))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def fused(exported):
+    model = onnx.load(str(exported / "bert.onnx"))
+    return model, fuse_for_onnxruntime(model)
+
+
+def test_geometry_is_read_from_the_graph_and_the_fusions_happen(fused):
+    model, fused_model = fused
+    assert attention_geometry(gs.import_onnx(model)) == (4, 64)
+    assert fused_op_counts(model) == {} and fused_op_counts(fused_model) == FUSED
+
+
+def test_full_rank_split_inside_the_fused_graph_is_exact(fused):
+    model, fused_model = fused
+    layers = [l for l in find_linear_layers(gs.import_onnx(fused_model)) if l.eligible]
+    assert sorted({l.pattern for l in layers}) == ["Attention", "MatMul+BiasGelu", "MatMul+SkipLayerNormalization"]
+    inputs = _inputs(16, seed=1)
+    feeds = Feeds(model_input_specs(fused_model), 16, "attention_mask")
+    moments = collect_moments(fused_model, [TensorRequest(l.input_name, l.d_in) for l in layers],
+                              lambda: feeds.batches(SampleSet(inputs)), "attention_mask", threads=1)
+    factors = {l.name: decompose("pca", l.weight, l.bias, moments[l.input_name]).factors(min(l.d_in, l.d_out))
+               for l in layers}
+    compressed = factorized_model(fused_model, layers, factors)
+    assert fused_op_counts(compressed) == FUSED
+    attention = next(n for n in compressed.graph.node if n.op_type == "Attention")
+    assert attention.input[0].endswith("/lowrank_a/output")  # Attention reads the thin tensor X·A
+    for want, got in zip(run_model(model, inputs), run_model(compressed, inputs)):
+        np.testing.assert_allclose(got, want, atol=2e-5)
+
+
+def test_injected_error_on_attention_equals_cutting_it(fused):
+    _, fused_model = fused
+    layers = [l for l in find_linear_layers(gs.import_onnx(fused_model)) if l.eligible]
+    attention = next(l for l in layers if l.pattern == "Attention")
+    inputs = _inputs(8, seed=2)
+    feeds = Feeds(model_input_specs(fused_model), 8, "attention_mask")
+    moments = collect_moments(fused_model, [TensorRequest(attention.input_name, attention.d_in)],
+                              lambda: feeds.batches(SampleSet(inputs)), "attention_mask", threads=1)
+    factors = decompose("pca", attention.weight, attention.bias, moments[attention.input_name]).factors(16)
+    injected, (error,) = error_injected_model(fused_model, [attention])
+    delta = {error.weight: (factors.dense_weight() - attention.weight).astype(np.float32),
+             error.bias: (factors.bias - attention.bias).astype(np.float32)}
+    split = factorized_model(fused_model, layers, {attention.name: factors})
+    for want, got in zip(run_model(split, inputs), run_model(injected, {**inputs, **delta})):
+        np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("extra", [[], ["--allocation", "sensitivity"], ["--refit"]])
+def test_build_keeps_every_fusion(exported, tmp_path, extra):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(exported / "bert.onnx"), "--calib", str(exported / "calib.npz"),
+                                       "--optimize", "ort", "--rank-budget", "0.5", "-o", str(out), "--json", *extra])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fused_ops"] == {"dense": FUSED, "compressed": FUSED} and report["config"]["optimize"] == "ort"
+    assert report["params"]["linear_ratio"] <= 0.5
+    assert {l["pattern"] for l in report["layers"] if l["status"] == "factorized"} >= {"Attention"}
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.8
+    assert fused_op_counts(onnx.load(str(out / "bert.lowrank.onnx"))) == FUSED
+
+
+def test_bench_optimize_ort_reports_fused_ops(exported, tmp_path):
+    result = CliRunner().invoke(main, ["bench", str(exported / "bert.onnx"), "--optimize", "ort", "--batch", "2",
+                                       "--seq", "8", "--iterations", "2", "--threads", "1", "-o", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    bench = json.loads((tmp_path / "bench.json").read_text())
+    assert bench["optimize"] == "ort" and bench["fused_ops"] == {"bert.onnx": FUSED}
+    assert "as ONNX Runtime's transformer optimizer fuses it" in (tmp_path / "bench.md").read_text()
