@@ -42,6 +42,7 @@ def write_model(path: Path, layers: int, width: int = WIDTH, seed: int = 0) -> i
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", width])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    (path.parent / f"{path.name}.data").unlink(missing_ok=True)  # onnx appends to an existing data file
     onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=1024)
     return layers * (width * width + width) * 4
 

@@ -20,7 +20,7 @@ from lrdeploy.errors import LrdeployError, TargetNotMetError
 from lrdeploy.lowrank.allocate import ALLOCATIONS
 from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
-from lrdeploy.pipeline.config import LATENCY_BACKENDS, OPTIMIZERS, BuildConfig
+from lrdeploy.pipeline.config import LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, BuildConfig
 from lrdeploy.pipeline.distill_settings import TRAIN_TEXTS, DistillSettings
 from lrdeploy.runtime.base import BACKENDS, PRECISIONS
 from lrdeploy.torch.distill_config import DistillConfig
@@ -138,7 +138,9 @@ def build_options(command):
         click.option("--method", type=click.Choice(METHODS), default=d.method, show_default=True),
         click.option("--allocation", type=click.Choice(ALLOCATIONS), default=d.allocation,
                      show_default=True, help="sensitivity measures each layer's effect on the outputs (slower, better)."),
-        click.option("--rank-multiple", default=d.rank_multiple, show_default=True, type=click.IntRange(min=1)),
+        click.option("--rank-multiple", type=click.IntRange(min=1),
+                     help="Ranks are multiples of this (default: 64 for GPU targets, --profile or --backend ort-cuda; "
+                          "else 16)."),
         _shape_option(),
         click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Where to write NAME.lowrank.onnx and the reports (default: beside the input)."),
@@ -189,6 +191,12 @@ def _build_config(model: Path, shapes: tuple[str, ...], cache_dir: Path | None, 
               help="Where --latency-aware times layers.")
 @click.option("--tokens", default=BUILD_DEFAULTS.tokens, show_default=True, type=click.IntRange(min=1),
               help="Rows (batch × sequence) of the --latency-aware layer timings.")
+@click.option("--profile", metavar="NAME|FILE",
+              help="Plan for a device from its profile instead of timing here (implies --latency-aware): a shipped "
+                   "profile (h200-fp16, a seed from the H200 reference grid) or a file from `lrdeploy profile`.")
+@click.option("--objective", type=click.Choice(OBJECTIVES),
+              help="When splits that pay cannot meet --rank-budget: size keeps the budget (slower), latency keeps "
+                   "the slower layers dense (larger).")
 @click.option("--bench", is_flag=True, help="Also benchmark dense vs compressed on ONNX Runtime CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @user_errors

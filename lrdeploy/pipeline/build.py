@@ -22,6 +22,7 @@ from typing import Protocol
 import onnx
 
 from lrdeploy.bench.measure import BenchSettings
+from lrdeploy.bench.profiles import DeviceProfile
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
@@ -37,7 +38,7 @@ from lrdeploy.pipeline.cache import StatisticsCache
 from lrdeploy.pipeline.calibrate import calibrate
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection, inspect_fused, inspect_model
-from lrdeploy.pipeline.latency import LatencyPlan, latency_aware_plan
+from lrdeploy.pipeline.latency import LatencyPlan, Timer, latency_aware_plan
 from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.refit import RefitSettings, refit_factors, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
@@ -155,9 +156,15 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
         energies = {name: d.energies for name, d in prepared.decompositions.items()}
         loss = None if prepared.sensitivity is None else sensitivity_loss(prepared.sensitivity, energies)
         if config.latency_aware:
+            profile = None if config.profile is None else DeviceProfile.load(config.profile)
+            latency_timer = Timer(config.tokens, config.backend.removeprefix("ort-"), config.threads, profile)
             latency = latency_aware_plan(config.allocation, prepared.shapes, budget, config.rank_multiple, energies,
-                                         config.tokens, config.backend.removeprefix("ort-"), config.threads, loss)
+                                         latency_timer, loss, config.objective)
             plan = latency.plan
+            ratio = latency.predicted_ratio(prepared.shapes)
+            timer.progress.note(f"  latency at {config.tokens} tokens ({latency.source}): linear layers predicted at "
+                                + ("?" if ratio is None else f"×{ratio:.2f}") + " of dense time"
+                                + (f"; {latency.note}" if latency.note else ""))
         else:
             plan = allocate(config.allocation, prepared.shapes, budget, config.rank_multiple, energies, loss)
     factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}
@@ -214,7 +221,8 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
                 write_bench(latency_bench, stage, f"lrdeploy bench {config.model} {output_model} --backend ort-cpu")
         outcome = BuildOutcome(budget, chosen.plan, chosen.latency, str(output_model), external, model_after, accuracy,
                                None if latency_bench is None else dataclasses.asdict(latency_bench), finetune_record,
-                               timer.timings, fused_ops)
+                               timer.timings, fused_ops,
+                               None if chosen.latency is None else chosen.latency.to_dict(prepared.shapes))
         report = assemble_report(config, inspection.layers, inspection.model_params, prepared.samples,
                                  prepared.spectra, outcome)
         write_reports(report, stage)

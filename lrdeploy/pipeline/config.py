@@ -13,6 +13,7 @@ from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
 
 LATENCY_BACKENDS = ("ort-cpu", "ort-cuda")  # where --latency-aware times layer shapes
+OBJECTIVES = ("size", "latency")  # what --latency-aware gives up when splits that pay cannot meet the budget
 OPTIMIZERS = ("none", "ort")  # ort: compress inside ONNX Runtime's transformer-fused graph (keeps the fusions)
 
 
@@ -36,7 +37,7 @@ class BuildConfig:
     eval_samples: int | None = None
     method: str = "pca"
     allocation: str = "uniform"
-    rank_multiple: int = 16
+    rank_multiple: int | None = None  # None: 64 for GPU targets (--profile, --backend ort-cuda), else 16
     shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_dir: Path | None = None
     batch_size: int = 16
@@ -47,6 +48,8 @@ class BuildConfig:
     rtol: float = 1e-1
     seed: int = 1
     latency_aware: bool = False
+    profile: str | None = None  # plan with a device profile (a shipped name like "h200-fp16", or a file)
+    objective: str | None = None  # when splits that pay cannot meet the budget: "size" or "latency"
     backend: str = "ort-cpu"  # where --latency-aware times layer shapes: one of LATENCY_BACKENDS
     tokens: int = 4096  # rows of X (batch × sequence) in the --latency-aware layer timings
     bench: bool = False
@@ -62,13 +65,24 @@ class BuildConfig:
     hidden_size: int = 0  # likewise
     neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
 
+    def __post_init__(self) -> None:
+        if self.rank_multiple is None:
+            self.rank_multiple = 64 if self.gpu_target else 16
+        if self.profile is not None:
+            self.latency_aware = True
+
+    @property
+    def gpu_target(self) -> bool:
+        return self.profile is not None or self.backend == "ort-cuda"
+
     def check(self) -> None:
         """Every option value is one the build can use (before any work is done)."""
         check_budget_range(self.rank_budget)
         for option, value, choices in (("--method", self.method, METHODS), ("--allocation", self.allocation, ALLOCATIONS),
                                        ("--refit-mode", self.refit_mode, REFIT_MODES),
                                        ("--backend", self.backend, LATENCY_BACKENDS),
-                                       ("--optimize", self.optimize, OPTIMIZERS)):
+                                       ("--optimize", self.optimize, OPTIMIZERS),
+                                       ("--objective", self.objective or OBJECTIVES[0], OBJECTIVES)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
         for option, value in (("--atol", self.atol), ("--rtol", self.rtol)):

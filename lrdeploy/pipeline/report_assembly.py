@@ -72,7 +72,9 @@ def layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPla
         if rank is None:
             slower = latency.slower.get(layer.name) if latency else None
             reason = ("the allocated rank would not save parameters" if slower is None
-                      else f"kept dense: its split measured ×{slower:.2f} of dense speed")
+                      else f"kept dense: {latency.source} has no timing of this shape and rank" if slower == 0
+                      else f"kept dense: its split runs at ×{slower:.2f} of dense speed at {latency.tokens} tokens "
+                           f"({latency.source})")
             records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params,
                                        layer.params, "dense", reason))
         else:
@@ -100,6 +102,7 @@ class BuildOutcome:
     finetune: dict | None
     timings: dict[str, float]
     fused_ops: dict[str, dict[str, int]]
+    latency_plan: dict | None
 
 
 def assemble_report(config: BuildConfig, layers: list[LinearLayer], model_params: int, samples: BuildSamples,
@@ -126,4 +129,5 @@ def assemble_report(config: BuildConfig, layers: list[LinearLayer], model_params
         spectra=layer_spectra,
         finetune=outcome.finetune,
         fused_ops=outcome.fused_ops,
+        latency_plan=outcome.latency_plan,
     )

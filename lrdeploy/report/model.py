@@ -14,7 +14,9 @@ report.json schema (all keys always present):
     finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, initial_cosine, best_cosine, best_step,
               history [{step, eval_cosine, train_loss?}]} | null   (label-free distillation, `lrdeploy distill`),
     fused_ops {dense: {op: count}, compressed: {op: count}}   (ONNX Runtime fused ops, e.g. Attention; equal
-              counts mean compression kept every fusion)
+              counts mean compression kept every fusion),
+    latency_plan {source (measured, or a profile; "seed" when not measured by lrdeploy), tokens, objective,
+                  predicted_linear_ratio (linear layers' time under the plan / dense), note, kept_dense [layer]} | null
 Parameters count weights only (biases excluded), so linear_ratio is what --rank-budget bounds.
 """
 
@@ -97,6 +99,7 @@ class BuildReport:
     spectra: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {layer: {weight, feature}}
     finetune: dict | None = None  # FinetuneRecord-shaped dict when the factors were fine-tuned by distillation
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # {"dense"|"compressed": {op: count}}
+    latency_plan: dict | None = None  # with --latency-aware / --profile: see the schema above
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,7 +21,7 @@ def test_latency_aware_plan_holds_slow_splits_dense_within_budget(monkeypatch):
                 for key, ranks in needed.items()}
 
     monkeypatch.setattr(latency, "time_shapes", fake_time_shapes)
-    result = latency.latency_aware_plan("uniform", shapes, 0.8, 16, None, tokens=128)
+    result = latency.latency_aware_plan("uniform", shapes, 0.8, 16, None, latency.Timer(tokens=128))
     assert all(result.plan[f"sq{i}"] is None for i in range(4))
     assert all(result.plan[f"wide{i}"] is not None for i in range(2))
     assert result.slower == {f"sq{i}": 0.5 for i in range(4)}

@@ -1,0 +1,89 @@
+"""Plans for a GPU made on any machine: the shipped H200 seed profile decides which splits pay at a token count."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from lrdeploy.bench.profiles import DeviceProfile
+from lrdeploy.cli import main
+from lrdeploy.errors import BudgetError, OptionError
+from lrdeploy.lowrank.allocate import LayerShape, realized_ratio
+from lrdeploy.pipeline.latency import Timer, latency_aware_plan
+
+
+def _encoder_layers(hidden: int, layers: int) -> list[LayerShape]:
+    """A BERT-like encoder's linear layers as lrdeploy export writes them: Q, K, V, O, FFN up, FFN down."""
+    shapes = []
+    for i in range(layers):
+        shapes += [LayerShape(f"l{i}.{p}", hidden, hidden) for p in ("q", "k", "v", "o")]
+        shapes += [LayerShape(f"l{i}.up", hidden, 4 * hidden), LayerShape(f"l{i}.down", 4 * hidden, hidden)]
+    return shapes
+
+
+H200 = DeviceProfile.load("h200-fp16")
+
+
+def test_shipped_profile_is_labelled_as_a_seed_and_interpolates_in_log_tokens():
+    assert H200.seed and "seed profile" in H200.label and H200.device == "NVIDIA H200"
+    at_1024, at_2048 = H200.latency_ms(768, 3072, None, 1024), H200.latency_ms(768, 3072, None, 2048)
+    between = H200.latency_ms(768, 3072, None, int(np.sqrt(1024 * 2048)))
+    assert between == pytest.approx((at_1024 + at_2048) / 2, rel=1e-3)
+    assert H200.latency_ms(768, 3072, 320, 16384) / H200.latency_ms(768, 3072, None, 16384) == pytest.approx(0.68, abs=0.01)
+    assert H200.latency_ms(100, 100, None, 128) is None  # shapes it never measured
+
+
+@pytest.mark.parametrize("hidden", [384, 768])
+def test_objective_latency_at_128_tokens_splits_nothing_and_says_why(hidden):
+    shapes = _encoder_layers(hidden, 2)
+    plan = latency_aware_plan("uniform", shapes, 0.5, 64, None, Timer(128, profile=H200), objective="latency")
+    assert all(rank is None for rank in plan.plan.values())
+    assert plan.note.startswith("no split is faster than dense at 128 tokens (profile h200-fp16 (seed profile")
+    assert plan.predicted_ratio(shapes) == 1.0
+
+
+def test_objective_latency_at_16384_tokens_splits_the_ffn_layers():
+    shapes = _encoder_layers(384, 2)  # MiniLM's shapes
+    plan = latency_aware_plan("uniform", shapes, 0.5, 64, None, Timer(16384, profile=H200), objective="latency")
+    assert all(plan.plan[f"l{i}.{p}"] is not None for i in range(2) for p in ("up", "down"))
+    assert all(plan.measured_speedup(s, plan.plan[s.name]) > 1 for s in shapes if plan.plan[s.name] is not None)
+    assert plan.predicted_ratio(shapes) < 0.95
+
+
+def test_without_an_objective_an_unmeetable_budget_is_one_choice():
+    with pytest.raises(BudgetError, match=r"rank budget 0.5 cannot be met by splits that pay at 128 tokens .*pass "
+                                          r"--objective size to keep the budget anyway \(slower\), or --objective "
+                                          r"latency to keep those layers dense \(larger\)"):
+        latency_aware_plan("uniform", _encoder_layers(768, 1), 0.5, 64, None, Timer(128, profile=H200))
+
+
+def test_objective_size_keeps_the_budget_and_predicts_the_slowdown():
+    shapes = _encoder_layers(768, 1)
+    plan = latency_aware_plan("uniform", shapes, 0.5, 64, None, Timer(128, profile=H200), objective="size")
+    assert realized_ratio(shapes, plan.plan) <= 0.5 and all(rank is not None for rank in plan.plan.values())
+    assert plan.predicted_ratio(shapes) > 1.3  # REFERENCE §2: splits at 128 tokens cost 1.4–1.6× a dense GEMM
+    assert "splits are slower than dense at 128 tokens" in plan.note and "predicted at ×1." in plan.note
+
+
+def test_unknown_profile_is_an_option_error(tmp_path):
+    with pytest.raises(OptionError, match=r"--profile 'a100' is neither a shipped profile \(h200-fp16\) nor a file"):
+        DeviceProfile.load("a100")
+    (tmp_path / "p.json").write_text(json.dumps({"format": "other"}))
+    with pytest.raises(OptionError, match=r"not a lrdeploy-device-profile-v1 file"):
+        DeviceProfile.load(tmp_path / "p.json")
+
+
+def test_build_with_a_profile_reports_its_plan(transformer_files, tmp_path):
+    """The tiny transformer's 64-wide layers are not in the H200 profile: nothing is split, and the report says so."""
+    model, calib = transformer_files
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--profile", "h200-fp16",
+                                       "--tokens", "128", "--objective", "latency", "--rank-multiple", "16",
+                                       "-o", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    plan = report["latency_plan"]
+    assert plan["tokens"] == 128 and plan["objective"] == "latency" and "seed profile" in plan["source"]
+    assert plan["note"].startswith("no split is faster than dense at 128 tokens")
+    dense = [l for l in report["layers"] if l["status"] == "dense"]
+    assert len(dense) == 12 and all("has no timing of this shape and rank" in l["reason"] for l in dense)
