@@ -3,7 +3,10 @@
     python benchmarks/gpu_lowrank.py --device cuda --json benchmarks/results/gpu_lowrank_<gpu>.json
     python benchmarks/gpu_lowrank.py --device cpu --quick          # seconds, checks the script works
 
-Two experiments, each timed with lrdeploy's TorchRunner (CUDA graphs on GPU, runs alternated):
+Two experiments, each timed with lrdeploy's TorchRunner (CUDA graphs on GPU, runs alternated). The timed region
+is the device's work only: inputs are copied to the GPU once per shape (`Runner.bind`), each run replays the
+graph and synchronises, outputs stay on the GPU (until this was so, host copies dominated and every ratio read
+≈1.00):
 1. GEMM microbenchmark: one dense Linear (768×768 and 768×3072) against its factorized pair across ranks that
    are multiples of 64, 16 and 8 and odd ranks, at 128 × batch tokens.
 2. Encoders: all-MiniLM-L6-v2 sized (hidden 384, 6 layers) and BERT-base sized (768, 12 layers) BERTs with
@@ -20,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lrdeploy.bench.measure import BenchSettings, benchmark
+from lrdeploy.bench.measure import TIMED, BenchSettings, benchmark
 from lrdeploy.lowrank.allocate import LayerShape, uniform_ranks
 
 
@@ -123,7 +126,7 @@ def main() -> None:
     result = {
         "command": "python benchmarks/gpu_lowrank.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
-        "precision": precision, "torch": torch.__version__, "cuda_graphs": args.device == "cuda",
+        "precision": precision, "torch": torch.__version__, "cuda_graphs": args.device == "cuda", "timed": TIMED,
         "gemm": gemm_rows(torch, TorchRunner, args.device, precision, settings, tokens, gemm_shapes, ranks),
         "encoders": encoder_rows(torch, TorchRunner, args.device, precision, settings, configs, budgets, batches),
     }

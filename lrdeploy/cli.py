@@ -255,8 +255,9 @@ def engine(model: Path, engine_path: Path, precision: str, shapes, old_shapes, t
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--iterations", type=click.IntRange(min=1), help="Timed runs per model and shape (default 20).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds of timed runs per shape.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="fp16", show_default=True,
-              help="For trt and torch backends.")
+@click.option("--precision", type=click.Choice(PRECISIONS),
+              help="What the models run in (default: fp16 on GPU backends, fp32 on CPU ones); ort-cuda converts a copy "
+                   "with ONNX Runtime's float16 converter, keeping input and output types. The report says what ran.")
 @click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime threads (0 = all).")
 @click.option("--optimize", type=click.Choice(OPTIMIZERS), default="none", show_default=True,
               help="ort: time every model as ONNX Runtime's transformer optimizer fuses it (the dense baseline a user "

@@ -62,6 +62,10 @@ class BenchSettings:
         return done < (self.iterations or 1)
 
 
+TIMED = ("device work per run: inputs and outputs resident where the runner keeps them (ONNX Runtime I/O binding, "
+         "torch tensors on the device), synchronised after each run; no host↔device copy in the timed region")
+
+
 @dataclass
 class BenchResult:
     backend: str
@@ -71,23 +75,28 @@ class BenchResult:
     models: list[str]
     shapes: list[ShapeResult] = field(default_factory=list)
     optimize: str = "none"  # "ort": every model ran as ONNX Runtime's transformer optimizer fuses it
+    timed: str = TIMED
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # {model: {fused op: count}}
 
 
 def time_shape(runners: list[Runner], feed: dict[str, np.ndarray], settings: BenchSettings,
                clock: Callable[[], float] | None = None) -> dict[str, list[float]]:
-    """Warm every runner up on `feed`, then time them alternately; returns milliseconds per run per runner."""
+    """Bind `feed` to every runner (outside the timed region), warm them up, then time them alternately; returns
+    milliseconds per run per runner. A run is the device's work only: inputs and outputs stay where the runner
+    keeps them (`Runner.bind`), and each run waits for the device."""
     clock = clock or time.perf_counter
+    for runner in runners:
+        runner.bind(feed)
     for _ in range(settings.warmup):
         for runner in runners:
-            runner.infer(feed)
+            runner.run_bound()
     times: dict[str, list[float]] = {runner.name: [] for runner in runners}
     started = time.perf_counter()
     done = 0
     while settings.keep_going(done, started):
         for runner in runners:
             begin = clock()
-            runner.infer(feed)
+            runner.run_bound()
             times[runner.name].append((clock() - begin) * 1e3)
         done += 1
     return times
@@ -125,4 +134,5 @@ def result_from_dict(data: dict) -> BenchResult:
         for s in data["shapes"]
     ]
     return BenchResult(data["backend"], data["precision"], data["device"], data["versions"], data["models"], shapes,
-                       data.get("optimize", "none"), data.get("fused_ops", {}))
+                       optimize=data.get("optimize", "none"), timed=data.get("timed", TIMED),
+                       fused_ops=data.get("fused_ops", {}))

@@ -20,6 +20,7 @@ from lrdeploy.bench.measure import BenchResult, BenchSettings, ShapeResult, benc
 from lrdeploy.calib.data import InputSpec, model_input_specs
 from lrdeploy.errors import ModelLoadError, OptionError
 from lrdeploy.onnx_io import load_model
+from lrdeploy.passes.precision import HALF_PRECISIONS, check_half_precision
 from lrdeploy.runtime.base import BACKENDS, Runner
 
 MEMORY_SHARE_FOR_INPUTS = 8  # inputs may take at most this fraction of memory: activations need the rest
@@ -34,12 +35,19 @@ class BenchConfig:
     seq: int = 128
     settings: BenchSettings = field(default_factory=BenchSettings)
     threads: int = 0
-    precision: str = "fp16"
+    precision: str | None = None  # None: fp16 on GPU backends, fp32 on CPU ones
     optimize: str = "none"  # "ort": run ONNX Runtime's transformer optimizer on every ONNX model compared
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise OptionError(f"--backend {self.backend!r} is not one of {', '.join(BACKENDS)}; pick one of those")
+        if self.precision is None:
+            self.precision = "fp32" if self.backend.endswith("-cpu") else "fp16"
+        if self.backend == "ort-cpu" and self.precision != "fp32":
+            raise OptionError(f"--precision {self.precision} on ort-cpu: ONNX Runtime's CPU provider runs FP32 models "
+                              "(it would time casts, not FP16 kernels); use --precision fp32, or --backend ort-cuda")
+        if self.backend == "ort-cuda":
+            check_half_precision(self.precision)
         if self.optimize not in ("none", "ort") or (self.optimize == "ort" and not self.backend.startswith("ort-")):
             raise OptionError(f"--optimize {self.optimize!r} applies to ONNX Runtime backends (ort-cpu, ort-cuda); "
                               "leave it out for --backend " + self.backend)
@@ -76,7 +84,10 @@ def make_runner(model: str, config: BenchConfig, name: str, workdir: Path) -> tu
     if config.optimize == "ort":
         path = optimized_copy(path, workdir / name)
     if config.backend.startswith("ort-"):
-        return OrtRunner(path, config.backend.removeprefix("ort-"), config.threads, name), _onnx_specs(path)
+        specs = _onnx_specs(path)
+        if config.precision in HALF_PRECISIONS:
+            path = half_precision_copy(path, workdir / name / config.precision)
+        return OrtRunner(path, config.backend.removeprefix("ort-"), config.threads, name, config.precision), specs
     from lrdeploy.export.trt import EngineConfig, build_engine
     from lrdeploy.runtime.tensorrt import TrtRunner
 
@@ -86,6 +97,17 @@ def make_runner(model: str, config: BenchConfig, name: str, workdir: Path) -> tu
         for b in (min(config.batches), max(config.batches), max(config.batches))) for s in specs}
     engine = build_engine(EngineConfig(path, workdir / f"{name}.engine", config.precision, shapes))
     return TrtRunner(engine, name, config.precision), specs
+
+
+def half_precision_copy(path: Path, folder: Path) -> Path:
+    """`path` converted to FP16 by ONNX Runtime's converter (inputs and outputs keep their types), in `folder`."""
+    from lrdeploy.onnx_io import save_model
+    from lrdeploy.passes.precision import to_float16
+
+    loaded = load_model(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_model(to_float16(loaded.proto), folder / path.name, external_data=loaded.external_data)
+    return folder / path.name
 
 
 def optimized_copy(path: Path, folder: Path) -> Path:

@@ -32,6 +32,16 @@ class Runner(ABC):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run one batch and return its outputs by name, on the host, after the device is done."""
 
+    def bind(self, feed: dict[str, np.ndarray]) -> None:
+        """Place `feed` where the runner reads it (on the device, for GPU runners) for `run_bound`; once per shape,
+        outside any timed region. The default keeps the host arrays (what a CPU runner reads anyway)."""
+        self._bound = feed
+
+    def run_bound(self) -> None:
+        """Run once on the bound feed and wait for the device; outputs stay where they were produced. Timing this
+        times the device's work, as trtexec's GPU Compute Time does, with no host↔device copy inside."""
+        self.infer(self._bound)
+
     def deactivate(self) -> None:
         self.active = False
 

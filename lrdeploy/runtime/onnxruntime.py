@@ -81,9 +81,12 @@ def cpu_description() -> str:
 class OrtRunner(Runner):
     """An ONNX model on ONNX Runtime, `device` "cpu" or "cuda"."""
 
-    def __init__(self, model: Path, device: str = "cpu", threads: int = 0, name: str | None = None):
+    def __init__(self, model: Path, device: str = "cpu", threads: int = 0, name: str | None = None,
+                 precision: str = "fp32"):
+        """`precision` says what `model` is (an FP16 model converted beforehand runs as "fp16"), for reports."""
         super().__init__(name or Path(model).name)
         self.model = Path(model)
+        self.precision = precision
         self._device = device
         self.threads = threads
         self.backend = f"ort-{device}"
@@ -102,6 +105,21 @@ class OrtRunner(Runner):
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         names = [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feed)))
+
+    def bind(self, feed: dict[str, np.ndarray]) -> None:
+        """I/O binding: inputs copied to the device once, outputs allocated there (no host copy per run)."""
+        import onnxruntime as ort
+
+        device = "cuda" if self._device == "cuda" else "cpu"
+        binding = self.session.io_binding()
+        for name, value in feed.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value), device, 0))
+        for output in self.session.get_outputs():
+            binding.bind_output(output.name, device)
+        self._bound = binding
+
+    def run_bound(self) -> None:
+        self.session.run_with_iobinding(self._bound)  # returns once the provider's stream is synchronised
 
     def deactivate(self) -> None:
         self.session = None

@@ -95,6 +95,26 @@ class TorchRunner(Runner):
                 outputs = self._as_dict(self.module(**self._tensors(feed)))
         return {name: value.float().cpu().numpy() for name, value in outputs.items()}
 
+    def bind(self, feed: dict[str, np.ndarray]) -> None:
+        """The feed as tensors on the device (copied into the CUDA graph's static inputs when graphs are on)."""
+        if self.cuda_graphs:
+            static_inputs, static_outputs, graph = self._graph_for(feed)
+            for name, tensor in self._tensors(feed).items():
+                static_inputs[name].copy_(tensor)
+            self._bound = graph
+        else:
+            self._bound = self._tensors(feed)
+
+    def run_bound(self) -> None:
+        torch = require_torch()
+        if self.cuda_graphs:
+            self._bound.replay()
+        else:
+            with torch.inference_mode():
+                self.module(**self._bound)
+        if self._device == "cuda":
+            torch.cuda.synchronize()
+
     def deactivate(self) -> None:
         self._graphs.clear()
         super().deactivate()

@@ -19,4 +19,4 @@ def test_quick_cpu_run_writes_results(tmp_path):
     assert [(r["d_in"], r["rank"]) for r in data["gemm"]] == [(64, 16), (64, 17)]
     assert data["gemm"][0]["flop_ratio"] == 0.5 and data["gemm"][0]["ratio_p50"] > 0
     assert [(r["model"], r["budget"], r["batch"]) for r in data["encoders"]] == [("tiny", 0.5, 1)]
-    assert data["cuda_graphs"] is False and data["precision"] == "fp32"
+    assert data["cuda_graphs"] is False and data["precision"] == "fp32" and "no host↔device copy" in data["timed"]

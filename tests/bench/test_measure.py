@@ -103,3 +103,72 @@ def test_bench_cli_errors(tmp_path):
     assert result.exit_code == 1 and "Error: model file" in result.stderr and "does not exist" in result.stderr
     result = CliRunner().invoke(main, ["bench", "a.onnx", "b.onnx", "c.onnx"])
     assert result.exit_code == 1 and "bench takes one model, or two to compare" in result.stderr
+
+
+class BoundRunner(FakeRunner):
+    """Binding costs 50 ticks (a host→device copy), a bound run 1 tick, a full infer 10."""
+
+    def bind(self, feed):
+        self.log.append(f"bind {self.name}")
+        self.clock.now += 0.05
+
+    def run_bound(self):
+        self.log.append(self.name)
+        self.clock.now += 0.001
+
+
+def test_timed_region_is_the_bound_run_only():
+    log, clock = [], Clock()
+    runners = [BoundRunner("a", 0.01, log, clock), BoundRunner("b", 0.01, log, clock)]
+    times = time_shape(runners, {}, BenchSettings(warmup=1, iterations=4), clock=clock)
+    assert log == ["bind a", "bind b"] + ["a", "b"] * 5  # bound once, before warm-up and timing
+    assert times == {"a": pytest.approx([1.0] * 4), "b": pytest.approx([1.0] * 4)}
+
+
+def test_onnxruntime_io_binding_runs_the_same_model(tmp_path):
+    from lrdeploy.runtime.onnxruntime import OrtRunner
+    from tests import models
+
+    onnx.save(models.matmul_add(), tmp_path / "m.onnx")
+    feed = {"x": np.random.default_rng(0).standard_normal((5, 64)).astype(np.float32)}
+    with OrtRunner(tmp_path / "m.onnx", threads=1) as runner:
+        expected = runner.infer(feed)["y"]
+        runner.bind(feed)
+        runner.run_bound()
+        (bound,) = runner._bound.copy_outputs_to_cpu()
+    np.testing.assert_allclose(bound, expected, rtol=1e-6)
+
+
+def test_ort_cuda_fp16_runs_a_converted_fp16_model_with_fp32_io(tmp_path):
+    """What an `ort-cuda --precision fp16` session loads (made here without a GPU: the session is created later)."""
+    from lrdeploy.pipeline.bench import BenchConfig, make_runner
+    from tests import models
+
+    onnx.save(models.transformer(), tmp_path / "t.onnx")
+    config = BenchConfig([str(tmp_path / "t.onnx")], "ort-cuda", precision="fp16")
+    runner, specs = make_runner(str(tmp_path / "t.onnx"), config, "t.onnx", tmp_path / "work")
+    converted = onnx.load(str(runner.model))
+    assert runner.precision == "fp16" and runner.backend == "ort-cuda" and runner.model != tmp_path / "t.onnx"
+    floats = [i for i in converted.graph.initializer if i.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+    weights = [i for i in floats if len(i.dims) == 2]
+    assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
+    assert [i.type.tensor_type.elem_type for i in converted.graph.input] == [onnx.TensorProto.INT64] * 2
+    assert {o.type.tensor_type.elem_type for o in converted.graph.output} == {onnx.TensorProto.FLOAT}
+    assert [s.name for s in specs] == ["input_ids", "attention_mask"]
+
+
+@pytest.mark.parametrize("backend, precision, message", [
+    ("ort-cpu", "fp16", r"--precision fp16 on ort-cpu: ONNX Runtime's CPU provider runs FP32 models"),
+    ("ort-cuda", "bf16", r"--precision bf16 is not available on ONNX Runtime here: its converter writes fp16"),
+    ("trt", None, None),
+])
+def test_precision_defaults_and_refusals(backend, precision, message):
+    from lrdeploy.errors import OptionError
+    from lrdeploy.pipeline.bench import BenchConfig
+
+    if message is None:
+        assert BenchConfig(["m.onnx"], backend).precision == "fp16"
+        assert BenchConfig(["m.onnx"], "ort-cpu").precision == "fp32"
+        return
+    with pytest.raises(OptionError, match=message):
+        BenchConfig(["m.onnx"], backend, precision=precision)
