@@ -298,6 +298,31 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
         console.print("Wrote " + ", ".join(str(p) for p in paths))
 
 
+@main.command()
+@click.argument("model", type=FILE, required=False)
+@click.option("--backend", type=click.Choice(("ort-cpu", "ort-cuda")), default="ort-cpu", show_default=True)
+@click.option("--precision", type=click.Choice(("fp32", "fp16")), help="Default: fp16 on ort-cuda, fp32 on ort-cpu.")
+@click.option("--tokens", "token_counts", default="128,1024,4096,16384", show_default=True,
+              help="Rows (batch × sequence) to time at, comma-separated.")
+@click.option("--rank-multiple", default=64, show_default=True, type=click.IntRange(min=1),
+              help="Profile every multiple of this below each shape's break-even rank.")
+@click.option("--iterations", default=15, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=0, show_default=True, type=click.IntRange(min=0), help="ONNX Runtime threads (0 = all).")
+@click.option("--name", help="The profile's name (default: the output file's stem).")
+@click.option("-o", "--output", required=True, type=FILE, help="The profile JSON to write.")
+@user_errors
+def profile(model, backend, precision, token_counts, rank_multiple, iterations, threads, name, output) -> None:
+    """Time dense layers against low-rank splits for MODEL's layer shapes (default: BERT-base's) and write a
+    device profile for `build --profile`."""
+    from lrdeploy.pipeline.profile import ProfileSettings, run_profile
+
+    settings = ProfileSettings(output, backend, precision, _int_list(token_counts), model, rank_multiple, iterations,
+                               threads, name)
+    console = _console()
+    result = run_profile(settings, _progress(console))
+    console.print(f"Profile of {len(result['rows'])} timings on {result['device']} ({result['precision']}): {output}")
+
+
 def _float_list(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",")]

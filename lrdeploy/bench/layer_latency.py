@@ -7,13 +7,14 @@ graphs of `passes.layer_graph` (X[tokens, d_in]·W + b and X·A·B + b) alternat
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from lrdeploy.bench.measure import BenchSettings, time_shape
 from lrdeploy.passes.layer_graph import INPUT, layer_model
-from lrdeploy.runtime.onnxruntime import PROVIDERS, check_provider, create_session
+from lrdeploy.passes.precision import to_float16
+from lrdeploy.runtime.onnxruntime import PROVIDERS, OrtRunner, check_provider
 
 Shape = tuple[int, int]
 
@@ -34,24 +35,26 @@ class ShapeTiming:
 
 
 def time_shapes(ranks_by_shape: dict[Shape, set[int]], tokens: int, device: str = "cpu", threads: int = 0,
-                iterations: int = 15, warmup: int = 3) -> dict[Shape, ShapeTiming]:
-    """Time dense vs split for every shape and rank, runs alternated; returns median ms per variant."""
-    provider = PROVIDERS[device]
-    check_provider(provider)
+                iterations: int = 15, warmup: int = 3, precision: str = "fp32") -> dict[Shape, ShapeTiming]:
+    """Time dense vs split for every shape and rank on ONNX Runtime, runs alternated and bound to the device
+    (`measure.time_shape`); returns the median ms per variant. `precision` "fp16" times FP16 twins."""
+    check_provider(PROVIDERS[device])
     timings = {}
     for (d_in, d_out), ranks in ranks_by_shape.items():
         variants = [None, *sorted(ranks)]
-        sessions = [create_session(layer_model(d_in, d_out, r), threads, [provider]) for r in variants]
+        runners = []
+        for rank in variants:
+            model = layer_model(d_in, d_out, rank)
+            runners.append(OrtRunner(to_float16(model) if precision == "fp16" else model, device, threads,
+                                     f"rank {rank}", precision))
         feed = {INPUT: np.random.default_rng(1).standard_normal((tokens, d_in)).astype(np.float32)}
-        for _ in range(warmup):
-            for session in sessions:
-                session.run(None, feed)
-        times: list[list[float]] = [[] for _ in variants]
-        for _ in range(iterations):
-            for index, session in enumerate(sessions):
-                start = time.perf_counter()
-                session.run(None, feed)
-                times[index].append((time.perf_counter() - start) * 1e3)
-        medians = [float(np.median(t)) for t in times]
+        for runner in runners:
+            runner.activate()
+        try:
+            times = time_shape(runners, feed, BenchSettings(warmup=warmup, iterations=iterations))
+        finally:
+            for runner in runners:
+                runner.deactivate()
+        medians = [float(np.median(times[runner.name])) for runner in runners]
         timings[(d_in, d_out)] = ShapeTiming(d_in, d_out, tokens, medians[0], dict(zip(variants[1:], medians[1:])))
     return timings

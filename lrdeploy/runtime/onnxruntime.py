@@ -81,11 +81,12 @@ def cpu_description() -> str:
 class OrtRunner(Runner):
     """An ONNX model on ONNX Runtime, `device` "cpu" or "cuda"."""
 
-    def __init__(self, model: Path, device: str = "cpu", threads: int = 0, name: str | None = None,
+    def __init__(self, model: Path | onnx.ModelProto, device: str = "cpu", threads: int = 0, name: str | None = None,
                  precision: str = "fp32"):
-        """`precision` says what `model` is (an FP16 model converted beforehand runs as "fp16"), for reports."""
+        """`model`: a file or a ModelProto. `precision` says what it is (an FP16 model converted beforehand runs
+        as "fp16"), for reports."""
         super().__init__(name or Path(model).name)
-        self.model = Path(model)
+        self.model = model if isinstance(model, onnx.ModelProto) else Path(model)
         self.precision = precision
         self._device = device
         self.threads = threads

@@ -87,3 +87,27 @@ def test_build_with_a_profile_reports_its_plan(transformer_files, tmp_path):
     assert plan["note"].startswith("no split is faster than dense at 128 tokens")
     dense = [l for l in report["layers"] if l["status"] == "dense"]
     assert len(dense) == 12 and all("has no timing of this shape and rank" in l["reason"] for l in dense)
+
+
+def test_profile_command_writes_a_profile_that_build_plans_with(transformer_files, tmp_path):
+    model, calib = transformer_files
+    path = tmp_path / "prof" / "tiny-cpu.json"
+    result = CliRunner().invoke(main, ["profile", str(model), "--tokens", "32,64", "--rank-multiple", "16",
+                                       "--iterations", "2", "--threads", "1", "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    profile = DeviceProfile.load(path)
+    assert not profile.seed and profile.backend == "ort-cpu" and profile.precision == "fp32"
+    assert profile.name == "tiny-cpu" and "lrdeploy profile" in profile.command
+    keys = {(r["d_in"], r["d_out"], r["tokens"], r["rank"]) for r in profile.rows}
+    for tokens in (32, 64):  # every shape of the model, dense and at every saving multiple of 16
+        assert {(64, 64, tokens, r) for r in (None, 16)} <= keys
+        assert {(64, 256, tokens, r) for r in (None, 16, 32, 48)} <= keys
+        assert {(256, 64, tokens, r) for r in (None, 16, 32, 48)} <= keys
+    assert all(r["ms"] > 0 for r in profile.rows)
+    build = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--profile", str(path), "--tokens",
+                                      "48", "--objective", "latency", "--rank-multiple", "16", "-o",
+                                      str(tmp_path / "o"), "--json"])
+    assert build.exit_code == 0, build.output
+    plan = json.loads(build.stdout)["latency_plan"]
+    assert plan["source"] == "profile tiny-cpu (measured)" and plan["tokens"] == 48
+    assert plan["predicted_linear_ratio"] is not None and plan["predicted_linear_ratio"] <= 1.0
