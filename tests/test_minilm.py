@@ -57,3 +57,18 @@ def test_demo_on_a_reduced_setting(assets, tmp_path):
     page = result.report_html.read_text()
     assert "Accuracy per budget" in page and "Latency" in page
     assert not (tmp_path / "rho_0.900").exists()  # only the main model is kept
+
+
+def test_minilm_optimized_for_onnxruntime_keeps_every_fusion(assets, tmp_path):
+    """build --optimize ort: the same fused ops as the dense model through ORT's optimizer, and held-out cosine
+    within 0.01 of the per-layer split at the same budget."""
+    model, calib, evaluation = assets
+    reports = {optimize: build(BuildConfig(model=model, calib=str(calib), eval=evaluation, rank_budget=0.5,
+                                           optimize=optimize, output_dir=tmp_path / optimize)).report
+               for optimize in ("none", "ort")}
+    fused = reports["ort"].fused_ops
+    assert fused["dense"] == fused["compressed"] == {"Attention": 6, "BiasGelu": 6, "EmbedLayerNormalization": 1,
+                                                     "SkipLayerNormalization": 12}
+    assert reports["ort"].params.linear_ratio <= 0.5
+    cosines = {k: r.accuracy.outputs["embedding"].cosine_mean for k, r in reports.items()}
+    assert abs(cosines["ort"] - cosines["none"]) <= 0.01, cosines
