@@ -22,13 +22,12 @@ from typing import Protocol
 import onnx
 
 from lrdeploy.bench.measure import BenchSettings
-from lrdeploy.bench.profiles import DeviceProfile
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose
-from lrdeploy.onnx_io import LoadedModel, check_model, count_parameters, external_data_name, save_model
+from lrdeploy.onnx_io import check_model, count_parameters, save_model
 from lrdeploy.passes.factorize import factorized_model
 from lrdeploy.passes.index_inputs import index_limits
 from lrdeploy.passes.ort_fusion import fused_op_counts
@@ -38,14 +37,15 @@ from lrdeploy.pipeline.cache import StatisticsCache
 from lrdeploy.pipeline.calibrate import calibrate
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection, inspect_fused, inspect_model
-from lrdeploy.pipeline.latency import LatencyPlan, Timer, latency_aware_plan
+from lrdeploy.pipeline.latency import LatencyPlan, plan_for_latency
+from lrdeploy.pipeline.outputs import input_files, output_files
 from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.refit import RefitSettings, refit_factors, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
 from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
 from lrdeploy.pipeline.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
 from lrdeploy.pipeline.validate import compare_models
-from lrdeploy.report.files import BENCH_FILES, REPORT_FILES, write_bench, write_reports
+from lrdeploy.report.files import REPORT_FILES, write_bench, write_reports
 from lrdeploy.report.model import BuildReport
 
 
@@ -76,18 +76,6 @@ class PreparedBuild:
     @property
     def shapes(self) -> list[LayerShape]:
         return [layer.shape for layer in self.eligible]
-
-
-def output_files(output_model: Path) -> list[Path]:
-    """Every file a build writes beside `output_model` (its external data, reports, bench results)."""
-    folder = output_model.parent
-    return [output_model, folder / external_data_name(output_model), *(folder / n for n in (*REPORT_FILES, *BENCH_FILES))]
-
-
-def input_files(config: BuildConfig, model: LoadedModel) -> list[Path]:
-    """Every file a build reads: the model, its external data, the sample files."""
-    samples = [Path(config.calib)] if config.calib != "random" else []
-    return [model.path, *model.external_files, *samples, *([Path(config.eval)] if config.eval else [])]
 
 
 def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tuple[float, ...] = (),
@@ -156,15 +144,8 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
         energies = {name: d.energies for name, d in prepared.decompositions.items()}
         loss = None if prepared.sensitivity is None else sensitivity_loss(prepared.sensitivity, energies)
         if config.latency_aware:
-            profile = None if config.profile is None else DeviceProfile.load(config.profile)
-            latency_timer = Timer(config.tokens, config.backend.removeprefix("ort-"), config.threads, profile)
-            latency = latency_aware_plan(config.allocation, prepared.shapes, budget, config.rank_multiple, energies,
-                                         latency_timer, loss, config.objective)
+            latency = plan_for_latency(config, prepared.shapes, budget, energies, loss, timer.progress)
             plan = latency.plan
-            ratio = latency.predicted_ratio(prepared.shapes)
-            timer.progress.note(f"  latency at {config.tokens} tokens ({latency.source}): linear layers predicted at "
-                                + ("?" if ratio is None else f"×{ratio:.2f}") + " of dense time"
-                                + (f"; {latency.note}" if latency.note else ""))
         else:
             plan = allocate(config.allocation, prepared.shapes, budget, config.rank_multiple, energies, loss)
     factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}

@@ -22,6 +22,8 @@ from lrdeploy.bench.layer_latency import Shape, ShapeTiming, time_shapes
 from lrdeploy.bench.profiles import DeviceProfile
 from lrdeploy.errors import BudgetError
 from lrdeploy.lowrank.allocate import LayerShape, LossCurve, RankPlan, allocate, allocate_around_dense, realized_ratio
+from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.progress import Progress
 
 MAX_ROUNDS = 5
 
@@ -140,3 +142,17 @@ def latency_aware_plan(
             break
         slower.update(losers)
     return LatencyPlan(plan, timer.timings, slower, timer.source, timer.tokens, objective)
+
+
+def plan_for_latency(config: BuildConfig, shapes: list[LayerShape], budget: float,
+                     energies: Mapping[str, np.ndarray] | None, loss: LossCurve | None, progress: Progress) -> LatencyPlan:
+    """The build's latency-aware plan: timed here on `config.backend`, or read from `config.profile`; the predicted
+    linear-layer latency and what the plan gave up are told to `progress`."""
+    profile = None if config.profile is None else DeviceProfile.load(config.profile)
+    timer = Timer(config.tokens, config.backend.removeprefix("ort-"), config.threads, profile)
+    plan = latency_aware_plan(config.allocation, shapes, budget, config.rank_multiple, energies, timer, loss,
+                              config.objective)
+    ratio = plan.predicted_ratio(shapes)
+    progress.note(f"  latency at {config.tokens} tokens ({plan.source}): linear layers predicted at "
+                  + ("?" if ratio is None else f"×{ratio:.2f}") + " of dense time" + (f"; {plan.note}" if plan.note else ""))
+    return plan
