@@ -21,6 +21,13 @@ import numpy as np
 from lrdeploy.errors import CalibrationDataError, OutputError
 
 
+def default_file_mode() -> int:
+    """The permissions a new file gets from the process umask (0644 with the usual 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success rename it onto `target`, else delete it."""
@@ -28,9 +35,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     tmp = Path(tmp_name)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; the final file gets the usual permissions
+    os.chmod(tmp, default_file_mode())  # mkstemp creates 0600; the final file gets the usual permissions
     try:
         yield tmp
         os.replace(tmp, target)

@@ -20,6 +20,7 @@ import onnx
 from onnx import external_data_helper
 
 from lrdeploy.errors import ModelLoadError
+from lrdeploy.files import default_file_mode
 
 LARGE_MODEL_BYTES = 1 << 30  # above this, weights go to an external data file
 
@@ -170,6 +171,7 @@ def save_model(
                 proto, str(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True,
                 location=data_name, size_threshold=1024,
             )
+            os.chmod(tmp_dir / data_name, default_file_mode())  # onnx writes data files 0600, models 0644
             os.replace(tmp_dir / data_name, path.parent / data_name)
         else:
             onnx.save_model(proto, str(tmp_model))

@@ -101,7 +101,8 @@ def test_external_data_model_round_trip(tmp_path):
     np.savez(tmp_path / "c.npz", **models.transformer_inputs(64))
     result = _invoke("build", model_dir / "tiny.onnx", "--calib", tmp_path / "c.npz", "-o", tmp_path / "out")
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "out" / "tiny.lowrank.onnx.data").is_file()
+    data = tmp_path / "out" / "tiny.lowrank.onnx.data"
+    assert data.is_file() and data.stat().st_mode & 0o777 == (tmp_path / "out" / "tiny.lowrank.onnx").stat().st_mode & 0o777
     assert json.loads((tmp_path / "out" / "report.json").read_text())["external_data"] is True
     feeds = models.transformer_inputs(3)
     run_model(tmp_path / "out" / "tiny.lowrank.onnx", feeds)
