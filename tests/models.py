@@ -203,3 +203,26 @@ def pooled_encoder(opset: int = OPSET, hidden=64, ffn=256, vocab=100, seed=0) ->
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model
+
+
+def ffn(w_up: np.ndarray, b_up: np.ndarray, w_down: np.ndarray, b_down: np.ndarray, activation: str = "Relu",
+        ) -> onnx.ModelProto:
+    """x[n, d] ─MatMul(W_up)─Add(b_up)─ activation ─MatMul(W_down)─Add(b_down)─► y (one FFN block, float32)."""
+    d, f = w_up.shape
+    inits = [_init("w_up", w_up.astype(np.float32)), _init("b_up", b_up.astype(np.float32)),
+             _init("w_down", w_down.astype(np.float32)), _init("b_down", b_down.astype(np.float32)),
+             _init("half", np.float32(0.5)), _init("one", np.float32(1.0)), _init("sqrt2", np.float32(np.sqrt(2.0)))]
+    nodes = [helper.make_node("MatMul", ["x", "w_up"], ["up_mm"], name="up"),
+             helper.make_node("Add", ["up_mm", "b_up"], ["up_out"], name="up_bias")]
+    if activation == "Gelu":  # erf GELU as torch exports it: x · 0.5 · (1 + erf(x / √2))
+        nodes += [helper.make_node("Div", ["up_out", "sqrt2"], ["scaled"], name="gelu_div"),
+                  helper.make_node("Erf", ["scaled"], ["erf"], name="gelu_erf"),
+                  helper.make_node("Add", ["erf", "one"], ["erf1"], name="gelu_add"),
+                  helper.make_node("Mul", ["up_out", "erf1"], ["gelu_mul"], name="gelu_mul"),
+                  helper.make_node("Mul", ["gelu_mul", "half"], ["act"], name="gelu_half")]
+    else:
+        nodes.append(helper.make_node(activation, ["up_out"], ["act"], name="act"))
+    nodes += [helper.make_node("MatMul", ["act", "w_down"], ["down_mm"], name="down"),
+              helper.make_node("Add", ["down_mm", "b_down"], ["y"], name="down_bias")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w_down.shape[1]])], inits, name="ffn")

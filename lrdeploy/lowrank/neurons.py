@@ -1,0 +1,68 @@
+"""A narrower FFN: which of its f intermediate neurons to keep, and the down projection refit so that the block
+output is reproduced from the kept ones, from calibration moments of the activation h alone (numpy only).
+
+For the down projection y = h·W + b (W = W_down, [f, d]) and a kept set S of neurons, ridge least squares gives
+
+    W′ = (C_SS + λI)⁻¹ · C_S: · W,     b′ = E[y] − E[h_S]·W′,     C = Cov[h]   (MoDeGPT / Nyström style)
+
+and leaves the error tr(Wᵀ·(C − C_:S·C_SS⁻¹·C_S:)·W). Neurons are chosen greedily to remove most of that error:
+a pivoted Cholesky of C, each step taking the neuron whose residual column, carried through W, is largest. When
+the kept neurons span the others (a removed neuron is a linear function of kept ones), the refit is exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from lrdeploy.lowrank.moments import Moments
+
+EPS = 1e-12
+
+
+@dataclass(frozen=True)
+class NeuronCut:
+    """The neurons kept (ascending) and the down projection's refit weight [k, d] and bias [d]."""
+
+    keep: np.ndarray
+    weight: np.ndarray
+    bias: np.ndarray
+    residual: float  # the least-squares error left, E‖y − y′‖², per position
+
+
+def select_neurons(cov: np.ndarray, weight: np.ndarray, count: int) -> np.ndarray:
+    """`count` neuron indices (ascending) chosen greedily to minimise the refit's error tr(Wᵀ·C_resid·W)."""
+    residual = np.array(cov, np.float64, copy=True)
+    carried = residual @ np.asarray(weight, np.float64)  # C_resid·W, updated by rank one per step
+    chosen: list[int] = []
+    for _ in range(count):
+        diag = np.diag(residual).copy()
+        diag[chosen] = np.inf
+        gains = np.where(diag > EPS * max(float(np.trace(cov)), EPS), (carried ** 2).sum(1) / np.maximum(diag, EPS), -1.0)
+        gains[chosen] = -np.inf
+        pick = int(np.argmax(gains))
+        if gains[pick] < 0:  # the rest is already spanned: keep the largest remaining neurons by variance
+            rest = [j for j in np.argsort(-np.diag(cov)) if j not in chosen]
+            chosen += rest[: count - len(chosen)]
+            break
+        column = residual[:, pick].copy()
+        residual -= np.outer(column, column) / column[pick]
+        carried -= np.outer(column, carried[pick]) / column[pick]
+        chosen.append(pick)
+    return np.sort(np.asarray(chosen, np.int64))
+
+
+def cut_neurons(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, count: int,
+                ridge: float = 1e-6) -> NeuronCut:
+    """Keep `count` of the activation's neurons (moments of h over calibration positions) and refit W, b."""
+    w = np.asarray(weight, np.float64)
+    b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
+    cov, mean = moments.covariance, moments.mean
+    keep = select_neurons(cov, w, count)
+    block = cov[np.ix_(keep, keep)]
+    damping = ridge * max(float(np.trace(block)) / max(len(keep), 1), EPS)
+    refit = np.linalg.solve(block + damping * np.eye(len(keep)), cov[keep] @ w)
+    new_bias = mean @ w + b - mean[keep] @ refit
+    residual_cov = cov - cov[:, keep] @ np.linalg.solve(block + damping * np.eye(len(keep)), cov[keep])
+    return NeuronCut(keep, refit, new_bias, float(np.trace(w.T @ residual_cov @ w)))
