@@ -153,6 +153,9 @@ def build_options(command):
                      help="Refit the splits layer by layer toward the original model's outputs."),
         click.option("--refit-mode", type=click.Choice(REFIT_MODES), default=d.refit_mode, show_default=True,
                      help="With --refit: refit the second factor and bias, or both factors (reduced-rank regression)."),
+        click.option("--ffn-keep", type=float, metavar="FRACTION",
+                     help="Narrow every FFN block to this fraction of its neurons (chosen from calibration, the down "
+                          "projection refit); --rank-budget then applies to the other layers."),
         click.option("--optimize", type=click.Choice(OPTIMIZERS), default=d.optimize, show_default=True,
                      help="ort: fuse the model with ONNX Runtime's transformer optimizer first and compress inside the "
                           "fused graph, so the output keeps every fusion (Attention, SkipLayerNormalization, BiasGelu)."),

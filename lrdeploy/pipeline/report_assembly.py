@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -14,8 +15,10 @@ from lrdeploy.lowrank.moments import Moments
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.latency import LatencyPlan
-from lrdeploy.pipeline.samples import BuildSamples
 from lrdeploy.report.model import AccuracyReport, BuildConfigRecord, BuildReport, LayerRecord, ParamSummary
+
+if TYPE_CHECKING:  # only for annotations: build imports this module
+    from lrdeploy.pipeline.build import PreparedBuild
 
 SPECTRUM_LAYERS = 4
 
@@ -53,6 +56,7 @@ def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: B
         "lrdeploy.ranks": json.dumps(plan),
         "lrdeploy.refit": str(config.refit).lower(),
         "lrdeploy.optimize": config.optimize,
+        **({} if config.ffn_keep is None else {"lrdeploy.ffn_keep": str(config.ffn_keep)}),
         **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune["steps"])}),
     })
     del proto.metadata_props[:]
@@ -60,10 +64,26 @@ def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: B
         proto.metadata_props.add(key=key, value=value)
 
 
-def layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPlan | None) -> list[LayerRecord]:
-    """One record per linear layer found: factorized at its rank, kept dense (and why), or skipped (and why)."""
+def narrowed_params(prepared: "PreparedBuild") -> dict[str, tuple[int, int, int]]:
+    """{layer of a narrowed FFN block: (neurons kept, neurons before, weight parameters after)}."""
+    result = {}
+    for block, cut in prepared.narrowed:
+        kept = len(cut.keep)
+        result[block.up.name] = (kept, block.width, block.up.d_in * kept)
+        result[block.down.name] = (kept, block.width, kept * block.down.d_out)
+    return result
+
+
+def layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPlan | None,
+                  narrowed: dict[str, tuple[int, int, int]]) -> list[LayerRecord]:
+    """One record per linear layer found: factorized at its rank, narrowed, kept dense (and why), or skipped."""
     records = []
     for layer in layers:
+        if layer.name in narrowed:
+            kept, width, after = narrowed[layer.name]
+            records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params, after,
+                                       "narrowed", f"{kept} of {width} FFN neurons kept (--ffn-keep)"))
+            continue
         if not layer.eligible:
             records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params,
                                        layer.params, "skipped", layer.reason))
@@ -105,12 +125,17 @@ class BuildOutcome:
     latency_plan: dict | None
 
 
-def assemble_report(config: BuildConfig, layers: list[LinearLayer], model_params: int, samples: BuildSamples,
-                    layer_spectra: dict[str, dict[str, list[float]]], outcome: BuildOutcome) -> BuildReport:
-    """The report tree of one build (report.json's schema: `report.model`)."""
-    shapes = [layer.shape for layer in layers if layer.eligible]
-    linear_before = sum(s.dense_params for s in shapes)
-    ratio = realized_ratio(shapes, outcome.plan)
+def assemble_report(prepared: "PreparedBuild", outcome: BuildOutcome) -> BuildReport:
+    """The report tree of one build (report.json's schema: `report.model`). Linear-layer parameters count the
+    low-rank candidates under the plan and the narrowed FFN layers at their new width."""
+    config, inspection, samples = prepared.config, prepared.inspection, prepared.samples
+    shapes = prepared.shapes
+    narrowed = narrowed_params(prepared)
+    narrowed_before = sum(layer.params for layer in inspection.layers if layer.name in narrowed)
+    linear_before = sum(s.dense_params for s in shapes) + narrowed_before
+    linear_after = (realized_ratio(shapes, outcome.plan) * sum(s.dense_params for s in shapes)
+                    + sum(after for _, _, after in narrowed.values()))
+    model_params = inspection.model_params
     return BuildReport(
         lrdeploy_version=__version__,
         input_model=str(config.model),
@@ -118,15 +143,15 @@ def assemble_report(config: BuildConfig, layers: list[LinearLayer], model_params
         external_data=outcome.external_data,
         config=BuildConfigRecord(outcome.budget, config.method, config.allocation, config.rank_multiple,
                                  samples.calib.count, samples.calib_source, samples.eval_source, config.refit,
-                                 config.optimize),
-        layers=layer_records(layers, outcome.plan, outcome.latency),
-        params=ParamSummary(linear_before, round(ratio * linear_before), ratio, model_params,
+                                 config.optimize, config.ffn_keep),
+        layers=layer_records(inspection.layers, outcome.plan, outcome.latency, narrowed),
+        params=ParamSummary(linear_before, round(linear_after), linear_after / linear_before, model_params,
                             outcome.model_params_after, outcome.model_params_after / max(model_params, 1)),
         accuracy=outcome.accuracy,
         timings=outcome.timings,
         warnings=samples.warnings,
         bench=outcome.bench,
-        spectra=layer_spectra,
+        spectra=prepared.spectra,
         finetune=outcome.finetune,
         fused_ops=outcome.fused_ops,
         latency_plan=outcome.latency_plan,

@@ -67,3 +67,49 @@ def test_only_ffn_blocks_match():
     blocks = find_ffn_blocks(graph, find_linear_layers(graph))
     assert [(b.up.name, b.down.name, b.width) for b in blocks] == [
         ("layer0/intermediate/MatMul", "layer0/output/MatMul", 256), ("layer1/intermediate/MatMul", "layer1/output/MatMul", 256)]
+
+
+def test_build_narrows_ffn_blocks_and_splits_the_rest(transformer_files, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from lrdeploy.cli import main
+
+    model, calib = transformer_files
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--ffn-keep", "0.5",
+                                       "--rank-budget", "0.5", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    narrowed = [l for l in report["layers"] if l["status"] == "narrowed"]
+    assert [l["name"] for l in narrowed] == ["layer0/intermediate/MatMul", "layer0/output/MatMul",
+                                             "layer1/intermediate/MatMul", "layer1/output/MatMul"]
+    assert all(l["reason"] == "128 of 256 FFN neurons kept (--ffn-keep)" and l["params_after"] == 128 * 64
+               for l in narrowed)
+    factorized = [l for l in report["layers"] if l["status"] == "factorized"]
+    assert factorized and all(l["d_in"] == l["d_out"] == 64 for l in factorized)  # Q, K, V, O
+    assert report["config"]["ffn_keep"] == 0.5
+    assert report["params"]["linear_ratio"] == pytest.approx(report["params"]["linear_after"] /
+                                                             report["params"]["linear_before"])
+    assert report["params"]["linear_ratio"] < 0.5 + 1e-9
+    shapes = {i.name: tuple(i.dims) for i in onnx.load(str(out / "tiny.lowrank.onnx")).graph.initializer}
+    assert shapes["layer0/intermediate/MatMul/pruned/weight"] == (64, 128)
+    assert shapes["layer0/output/MatMul/refit/weight"] == (128, 64)
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ffn-keep", "1.5"], r"--ffn-keep 1.5 is outside \(0, 1\]"),
+    (["--ffn-keep", "0.5", "--refit"], r"--ffn-keep cannot be combined with --refit or --optimize ort yet"),
+])
+def test_bad_ffn_keep_is_one_error_line(transformer_files, tmp_path, args, message):
+    import re
+
+    from click.testing import CliRunner
+
+    from lrdeploy.cli import main
+
+    model, calib = transformer_files
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), *args, "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and re.search(message, result.stderr) and not (tmp_path / "o").exists()
