@@ -57,7 +57,7 @@ def _check_rank(rank: int, limit: int) -> None:
 class FeaturePca:
     """Project the centred output onto its top-k principal subspace: Y' = μ + (Y − μ)·Uₖ·Uₖᵀ."""
 
-    weight: np.ndarray
+    weight: np.ndarray  # as the model holds it; factors are computed in float64
     bias: np.ndarray | None
     output_mean: np.ndarray
     eigenvectors: np.ndarray
@@ -68,7 +68,7 @@ class FeaturePca:
         basis = self.eigenvectors[:, :rank]
         projector_bias = self.output_mean if self.bias is None else self.output_mean - self.bias
         bias = self.output_mean - (projector_bias @ basis) @ basis.T
-        return LowRankFactors(self.weight @ basis, basis.T.copy(), bias)
+        return LowRankFactors(self.weight.astype(np.float64) @ basis, basis.T.copy(), bias)
 
 
 @dataclass(frozen=True)
@@ -145,7 +145,8 @@ def decompose(
         out = input_moments.through_linear(w, b)
         eigvals, eigvecs = np.linalg.eigh(out.covariance)
         order = np.argsort(eigvals)[::-1]
-        return FeaturePca(w, b, out.mean, eigvecs[:, order], np.clip(eigvals[order], 0.0, None))
+        # the layer's own weight is kept (not its float64 copy: half the memory on FP32 models; the same numbers)
+        return FeaturePca(np.asarray(weight), b, out.mean, eigvecs[:, order], np.clip(eigvals[order], 0.0, None))
     if method == "whiten":
         whitener = _damped_cholesky(input_moments.covariance, damping)
         left, sv, right = np.linalg.svd(whitener.T @ w, full_matrices=False)

@@ -72,7 +72,7 @@ class LinearLayer:
         return consumer if consumer in FUSED_BIAS_INPUTS else None
 
 
-def _constant_value(tensor: gs.Tensor) -> tuple[np.ndarray, bool] | None:
+def constant_value(tensor: gs.Tensor) -> tuple[np.ndarray, bool] | None:
     """(value, came through a Transpose) when `tensor` is a constant, a Constant node or Transpose of one."""
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values), False
@@ -82,7 +82,7 @@ def _constant_value(tensor: gs.Tensor) -> tuple[np.ndarray, bool] | None:
     if producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
         return np.asarray(producer.attrs["value"].values), False
     if producer.op == "Transpose" and len(producer.inputs) == 1:
-        inner = _constant_value(producer.inputs[0])
+        inner = constant_value(producer.inputs[0])
         if inner is None or inner[0].ndim != 2:
             return None
         perm = list(producer.attrs.get("perm", [1, 0]))
@@ -116,18 +116,18 @@ def _layer_name(node: gs.Node, index: int, used: set[str]) -> str:
 def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLayer:
     x, w = node.inputs[0], node.inputs[1]
     y = node.outputs[0]
-    found = _constant_value(w)
+    found = constant_value(w)
 
     def skipped(reason: str, d_in: int = 0, d_out: int = 0) -> LinearLayer:
         return LinearLayer(name, "MatMul", x.name, y.name, d_in, d_out, eligible=False, reason=reason)
 
     if found is None:
-        left = _constant_value(x)
+        left = constant_value(x)
         if left is not None:
             return skipped("weight is the left operand (W·X); only X·W is factorized")
         return skipped("weight is not constant (activation × activation)")
     weight, transposed = found
-    if _constant_value(x) is not None:
+    if constant_value(x) is not None:
         return skipped("both operands are constant; fold constants first")
     if weight.ndim != 2:
         return skipped(f"weight has rank {weight.ndim}; only 2-D weights are factorized")
@@ -142,14 +142,14 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
     if fused_bias is not None and consumer.inputs[0] is y:
         bias = None
         if len(consumer.inputs) > fused_bias and consumer.inputs[fused_bias].name:
-            found_bias = _constant_value(consumer.inputs[fused_bias])
+            found_bias = constant_value(consumer.inputs[fused_bias])
             if found_bias is None:
                 return skipped(f"{consumer.op}'s bias is not constant", d_in, d_out)
             bias = _as_bias(found_bias[0], d_out)
         return LinearLayer(name, f"{pattern}+{consumer.op}", x.name, y.name, d_in, d_out, weight, bias)
     if consumer is not None and consumer.op == "Add" and len(consumer.inputs) == 2:
         other = consumer.inputs[1] if consumer.inputs[0] is y else consumer.inputs[0]
-        other_value = _constant_value(other)
+        other_value = constant_value(other)
         if other_value is not None:
             bias = _as_bias(other_value[0], d_out)
         if bias is not None:
@@ -161,7 +161,7 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
 def _match_gemm(node: gs.Node, name: str) -> LinearLayer:
     x, b_input = node.inputs[0], node.inputs[1]
     y = node.outputs[0]
-    found = _constant_value(b_input)
+    found = constant_value(b_input)
     if found is None:
         return LinearLayer(name, "Gemm", x.name, y.name, 0, 0, eligible=False,
                            reason="weight is not constant (activation × activation)")
@@ -175,7 +175,7 @@ def _match_gemm(node: gs.Node, name: str) -> LinearLayer:
     d_in, d_out = weight.shape
     bias = None
     if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
-        c_value = _constant_value(node.inputs[2])
+        c_value = constant_value(node.inputs[2])
         bias = None if c_value is None else _as_bias(c_value[0], d_out)
         if bias is None:
             return LinearLayer(name, "Gemm", x.name, y.name, d_in, d_out, eligible=False,
@@ -187,8 +187,8 @@ def _match_gemm(node: gs.Node, name: str) -> LinearLayer:
 def _match_attention(node: gs.Node, name: str) -> LinearLayer:
     """ONNX Runtime's fused Attention: its packed Q|K|V projection X·W_qkv + b_qkv is the linear layer."""
     x, y = node.inputs[0], node.outputs[0]
-    weight = _constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
-    bias = _constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
+    weight = constant_value(node.inputs[1]) if len(node.inputs) > 1 else None
+    bias = constant_value(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2].name else None
     if weight is None or weight[0].ndim != 2 or (bias is None and len(node.inputs) > 2 and node.inputs[2].name):
         return LinearLayer(name, "Attention", x.name, y.name, 0, 0, eligible=False,
                            reason="Attention's packed weight or bias is not constant")

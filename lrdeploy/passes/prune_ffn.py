@@ -18,7 +18,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
-from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.passes.linear_layers import LinearLayer, constant_value
 from lrdeploy.passes.naming import Scope
 
 PER_NEURON_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu", "BiasGelu",
@@ -38,7 +38,9 @@ class FfnBlock:
 
 
 def _is_scalar(tensor: gs.Tensor) -> bool:
-    return isinstance(tensor, gs.Constant) and int(np.prod(tensor.shape or [1])) == 1
+    """A one-element constant: an initializer, or a Constant node's output (what torch's exporter writes)."""
+    found = constant_value(tensor)
+    return found is not None and found[0].size == 1
 
 
 def _activation_reaches(start: gs.Tensor, target: str, width: int, graph_outputs: set[str]) -> bool:
