@@ -116,20 +116,24 @@ def output_set(directory: Path) -> Iterator[Path]:
     created = not directory.exists()
     try:
         directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise _cannot_write(directory, exc) from None
+    try:
         with _folder_lock(directory):
-            stage = Path(tempfile.mkdtemp(dir=directory, prefix=".lrdeploy-stage-"))
+            try:
+                stage = Path(tempfile.mkdtemp(dir=directory, prefix=".lrdeploy-stage-"))
+            except OSError as exc:
+                raise _cannot_write(directory, exc) from None
             try:
                 yield stage
                 for item in sorted(stage.iterdir()):
                     os.replace(item, directory / item.name)
             except OSError as exc:
                 if exc.errno not in WRITE_ERRORS:
-                    raise
+                    raise  # not a write failure: a bug or an input problem keeps its own error
                 raise _cannot_write(directory, exc) from None
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
-    except OSError as exc:
-        raise _cannot_write(directory, exc) from None
     except BaseException:
         if created and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
