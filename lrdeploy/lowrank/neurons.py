@@ -58,11 +58,41 @@ def cut_neurons(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, c
     """Keep `count` of the activation's neurons (moments of h over calibration positions) and refit W, b."""
     w = np.asarray(weight, np.float64)
     b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
+    return refit_kept(moments, w, b, select_neurons(moments.covariance, w, count), ridge)
+
+
+def refit_kept(moments: Moments, weight: np.ndarray, bias: np.ndarray, keep: np.ndarray, ridge: float) -> NeuronCut:
+    """W′, b′ reproducing h·W + b from the features `keep` of h (ridge least squares), and the error left."""
     cov, mean = moments.covariance, moments.mean
-    keep = select_neurons(cov, w, count)
     block = cov[np.ix_(keep, keep)]
     damping = ridge * max(float(np.trace(block)) / max(len(keep), 1), EPS)
-    refit = np.linalg.solve(block + damping * np.eye(len(keep)), cov[keep] @ w)
-    new_bias = mean @ w + b - mean[keep] @ refit
-    residual_cov = cov - cov[:, keep] @ np.linalg.solve(block + damping * np.eye(len(keep)), cov[keep])
-    return NeuronCut(keep, refit, new_bias, float(np.trace(w.T @ residual_cov @ w)))
+    refit = np.linalg.solve(block + damping * np.eye(len(keep)), cov[keep] @ weight)
+    return NeuronCut(keep, refit, mean @ weight + bias - mean[keep] @ refit, _residual(cov, weight, keep, ridge))
+
+
+def _residual(cov: np.ndarray, weight: np.ndarray, keep: np.ndarray, ridge: float) -> float:
+    block = cov[np.ix_(keep, keep)]
+    damping = ridge * max(float(np.trace(block)) / max(len(keep), 1), EPS)
+    explained = cov[:, keep] @ np.linalg.solve(block + damping * np.eye(len(keep)), cov[keep])
+    return float(np.trace(weight.T @ (cov - explained) @ weight))
+
+
+def cut_groups(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, groups: int, count: int,
+               ridge: float = 1e-6) -> tuple[list[int], NeuronCut]:
+    """Keep `count` of `groups` equal, contiguous blocks of the input's features (attention heads: the context's
+    head_dim-wide slices) and refit W, b as `cut_neurons` does. Groups are removed one at a time, each time the
+    one whose removal leaves the smallest refit error (backward elimination; exact for groups that contribute
+    nothing or that the kept ones span)."""
+    w = np.asarray(weight, np.float64)
+    size = w.shape[0] // groups
+    cov = moments.covariance
+    kept = list(range(groups))
+
+    def features(heads: list[int]) -> np.ndarray:
+        return np.concatenate([np.arange(h * size, (h + 1) * size) for h in heads])
+
+    while len(kept) > count:
+        errors = [_residual(cov, w, features([h for h in kept if h != g]), ridge) for g in kept]
+        kept.remove(kept[int(np.argmin(errors))])
+    b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
+    return kept, refit_kept(moments, w, b, features(kept), ridge)

@@ -12,13 +12,12 @@ graph; a block that does not fit says why.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping
-
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
 from lrdeploy.passes.linear_layers import LinearLayer, constant_value
+from lrdeploy.passes.layer_nodes import is_plain, matmul_and_add, replace_input
 from lrdeploy.passes.naming import Scope
 
 PER_NEURON_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu", "BiasGelu",
@@ -73,10 +72,10 @@ def find_ffn_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> list[FfnBlock
     """(up, down) pairs of plain MatMul layers with constant weights joined by a per-neuron activation, in model
     order (low-rank eligibility does not matter: a layer too small to split can still be narrowed)."""
     tensors, graph_outputs = graph.tensors(), {t.name for t in graph.outputs}
-    downs = {layer.input_name: layer for layer in layers if _plain(layer)}
+    downs = {layer.input_name: layer for layer in layers if is_plain(layer)}
     blocks = []
     for up in layers:
-        if not _plain(up):
+        if not is_plain(up):
             continue
         for hidden, down in downs.items():
             if down.d_in == up.d_out and down is not up and _activation_reaches(tensors[up.output_name], hidden, up.d_out,
@@ -86,42 +85,25 @@ def find_ffn_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> list[FfnBlock
     return blocks
 
 
-def _plain(layer: LinearLayer) -> bool:
-    """A MatMul by a constant weight, with or without its Add: the forms this pass can slice."""
-    return layer.weight is not None and layer.pattern in ("MatMul", "MatMul+Add")
-
-
-def _matmul_and_add(tensors: Mapping[str, gs.Tensor], layer: LinearLayer) -> tuple[gs.Node, gs.Node | None]:
-    producer = tensors[layer.output_name].inputs[0]
-    if producer.op == "MatMul":
-        return producer, None
-    product = next(t for t in producer.inputs if t.inputs and t.inputs[0].op == "MatMul")
-    return product.inputs[0], producer
-
-
-def _replace_constant(node: gs.Node, old: gs.Tensor, new: gs.Constant) -> None:
-    node.inputs[[i for i, t in enumerate(node.inputs) if t is old][0]] = new
-
-
 def prune_block(graph: gs.Graph, block: FfnBlock, cut: NeuronCut) -> None:
     """Keep `cut.keep` neurons of `block` (in place): slice W_up's columns and b_up, write W′ and b′."""
     tensors = graph.tensors()
     keep, dtype = cut.keep, block.up.dtype
     scope = Scope(graph, f"{block.up.name}/pruned")
-    up_matmul, up_add = _matmul_and_add(tensors, block.up)
+    up_matmul, up_add = matmul_and_add(tensors, block.up)
     up_matmul.inputs[1] = scope.constant("weight", np.asarray(block.up.weight)[:, keep].astype(dtype))
     if up_add is not None:
         bias = next(t for t in up_add.inputs if isinstance(t, gs.Constant))
-        _replace_constant(up_add, bias, scope.constant("bias", np.asarray(block.up.bias)[keep].astype(dtype)))
+        replace_input(up_add, bias, scope.constant("bias", np.asarray(block.up.bias)[keep].astype(dtype)))
     for node in graph.nodes:  # a fused BiasGelu carries the up projection's bias
         if node.op == "BiasGelu" and node.inputs[0].name == block.up.output_name:
             node.inputs[1] = scope.constant("gelu_bias", np.asarray(node.inputs[1].values)[keep])
     down_scope = Scope(graph, f"{block.down.name}/refit")
-    down_matmul, down_add = _matmul_and_add(tensors, block.down)
+    down_matmul, down_add = matmul_and_add(tensors, block.down)
     down_matmul.inputs[1] = down_scope.constant("weight", cut.weight.astype(dtype))
     if down_add is not None:
         bias = next(t for t in down_add.inputs if isinstance(t, gs.Constant))
-        _replace_constant(down_add, bias, down_scope.constant("bias", cut.bias.astype(dtype)))
+        replace_input(down_add, bias, down_scope.constant("bias", cut.bias.astype(dtype)))
     else:
         product = down_scope.op("MatMul", "product", [down_matmul.inputs[0], down_matmul.inputs[1]], dtype=dtype)
         output = down_matmul.outputs[0]
