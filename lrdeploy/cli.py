@@ -156,6 +156,9 @@ def build_options(command):
         click.option("--ffn-keep", type=float, metavar="FRACTION",
                      help="Narrow every FFN block to this fraction of its neurons (chosen from calibration, the down "
                           "projection refit); --rank-budget then applies to the other layers."),
+        click.option("--heads-keep", type=float, metavar="FRACTION",
+                     help="Keep this fraction of every self-attention's heads (chosen from calibration, the output "
+                          "projection refit); --rank-budget then applies to the other layers."),
         click.option("--optimize", type=click.Choice(OPTIMIZERS), default=d.optimize, show_default=True,
                      help="ort: fuse the model with ONNX Runtime's transformer optimizer first and compress inside the "
                           "fused graph, so the output keeps every fusion (Attention, SkipLayerNormalization, BiasGelu)."),

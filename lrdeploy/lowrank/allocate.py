@@ -43,9 +43,9 @@ class LayerShape:
 
 
 def realized_ratio(shapes: list[LayerShape], plan: Mapping[str, int | None]) -> float:
-    """Parameters kept by `plan` over the dense parameters of the same layers."""
+    """Parameters kept by `plan` over the dense parameters of the same layers (1 for no layers)."""
     dense = sum(s.dense_params for s in shapes)
-    return sum(s.params(plan[s.name]) for s in shapes) / dense
+    return sum(s.params(plan[s.name]) for s in shapes) / dense if dense else 1.0
 
 
 def check_budget_range(budget: float) -> None:

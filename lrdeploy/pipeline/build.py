@@ -24,14 +24,11 @@ import onnx
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs
 from lrdeploy.calib.stats import TensorRequest
-from lrdeploy.errors import NoEligibleLayersError
 from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
 from lrdeploy.passes.compose import compressed_model
-from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
-from lrdeploy.lowrank.neurons import NeuronCut, cut_neurons
 from lrdeploy.passes.index_inputs import index_limits
 from lrdeploy.passes.ort_fusion import fused_op_counts
 from lrdeploy.passes.linear_layers import LinearLayer
@@ -46,6 +43,7 @@ from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.refit import RefitSettings, refit_factors, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
 from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
+from lrdeploy.pipeline.structure import StructuredBlocks, StructuredCuts
 from lrdeploy.pipeline.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
 from lrdeploy.pipeline.validate import compare_models
 from lrdeploy.report.files import REPORT_FILES, write_bench, write_reports
@@ -75,31 +73,11 @@ class PreparedBuild:
     spectra: dict[str, dict[str, list[float]]]
     timings: dict[str, float]
     sensitivity: SensitivityTable | None = None
-    narrowed: list[tuple[FfnBlock, NeuronCut]] = field(default_factory=list)  # FFN blocks cut by --ffn-keep
+    structured: StructuredCuts = field(default_factory=StructuredCuts)  # --ffn-keep, --heads-keep
 
     @property
     def shapes(self) -> list[LayerShape]:
         return [layer.shape for layer in self.eligible]
-
-
-def narrowed_width(width: int, keep: float, multiple: int) -> int:
-    """Neurons an FFN of `width` keeps under --ffn-keep: the fraction, rounded to the rank multiple."""
-    return min(width, max(multiple, int(round(width * keep / multiple)) * multiple))
-
-
-def _without_blocks(eligible: list[LinearLayer], blocks: list, config: BuildConfig) -> list[LinearLayer]:
-    """The layers left for low-rank once --ffn-keep narrows the FFN blocks (an error if it finds none)."""
-    if config.ffn_keep is None:
-        return eligible
-    if not blocks:
-        raise NoEligibleLayersError(f"{config.model} has no FFN block (MatMul, per-neuron activation, MatMul) for "
-                                    "--ffn-keep; leave the option out")
-    narrowed = {layer.name for block in blocks for layer in (block.up, block.down)}
-    rest = [layer for layer in eligible if layer.name not in narrowed]
-    if not rest:
-        raise NoEligibleLayersError("--ffn-keep narrows every eligible layer; nothing is left for --rank-budget: "
-                                    "leave --ffn-keep out, or compress a model with attention layers")
-    return rest
 
 
 def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tuple[float, ...] = (),
@@ -111,10 +89,11 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     with timer.stage("load"):
         inspection = inspect_model(config.model, config.rank_multiple)
         eligible = inspection.require_eligible()
-        blocks = find_ffn_blocks(inspection.graph, inspection.layers) if config.ffn_keep else []
-        eligible = _without_blocks(eligible, blocks, config)
+        blocks = StructuredBlocks.find(config, inspection)
+        eligible = blocks.remaining(eligible, budgets or (config.rank_budget,))
         for budget in budgets or (config.rank_budget,):
-            check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
+            if eligible:
+                check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
         check_output_dir(config.resolved_output_dir)
         refuse_overwriting_inputs(output_files(config.output_model), input_files(config, inspection.model))
         specs = model_input_specs(inspection.model.proto)
@@ -134,7 +113,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     if config.method != "svd":
         with timer.stage("calibrate"):
             requests = [TensorRequest(layer.input_name, layer.d_in) for layer in eligible]
-            requests += [TensorRequest(block.down.input_name, block.width) for block in blocks]
+            requests += blocks.requests()
             moments, cached = calibrate(inspection.model, requests, samples.calib, feeds, cache, config.threads,
                                         progress)
         if cached:
@@ -144,9 +123,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
                                                 None if moments is None else moments[layer.input_name])
                           for layer in eligible}
         layer_spectra = spectra(eligible, moments)
-        narrowed = [(block, cut_neurons(moments[block.down.input_name], block.down.weight, block.down.bias,
-                                        narrowed_width(block.width, config.ffn_keep, config.rank_multiple)))
-                    for block in blocks]
+        structured = blocks.cut(config, moments) if moments is not None else StructuredCuts()
     sensitivity = None
     if config.allocation == "sensitivity":
         with timer.stage("sensitivity"):
@@ -154,7 +131,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
             sensitivity = measured_sensitivity(inspection.model.proto, eligible, decompositions, probe, feeds,
                                                config, cache, progress)
     return PreparedBuild(config, inspection, eligible, feeds, samples, decompositions, layer_spectra, timer.timings,
-                         sensitivity, narrowed)
+                         sensitivity, structured)
 
 
 @dataclass
@@ -213,7 +190,8 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
         staged_model = stage / output_model.name
         with timer.stage("rewrite"):
             if finetune is None:
-                proto = compressed_model(inspection.model.proto, prepared.eligible, chosen.factors, prepared.narrowed)
+                proto = compressed_model(inspection.model.proto, prepared.eligible, chosen.factors,
+                                         prepared.structured)
             record_metadata(proto, inspection.model.proto, config, budget, chosen.plan, finetune_record)
             model_after = count_parameters(proto)
             fused_ops = {"dense": fused_op_counts(inspection.model.proto), "compressed": fused_op_counts(proto)}

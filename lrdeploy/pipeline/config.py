@@ -61,6 +61,7 @@ class BuildConfig:
     refit_samples: int = 512  # calibration samples the refit's joint statistics come from
     refit_mode: str = "both"  # "second": refit B and the bias; "both": reduced-rank regression of A and B
     ffn_keep: float | None = None  # narrow every FFN block to this fraction of its neurons (the rest: low-rank)
+    heads_keep: float | None = None  # keep this fraction of every self-attention's heads
     optimize: str = "none"  # one of OPTIMIZERS
     num_heads: int = 0  # for --optimize ort; 0: read from the graph
     hidden_size: int = 0  # likewise
@@ -86,11 +87,13 @@ class BuildConfig:
                                        ("--objective", self.objective or OBJECTIVES[0], OBJECTIVES)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
-        if self.ffn_keep is not None:
-            if not 0.0 < self.ffn_keep <= 1.0:
-                raise OptionError(f"--ffn-keep {self.ffn_keep} is outside (0, 1]; pass e.g. --ffn-keep 0.5")
+        for option, keep in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep)):
+            if keep is None:
+                continue
+            if not 0.0 < keep <= 1.0:
+                raise OptionError(f"{option} {keep} is outside (0, 1]; pass e.g. {option} 0.5")
             if self.refit or self.optimize != "none":
-                raise OptionError("--ffn-keep cannot be combined with --refit or --optimize ort yet; leave those out")
+                raise OptionError(f"{option} cannot be combined with --refit or --optimize ort yet; leave those out")
         for option, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             if not math.isfinite(value) or value < 0:
                 raise OptionError(f"{option} {value} is not a tolerance; give a finite number ≥ 0, e.g. {option} 0.01")

@@ -4,21 +4,34 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 import onnx
 
 from lrdeploy import __version__
-from lrdeploy.lowrank.allocate import RankPlan, realized_ratio
+from lrdeploy.lowrank.allocate import LayerShape, RankPlan, realized_ratio
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.inspect import Inspection
 from lrdeploy.pipeline.latency import LatencyPlan
+from lrdeploy.pipeline.samples import BuildSamples
+from lrdeploy.pipeline.structure import StructuredCuts
 from lrdeploy.report.model import AccuracyReport, BuildConfigRecord, BuildReport, LayerRecord, ParamSummary
 
-if TYPE_CHECKING:  # only for annotations: build imports this module
-    from lrdeploy.pipeline.build import PreparedBuild
+class PreparedInputs(Protocol):
+    """What a report needs of a `build.PreparedBuild` (named by shape here, as build imports this module)."""
+
+    config: BuildConfig
+    inspection: Inspection
+    samples: BuildSamples
+    spectra: dict[str, dict[str, list[float]]]
+    structured: StructuredCuts
+
+    @property
+    def shapes(self) -> list[LayerShape]: ...
+
 
 SPECTRUM_LAYERS = 4
 
@@ -26,7 +39,7 @@ SPECTRUM_LAYERS = 4
 def spectra(eligible: list[LinearLayer], moments: dict[str, Moments] | None) -> dict[str, dict[str, list[float]]]:
     """Weight singular values² beside output-feature eigenvalues for a few layers (first, widest, last):
     the picture of why features are low-rank while weights are not."""
-    if moments is None:
+    if moments is None or not eligible:
         return {}
     picks = [eligible[0], max(eligible, key=lambda l: l.d_out), max(eligible, key=lambda l: l.d_in), eligible[-1]]
     chosen = list(dict.fromkeys(layer.name for layer in picks))[:SPECTRUM_LAYERS]
@@ -57,6 +70,7 @@ def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: B
         "lrdeploy.refit": str(config.refit).lower(),
         "lrdeploy.optimize": config.optimize,
         **({} if config.ffn_keep is None else {"lrdeploy.ffn_keep": str(config.ffn_keep)}),
+        **({} if config.heads_keep is None else {"lrdeploy.heads_keep": str(config.heads_keep)}),
         **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune["steps"])}),
     })
     del proto.metadata_props[:]
@@ -64,25 +78,15 @@ def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: B
         proto.metadata_props.add(key=key, value=value)
 
 
-def narrowed_params(prepared: "PreparedBuild") -> dict[str, tuple[int, int, int]]:
-    """{layer of a narrowed FFN block: (neurons kept, neurons before, weight parameters after)}."""
-    result = {}
-    for block, cut in prepared.narrowed:
-        kept = len(cut.keep)
-        result[block.up.name] = (kept, block.width, block.up.d_in * kept)
-        result[block.down.name] = (kept, block.width, kept * block.down.d_out)
-    return result
-
-
 def layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPlan | None,
-                  narrowed: dict[str, tuple[int, int, int]]) -> list[LayerRecord]:
+                  narrowed: dict[str, tuple[str, int]]) -> list[LayerRecord]:
     """One record per linear layer found: factorized at its rank, narrowed, kept dense (and why), or skipped."""
     records = []
     for layer in layers:
         if layer.name in narrowed:
-            kept, width, after = narrowed[layer.name]
+            why, after = narrowed[layer.name]
             records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params, after,
-                                       "narrowed", f"{kept} of {width} FFN neurons kept (--ffn-keep)"))
+                                       "narrowed", why))
             continue
         if not layer.eligible:
             records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params,
@@ -125,16 +129,16 @@ class BuildOutcome:
     latency_plan: dict | None
 
 
-def assemble_report(prepared: "PreparedBuild", outcome: BuildOutcome) -> BuildReport:
+def assemble_report(prepared: PreparedInputs, outcome: BuildOutcome) -> BuildReport:
     """The report tree of one build (report.json's schema: `report.model`). Linear-layer parameters count the
     low-rank candidates under the plan and the narrowed FFN layers at their new width."""
     config, inspection, samples = prepared.config, prepared.inspection, prepared.samples
     shapes = prepared.shapes
-    narrowed = narrowed_params(prepared)
+    narrowed = prepared.structured.records()
     narrowed_before = sum(layer.params for layer in inspection.layers if layer.name in narrowed)
     linear_before = sum(s.dense_params for s in shapes) + narrowed_before
     linear_after = (realized_ratio(shapes, outcome.plan) * sum(s.dense_params for s in shapes)
-                    + sum(after for _, _, after in narrowed.values()))
+                    + sum(after for _, after in narrowed.values()))
     model_params = inspection.model_params
     return BuildReport(
         lrdeploy_version=__version__,
@@ -143,7 +147,7 @@ def assemble_report(prepared: "PreparedBuild", outcome: BuildOutcome) -> BuildRe
         external_data=outcome.external_data,
         config=BuildConfigRecord(outcome.budget, config.method, config.allocation, config.rank_multiple,
                                  samples.calib.count, samples.calib_source, samples.eval_source, config.refit,
-                                 config.optimize, config.ffn_keep),
+                                 config.optimize, config.ffn_keep, config.heads_keep),
         layers=layer_records(inspection.layers, outcome.plan, outcome.latency, narrowed),
         params=ParamSummary(linear_before, round(linear_after), linear_after / linear_before, model_params,
                             outcome.model_params_after, outcome.model_params_after / max(model_params, 1)),

@@ -3,7 +3,7 @@
 report.json schema (all keys always present):
     lrdeploy_version, input_model, output_model, external_data,
     config {rank_budget, method, allocation, rank_multiple, calib_samples, calib_source, eval_source, refit,
-            optimize, ffn_keep},
+            optimize, ffn_keep, heads_keep},
     layers [{name, pattern, d_in, d_out, rank|null, params_before, params_after, status, reason,
              predicted_speedup|null, measured_speedup|null}],
     params {linear_before, linear_after, linear_ratio, model_before, model_after, model_ratio},
@@ -82,6 +82,7 @@ class BuildConfigRecord:
     refit: bool = False
     optimize: str = "none"  # "ort": compressed inside ONNX Runtime's fused graph
     ffn_keep: float | None = None  # FFN blocks narrowed to this fraction of their neurons
+    heads_keep: float | None = None  # attention blocks cut to this fraction of their heads
 
 
 @dataclass

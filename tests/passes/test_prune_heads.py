@@ -71,3 +71,28 @@ def test_fewer_heads_cost_accuracy_gradually():
         cosines.append(float(np.mean((reference * output).sum(1) / np.linalg.norm(reference, axis=1)
                                      / np.linalg.norm(output, axis=1))))
     assert cosines[0] == pytest.approx(1.0, abs=1e-6) and cosines[0] > cosines[1] > cosines[2] > 0.5
+
+
+def test_build_removes_heads_and_splits_the_rest(transformer_files, tmp_path):
+    import json
+
+    from click.testing import CliRunner
+
+    from lrdeploy.cli import main
+
+    model, calib = transformer_files
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--heads-keep", "0.5",
+                                       "--ffn-keep", "0.5", "--rank-budget", "1", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    narrowed = {l["name"]: l for l in report["layers"] if l["status"] == "narrowed"}
+    assert len(narrowed) == 12  # Q, K, V, O and the FFN pair of both layers
+    query = narrowed["layer0/attention/query/MatMul"]
+    assert query["reason"] == "2 of 4 heads kept (--heads-keep)" and query["params_after"] == 64 * 32
+    assert narrowed["layer0/attention/output/MatMul"]["params_after"] == 32 * 64
+    assert report["config"]["heads_keep"] == 0.5
+    assert report["params"]["linear_ratio"] == pytest.approx(0.5)
+    meta = {p.key: p.value for p in onnx.load(str(out / "tiny.lowrank.onnx")).metadata_props}
+    assert meta["lrdeploy.heads_keep"] == "0.5" and meta["lrdeploy.ffn_keep"] == "0.5"
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5

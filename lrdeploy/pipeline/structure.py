@@ -1,0 +1,110 @@
+"""Structured cuts of a build: FFN blocks narrowed (`--ffn-keep`) and attention heads removed (`--heads-keep`),
+chosen from calibration moments with the layers after them refit (`lowrank.neurons`). The layers they cut leave
+the low-rank candidates; `--rank-budget` applies to the rest."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import onnx_graphsurgeon as gs
+
+from lrdeploy.calib.stats import TensorRequest
+from lrdeploy.errors import NoEligibleLayersError, OptionError
+from lrdeploy.lowrank.moments import Moments
+from lrdeploy.lowrank.neurons import NeuronCut, cut_groups, cut_neurons
+from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.passes.ort_fusion import attention_geometry
+from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks, prune_block
+from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, prune_heads
+from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.inspect import Inspection
+
+
+def kept_count(total: int, keep: float, step: int) -> int:
+    """How many of `total` units a fraction `keep` keeps, rounded to `step` (at least one step)."""
+    return min(total, max(step, int(round(total * keep / step)) * step))
+
+
+@dataclass
+class StructuredCuts:
+    """The cuts chosen for one model; `apply` rewrites a graph with them."""
+
+    ffn: list[tuple[FfnBlock, NeuronCut]] = field(default_factory=list)
+    heads: list[tuple[AttentionBlock, list[int], NeuronCut]] = field(default_factory=list)
+
+    def apply(self, graph: gs.Graph) -> None:
+        for block, cut in self.ffn:
+            prune_block(graph, block, cut)
+        for attention, kept, cut in self.heads:
+            prune_heads(graph, attention, kept, cut)
+
+    def records(self) -> dict[str, tuple[str, int]]:
+        """{layer cut: (what was kept, weight parameters after)}."""
+        result = {}
+        for block, cut in self.ffn:
+            kept, why = len(cut.keep), f"{len(cut.keep)} of {block.width} FFN neurons kept (--ffn-keep)"
+            result[block.up.name] = (why, block.up.d_in * kept)
+            result[block.down.name] = (why, kept * block.down.d_out)
+        for attention, heads, cut in self.heads:
+            width, why = len(cut.keep), f"{len(heads)} of {attention.heads} heads kept (--heads-keep)"
+            for layer in (attention.query, attention.key, attention.value):
+                result[layer.name] = (why, layer.d_in * width)
+            result[attention.output.name] = (why, width * attention.output.d_out)
+        return result
+
+
+@dataclass
+class StructuredBlocks:
+    """The blocks the configured cuts apply to, found before calibration."""
+
+    ffn: list[FfnBlock]
+    attention: list[AttentionBlock]
+
+    @classmethod
+    def find(cls, config: BuildConfig, inspection: Inspection) -> "StructuredBlocks":
+        ffn = find_ffn_blocks(inspection.graph, inspection.layers) if config.ffn_keep else []
+        if config.ffn_keep and not ffn:
+            raise NoEligibleLayersError(f"{config.model} has no FFN block (MatMul, per-neuron activation, MatMul) "
+                                        "for --ffn-keep; leave the option out")
+        attention = []
+        if config.heads_keep:
+            geometry = attention_geometry(inspection.graph)
+            heads = config.num_heads or (geometry[0] if geometry else 0)
+            if not heads:
+                raise OptionError("cannot tell the attention head count from the graph; give it with --num-heads")
+            attention = find_attention_blocks(inspection.layers, heads)
+            if not attention:
+                raise NoEligibleLayersError(f"{config.model} has no self-attention block (Q, K, V and output "
+                                            "projections as plain MatMuls) for --heads-keep; leave the option out")
+        return cls(ffn, attention)
+
+    @property
+    def layer_names(self) -> set[str]:
+        names = {layer.name for block in self.ffn for layer in (block.up, block.down)}
+        return names | {layer.name for block in self.attention
+                        for layer in (block.query, block.key, block.value, block.output)}
+
+    def remaining(self, eligible: list[LinearLayer], budgets: tuple[float, ...]) -> list[LinearLayer]:
+        """The low-rank candidates these cuts leave (none is fine when no budget asks for a split)."""
+        rest = [layer for layer in eligible if layer.name not in self.layer_names]
+        if eligible and not rest and any(budget < 1.0 for budget in budgets):
+            raise NoEligibleLayersError("--ffn-keep/--heads-keep cut every eligible layer, so no layer is left for "
+                                        "--rank-budget below 1; pass --rank-budget 1, or cut less")
+        return rest
+
+    def requests(self) -> list[TensorRequest]:
+        """The tensors whose moments the cuts need: FFN activations, attention contexts."""
+        return ([TensorRequest(block.down.input_name, block.width) for block in self.ffn]
+                + [TensorRequest(block.output.input_name, block.output.d_in) for block in self.attention])
+
+    def cut(self, config: BuildConfig, moments: dict[str, Moments]) -> StructuredCuts:
+        cuts = StructuredCuts()
+        for block in self.ffn:
+            count = kept_count(block.width, config.ffn_keep, config.rank_multiple)
+            cuts.ffn.append((block, cut_neurons(moments[block.down.input_name], block.down.weight, block.down.bias,
+                                                count)))
+        for block in self.attention:
+            heads, cut = cut_groups(moments[block.output.input_name], block.output.weight, block.output.bias,
+                                    block.heads, kept_count(block.heads, config.heads_keep, 1))
+            cuts.heads.append((block, heads, cut))
+        return cuts
