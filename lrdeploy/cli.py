@@ -159,6 +159,9 @@ def build_options(command):
         click.option("--heads-keep", type=float, metavar="FRACTION",
                      help="Keep this fraction of every self-attention's heads (chosen from calibration, the output "
                           "projection refit); --rank-budget then applies to the other layers."),
+        click.option("--drop-blocks", type=click.IntRange(min=0), default=0, metavar="N",
+                     help="Drop N whole transformer blocks: those whose removal alone distorts the outputs least on "
+                          "a few calibration batches."),
         click.option("--optimize", type=click.Choice(OPTIMIZERS), default=d.optimize, show_default=True,
                      help="ort: fuse the model with ONNX Runtime's transformer optimizer first and compress inside the "
                           "fused graph, so the output keeps every fusion (Attention, SkipLayerNormalization, BiasGelu)."),

@@ -90,7 +90,6 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         inspection = inspect_model(config.model, config.rank_multiple)
         eligible = inspection.require_eligible()
         blocks = StructuredBlocks.find(config, inspection)
-        eligible = blocks.remaining(eligible, budgets or (config.rank_budget,))
         for budget in budgets or (config.rank_budget,):
             if eligible:
                 check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
@@ -101,6 +100,10 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         samples = prepare_samples(config, specs, feeds.mask_name, index_limits(inspection.graph))
     for warning in samples.warnings:
         progress.warn(warning)
+    if config.drop_blocks:
+        with timer.stage("depth"):
+            blocks.choose_drops(config, inspection, samples.calib.select(slice(0, config.sensitivity_samples)), feeds)
+    eligible = blocks.remaining(eligible, budgets or (config.rank_budget,))
     if config.optimize == "ort":
         with timer.stage("optimize"):
             inspection = inspect_fused(inspection, config.rank_multiple, config.num_heads, config.hidden_size)

@@ -62,6 +62,7 @@ class BuildConfig:
     refit_mode: str = "both"  # "second": refit B and the bias; "both": reduced-rank regression of A and B
     ffn_keep: float | None = None  # narrow every FFN block to this fraction of its neurons (the rest: low-rank)
     heads_keep: float | None = None  # keep this fraction of every self-attention's heads
+    drop_blocks: int = 0  # drop this many whole transformer blocks (the least harmful, measured)
     optimize: str = "none"  # one of OPTIMIZERS
     num_heads: int = 0  # for --optimize ort; 0: read from the graph
     hidden_size: int = 0  # likewise
@@ -87,6 +88,10 @@ class BuildConfig:
                                        ("--objective", self.objective or OBJECTIVES[0], OBJECTIVES)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
+        if self.drop_blocks < 0:
+            raise OptionError(f"--drop-blocks {self.drop_blocks} is negative; pass how many blocks to drop")
+        if self.drop_blocks and (self.refit or self.optimize != "none"):
+            raise OptionError("--drop-blocks cannot be combined with --refit or --optimize ort yet; leave those out")
         for option, keep in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep)):
             if keep is None:
                 continue

@@ -71,6 +71,7 @@ def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: B
         "lrdeploy.optimize": config.optimize,
         **({} if config.ffn_keep is None else {"lrdeploy.ffn_keep": str(config.ffn_keep)}),
         **({} if config.heads_keep is None else {"lrdeploy.heads_keep": str(config.heads_keep)}),
+        **({} if not config.drop_blocks else {"lrdeploy.drop_blocks": str(config.drop_blocks)}),
         **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune["steps"])}),
     })
     del proto.metadata_props[:]
@@ -85,8 +86,9 @@ def layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPla
     for layer in layers:
         if layer.name in narrowed:
             why, after = narrowed[layer.name]
+            status = "dropped" if "dropped" in why else "narrowed"
             records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params, after,
-                                       "narrowed", why))
+                                       status, why))
             continue
         if not layer.eligible:
             records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params,
@@ -147,7 +149,7 @@ def assemble_report(prepared: PreparedInputs, outcome: BuildOutcome) -> BuildRep
         external_data=outcome.external_data,
         config=BuildConfigRecord(outcome.budget, config.method, config.allocation, config.rank_multiple,
                                  samples.calib.count, samples.calib_source, samples.eval_source, config.refit,
-                                 config.optimize, config.ffn_keep, config.heads_keep),
+                                 config.optimize, config.ffn_keep, config.heads_keep, config.drop_blocks),
         layers=layer_records(inspection.layers, outcome.plan, outcome.latency, narrowed),
         params=ParamSummary(linear_before, round(linear_after), linear_after / linear_before, model_params,
                             outcome.model_params_after, outcome.model_params_after / max(model_params, 1)),

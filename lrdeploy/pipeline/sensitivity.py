@@ -37,7 +37,7 @@ def candidate_ranks(shape: LayerShape, multiple: int, count: int = 3) -> list[in
     return sorted(k for k in ranks if shape.saves(k))
 
 
-def _degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
+def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
     """Mean over outputs of mean over samples of 1 − cosine."""
     losses = []
     for ref_batches, out_batches in zip(zip(*reference), zip(*outputs)):
@@ -74,7 +74,7 @@ def measure_sensitivity(
                 delta_b = ((0 if factors.bias is None else factors.bias) - bias).astype(layer.dtype)
                 extra = {inputs.weight: delta_w, inputs.bias: delta_b}
                 outputs = [session.run(None, {**feed, **zeros, **extra}) for feed in feeds]
-                table[layer.name][rank] = _degradation(reference, outputs)
+                table[layer.name][rank] = degradation(reference, outputs)
                 if on_step is not None:
                     on_step()
     return table

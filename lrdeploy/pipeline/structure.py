@@ -1,6 +1,7 @@
 """Structured cuts of a build: FFN blocks narrowed (`--ffn-keep`) and attention heads removed (`--heads-keep`),
-chosen from calibration moments with the layers after them refit (`lowrank.neurons`). The layers they cut leave
-the low-rank candidates; `--rank-budget` applies to the rest."""
+chosen from calibration moments with the layers after them refit (`lowrank.neurons`), and whole blocks dropped
+(`--drop-blocks N`: the N whose removal alone distorts the outputs least on a few calibration batches). The
+layers they cut leave the low-rank candidates; `--rank-budget` applies to the rest."""
 
 from __future__ import annotations
 
@@ -8,16 +9,20 @@ from dataclasses import dataclass, field
 
 import onnx_graphsurgeon as gs
 
+from lrdeploy.calib.data import Feeds, SampleSet
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import NoEligibleLayersError, OptionError
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.lowrank.neurons import NeuronCut, cut_groups, cut_neurons
+from lrdeploy.passes.drop_blocks import TransformerBlock, drop_block, find_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.ort_fusion import attention_geometry
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks, prune_block
 from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, prune_heads
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection
+from lrdeploy.pipeline.sensitivity import degradation
+from lrdeploy.runtime.onnxruntime import create_session
 
 
 def kept_count(total: int, keep: float, step: int) -> int:
@@ -31,16 +36,23 @@ class StructuredCuts:
 
     ffn: list[tuple[FfnBlock, NeuronCut]] = field(default_factory=list)
     heads: list[tuple[AttentionBlock, list[int], NeuronCut]] = field(default_factory=list)
+    dropped: list[tuple[TransformerBlock, list[LinearLayer], float]] = field(default_factory=list)
 
     def apply(self, graph: gs.Graph) -> None:
         for block, cut in self.ffn:
             prune_block(graph, block, cut)
         for attention, kept, cut in self.heads:
             prune_heads(graph, attention, kept, cut)
+        for block, _, _ in self.dropped:
+            drop_block(graph, block)
 
     def records(self) -> dict[str, tuple[str, int]]:
         """{layer cut: (what was kept, weight parameters after)}."""
         result = {}
+        for block, layers, distortion in self.dropped:
+            for layer in layers:
+                result[layer.name] = (f"{block.name} dropped (--drop-blocks; alone it distorts the outputs by "
+                                      f"{distortion:.4f})", 0)
         for block, cut in self.ffn:
             kept, why = len(cut.keep), f"{len(cut.keep)} of {block.width} FFN neurons kept (--ffn-keep)"
             result[block.up.name] = (why, block.up.d_in * kept)
@@ -59,6 +71,8 @@ class StructuredBlocks:
 
     ffn: list[FfnBlock]
     attention: list[AttentionBlock]
+    dropped: list[tuple[TransformerBlock, list[LinearLayer], float]] = field(default_factory=list)
+    depth_candidates: list[AttentionBlock] = field(default_factory=list)  # the self-attentions that start blocks
 
     @classmethod
     def find(cls, config: BuildConfig, inspection: Inspection) -> "StructuredBlocks":
@@ -67,20 +81,45 @@ class StructuredBlocks:
             raise NoEligibleLayersError(f"{config.model} has no FFN block (MatMul, per-neuron activation, MatMul) "
                                         "for --ffn-keep; leave the option out")
         attention = []
-        if config.heads_keep:
+        if config.heads_keep or config.drop_blocks:
             geometry = attention_geometry(inspection.graph)
             heads = config.num_heads or (geometry[0] if geometry else 0)
             if not heads:
                 raise OptionError("cannot tell the attention head count from the graph; give it with --num-heads")
             attention = find_attention_blocks(inspection.layers, heads)
             if not attention:
+                option = "--heads-keep" if config.heads_keep else "--drop-blocks"
                 raise NoEligibleLayersError(f"{config.model} has no self-attention block (Q, K, V and output "
-                                            "projections as plain MatMuls) for --heads-keep; leave the option out")
-        return cls(ffn, attention)
+                                            f"projections as plain MatMuls) for {option}; leave the option out")
+        return cls(ffn, attention if config.heads_keep else [], [], attention if config.drop_blocks else [])
+
+    def choose_drops(self, config: BuildConfig, inspection: Inspection, probe: SampleSet, feeds: Feeds) -> None:
+        """Measure each block dropped alone on `probe` and keep the `config.drop_blocks` least harmful drops."""
+        graph = inspection.graph
+        ffn = find_ffn_blocks(graph, inspection.layers)
+        blocks = find_transformer_blocks(graph, self.depth_candidates, ffn)
+        if config.drop_blocks >= len(blocks):
+            raise OptionError(f"--drop-blocks {config.drop_blocks} would drop all {len(blocks)} blocks found; "
+                              "drop fewer")
+        batches = list(feeds.batches(probe))
+        dense = create_session(inspection.model.proto, config.threads)
+        reference = [dense.run(None, feed) for feed in batches]
+        distortion = {}
+        for block in blocks:
+            variant = gs.import_onnx(inspection.model.proto)
+            drop_block(variant, block)
+            session = create_session(gs.export_onnx(variant.cleanup().toposort()), config.threads)
+            distortion[block.name] = degradation(reference, [session.run(None, feed) for feed in batches])
+        order = [layer.name for layer in inspection.layers]
+        starts = [order.index(a.query.name) for a in self.depth_candidates] + [len(order)]
+        for index in sorted(range(len(blocks)), key=lambda i: distortion[blocks[i].name])[:config.drop_blocks]:
+            layers = [layer for layer in inspection.layers[starts[index]:starts[index + 1]] if layer.weight is not None]
+            self.dropped.append((blocks[index], layers, distortion[blocks[index].name]))
 
     @property
     def layer_names(self) -> set[str]:
         names = {layer.name for block in self.ffn for layer in (block.up, block.down)}
+        names |= {layer.name for _, layers, _ in self.dropped for layer in layers}
         return names | {layer.name for block in self.attention
                         for layer in (block.query, block.key, block.value, block.output)}
 
@@ -98,7 +137,7 @@ class StructuredBlocks:
                 + [TensorRequest(block.output.input_name, block.output.d_in) for block in self.attention])
 
     def cut(self, config: BuildConfig, moments: dict[str, Moments]) -> StructuredCuts:
-        cuts = StructuredCuts()
+        cuts = StructuredCuts(dropped=self.dropped)
         for block in self.ffn:
             count = kept_count(block.width, config.ffn_keep, config.rank_multiple)
             cuts.ffn.append((block, cut_neurons(moments[block.down.input_name], block.down.weight, block.down.bias,
