@@ -1,5 +1,6 @@
 """The nodes of a plain linear layer (MatMul by a constant, optional bias Add) in a graph, for passes that
-rewrite its weights in place (`prune_ffn`, `prune_heads`). Reads only; `replace_input` is the one edit."""
+rewrite its weights in place (`prune_ffn`, `prune_heads`): finding them reads only; `replace_input` and
+`set_bias` edit."""
 
 from __future__ import annotations
 
@@ -7,12 +8,41 @@ from typing import Mapping
 
 import onnx_graphsurgeon as gs
 
-from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.passes.linear_layers import FUSED_BIAS_INPUTS, LinearLayer
+from lrdeploy.passes.naming import Scope
+
+
+SLICEABLE = ("MatMul", "MatMul+Add", "MatMul+BiasGelu", "MatMul+SkipLayerNormalization")
 
 
 def is_plain(layer: LinearLayer) -> bool:
-    """A MatMul by a constant weight, with or without its Add: the forms this pass can slice."""
-    return layer.weight is not None and layer.pattern in ("MatMul", "MatMul+Add")
+    """A MatMul by a constant weight whose bias, if any, an Add or a fused consumer adds: the forms whose
+    weights structured passes can slice."""
+    return layer.weight is not None and layer.pattern in SLICEABLE
+
+
+def set_bias(graph: gs.Graph, layer: LinearLayer, bias: gs.Constant) -> None:
+    """Make `bias` the layer's bias wherever it lives: its Add, the fused consumer's bias input, or a new Add
+    after the MatMul (named after the layer) when it had none."""
+    tensors = graph.tensors()
+    matmul, add = matmul_and_add(tensors, layer)
+    if add is not None:
+        old = next(t for t in add.inputs if isinstance(t, gs.Constant) or (t.inputs and t.inputs[0].op == "Constant"))
+        replace_input(add, old, bias)
+        return
+    consumer = layer.bias_in_consumer
+    if consumer is not None:
+        node = tensors[layer.output_name].outputs[0]
+        index = FUSED_BIAS_INPUTS[consumer]
+        while len(node.inputs) <= index:
+            node.inputs.append(gs.Variable.empty())
+        node.inputs[index] = bias
+        return
+    scope = Scope(graph, layer.name)
+    output = matmul.outputs[0]
+    product = scope.variable("product", output.dtype)
+    matmul.outputs = [product]
+    scope.op("Add", "added_bias", [product, bias], output=output)
 
 
 def matmul_and_add(tensors: Mapping[str, gs.Tensor], layer: LinearLayer) -> tuple[gs.Node, gs.Node | None]:

@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
 from lrdeploy.passes.linear_layers import LinearLayer, constant_value
-from lrdeploy.passes.layer_nodes import is_plain, matmul_and_add, replace_input
+from lrdeploy.passes.layer_nodes import is_plain, matmul_and_add, set_bias
 from lrdeploy.passes.naming import Scope
 
 PER_NEURON_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu", "BiasGelu",
@@ -86,26 +86,16 @@ def find_ffn_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> list[FfnBlock
 
 
 def prune_block(graph: gs.Graph, block: FfnBlock, cut: NeuronCut) -> None:
-    """Keep `cut.keep` neurons of `block` (in place): slice W_up's columns and b_up, write W′ and b′."""
+    """Keep `cut.keep` neurons of `block` (in place): slice W_up's columns and b_up, write W′ and b′ (into the
+    bias Add, or the fused BiasGelu / SkipLayerNormalization that adds the bias)."""
     tensors = graph.tensors()
     keep, dtype = cut.keep, block.up.dtype
     scope = Scope(graph, f"{block.up.name}/pruned")
-    up_matmul, up_add = matmul_and_add(tensors, block.up)
+    up_matmul, _ = matmul_and_add(tensors, block.up)
     up_matmul.inputs[1] = scope.constant("weight", np.asarray(block.up.weight)[:, keep].astype(dtype))
-    if up_add is not None:
-        bias = next(t for t in up_add.inputs if isinstance(t, gs.Constant))
-        replace_input(up_add, bias, scope.constant("bias", np.asarray(block.up.bias)[keep].astype(dtype)))
-    for node in graph.nodes:  # a fused BiasGelu carries the up projection's bias
-        if node.op == "BiasGelu" and node.inputs[0].name == block.up.output_name:
-            node.inputs[1] = scope.constant("gelu_bias", np.asarray(node.inputs[1].values)[keep])
+    if block.up.bias is not None:
+        set_bias(graph, block.up, scope.constant("bias", np.asarray(block.up.bias)[keep].astype(dtype)))
     down_scope = Scope(graph, f"{block.down.name}/refit")
-    down_matmul, down_add = matmul_and_add(tensors, block.down)
+    down_matmul, _ = matmul_and_add(tensors, block.down)
     down_matmul.inputs[1] = down_scope.constant("weight", cut.weight.astype(dtype))
-    if down_add is not None:
-        bias = next(t for t in down_add.inputs if isinstance(t, gs.Constant))
-        replace_input(down_add, bias, down_scope.constant("bias", cut.bias.astype(dtype)))
-    else:
-        product = down_scope.op("MatMul", "product", [down_matmul.inputs[0], down_matmul.inputs[1]], dtype=dtype)
-        output = down_matmul.outputs[0]
-        down_matmul.outputs.clear()
-        down_scope.op("Add", "bias", [product, down_scope.constant("bias", cut.bias.astype(dtype))], output=output)
+    set_bias(graph, block.down, down_scope.constant("bias", cut.bias.astype(dtype)))

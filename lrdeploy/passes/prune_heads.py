@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
-from lrdeploy.passes.layer_nodes import is_plain, matmul_and_add, replace_input
+from lrdeploy.passes.layer_nodes import is_plain, matmul_and_add, set_bias
 from lrdeploy.passes.linear_layers import LinearLayer, constant_value
 from lrdeploy.passes.naming import Scope
 
@@ -74,19 +74,16 @@ def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_heads: list[int], c
     features, width, dtype = cut.keep, len(cut.keep), block.value.dtype
     scope = Scope(graph, f"{block.output.name}/heads")
     for tag, layer in (("query", block.query), ("key", block.key), ("value", block.value)):
-        matmul, add = matmul_and_add(tensors, layer)
+        matmul, _ = matmul_and_add(tensors, layer)
         matmul.inputs[1] = scope.constant(f"{tag}/weight", np.asarray(layer.weight)[:, features].astype(dtype))
-        if add is not None:
-            bias = next(t for t in add.inputs if constant_value(t) is not None)
-            replace_input(add, bias, scope.constant(f"{tag}/bias", np.asarray(layer.bias)[features].astype(dtype)))
+        if layer.bias is not None:
+            set_bias(graph, layer, scope.constant(f"{tag}/bias", np.asarray(layer.bias)[features].astype(dtype)))
         for consumer in tensors[layer.output_name].outputs:
             if consumer.op == "Reshape":
                 _resized_shape(scope, f"{tag}/shape", consumer, block.heads, len(kept_heads), 2)
     context = tensors[block.output.input_name]
     if context.inputs and context.inputs[0].op == "Reshape":
         _resized_shape(scope, "context/shape", context.inputs[0], block.value.d_out, width, -1)
-    matmul, add = matmul_and_add(tensors, block.output)
+    matmul, _ = matmul_and_add(tensors, block.output)
     matmul.inputs[1] = scope.constant("output/weight", cut.weight.astype(dtype))
-    if add is not None:
-        bias = next(t for t in add.inputs if constant_value(t) is not None)
-        replace_input(add, bias, scope.constant("output/bias", cut.bias.astype(dtype)))
+    set_bias(graph, block.output, scope.constant("output/bias", cut.bias.astype(dtype)))

@@ -89,10 +89,6 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     with timer.stage("load"):
         inspection = inspect_model(config.model, config.rank_multiple)
         eligible = inspection.require_eligible()
-        blocks = StructuredBlocks.find(config, inspection)
-        for budget in budgets or (config.rank_budget,):
-            if eligible:
-                check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
         check_output_dir(config.resolved_output_dir)
         refuse_overwriting_inputs(output_files(config.output_model), input_files(config, inspection.model))
         specs = model_input_specs(inspection.model.proto)
@@ -100,15 +96,19 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         samples = prepare_samples(config, specs, feeds.mask_name, index_limits(inspection.graph))
     for warning in samples.warnings:
         progress.warn(warning)
-    if config.drop_blocks:
-        with timer.stage("depth"):
-            blocks.choose_drops(config, inspection, samples.calib.select(slice(0, config.sensitivity_samples)), feeds)
-    eligible = blocks.remaining(eligible, budgets or (config.rank_budget,))
     if config.optimize == "ort":
         with timer.stage("optimize"):
             inspection = inspect_fused(inspection, config.rank_multiple, config.num_heads, config.hidden_size)
             eligible = inspection.require_eligible()
             feeds = Feeds(model_input_specs(inspection.model.proto), config.batch_size, feeds.mask_name)
+    blocks = StructuredBlocks.find(config, inspection)
+    if config.drop_blocks:
+        with timer.stage("depth"):
+            blocks.choose_drops(config, inspection, samples.calib.select(slice(0, config.sensitivity_samples)), feeds)
+    eligible = blocks.remaining(eligible, budgets or (config.rank_budget,))
+    for budget in budgets or (config.rank_budget,):
+        if eligible:
+            check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
     cache = StatisticsCache(config.cache_dir, [inspection.model.path, *inspection.model.external_files],
                             "" if config.optimize == "none" else config.optimize)
 

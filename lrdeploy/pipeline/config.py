@@ -97,8 +97,11 @@ class BuildConfig:
                 continue
             if not 0.0 < keep <= 1.0:
                 raise OptionError(f"{option} {keep} is outside (0, 1]; pass e.g. {option} 0.5")
-            if self.refit or self.optimize != "none":
-                raise OptionError(f"{option} cannot be combined with --refit or --optimize ort yet; leave those out")
+            if self.refit:
+                raise OptionError(f"{option} cannot be combined with --refit yet; leave one of them out")
+            if option == "--heads-keep" and self.optimize != "none":
+                raise OptionError("--heads-keep cannot be combined with --optimize ort yet (the fused Attention packs "
+                                  "its heads); leave one of them out")
         for option, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             if not math.isfinite(value) or value < 0:
                 raise OptionError(f"{option} {value} is not a tolerance; give a finite number ≥ 0, e.g. {option} 0.01")

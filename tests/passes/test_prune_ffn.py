@@ -101,7 +101,7 @@ def test_build_narrows_ffn_blocks_and_splits_the_rest(transformer_files, tmp_pat
 
 @pytest.mark.parametrize("args, message", [
     (["--ffn-keep", "1.5"], r"--ffn-keep 1.5 is outside \(0, 1\]"),
-    (["--ffn-keep", "0.5", "--refit"], r"--ffn-keep cannot be combined with --refit or --optimize ort yet"),
+    (["--ffn-keep", "0.5", "--refit"], r"--ffn-keep cannot be combined with --refit yet"),
 ])
 def test_bad_ffn_keep_is_one_error_line(transformer_files, tmp_path, args, message):
     import re
@@ -113,3 +113,19 @@ def test_bad_ffn_keep_is_one_error_line(transformer_files, tmp_path, args, messa
     model, calib = transformer_files
     result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), *args, "-o", str(tmp_path / "o")])
     assert result.exit_code == 1 and re.search(message, result.stderr) and not (tmp_path / "o").exists()
+
+
+def test_a_down_projection_without_bias_gets_the_refit_bias():
+    """Narrowing shifts the mean the down projection sees: without a bias Add of its own, one is added."""
+    model = models.ffn(RNG.standard_normal((16, 48)), RNG.standard_normal(48), RNG.standard_normal((48, 16)),
+                       np.zeros(16))
+    nodes = list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(n for n in nodes if n.name != "down_bias")
+    model.graph.node[-1].output[0] = "y"  # the down MatMul now writes y itself
+    onnx.checker.check_model(model)
+    pruned, _, cut = _pruned(model, 24)
+    assert any(n.op_type == "Add" and n.name == "down/added_bias" for n in pruned.graph.node)
+    reference, candidate = run_model(model, X)[0], run_model(pruned, X)[0]
+    error = np.mean(((candidate - reference) ** 2).sum(1))
+    assert error == pytest.approx(cut.residual, rel=0.05)  # exactly the error the refit predicts: bias included

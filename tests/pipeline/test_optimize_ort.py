@@ -111,3 +111,19 @@ def test_bench_optimize_ort_reports_fused_ops(exported, tmp_path):
     bench = json.loads((tmp_path / "bench.json").read_text())
     assert bench["optimize"] == "ort" and bench["fused_ops"] == {"bert.onnx": FUSED}
     assert "as ONNX Runtime's transformer optimizer fuses it" in (tmp_path / "bench.md").read_text()
+
+
+def test_ffn_width_cut_inside_the_fused_graph_keeps_every_fusion(exported, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(exported / "bert.onnx"), "--calib", str(exported / "calib.npz"),
+                                       "--optimize", "ort", "--ffn-keep", "0.5", "--rank-budget", "1", "-o", str(out),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fused_ops"] == {"dense": FUSED, "compressed": FUSED}
+    narrowed = [l for l in report["layers"] if l["status"] == "narrowed"]
+    assert sorted({l["pattern"] for l in narrowed}) == ["MatMul+BiasGelu", "MatMul+SkipLayerNormalization"]
+    assert all(l["reason"] == "64 of 128 FFN neurons kept (--ffn-keep)" for l in narrowed)
+    gelu = next(n for n in onnx.load(str(out / "bert.lowrank.onnx")).graph.node if n.op_type == "BiasGelu")
+    assert gelu.input[1].endswith("/pruned/bias")  # the fused op carries the sliced up-projection bias
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.9
