@@ -462,6 +462,8 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               type=click.FloatRange(min=0), help="Weight of the per-block hidden-state loss (0: final embedding only).")
 @click.option("--freeze-embeddings", is_flag=True,
               help="Do not train the embedding tables: ~25% faster steps, less accuracy per step.")
+@click.option("--ffn-keep", type=float, metavar="FRACTION",
+              help="Narrow every FFN block to this fraction of its neurons before distilling (as `build --ffn-keep`).")
 @click.option("--train-text", type=click.Choice(TRAIN_TEXTS), default=DISTILL_DEFAULTS.train_text,
               show_default=True, help="Unlabeled training sentences (the evaluation sentences are always left out).")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))

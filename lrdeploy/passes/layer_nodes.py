@@ -8,7 +8,7 @@ from typing import Mapping
 
 import onnx_graphsurgeon as gs
 
-from lrdeploy.passes.linear_layers import FUSED_BIAS_INPUTS, LinearLayer
+from lrdeploy.passes.linear_layers import FUSED_BIAS_INPUTS, LinearLayer, constant_value
 from lrdeploy.passes.naming import Scope
 
 
@@ -27,7 +27,7 @@ def set_bias(graph: gs.Graph, layer: LinearLayer, bias: gs.Constant) -> None:
     tensors = graph.tensors()
     matmul, add = matmul_and_add(tensors, layer)
     if add is not None:
-        old = next(t for t in add.inputs if isinstance(t, gs.Constant) or (t.inputs and t.inputs[0].op == "Constant"))
+        old = next(t for t in add.inputs if constant_value(t) is not None)
         replace_input(add, old, bias)
         return
     consumer = layer.bias_in_consumer

@@ -73,7 +73,8 @@ class LinearLayer:
 
 
 def constant_value(tensor: gs.Tensor) -> tuple[np.ndarray, bool] | None:
-    """(value, came through a Transpose) when `tensor` is a constant, a Constant node or Transpose of one."""
+    """(value, came through a Transpose) when `tensor` is a constant, a Constant node, an Identity of one (torch's
+    exporter writes tied or deduplicated parameters that way) or a Transpose of one."""
     if isinstance(tensor, gs.Constant):
         return np.asarray(tensor.values), False
     if len(tensor.inputs) != 1:
@@ -81,6 +82,8 @@ def constant_value(tensor: gs.Tensor) -> tuple[np.ndarray, bool] | None:
     producer = tensor.inputs[0]
     if producer.op == "Constant" and isinstance(producer.attrs.get("value"), gs.Constant):
         return np.asarray(producer.attrs["value"].values), False
+    if producer.op == "Identity" and len(producer.inputs) == 1:
+        return constant_value(producer.inputs[0])
     if producer.op == "Transpose" and len(producer.inputs) == 1:
         inner = constant_value(producer.inputs[0])
         if inner is None or inner[0].ndim != 2:

@@ -28,6 +28,7 @@ class DistillSettings:
     calib_sentences: int = 512
     eval_sentences: int = 1000
     train_text: str = "pydoc+docstrings"
+    ffn_keep: float | None = None  # narrow the FFN blocks first (the ONNX path chooses, distillation recovers)
     training: DistillConfig = field(default_factory=DistillConfig)
 
     def check(self) -> None:

@@ -115,19 +115,57 @@ def apply_factors(model: torch.nn.Module, factors_by_weight: Mapping[str, tuple[
     from the same weights: ONNX layer names and module names differ, the weights do not. A weight that
     matches no module, or more than one, is an error.
     """
+    find = module_by_weight(model, exclude)
+    applied = {}
+    for layer_name, (weight, layer_factors) in factors_by_weight.items():
+        name = find(layer_name, weight)
+        dtype = model.get_submodule(name).weight.dtype
+        _replace(model, name, LowRankLinear.from_factors(layer_factors, dtype))
+        applied[name] = layer_factors.rank
+    return applied
+
+
+def module_by_weight(model: torch.nn.Module, exclude: tuple[str, ...] = ()):
+    """A lookup `(layer name, row-convention weight [d_in, d_out]) -> nn.Linear module name`: ONNX layer names and
+    module names differ, the weights do not. A weight that matches no module, or more than one, is an error."""
     by_key: dict[tuple, list[str]] = {}
     for name, layer in linear_layers(model, exclude).items():
         by_key.setdefault(_weight_key(layer.weight.detach().cpu().numpy().T), []).append(name)
-    applied = {}
-    for layer_name, (weight, layer_factors) in factors_by_weight.items():
+
+    def find(layer_name: str, weight: np.ndarray) -> str:
         matches = by_key.get(_weight_key(weight), [])
         if len(matches) != 1:
             raise ModelLoadError(f"layer {layer_name}: {len(matches)} nn.Linear modules carry its weight (need exactly "
-                              "one); compress the model the factors were computed from")
-        dtype = model.get_submodule(matches[0]).weight.dtype
-        _replace(model, matches[0], LowRankLinear.from_factors(layer_factors, dtype))
-        applied[matches[0]] = layer_factors.rank
-    return applied
+                                 "one); compress the model the factors were computed from")
+        return matches[0]
+
+    return find
+
+
+def _linear(weight: np.ndarray, bias: np.ndarray | None, dtype) -> torch.nn.Linear:
+    """An nn.Linear computing x·weight + bias (row convention, weight [d_in, d_out])."""
+    layer = torch.nn.Linear(weight.shape[0], weight.shape[1], bias=bias is not None)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(np.ascontiguousarray(weight.T)).to(torch.float32))
+        if bias is not None:
+            layer.bias.copy_(torch.from_numpy(np.asarray(bias)).to(torch.float32))
+    return layer.to(dtype)
+
+
+def apply_neuron_cuts(model: torch.nn.Module, cuts) -> list[str]:
+    """Narrow FFN blocks (in place) as the ONNX path chose: each `(block, cut)` of `pipeline.structure` keeps
+    `cut.keep` neurons of its up projection and gets the refit down projection; modules are found by weight.
+    Returns the up projections' module names."""
+    find = module_by_weight(model)
+    narrowed = []
+    for block, cut in cuts:
+        up_name, down_name = find(block.up.name, block.up.weight), find(block.down.name, block.down.weight)
+        dtype = model.get_submodule(up_name).weight.dtype
+        bias = None if block.up.bias is None else np.asarray(block.up.bias)[cut.keep]
+        _replace(model, up_name, _linear(np.asarray(block.up.weight)[:, cut.keep], bias, dtype))
+        _replace(model, down_name, _linear(cut.weight, cut.bias, dtype))
+        narrowed.append(up_name)
+    return narrowed
 
 
 def parameter_count(model: torch.nn.Module) -> int:

@@ -82,3 +82,23 @@ def test_distill_bad_budget_is_one_error_line(bert_dir, tmp_path, args, message)
     result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), *args, "-o", str(tmp_path / "x")])
     assert result.exit_code == 1 and message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "x").exists()
+
+
+def test_distill_from_narrowed_ffn_blocks(bert_dir, tmp_path):
+    """The FFN cut chosen on the ONNX path reaches the PyTorch student (modules found by weight), is distilled,
+    and the exported model keeps the narrower layers."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--rank-budget", "1", "--ffn-keep", "0.5",
+                                       "--steps", "6", "--allocation", "uniform", "--train-text", "pydoc",
+                                       "--batch-size", "64", "--lr", "1e-3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
+    assert len(narrowed) == 4 and report["config"]["ffn_keep"] == 0.5
+    assert {layer["reason"] for layer in narrowed} == {"64 of 128 FFN neurons kept (--ffn-keep)"}
+    exported = onnx.load(str(out / f"{bert_dir.name}.lowrank.onnx"))
+    dims = {i.name: tuple(i.dims) for i in exported.graph.initializer}
+    matmul_weights = {dims[n.input[1]] for n in exported.graph.node if n.op_type == "MatMul" and n.input[1] in dims}
+    assert (64, 128) not in matmul_weights and (128, 64) not in matmul_weights  # no full-width FFN weight is left
+    assert report["finetune"]["steps"] == 6
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5
