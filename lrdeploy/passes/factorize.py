@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 from lrdeploy.errors import InternalError
 from lrdeploy.lowrank.decompose import LowRankFactors
 from lrdeploy.passes.linear_layers import FUSED_BIAS_INPUTS, LinearLayer
+from lrdeploy.passes.layer_nodes import set_input
 from lrdeploy.passes.naming import Scope
 
 FIRST_FACTOR = "lowrank_a"
@@ -43,12 +44,6 @@ def first_factor_output(layer_name: str) -> str:
     return Scope(gs.Graph(), layer_name).child(FIRST_FACTOR).name("output")
 
 
-def _set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
-    while len(node.inputs) <= index:
-        node.inputs.append(gs.Variable.empty())
-    node.inputs[index] = tensor
-
-
 def _split_layer(graph: gs.Graph, layer: LinearLayer, factors: LowRankFactors, tensors: Mapping[str, gs.Tensor]) -> None:
     x, y = tensors[layer.input_name], tensors[layer.output_name]
     dtype = layer.dtype
@@ -61,14 +56,14 @@ def _split_layer(graph: gs.Graph, layer: LinearLayer, factors: LowRankFactors, t
         attention.inputs[0] = scope.op("MatMul", FIRST_FACTOR, [x, first], dtype=dtype)
         attention.inputs[1] = second
         if bias is not None:
-            _set_input(attention, 2, bias)
+            set_input(attention, 2, bias)
         return
     y.inputs.clear()  # the dense MatMul (and its Add) now feed nothing; cleanup removes them
     middle = scope.op("MatMul", FIRST_FACTOR, [x, first], dtype=dtype)
     if layer.bias_in_consumer is not None:  # the fused consumer adds the new bias
         scope.op("MatMul", "lowrank_b", [middle, second], output=y)
         if bias is not None:
-            _set_input(y.outputs[0], FUSED_BIAS_INPUTS[layer.bias_in_consumer], bias)
+            set_input(y.outputs[0], FUSED_BIAS_INPUTS[layer.bias_in_consumer], bias)
         return
     if factors.bias is None:
         scope.op("MatMul", "lowrank_b", [middle, second], output=y)

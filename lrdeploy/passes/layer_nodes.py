@@ -32,11 +32,7 @@ def set_bias(graph: gs.Graph, layer: LinearLayer, bias: gs.Constant) -> None:
         return
     consumer = layer.bias_in_consumer
     if consumer is not None:
-        node = tensors[layer.output_name].outputs[0]
-        index = FUSED_BIAS_INPUTS[consumer]
-        while len(node.inputs) <= index:
-            node.inputs.append(gs.Variable.empty())
-        node.inputs[index] = bias
+        set_input(tensors[layer.output_name].outputs[0], FUSED_BIAS_INPUTS[consumer], bias)
         return
     scope = Scope(graph, layer.name)
     output = matmul.outputs[0]
@@ -52,6 +48,13 @@ def matmul_and_add(tensors: Mapping[str, gs.Tensor], layer: LinearLayer) -> tupl
         return producer, None
     product = next(t for t in producer.inputs if t.inputs and t.inputs[0].op == "MatMul")
     return product.inputs[0], producer
+
+
+def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
+    """`node` reads `tensor` as input `index`, optional inputs before it left empty."""
+    while len(node.inputs) <= index:
+        node.inputs.append(gs.Variable.empty())
+    node.inputs[index] = tensor
 
 
 def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
