@@ -20,7 +20,7 @@ from lrdeploy.errors import LrdeployError, TargetNotMetError
 from lrdeploy.lowrank.allocate import ALLOCATIONS
 from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
-from lrdeploy.pipeline.config import LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, BuildConfig
+from lrdeploy.pipeline.config import LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, BuildConfig
 from lrdeploy.pipeline.distill_settings import TRAIN_TEXTS, DistillSettings
 from lrdeploy.runtime.base import BACKENDS, PRECISIONS
 from lrdeploy.torch.distill_config import DistillConfig
@@ -162,6 +162,10 @@ def build_options(command):
         click.option("--drop-blocks", type=click.IntRange(min=0), default=0, metavar="N",
                      help="Drop N whole transformer blocks: those whose removal alone distorts the outputs least on "
                           "a few calibration batches."),
+        click.option("--plan", type=click.Choice(PLANS), default=d.plan, show_default=True,
+                     help="unified: per block choose low-rank ranks, a narrower FFN, fewer heads or dropping the block "
+                          "(each option's output distortion measured) for the least distortion under --rank-budget or "
+                          "--target-latency."),
         click.option("--optimize", type=click.Choice(OPTIMIZERS), default=d.optimize, show_default=True,
                      help="ort: fuse the model with ONNX Runtime's transformer optimizer first and compress inside the "
                           "fused graph, so the output keeps every fusion (Attention, SkipLayerNormalization, BiasGelu)."),
@@ -199,13 +203,16 @@ def _build_config(model: Path, shapes: tuple[str, ...], cache_dir: Path | None, 
 @click.option("--backend", type=click.Choice(LATENCY_BACKENDS), default=BUILD_DEFAULTS.backend, show_default=True,
               help="Where --latency-aware times layers.")
 @click.option("--tokens", default=BUILD_DEFAULTS.tokens, show_default=True, type=click.IntRange(min=1),
-              help="Rows (batch × sequence) of the --latency-aware layer timings.")
+              help="Rows (batch × sequence) of the --latency-aware and --target-latency timings.")
 @click.option("--profile", metavar="NAME|FILE",
               help="Plan for a device from its profile instead of timing here (implies --latency-aware): a shipped "
                    "profile (h200-fp16, a seed from the H200 reference grid) or a file from `lrdeploy profile`.")
 @click.option("--objective", type=click.Choice(OBJECTIVES),
               help="When splits that pay cannot meet --rank-budget: size keeps the budget (slower), latency keeps "
                    "the slower layers dense (larger).")
+@click.option("--target-latency", type=float, metavar="FRACTION",
+              help="Plan for at most this fraction of the dense model's latency at --tokens (measured here on "
+                   "--backend, or from --profile); --rank-budget is then not used.")
 @click.option("--bench", is_flag=True, help="Also benchmark dense vs compressed on ONNX Runtime CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @user_errors

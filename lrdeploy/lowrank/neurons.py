@@ -19,6 +19,7 @@ import numpy as np
 from lrdeploy.lowrank.moments import Moments
 
 EPS = 1e-12
+RIDGE = 1e-6  # damping of the refit, relative to the kept features' mean variance
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,12 @@ class NeuronCut:
 
 def select_neurons(cov: np.ndarray, weight: np.ndarray, count: int) -> np.ndarray:
     """`count` neuron indices (ascending) chosen greedily to minimise the refit's error tr(Wᵀ·C_resid·W)."""
+    return np.sort(neuron_order(cov, weight, count))
+
+
+def neuron_order(cov: np.ndarray, weight: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` neurons in the greedy order: any prefix of it is the greedy choice of that many (so one
+    run serves every width a plan considers)."""
     residual = np.array(cov, np.float64, copy=True)
     carried = residual @ np.asarray(weight, np.float64)  # C_resid·W, updated by rank one per step
     chosen: list[int] = []
@@ -50,11 +57,11 @@ def select_neurons(cov: np.ndarray, weight: np.ndarray, count: int) -> np.ndarra
         residual -= np.outer(column, column) / column[pick]
         carried -= np.outer(column, carried[pick]) / column[pick]
         chosen.append(pick)
-    return np.sort(np.asarray(chosen, np.int64))
+    return np.asarray(chosen, np.int64)
 
 
 def cut_neurons(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, count: int,
-                ridge: float = 1e-6) -> NeuronCut:
+                ridge: float = RIDGE) -> NeuronCut:
     """Keep `count` of the activation's neurons (moments of h over calibration positions) and refit W, b."""
     w = np.asarray(weight, np.float64)
     b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
@@ -78,12 +85,20 @@ def _residual(cov: np.ndarray, weight: np.ndarray, keep: np.ndarray, ridge: floa
 
 
 def cut_groups(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, groups: int, count: int,
-               ridge: float = 1e-6) -> tuple[list[int], NeuronCut]:
+               ridge: float = RIDGE) -> tuple[list[int], NeuronCut]:
     """Keep `count` of `groups` equal, contiguous blocks of the input's features (attention heads: the context's
     head_dim-wide slices) and refit W, b as `cut_neurons` does. Groups are removed one at a time, each time the
     one whose removal leaves the smallest refit error (backward elimination; exact for groups that contribute
     nothing or that the kept ones span)."""
+    return group_cuts(moments, weight, bias, groups, [count], ridge)[count]
+
+
+def group_cuts(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, groups: int, counts: list[int],
+               ridge: float = RIDGE) -> dict[int, tuple[list[int], NeuronCut]]:
+    """`cut_groups` for several counts from one elimination (each count's kept groups are the elimination's state
+    when that many remain)."""
     w = np.asarray(weight, np.float64)
+    b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
     size = w.shape[0] // groups
     cov = moments.covariance
     kept = list(range(groups))
@@ -91,8 +106,10 @@ def cut_groups(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, gr
     def features(heads: list[int]) -> np.ndarray:
         return np.concatenate([np.arange(h * size, (h + 1) * size) for h in heads])
 
-    while len(kept) > count:
-        errors = [_residual(cov, w, features([h for h in kept if h != g]), ridge) for g in kept]
-        kept.remove(kept[int(np.argmin(errors))])
-    b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
-    return kept, refit_kept(moments, w, b, features(kept), ridge)
+    result = {}
+    for count in sorted(set(counts), reverse=True):
+        while len(kept) > count:
+            errors = [_residual(cov, w, features([h for h in kept if h != g]), ridge) for g in kept]
+            kept.remove(kept[int(np.argmin(errors))])
+        result[count] = (list(kept), refit_kept(moments, w, b, features(kept), ridge))
+    return result

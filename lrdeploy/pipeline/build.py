@@ -43,6 +43,7 @@ from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.refit import RefitSettings, refit_factors, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
 from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
+from lrdeploy.pipeline.shape_plan import ShapeOptions, find_block_parts, plan_shapes, shape_options, structure_requests
 from lrdeploy.pipeline.structure import StructuredBlocks, StructuredCuts
 from lrdeploy.pipeline.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
 from lrdeploy.pipeline.validate import compare_models
@@ -74,6 +75,7 @@ class PreparedBuild:
     timings: dict[str, float]
     sensitivity: SensitivityTable | None = None
     structured: StructuredCuts = field(default_factory=StructuredCuts)  # --ffn-keep, --heads-keep
+    shape_options: ShapeOptions | None = None  # --plan unified / --target-latency: what the plan chooses from
 
     @property
     def shapes(self) -> list[LayerShape]:
@@ -106,6 +108,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         with timer.stage("depth"):
             blocks.choose_drops(config, inspection, samples.calib.select(slice(0, config.sensitivity_samples)), feeds)
     eligible = blocks.remaining(eligible, budgets or (config.rank_budget,))
+    parts = find_block_parts(config, inspection.graph, inspection.layers) if config.plan == "unified" else []
     for budget in budgets or (config.rank_budget,):
         if eligible:
             check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
@@ -116,7 +119,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     if config.method != "svd":
         with timer.stage("calibrate"):
             requests = [TensorRequest(layer.input_name, layer.d_in) for layer in eligible]
-            requests += blocks.requests()
+            requests += blocks.requests() + structure_requests(parts)
             moments, cached = calibrate(inspection.model, requests, samples.calib, feeds, cache, config.threads,
                                         progress)
         if cached:
@@ -127,14 +130,18 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
                           for layer in eligible}
         layer_spectra = spectra(eligible, moments)
         structured = blocks.cut(config, moments) if moments is not None else StructuredCuts()
-    sensitivity = None
-    if config.allocation == "sensitivity":
+    sensitivity, options = None, None
+    probe = samples.calib.select(slice(0, config.sensitivity_samples))
+    if config.measures_sensitivity:
         with timer.stage("sensitivity"):
-            probe = samples.calib.select(slice(0, config.sensitivity_samples))
             sensitivity = measured_sensitivity(inspection.model.proto, eligible, decompositions, probe, feeds,
                                                config, cache, progress)
+    if config.plans_shapes:
+        with timer.stage("shape options"):
+            options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions, probe,
+                                    feeds, cache, progress)
     return PreparedBuild(config, inspection, eligible, feeds, samples, decompositions, layer_spectra, timer.timings,
-                         sensitivity, structured)
+                         sensitivity, structured, options)
 
 
 @dataclass
@@ -143,17 +150,24 @@ class ChosenFactors:
 
     plan: RankPlan
     factors: dict[str, LowRankFactors]
+    structured: StructuredCuts
     latency: LatencyPlan | None = None
+    shape_plan: dict | None = None  # the unified plan's record (--plan unified / --target-latency)
 
 
 def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | None = None) -> ChosenFactors:
     """Allocate ranks for `budget` (latency-aware if configured) and refit the factors if configured."""
     config, timer = prepared.config, timer or StageTimer()
-    latency = None
+    latency, structured, shape_record = None, prepared.structured, None
     with timer.stage("allocate"):
         energies = {name: d.energies for name, d in prepared.decompositions.items()}
         loss = None if prepared.sensitivity is None else sensitivity_loss(prepared.sensitivity, energies)
-        if config.latency_aware:
+        if prepared.shape_options is not None:
+            shapes = plan_shapes(prepared.shape_options, config, prepared.eligible, budget, loss)
+            plan, structured = shapes.ranks, shapes.cuts
+            shape_record = shapes.to_dict(prepared.shape_options, config)
+            timer.progress.note(shapes.summary(prepared.shape_options, config))
+        elif config.latency_aware:
             latency = plan_for_latency(config, prepared.shapes, budget, energies, loss, timer.progress)
             plan = latency.plan
         else:
@@ -165,7 +179,7 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
             factors = refit_factors(prepared.inspection.model.proto, prepared.eligible, factors,
                                     prepared.samples.calib.select(slice(0, config.refit_samples)), prepared.feeds,
                                     RefitSettings(config.refit_mode, threads=config.threads), on_stage)
-    return ChosenFactors(plan, factors, latency)
+    return ChosenFactors(plan, factors, structured, latency, shape_record)
 
 
 class Finetuner(Protocol):
@@ -193,8 +207,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
         staged_model = stage / output_model.name
         with timer.stage("rewrite"):
             if finetune is None:
-                proto = compressed_model(inspection.model.proto, prepared.eligible, chosen.factors,
-                                         prepared.structured)
+                proto = compressed_model(inspection.model.proto, prepared.eligible, chosen.factors, chosen.structured)
             record_metadata(proto, inspection.model.proto, config, budget, chosen.plan, finetune_record)
             model_after = count_parameters(proto)
             fused_ops = {"dense": fused_op_counts(inspection.model.proto), "compressed": fused_op_counts(proto)}
@@ -214,7 +227,8 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
         outcome = BuildOutcome(budget, chosen.plan, chosen.latency, str(output_model), external, model_after, accuracy,
                                None if latency_bench is None else dataclasses.asdict(latency_bench), finetune_record,
                                timer.timings, fused_ops,
-                               None if chosen.latency is None else chosen.latency.to_dict(prepared.shapes))
+                               chosen.shape_plan if chosen.latency is None else chosen.latency.to_dict(prepared.shapes),
+                               chosen.structured)
         report = assemble_report(prepared, outcome)
         write_reports(report, stage)
     return BuildResult(report, output_model, *(output_dir / name for name in REPORT_FILES))

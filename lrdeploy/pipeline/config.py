@@ -14,6 +14,7 @@ from lrdeploy.lowrank.refit import REFIT_MODES
 
 LATENCY_BACKENDS = ("ort-cpu", "ort-cuda")  # where --latency-aware times layer shapes
 OBJECTIVES = ("size", "latency")  # what --latency-aware gives up when splits that pay cannot meet the budget
+PLANS = ("lowrank", "unified")  # unified: per block, low-rank or a narrower FFN, fewer heads, or the block dropped
 OPTIMIZERS = ("none", "ort")  # ort: compress inside ONNX Runtime's transformer-fused graph (keeps the fusions)
 
 
@@ -63,6 +64,8 @@ class BuildConfig:
     ffn_keep: float | None = None  # narrow every FFN block to this fraction of its neurons (the rest: low-rank)
     heads_keep: float | None = None  # keep this fraction of every self-attention's heads
     drop_blocks: int = 0  # drop this many whole transformer blocks (the least harmful, measured)
+    plan: str = "lowrank"  # one of PLANS
+    target_latency: float | None = None  # plan for at most this fraction of dense latency at `tokens` rows
     optimize: str = "none"  # one of OPTIMIZERS
     num_heads: int = 0  # for --optimize ort; 0: read from the graph
     hidden_size: int = 0  # likewise
@@ -84,7 +87,7 @@ class BuildConfig:
         for option, value, choices in (("--method", self.method, METHODS), ("--allocation", self.allocation, ALLOCATIONS),
                                        ("--refit-mode", self.refit_mode, REFIT_MODES),
                                        ("--backend", self.backend, LATENCY_BACKENDS),
-                                       ("--optimize", self.optimize, OPTIMIZERS),
+                                       ("--optimize", self.optimize, OPTIMIZERS), ("--plan", self.plan, PLANS),
                                        ("--objective", self.objective or OBJECTIVES[0], OBJECTIVES)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
@@ -102,11 +105,32 @@ class BuildConfig:
             if option == "--heads-keep" and self.optimize != "none":
                 raise OptionError("--heads-keep cannot be combined with --optimize ort yet (the fused Attention packs "
                                   "its heads); leave one of them out")
+        if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
+            raise OptionError(f"--target-latency {self.target_latency} is outside (0, 1); pass the fraction of dense "
+                              "latency to reach, e.g. --target-latency 0.6")
+        if self.plans_shapes:
+            fixed = [name for name, value in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep),
+                                              ("--drop-blocks", self.drop_blocks), ("--refit", self.refit),
+                                              ("--latency-aware", self.latency_aware and self.profile is None))
+                     if value]
+            if fixed:
+                raise OptionError(f"{', '.join(fixed)} cannot be combined with --plan unified or --target-latency "
+                                  "(the plan chooses every shape and rank itself); leave those out")
         for option, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             if not math.isfinite(value) or value < 0:
                 raise OptionError(f"{option} {value} is not a tolerance; give a finite number ≥ 0, e.g. {option} 0.01")
         if self.rank_multiple < 1:
             raise OptionError(f"--rank-multiple {self.rank_multiple} must be at least 1; 16 or 64 suit tensor cores")
+
+    @property
+    def plans_shapes(self) -> bool:
+        """The knapsack over options (`pipeline.shape_plan`) chooses, not the rank allocation alone."""
+        return self.plan == "unified" or self.target_latency is not None
+
+    @property
+    def measures_sensitivity(self) -> bool:
+        """The plan needs each layer's measured output distortion per rank."""
+        return self.allocation == "sensitivity" or self.plans_shapes
 
     @property
     def resolved_output_dir(self) -> Path:

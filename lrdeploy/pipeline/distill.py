@@ -25,6 +25,7 @@ import numpy as np
 import onnx
 
 from lrdeploy.calib.data import Feeds, InputSpec, SampleSet
+from lrdeploy.errors import OptionError
 from lrdeploy.files import atomic_path, check_output_dir
 from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
 from lrdeploy.pipeline.config import BuildConfig
@@ -89,11 +90,14 @@ class Distiller:
         student = copy.deepcopy(self.teacher)
         apply_factors(student, {layer.name: (layer.weight, chosen.factors[layer.name])
                                 for layer in prepared.eligible if layer.name in chosen.factors})
-        apply_neuron_cuts(student, prepared.structured.ffn)
+        if chosen.structured.heads or chosen.structured.dropped:
+            raise OptionError("distill cannot recover from removed heads or dropped blocks yet (only narrower FFNs "
+                              "reach the PyTorch student); build with --plan lowrank, or distill the FFN cut alone")
+        apply_neuron_cuts(student, chosen.structured.ffn)
         record = {"steps": config.steps, "lr": config.lr, "hidden_weight": config.hidden_weight,
                   "freeze_embeddings": config.freeze_embeddings,
                   "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
-        if chosen.factors or prepared.structured.ffn:  # with nothing compressed there is nothing to recover
+        if chosen.factors or chosen.structured.ffn:  # with nothing compressed there is nothing to recover
             result = distill(student, self.teacher, self.train_batches, self.check_batches, config,
                              transformer_blocks(self.teacher),
                              on_eval=lambda step, cos: self.progress.note(f"  step {step}: check cosine {cos:.4f}"))

@@ -70,20 +70,31 @@ class Timer:
     def source(self) -> str:
         return f"profile {self.profile.label}" if self.profile else f"measured on ort-{self.device}"
 
-    def speedups(self, shapes: list[LayerShape], plan: RankPlan) -> dict[str, float]:
-        """Speed-up of each split in `plan` (timing what was not timed yet); splits not profiled count as 0."""
-        needed: dict[Shape, set[int]] = {}
-        for s in shapes:
-            key, rank = (s.d_in, s.d_out), plan[s.name]
-            if rank is not None and rank not in (self.timings[key].split_ms if key in self.timings else {}):
-                needed.setdefault(key, set()).add(rank)
-        found = (self.profile.timings(needed, self.tokens) if self.profile
-                 else time_shapes(needed, self.tokens, self.device, self.threads))
+    def ensure(self, needed: dict[Shape, set[int]]) -> None:
+        """Time (or read from the profile) each shape's dense layer and the ranks asked for, where not yet known;
+        shapes and ranks the profile lacks stay unknown."""
+        missing: dict[Shape, set[int]] = {}
+        for key, ranks in needed.items():
+            known = self.timings[key].split_ms if key in self.timings else None
+            if known is None or set(ranks) - set(known):
+                missing[key] = set(ranks) - set(known or {})
+        if not missing:
+            return
+        found = (self.profile.timings(missing, self.tokens) if self.profile
+                 else time_shapes(missing, self.tokens, self.device, self.threads))
         for key, timing in found.items():
             if key in self.timings:
                 self.timings[key].split_ms.update(timing.split_ms)
             else:
                 self.timings[key] = timing
+
+    def speedups(self, shapes: list[LayerShape], plan: RankPlan) -> dict[str, float]:
+        """Speed-up of each split in `plan` (timing what was not timed yet); splits not profiled count as 0."""
+        needed: dict[Shape, set[int]] = {}
+        for s in shapes:
+            if plan[s.name] is not None:
+                needed.setdefault((s.d_in, s.d_out), set()).add(plan[s.name])
+        self.ensure(needed)
         result = {}
         for s in shapes:
             timing = self.timings.get((s.d_in, s.d_out))

@@ -27,7 +27,6 @@ class PreparedInputs(Protocol):
     inspection: Inspection
     samples: BuildSamples
     spectra: dict[str, dict[str, list[float]]]
-    structured: StructuredCuts
 
     @property
     def shapes(self) -> list[LayerShape]: ...
@@ -129,14 +128,15 @@ class BuildOutcome:
     timings: dict[str, float]
     fused_ops: dict[str, dict[str, int]]
     latency_plan: dict | None
+    structured: StructuredCuts
 
 
 def assemble_report(prepared: PreparedInputs, outcome: BuildOutcome) -> BuildReport:
     """The report tree of one build (report.json's schema: `report.model`). Linear-layer parameters count the
     low-rank candidates under the plan and the narrowed FFN layers at their new width."""
     config, inspection, samples = prepared.config, prepared.inspection, prepared.samples
-    shapes = prepared.shapes
-    narrowed = prepared.structured.records()
+    narrowed = outcome.structured.records()
+    shapes = [shape for shape in prepared.shapes if shape.name not in narrowed]  # a unified plan cuts candidates
     narrowed_before = sum(layer.params for layer in inspection.layers if layer.name in narrowed)
     linear_before = sum(s.dense_params for s in shapes) + narrowed_before
     linear_after = (realized_ratio(shapes, outcome.plan) * sum(s.dense_params for s in shapes)

@@ -37,6 +37,12 @@ class StructuredCuts:
     ffn: list[tuple[FfnBlock, NeuronCut]] = field(default_factory=list)
     heads: list[tuple[AttentionBlock, list[int], NeuronCut]] = field(default_factory=list)
     dropped: list[tuple[TransformerBlock, list[LinearLayer], float]] = field(default_factory=list)
+    source: str = ""  # what chose them, for the report: "" = the options --ffn-keep, --heads-keep, --drop-blocks
+
+    def merge(self, other: "StructuredCuts") -> None:
+        self.ffn += other.ffn
+        self.heads += other.heads
+        self.dropped += other.dropped
 
     def apply(self, graph: gs.Graph) -> None:
         for block, cut in self.ffn:
@@ -51,14 +57,16 @@ class StructuredCuts:
         result = {}
         for block, layers, distortion in self.dropped:
             for layer in layers:
-                result[layer.name] = (f"{block.name} dropped (--drop-blocks; alone it distorts the outputs by "
-                                      f"{distortion:.4f})", 0)
+                result[layer.name] = (f"{block.name} dropped ({self.source or '--drop-blocks'}; alone it distorts "
+                                      f"the outputs by {distortion:.4f})", 0)
         for block, cut in self.ffn:
-            kept, why = len(cut.keep), f"{len(cut.keep)} of {block.width} FFN neurons kept (--ffn-keep)"
+            kept = len(cut.keep)
+            why = f"{kept} of {block.width} FFN neurons kept ({self.source or '--ffn-keep'})"
             result[block.up.name] = (why, block.up.d_in * kept)
             result[block.down.name] = (why, kept * block.down.d_out)
         for attention, heads, cut in self.heads:
-            width, why = len(cut.keep), f"{len(heads)} of {attention.heads} heads kept (--heads-keep)"
+            width = len(cut.keep)
+            why = f"{len(heads)} of {attention.heads} heads kept ({self.source or '--heads-keep'})"
             for layer in (attention.query, attention.key, attention.value):
                 result[layer.name] = (why, layer.d_in * width)
             result[attention.output.name] = (why, width * attention.output.d_out)
