@@ -471,6 +471,12 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               help="Do not train the embedding tables: ~25% faster steps, less accuracy per step.")
 @click.option("--ffn-keep", type=float, metavar="FRACTION",
               help="Narrow every FFN block to this fraction of its neurons before distilling (as `build --ffn-keep`).")
+@click.option("--plan", type=click.Choice(PLANS), default=DISTILL_DEFAULTS.plan, show_default=True,
+              help="unified: distill from `build --plan unified`'s choice (ranks, FFN widths, heads).")
+@click.option("--target-latency", type=float, metavar="FRACTION",
+              help="As `build --target-latency`: plan for this fraction of dense latency at --tokens (measured here).")
+@click.option("--tokens", default=DISTILL_DEFAULTS.tokens, show_default=True, type=click.IntRange(min=1),
+              help="Rows (batch × 128) of the --target-latency timings.")
 @click.option("--train-text", type=click.Choice(TRAIN_TEXTS), default=DISTILL_DEFAULTS.train_text,
               show_default=True, help="Unlabeled training sentences (the evaluation sentences are always left out).")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))

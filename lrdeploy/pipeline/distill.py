@@ -83,21 +83,22 @@ class Distiller:
 
     def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
         from lrdeploy.export.torch_onnx import export_module
-        from lrdeploy.torch.compress import apply_factors, apply_neuron_cuts
+        from lrdeploy.torch.compress import apply_factors, apply_head_cuts, apply_neuron_cuts
         from lrdeploy.torch.distill import distill, transformer_blocks
 
         config = self.config
         student = copy.deepcopy(self.teacher)
         apply_factors(student, {layer.name: (layer.weight, chosen.factors[layer.name])
                                 for layer in prepared.eligible if layer.name in chosen.factors})
-        if chosen.structured.heads or chosen.structured.dropped:
-            raise OptionError("distill cannot recover from removed heads or dropped blocks yet (only narrower FFNs "
-                              "reach the PyTorch student); build with --plan lowrank, or distill the FFN cut alone")
+        if chosen.structured.dropped:
+            raise OptionError("distill cannot recover from dropped blocks yet (narrower FFNs and removed heads reach "
+                              "the PyTorch student); pass a --target-latency the plan meets without dropping blocks")
         apply_neuron_cuts(student, chosen.structured.ffn)
+        apply_head_cuts(student, chosen.structured.heads)
         record = {"steps": config.steps, "lr": config.lr, "hidden_weight": config.hidden_weight,
                   "freeze_embeddings": config.freeze_embeddings,
                   "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
-        if chosen.factors or chosen.structured.ffn:  # with nothing compressed there is nothing to recover
+        if chosen.factors or chosen.structured.ffn or chosen.structured.heads:  # with nothing compressed there is nothing to recover
             result = distill(student, self.teacher, self.train_batches, self.check_batches, config,
                              transformer_blocks(self.teacher),
                              on_eval=lambda step, cos: self.progress.note(f"  step {step}: check cosine {cos:.4f}"))
@@ -143,7 +144,8 @@ def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> Build
 
     config = BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
                          method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
-                         output_dir=out, refit=settings.refit, seed=seed, ffn_keep=settings.ffn_keep)
+                         output_dir=out, refit=settings.refit, seed=seed, ffn_keep=settings.ffn_keep,
+                         plan=settings.plan, target_latency=settings.target_latency, tokens=settings.tokens)
     distiller = Distiller(teacher, examples, train, check, settings.training, progress)
     if settings.target_cosine is not None:  # the report lists export and tokenize too, on either path
         return run_sweep(config, SweepSettings(budgets=[], target=settings.target_cosine, bench_batch=None), progress,

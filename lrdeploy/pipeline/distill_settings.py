@@ -29,6 +29,9 @@ class DistillSettings:
     eval_sentences: int = 1000
     train_text: str = "pydoc+docstrings"
     ffn_keep: float | None = None  # narrow the FFN blocks first (the ONNX path chooses, distillation recovers)
+    plan: str = "lowrank"  # "unified": the ONNX path's unified plan chooses ranks, FFN widths and heads
+    target_latency: float | None = None  # with tokens: plan for this fraction of dense latency (measured here)
+    tokens: int = 4096
     training: DistillConfig = field(default_factory=DistillConfig)
 
     def check(self) -> None:

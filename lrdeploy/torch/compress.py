@@ -168,5 +168,25 @@ def apply_neuron_cuts(model: torch.nn.Module, cuts) -> list[str]:
     return narrowed
 
 
+def apply_head_cuts(model: torch.nn.Module, cuts) -> list[str]:
+    """Remove attention heads (in place) as the ONNX path chose: each `(block, kept heads, cut)` of
+    `pipeline.structure` keeps the heads' Q, K, V columns and gets the refit output projection; the self-attention
+    module (the parent of Q) is told its new head count. Returns the self-attention modules' names."""
+    find = module_by_weight(model)
+    narrowed = []
+    for block, heads, cut in cuts:
+        names = [find(layer.name, layer.weight) for layer in (block.query, block.key, block.value, block.output)]
+        dtype = model.get_submodule(names[0]).weight.dtype
+        for name, layer in zip(names[:3], (block.query, block.key, block.value)):
+            bias = None if layer.bias is None else np.asarray(layer.bias)[cut.keep]
+            _replace(model, name, _linear(np.asarray(layer.weight)[:, cut.keep], bias, dtype))
+        _replace(model, names[3], _linear(cut.weight, cut.bias, dtype))
+        attention = model.get_submodule(names[0].rpartition(".")[0])
+        attention.num_attention_heads = len(heads)
+        attention.all_head_size = len(heads) * block.head_dim
+        narrowed.append(names[0].rpartition(".")[0])
+    return narrowed
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return int(sum(np.prod(p.shape) for p in model.parameters()))

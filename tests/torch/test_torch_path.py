@@ -164,3 +164,42 @@ def test_collapse_truncates_under_budget():
     kept = [r for r in plan.values() if r is not None]
     assert kept and all(r % 8 == 0 for r in kept)
     assert isinstance(model.blocks[0][0], LowRankLinear)
+
+
+def test_head_cuts_reach_hugging_face_attention_exactly(tmp_path):
+    """A head whose value and output rows are zero contributes nothing: cutting it in the torch model (the ONNX
+    path's cut, modules found by weight) leaves the outputs unchanged, so HF's attention runs with fewer heads."""
+    from types import SimpleNamespace
+
+    from transformers import BertModel
+
+    from lrdeploy.lowrank.neurons import NeuronCut
+    from lrdeploy.torch.compress import apply_head_cuts
+    from tests.factories import tiny_bert_dir
+
+    model = BertModel.from_pretrained(str(tiny_bert_dir(tmp_path / "bert"))).eval()
+    attention = model.encoder.layer[0].attention
+    head_dim, silent = 16, 2
+    with torch.no_grad():
+        attention.self.value.weight[silent * head_dim:(silent + 1) * head_dim] = 0
+        attention.self.value.bias[silent * head_dim:(silent + 1) * head_dim] = 0
+        attention.output.dense.weight[:, silent * head_dim:(silent + 1) * head_dim] = 0
+    ids = torch.randint(1, 3000, (3, 10))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+
+    def layer(module, name):
+        return SimpleNamespace(name=name, weight=module.weight.detach().numpy().T.copy(),
+                               bias=module.bias.detach().numpy().copy())
+
+    query, key, value = (layer(getattr(attention.self, n), n) for n in ("query", "key", "value"))
+    output = layer(attention.output.dense, "output")
+    kept = [0, 1, 3]
+    keep = np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
+    block = SimpleNamespace(query=query, key=key, value=value, output=output, head_dim=head_dim)
+    names = apply_head_cuts(model, [(block, kept, NeuronCut(keep, output.weight[keep], output.bias, 0.0))])
+    assert names == ["encoder.layer.0.attention.self"] and attention.self.query.out_features == 48
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)

@@ -1,0 +1,127 @@
+"""The unified plan (`--plan unified`, `--target-latency`): the knapsack takes the cheapest options measured,
+the report says what was chosen, latency targets are met by prediction or refused in one line."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from lrdeploy.cli import main
+from lrdeploy.lowrank.moments import Moments
+from lrdeploy.lowrank.neurons import cut_groups, group_cuts, neuron_order, select_neurons
+from tests import models
+
+
+def _silence_block(model, layer):
+    """Zero both residual branches of one block: dropping it then changes nothing."""
+    for init in model.graph.initializer:
+        if init.name.startswith((f"layer{layer}/attention/output.", f"layer{layer}/output.")):
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    return model
+
+
+def _files(tmp_path, model, calib=96):
+    onnx.save(model, tmp_path / "t.onnx")
+    np.savez(tmp_path / "c.npz", **models.transformer_inputs(calib))
+    np.savez(tmp_path / "e.npz", **models.transformer_inputs(64, seed=5))
+    return [str(tmp_path / "t.onnx"), "--calib", str(tmp_path / "c.npz"), "--eval", str(tmp_path / "e.npz")]
+
+
+def _build(tmp_path, args, *options):
+    result = CliRunner().invoke(main, ["build", *args, *options, "-o", str(tmp_path / "o"), "--json"])
+    return result
+
+
+def test_unified_plan_takes_the_free_drop_under_a_parameter_budget(tmp_path):
+    args = _files(tmp_path, _silence_block(models.transformer(layers=3), 1))
+    result = _build(tmp_path, args, "--plan", "unified", "--rank-budget", "0.7")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    plan = report["latency_plan"]
+    assert plan["plan"] == "unified" and plan["resource"] == "params"
+    assert plan["choices"] == ["block1 drop"] and plan["predicted_distortion"] == pytest.approx(0.0, abs=1e-6)
+    dropped = [layer for layer in report["layers"] if layer["status"] == "dropped"]
+    assert len(dropped) == 6 and all("unified plan" in layer["reason"] for layer in dropped)
+    assert report["params"]["linear_ratio"] <= 0.7
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.9999
+
+
+def test_unified_plan_mixes_shapes_under_a_tight_budget(tmp_path):
+    args = _files(tmp_path, models.transformer(layers=2))
+    result = _build(tmp_path, args, "--plan", "unified", "--rank-budget", "0.4")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["params"]["linear_ratio"] <= 0.4 + 1e-9
+    statuses = {layer["status"] for layer in report["layers"]}
+    assert statuses & {"narrowed", "dropped", "factorized"}
+    assert report["latency_plan"]["predicted_ratio"] == pytest.approx(report["params"]["linear_ratio"], abs=1e-6)
+
+
+def test_target_latency_from_the_h200_profile_is_predicted_and_reported(tmp_path):
+    args = _files(tmp_path, models.transformer(layers=2, hidden=384, heads=6, ffn=1536), calib=256)
+    result = _build(tmp_path, args, "--plan", "unified", "--target-latency", "0.75", "--tokens", "16384",
+                    "--profile", "h200-fp16")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["latency_plan"]
+    assert plan["resource"] == "latency" and plan["scope"] == "linear layers" and plan["tokens"] == 16384
+    assert "seed profile" in plan["source"] and plan["predicted_ratio"] <= 0.75
+
+
+def test_an_unreachable_latency_target_is_one_line(tmp_path):
+    args = _files(tmp_path, models.transformer(layers=2, hidden=384, heads=6, ffn=1536), calib=256)
+    result = _build(tmp_path, args, "--target-latency", "0.5", "--tokens", "128", "--profile", "h200-fp16")
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and errors[0].startswith("Error: --target-latency 0.5 cannot be reached at 128 tokens")
+    # on the H200 no low-rank split pays at 128 tokens (REFERENCE §2): low-rank alone saves nothing there
+    assert "fastest plan is predicted at ×1.00" in errors[0] and errors[0].endswith("or pass --plan unified")
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_target_latency_measured_here_times_the_whole_model(tmp_path):
+    args = _files(tmp_path, models.transformer(layers=3))
+    result = _build(tmp_path, args, "--plan", "unified", "--target-latency", "0.9", "--tokens", "256")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["latency_plan"]
+    assert plan["scope"] == "whole model" and plan["source"] == "measured on ort-cpu"
+    assert plan["predicted_ratio"] <= 0.9
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--plan", "unified", "--ffn-keep", "0.5"], "--ffn-keep cannot be combined with --plan unified"),
+    (["--target-latency", "0.6", "--refit"], "--refit cannot be combined with --plan unified or --target-latency"),
+    (["--target-latency", "1.5"], "--target-latency 1.5 is outside (0, 1)"),
+    (["--plan", "everything"], "Invalid value for '--plan'"),
+])
+def test_bad_plan_options_are_refused(tmp_path, options, message):
+    args = _files(tmp_path, models.transformer(layers=2))
+    result = _build(tmp_path, args, *options)
+    assert result.exit_code != 0 and message in result.output
+    assert not (tmp_path / "o").exists()
+
+
+def _from_data(data):
+    return Moments(float(len(data)), data.sum(0), data.T @ data)
+
+
+def test_one_greedy_order_serves_every_width():
+    rng = np.random.default_rng(0)
+    moments, weight = _from_data(rng.standard_normal((3000, 48)) @ rng.standard_normal((48, 48))), rng.standard_normal((48, 8))
+    order = neuron_order(moments.covariance, weight, 40)
+    for count in (8, 20, 40):
+        np.testing.assert_array_equal(select_neurons(moments.covariance, weight, count), np.sort(order[:count]))
+
+
+def test_one_elimination_serves_every_head_count():
+    rng = np.random.default_rng(1)
+    moments = _from_data(rng.standard_normal((3000, 32)) @ rng.standard_normal((32, 32)))
+    weight = rng.standard_normal((32, 16))
+    together = group_cuts(moments, weight, None, 8, [6, 4, 2])
+    for count in (6, 4, 2):
+        heads, cut = cut_groups(moments, weight, None, 8, count)
+        assert together[count][0] == heads
+        np.testing.assert_allclose(together[count][1].weight, cut.weight)
