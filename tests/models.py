@@ -226,3 +226,13 @@ def ffn(w_up: np.ndarray, b_up: np.ndarray, w_down: np.ndarray, b_down: np.ndarr
               helper.make_node("Add", ["down_mm", "b_down"], ["y"], name="down_bias")]
     return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", d])],
                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", w_down.shape[1]])], inits, name="ffn")
+
+
+def silence_block(model: onnx.ModelProto, layer: int) -> onnx.ModelProto:
+    """Zero both residual branches of one block of `transformer` (attention output and FFN down, weights and
+    biases), in place: the block then only re-normalises an already normalised stream (LayerNorm with γ=1, β=0),
+    so dropping it changes nothing."""
+    for init in model.graph.initializer:
+        if init.name.startswith((f"layer{layer}/attention/output.", f"layer{layer}/output.")):
+            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
+    return model

@@ -32,14 +32,9 @@ class NeuronCut:
     residual: float  # the least-squares error left, E‖y − y′‖², per position
 
 
-def select_neurons(cov: np.ndarray, weight: np.ndarray, count: int) -> np.ndarray:
-    """`count` neuron indices (ascending) chosen greedily to minimise the refit's error tr(Wᵀ·C_resid·W)."""
-    return np.sort(neuron_order(cov, weight, count))
-
-
 def neuron_order(cov: np.ndarray, weight: np.ndarray, count: int) -> np.ndarray:
-    """The first `count` neurons in the greedy order: any prefix of it is the greedy choice of that many (so one
-    run serves every width a plan considers)."""
+    """The first `count` neurons chosen greedily to minimise the refit's error tr(Wᵀ·C_resid·W), in the order
+    chosen: any prefix is the greedy choice of that many (so one run serves every width a plan considers)."""
     residual = np.array(cov, np.float64, copy=True)
     carried = residual @ np.asarray(weight, np.float64)  # C_resid·W, updated by rank one per step
     chosen: list[int] = []
@@ -63,9 +58,16 @@ def neuron_order(cov: np.ndarray, weight: np.ndarray, count: int) -> np.ndarray:
 def cut_neurons(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, count: int,
                 ridge: float = RIDGE) -> NeuronCut:
     """Keep `count` of the activation's neurons (moments of h over calibration positions) and refit W, b."""
+    return neuron_cuts(moments, weight, bias, [count], ridge)[count]
+
+
+def neuron_cuts(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, counts: list[int],
+                ridge: float = RIDGE) -> dict[int, NeuronCut]:
+    """`cut_neurons` for several counts from one greedy order (each count keeps a prefix of it)."""
     w = np.asarray(weight, np.float64)
     b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
-    return refit_kept(moments, w, b, select_neurons(moments.covariance, w, count), ridge)
+    order = neuron_order(moments.covariance, w, max(counts, default=0))
+    return {count: refit_kept(moments, w, b, np.sort(order[:count]), ridge) for count in counts}
 
 
 def refit_kept(moments: Moments, weight: np.ndarray, bias: np.ndarray, keep: np.ndarray, ridge: float) -> NeuronCut:

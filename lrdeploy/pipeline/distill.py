@@ -98,7 +98,7 @@ class Distiller:
         record = {"steps": config.steps, "lr": config.lr, "hidden_weight": config.hidden_weight,
                   "freeze_embeddings": config.freeze_embeddings,
                   "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
-        if chosen.factors or chosen.structured.ffn or chosen.structured.heads:  # with nothing compressed there is nothing to recover
+        if chosen.factors or chosen.structured.ffn or chosen.structured.heads:  # else there is nothing to recover
             result = distill(student, self.teacher, self.train_batches, self.check_batches, config,
                              transformer_blocks(self.teacher),
                              on_eval=lambda step, cos: self.progress.note(f"  step {step}: check cosine {cos:.4f}"))

@@ -38,7 +38,7 @@ from lrdeploy.lowrank.allocate import LossCurve
 from lrdeploy.lowrank.decompose import Decomposition
 from lrdeploy.lowrank.knapsack import AllOf, Node, OneOf, Option, max_saving, solve
 from lrdeploy.lowrank.moments import Moments
-from lrdeploy.lowrank.neurons import RIDGE, group_cuts, neuron_order, refit_kept
+from lrdeploy.lowrank.neurons import group_cuts, neuron_cuts
 from lrdeploy.passes.compose import compressed_model
 from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
@@ -102,9 +102,11 @@ class ShapeOptions:
 def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLayer]) -> list[BlockParts]:
     """The blocks in model order, each with the layers between its Q projection and the next block's."""
     ffn = find_ffn_blocks(graph, layers)
-    geometry = attention_geometry(graph) if config.optimize == "none" else None
-    heads = config.num_heads or (geometry[0] if geometry else 0)
-    attention = find_attention_blocks(layers, heads) if heads and config.optimize == "none" else []
+    attention = []
+    if config.optimize == "none":  # ORT's fused Attention packs its heads: no head or depth cut there yet
+        geometry = attention_geometry(graph)
+        heads = config.num_heads or (geometry[0] if geometry else 0)
+        attention = find_attention_blocks(layers, heads) if heads else []
     if not attention:  # e.g. ORT's fused graph: the FFNs are the only blocks
         return [BlockParts(None, block, None, [block.up, block.down]) for block in ffn]
     dropped = {block.input_name: block for block in find_transformer_blocks(graph, attention, ffn)}
@@ -131,13 +133,11 @@ def cut_options(parts: list[BlockParts], moments: dict[str, Moments], multiple: 
     for index, part in enumerate(parts):
         if part.ffn is not None:
             ffn, moment = part.ffn, moments[part.ffn.down.input_name]
-            widths = sorted({kept_count(ffn.width, f, multiple) for f in FFN_LEVELS} - {ffn.width}, reverse=True)
-            weight = np.asarray(ffn.down.weight, np.float64)
-            bias = np.zeros(ffn.down.d_out) if ffn.down.bias is None else np.asarray(ffn.down.bias, np.float64)
-            order = neuron_order(moment.covariance, weight, widths[0]) if widths else []
-            for kept in widths:
-                cut = StructuredCuts(ffn=[(ffn, refit_kept(moment, weight, bias, np.sort(order[:kept]), RIDGE))])
-                options.append(CutOption("ffn", index, kept, cut, (ffn.width - kept) * (ffn.up.d_in + ffn.down.d_out)))
+            widths = {kept_count(ffn.width, f, multiple) for f in FFN_LEVELS} - {ffn.width}
+            by_width = neuron_cuts(moment, ffn.down.weight, ffn.down.bias, list(widths))
+            for kept, cut in sorted(by_width.items(), reverse=True):
+                saved = (ffn.width - kept) * (ffn.up.d_in + ffn.down.d_out)
+                options.append(CutOption("ffn", index, kept, StructuredCuts(ffn=[(ffn, cut)]), saved))
         if part.attention is not None:
             attention, moment = part.attention, moments[part.attention.output.input_name]
             counts = {kept_count(attention.heads, f, 1) for f in HEAD_LEVELS} - {attention.heads}
@@ -240,7 +240,7 @@ def measure_savings(options: ShapeOptions, model: onnx.ModelProto, eligible: lis
     what the lone GEMMs predict for it: ONNX Runtime runs a layer inside the model faster than alone)."""
     variants = cut_variants(model, options.cuts)
     middle = {layer.name: ranks[len(ranks) // 2] for layer in eligible
-              if (ranks := candidate_ranks(layer, config.rank_multiple, LATENCY_RANKS))}
+              if (ranks := rank_grid(layer, config.rank_multiple, LATENCY_RANKS))}
     if middle:
         variants["lowrank"] = compressed_model(model, eligible, {name: decompositions[name].factors(rank)
                                                                  for name, rank in middle.items()})
@@ -293,7 +293,7 @@ def shape_options(config: BuildConfig, model: onnx.ModelProto, parts: list[Block
     return options
 
 
-def candidate_ranks(layer: LinearLayer, multiple: int, limit: int | None) -> list[int]:
+def rank_grid(layer: LinearLayer, multiple: int, limit: int | None) -> list[int]:
     """Ranks (multiples of `multiple`) that save parameters; at most `limit`, spread evenly."""
     ranks = [k for k in range(multiple, min(layer.d_in, layer.d_out) + 1, multiple) if layer.shape.saves(k)]
     if limit is None or len(ranks) <= limit:
@@ -335,7 +335,7 @@ def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[Linea
     latency = options.timer is not None
     timer = options.timer
     limit = LATENCY_RANKS if latency else None
-    ranks = {layer.name: candidate_ranks(layer, config.rank_multiple, limit) for layer in eligible}
+    ranks = {layer.name: rank_grid(layer, config.rank_multiple, limit) for layer in eligible}
     if latency:
         timer.ensure({(layer.d_in, layer.d_out): set(ranks[layer.name]) for layer in eligible})
 

@@ -7,7 +7,6 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 from click.testing import CliRunner
-from onnx import numpy_helper
 
 from lrdeploy.cli import main
 from lrdeploy.passes.drop_blocks import drop_block, find_transformer_blocks
@@ -18,15 +17,6 @@ from tests import models
 from tests.conftest import run_model
 
 INPUTS = models.transformer_inputs(32)
-
-
-def _silence_block(model, layer):
-    """Zero both residual branches of one block (attention output and FFN down, weights and biases): the block
-    then only re-normalises an already normalised stream (LayerNorm with γ=1, β=0)."""
-    for init in model.graph.initializer:
-        if init.name.startswith((f"layer{layer}/attention/output.", f"layer{layer}/output.")):
-            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
-    return model
 
 
 def _blocks(graph):
@@ -42,7 +32,7 @@ def test_blocks_follow_the_residual_stream():
 
 
 def test_a_block_that_adds_nothing_is_dropped_exactly():
-    model = _silence_block(models.transformer(layers=3), 1)
+    model = models.silence_block(models.transformer(layers=3), 1)
     graph = gs.import_onnx(model)
     drop_block(graph, _blocks(graph)[1])
     dropped = gs.export_onnx(graph.cleanup().toposort())
@@ -54,7 +44,7 @@ def test_a_block_that_adds_nothing_is_dropped_exactly():
 
 def test_build_drops_the_least_harmful_block(tmp_path):
     model = tmp_path / "t.onnx"
-    onnx.save(_silence_block(models.transformer(layers=3), 2), model)
+    onnx.save(models.silence_block(models.transformer(layers=3), 2), model)
     np.savez(tmp_path / "c.npz", **models.transformer_inputs(96))
     result = CliRunner().invoke(main, ["build", str(model), "--calib", str(tmp_path / "c.npz"), "--drop-blocks", "1",
                                        "--rank-budget", "0.5", "-o", str(tmp_path / "o"), "--json"])

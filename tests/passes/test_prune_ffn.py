@@ -7,7 +7,7 @@ import pytest
 
 from lrdeploy.calib.stats import TensorRequest, collect_moments
 from lrdeploy.lowrank.moments import Moments
-from lrdeploy.lowrank.neurons import cut_neurons, select_neurons
+from lrdeploy.lowrank.neurons import cut_neurons, neuron_order
 from lrdeploy.passes.linear_layers import find_linear_layers
 from lrdeploy.passes.prune_ffn import find_ffn_blocks, prune_block
 from tests import models
@@ -56,7 +56,7 @@ def test_the_refit_is_exact_when_kept_neurons_span_the_removed_ones():
 def test_greedy_selection_keeps_what_matters_and_the_residual_is_the_error():
     h = np.maximum(RNG.standard_normal((4000, 10)), 0) * np.arange(1, 11)  # neuron j's scale grows with j
     w = np.eye(10)
-    assert set(select_neurons(np.cov(h.T, bias=True), w, 3)) == {7, 8, 9}
+    assert set(neuron_order(np.cov(h.T, bias=True), w, 3)) == {7, 8, 9}
     cut = cut_neurons(Moments(4000.0, h.sum(0), h.T @ h), w, np.zeros(10), 5)
     error = np.mean(((h[:, cut.keep] @ cut.weight + cut.bias - h) ** 2).sum(1))
     assert cut.residual == pytest.approx(error, rel=1e-3)

@@ -7,20 +7,11 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from onnx import numpy_helper
 
 from lrdeploy.cli import main
 from lrdeploy.lowrank.moments import Moments
-from lrdeploy.lowrank.neurons import cut_groups, group_cuts, neuron_order, select_neurons
+from lrdeploy.lowrank.neurons import cut_groups, cut_neurons, group_cuts, neuron_cuts, neuron_order
 from tests import models
-
-
-def _silence_block(model, layer):
-    """Zero both residual branches of one block: dropping it then changes nothing."""
-    for init in model.graph.initializer:
-        if init.name.startswith((f"layer{layer}/attention/output.", f"layer{layer}/output.")):
-            init.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(init)), init.name))
-    return model
 
 
 def _files(tmp_path, model, calib=96):
@@ -36,7 +27,7 @@ def _build(tmp_path, args, *options):
 
 
 def test_unified_plan_takes_the_free_drop_under_a_parameter_budget(tmp_path):
-    args = _files(tmp_path, _silence_block(models.transformer(layers=3), 1))
+    args = _files(tmp_path, models.silence_block(models.transformer(layers=3), 1))
     result = _build(tmp_path, args, "--plan", "unified", "--rank-budget", "0.7")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -112,8 +103,11 @@ def test_one_greedy_order_serves_every_width():
     rng = np.random.default_rng(0)
     moments, weight = _from_data(rng.standard_normal((3000, 48)) @ rng.standard_normal((48, 48))), rng.standard_normal((48, 8))
     order = neuron_order(moments.covariance, weight, 40)
+    together = neuron_cuts(moments, weight, None, [8, 20, 40])
     for count in (8, 20, 40):
-        np.testing.assert_array_equal(select_neurons(moments.covariance, weight, count), np.sort(order[:count]))
+        np.testing.assert_array_equal(neuron_order(moments.covariance, weight, count), order[:count])
+        np.testing.assert_array_equal(together[count].keep, np.sort(order[:count]))
+        np.testing.assert_allclose(together[count].weight, cut_neurons(moments, weight, None, count).weight)
 
 
 def test_one_elimination_serves_every_head_count():
