@@ -178,6 +178,7 @@ def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: 
     table = cache.sensitivity(probe, settings, {option.key for option in options}, measure)
     for option in options:
         option.loss = table[option.key][option.kept]
+        option.cut.dropped = [(block, layers, option.loss) for block, layers, _ in option.cut.dropped]  # for the report
 
 
 def _linear_ms(timer: Timer, d_in: int, d_out: int) -> float:

@@ -36,6 +36,8 @@ def test_unified_plan_takes_the_free_drop_under_a_parameter_budget(tmp_path):
     assert plan["choices"] == ["block1 drop"] and plan["predicted_distortion"] == pytest.approx(0.0, abs=1e-6)
     dropped = [layer for layer in report["layers"] if layer["status"] == "dropped"]
     assert len(dropped) == 6 and all("unified plan" in layer["reason"] for layer in dropped)
+    assert all(layer["reason"].startswith("block1 dropped (unified plan; alone it distorts the outputs by 0.0000)")
+               for layer in dropped)
     assert report["params"]["linear_ratio"] <= 0.7
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.9999
 
