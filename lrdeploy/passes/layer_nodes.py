@@ -60,3 +60,19 @@ def set_input(node: gs.Node, index: int, tensor: gs.Tensor) -> None:
 def replace_input(node: gs.Node, old: gs.Tensor, new: gs.Tensor) -> None:
     """`node` reads `new` where it read `old`."""
     node.inputs[[i for i, t in enumerate(node.inputs) if t is old][0]] = new
+
+
+def forget_shapes(graph: gs.Graph, starts: list[gs.Tensor], until: set[str]) -> None:
+    """Drop the recorded shape of every tensor downstream of `starts` up to (not including) the tensors named
+    `until`: a pass that narrows a tensor makes those shapes stale, and torch's dynamo exporter records one for
+    every intermediate tensor (ONNX Runtime then refuses the model: "Incompatible dimensions"). Graph outputs
+    keep theirs; the runtime infers the rest."""
+    keep = until | {t.name for t in graph.outputs}
+    frontier, seen = list(starts), set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor.name in keep or tensor.name in seen or not isinstance(tensor, gs.Variable):
+            continue
+        seen.add(tensor.name)
+        tensor.shape = None
+        frontier += [out for node in tensor.outputs for out in node.outputs]

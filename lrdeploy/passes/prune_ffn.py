@@ -17,7 +17,7 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
 from lrdeploy.passes.linear_layers import LinearLayer, constant_value
-from lrdeploy.passes.layer_nodes import is_plain, matmul_and_add, set_bias
+from lrdeploy.passes.layer_nodes import forget_shapes, is_plain, matmul_and_add, set_bias
 from lrdeploy.passes.naming import Scope
 
 PER_NEURON_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu", "BiasGelu",
@@ -99,3 +99,4 @@ def prune_block(graph: gs.Graph, block: FfnBlock, cut: NeuronCut) -> None:
     down_matmul, _ = matmul_and_add(tensors, block.down)
     down_matmul.inputs[1] = down_scope.constant("weight", cut.weight.astype(dtype))
     set_bias(graph, block.down, down_scope.constant("bias", cut.bias.astype(dtype)))
+    forget_shapes(graph, list(up_matmul.outputs), {block.down.output_name})

@@ -19,7 +19,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
-from lrdeploy.passes.layer_nodes import is_plain, matmul_and_add, set_bias
+from lrdeploy.passes.layer_nodes import forget_shapes, is_plain, matmul_and_add, set_bias
 from lrdeploy.passes.linear_layers import LinearLayer, constant_value
 from lrdeploy.passes.naming import Scope
 
@@ -72,6 +72,7 @@ def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_heads: list[int], c
     """Keep the heads `kept_heads` of `block` (in place); `cut` holds their context features and W_o's refit."""
     tensors = graph.tensors()
     features, width, dtype = cut.keep, len(cut.keep), block.value.dtype
+    narrowed = [matmul_and_add(tensors, layer)[0].outputs[0] for layer in (block.query, block.key, block.value)]
     scope = Scope(graph, f"{block.output.name}/heads")
     for tag, layer in (("query", block.query), ("key", block.key), ("value", block.value)):
         matmul, _ = matmul_and_add(tensors, layer)
@@ -87,3 +88,4 @@ def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_heads: list[int], c
     matmul, _ = matmul_and_add(tensors, block.output)
     matmul.inputs[1] = scope.constant("output/weight", cut.weight.astype(dtype))
     set_bias(graph, block.output, scope.constant("output/bias", cut.bias.astype(dtype)))
+    forget_shapes(graph, narrowed, {block.output.output_name})
