@@ -20,7 +20,7 @@ from lrdeploy.errors import LrdeployError, TargetNotMetError
 from lrdeploy.lowrank.allocate import ALLOCATIONS
 from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
-from lrdeploy.pipeline.config import LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, BuildConfig
+from lrdeploy.pipeline.config import LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, QKV_FORMS, BuildConfig
 from lrdeploy.pipeline.distill_settings import TRAIN_TEXTS, DistillSettings
 from lrdeploy.runtime.base import BACKENDS, PRECISIONS
 from lrdeploy.torch.distill_config import DistillConfig
@@ -169,6 +169,10 @@ def build_options(command):
         click.option("--optimize", type=click.Choice(OPTIMIZERS), default=d.optimize, show_default=True,
                      help="ort: fuse the model with ONNX Runtime's transformer optimizer first and compress inside the "
                           "fused graph, so the output keeps every fusion (Attention, SkipLayerNormalization, BiasGelu)."),
+        click.option("--qkv", type=click.Choice(QKV_FORMS),
+                     help="joint: one low-rank basis for each self-attention's Q, K and V (their layers merged into "
+                          "one: one thin GEMM instead of three); separate: a basis each (default on the plain graph; "
+                          "--optimize ort is always joint)."),
         click.option("--num-heads", type=click.IntRange(min=0), default=0, help="For --optimize ort: attention heads "
                      "(default: read from the graph)."),
         click.option("--hidden-size", type=click.IntRange(min=0), default=0, help="For --optimize ort: hidden size "

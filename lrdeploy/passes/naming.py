@@ -50,8 +50,13 @@ class Scope:
         """Append node `<scope>/<name>` and return its output: a new tensor `<scope>/<name>/output` (of `dtype`
         when given; ONNX Runtime infers the rest), or `output`, an existing tensor it now produces. Array inputs
         become constants `<scope>/<name>/input<i>`."""
+        target = output if output is not None else self.child(name).variable("output", dtype)
+        self.op_into(op, name, inputs, [target], attrs)
+        return target
+
+    def op_into(self, op: str, name: str, inputs: Sequence[gs.Tensor | np.ndarray], outputs: Sequence[gs.Variable],
+                attrs: dict | None = None) -> None:
+        """Append node `<scope>/<name>` producing the existing tensors `outputs` (several, e.g. for a Split)."""
         node = self.child(name)
         wired = [node.constant(f"input{i}", t) if isinstance(t, np.ndarray) else t for i, t in enumerate(inputs)]
-        target = output if output is not None else node.variable("output", dtype)
-        self.graph.layer(op=op, name=node.prefix, inputs=wired, outputs=[target], attrs=attrs or {})
-        return target
+        self.graph.layer(op=op, name=node.prefix, inputs=wired, outputs=list(outputs), attrs=attrs or {})

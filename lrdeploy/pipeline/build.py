@@ -36,7 +36,7 @@ from lrdeploy.pipeline.bench import BenchConfig, run_bench
 from lrdeploy.pipeline.cache import StatisticsCache
 from lrdeploy.pipeline.calibrate import calibrate
 from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.inspect import Inspection, inspect_fused, inspect_model
+from lrdeploy.pipeline.inspect import Inspection, inspect_fused, inspect_merged_qkv, inspect_model
 from lrdeploy.pipeline.latency import LatencyPlan, plan_for_latency
 from lrdeploy.pipeline.outputs import input_files, output_files
 from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
@@ -103,6 +103,10 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
             inspection = inspect_fused(inspection, config.rank_multiple, config.num_heads, config.hidden_size)
             eligible = inspection.require_eligible()
             feeds = Feeds(model_input_specs(inspection.model.proto), config.batch_size, feeds.mask_name)
+    if config.merges_qkv:
+        with timer.stage("merge qkv"):
+            inspection = inspect_merged_qkv(inspection, config.rank_multiple)
+            eligible = inspection.require_eligible()
     blocks = StructuredBlocks.find(config, inspection)
     if config.drop_blocks:
         with timer.stage("depth"):
@@ -113,7 +117,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         if eligible:
             check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
     cache = StatisticsCache(config.cache_dir, [inspection.model.path, *inspection.model.external_files],
-                            "" if config.optimize == "none" else config.optimize)
+                            config.graph_variant)
 
     moments = None
     if config.method != "svd":

@@ -16,6 +16,7 @@ LATENCY_BACKENDS = ("ort-cpu", "ort-cuda")  # where --latency-aware times layer 
 OBJECTIVES = ("size", "latency")  # what --latency-aware gives up when splits that pay cannot meet the budget
 PLANS = ("lowrank", "unified")  # unified: per block, low-rank or a narrower FFN, fewer heads, or the block dropped
 OPTIMIZERS = ("none", "ort")  # ort: compress inside ONNX Runtime's transformer-fused graph (keeps the fusions)
+QKV_FORMS = ("separate", "joint")  # joint: Q, K and V share one low-rank basis (passes/merge_qkv)
 
 
 def default_cache_dir() -> Path:
@@ -67,6 +68,7 @@ class BuildConfig:
     plan: str = "lowrank"  # one of PLANS
     target_latency: float | None = None  # plan for at most this fraction of dense latency at `tokens` rows
     optimize: str = "none"  # one of OPTIMIZERS
+    qkv: str | None = None  # one of QKV_FORMS; None: separate on the plain graph (joint inside --optimize ort's)
     num_heads: int = 0  # for --optimize ort; 0: read from the graph
     hidden_size: int = 0  # likewise
     neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
@@ -91,6 +93,7 @@ class BuildConfig:
                                        ("--objective", self.objective or OBJECTIVES[0], OBJECTIVES)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
+        self.check_qkv()
         if self.drop_blocks < 0:
             raise OptionError(f"--drop-blocks {self.drop_blocks} is negative; pass how many blocks to drop")
         if self.drop_blocks and (self.refit or self.optimize != "none"):
@@ -121,6 +124,35 @@ class BuildConfig:
                 raise OptionError(f"{option} {value} is not a tolerance; give a finite number ≥ 0, e.g. {option} 0.01")
         if self.rank_multiple < 1:
             raise OptionError(f"--rank-multiple {self.rank_multiple} must be at least 1; 16 or 64 suit tensor cores")
+
+    def check_qkv(self) -> None:
+        if self.qkv is not None and self.qkv not in QKV_FORMS:
+            raise OptionError(f"--qkv {self.qkv!r} is not one of {', '.join(QKV_FORMS)}; pick one of those")
+        if self.qkv == "separate" and self.optimize == "ort":
+            raise OptionError("--qkv separate cannot be combined with --optimize ort: the fused Attention packs Q, K and "
+                              "V in one weight (always joint); leave --qkv out")
+        if self.qkv == "joint":
+            cuts = [name for name, value in (("--heads-keep", self.heads_keep), ("--drop-blocks", self.drop_blocks),
+                                             ("--plan unified", self.plan == "unified")) if value]
+            if cuts:
+                raise OptionError(f"--qkv joint cannot be combined with {', '.join(cuts)} yet (those cut Q, K and V "
+                                  "as three layers); leave one of them out")
+
+    @property
+    def qkv_form(self) -> str:
+        """How Q, K and V are split: "joint" (one basis) inside the ORT-fused graph or when asked, else "separate"."""
+        return "joint" if self.optimize == "ort" else (self.qkv or "separate")
+
+    @property
+    def merges_qkv(self) -> bool:
+        """The plain graph's Q, K, V are merged into one layer before calibration (`passes.merge_qkv`)."""
+        return self.optimize == "none" and self.qkv_form == "joint"
+
+    @property
+    def graph_variant(self) -> str:
+        """What the compressed graph is made from, for cache keys: "" for the model as given."""
+        return "+".join(v for v in ("" if self.optimize == "none" else self.optimize,
+                                    "qkv-joint" if self.merges_qkv else "") if v)
 
     @property
     def plans_shapes(self) -> bool:

@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 from lrdeploy.errors import NoEligibleLayersError
 from lrdeploy.onnx_io import LoadedModel, count_parameters, load_model
 from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
+from lrdeploy.passes.merge_qkv import merged_qkv_model
 from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime
 
 
@@ -69,3 +70,10 @@ def inspect_fused(inspection: Inspection, rank_multiple: int, num_heads: int = 0
     the original's: that is what is read, hashed for the cache, and compared against)."""
     fused = fuse_for_onnxruntime(inspection.model.proto, num_heads, hidden_size)
     return inspect_loaded(LoadedModel(fused, inspection.model.path, inspection.model.external_files), rank_multiple)
+
+
+def inspect_merged_qkv(inspection: Inspection, rank_multiple: int) -> Inspection:
+    """The model with each self-attention's Q, K, V merged into one layer (`--qkv joint`), inspected; file and
+    external data stay the original's, as for `inspect_fused`."""
+    merged = merged_qkv_model(inspection.graph, inspection.layers)
+    return inspect_loaded(LoadedModel(merged, inspection.model.path, inspection.model.external_files), rank_multiple)
