@@ -465,7 +465,8 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
 @click.option("--allocation", type=click.Choice(ALLOCATIONS), default=DISTILL_DEFAULTS.allocation, show_default=True)
 @click.option("--refit", is_flag=True, help="Refit the factors toward the original before distilling (on MiniLM "
               "a better one-shot start that distills to a worse end; off by default).")
-@click.option("--rank-multiple", default=DISTILL_DEFAULTS.rank_multiple, show_default=True, type=click.IntRange(min=1))
+@click.option("--rank-multiple", type=click.IntRange(min=1), help="Ranks are multiples of this (default: 64 with "
+              "--profile, else 16).")
 @click.option("--lr", default=DISTILL_DEFAULTS.training.lr, show_default=True, type=float,
               help="AdamW peak learning rate.")
 @click.option("--batch-size", default=DISTILL_DEFAULTS.batch_size, show_default=True, type=click.IntRange(min=1))
@@ -478,9 +479,12 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
 @click.option("--plan", type=click.Choice(PLANS), default=DISTILL_DEFAULTS.plan, show_default=True,
               help="unified: distill from `build --plan unified`'s choice (ranks, FFN widths, heads).")
 @click.option("--target-latency", type=float, metavar="FRACTION",
-              help="As `build --target-latency`: plan for this fraction of dense latency at --tokens (measured here).")
+              help="As `build --target-latency`: plan for this fraction of dense latency at --tokens (measured here, "
+                   "or from --profile).")
 @click.option("--tokens", default=DISTILL_DEFAULTS.tokens, show_default=True, type=click.IntRange(min=1),
               help="Rows (batch × 128) of the --target-latency timings.")
+@click.option("--profile", metavar="NAME|FILE",
+              help="As `build --profile`: plan --target-latency for a device from its profile (e.g. h200-fp16).")
 @click.option("--train-text", type=click.Choice(TRAIN_TEXTS), default=DISTILL_DEFAULTS.train_text,
               show_default=True, help="Unlabeled training sentences (the evaluation sentences are always left out).")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))

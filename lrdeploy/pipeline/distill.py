@@ -6,6 +6,9 @@ toward the original, and write the usual compressed ONNX model and report.
     teacher (PyTorch) ─copy, factors in LowRankLinear─► student ─distill (mimic teacher)─► NAME.lowrank.onnx
     ─validate on the held-out sentences─► report.*
 
+The structured cuts of the plan reach the student too (modules found by weight): narrower FFNs, fewer heads,
+and dropped blocks removed from its layer list (each kept block's output is matched to its original's).
+
 With `target_cosine`, the sweep's bisection searches the smallest budget whose DISTILLED model meets the
 target (every probed budget is distilled for the same number of steps).
 
@@ -25,7 +28,6 @@ import numpy as np
 import onnx
 
 from lrdeploy.calib.data import Feeds, InputSpec, SampleSet
-from lrdeploy.errors import OptionError
 from lrdeploy.files import atomic_path, check_output_dir
 from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
 from lrdeploy.pipeline.config import BuildConfig
@@ -83,24 +85,23 @@ class Distiller:
 
     def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
         from lrdeploy.export.torch_onnx import export_module
-        from lrdeploy.torch.compress import apply_factors, apply_head_cuts, apply_neuron_cuts
+        from lrdeploy.torch.compress import apply_factors, apply_head_cuts, apply_neuron_cuts, remove_blocks
         from lrdeploy.torch.distill import distill, transformer_blocks
 
         config = self.config
         student = copy.deepcopy(self.teacher)
         apply_factors(student, {layer.name: (layer.weight, chosen.factors[layer.name])
                                 for layer in prepared.eligible if layer.name in chosen.factors})
-        if chosen.structured.dropped:
-            raise OptionError("distill cannot recover from dropped blocks yet (narrower FFNs and removed heads reach "
-                              "the PyTorch student); pass a --target-latency the plan meets without dropping blocks")
         apply_neuron_cuts(student, chosen.structured.ffn)
         apply_head_cuts(student, chosen.structured.heads)
+        removed = remove_blocks(student, chosen.structured.dropped)
+        teacher_blocks = [name for index, name in enumerate(transformer_blocks(self.teacher)) if index not in removed]
+        hidden = list(zip(transformer_blocks(student), teacher_blocks))  # each kept block matches its original
         record = {"steps": config.steps, "lr": config.lr, "hidden_weight": config.hidden_weight,
                   "freeze_embeddings": config.freeze_embeddings,
                   "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
-        if chosen.factors or chosen.structured.ffn or chosen.structured.heads:  # else there is nothing to recover
-            result = distill(student, self.teacher, self.train_batches, self.check_batches, config,
-                             transformer_blocks(self.teacher),
+        if chosen.factors or chosen.structured.ffn or chosen.structured.heads or removed:  # else nothing to recover
+            result = distill(student, self.teacher, self.train_batches, self.check_batches, config, hidden,
                              on_eval=lambda step, cos: self.progress.note(f"  step {step}: check cosine {cos:.4f}"))
             record.update(initial_cosine=result.initial_cosine, best_cosine=result.best_cosine,
                           best_step=result.best_step, history=result.history)
@@ -145,7 +146,8 @@ def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> Build
     config = BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
                          method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
                          output_dir=out, refit=settings.refit, seed=seed, ffn_keep=settings.ffn_keep,
-                         plan=settings.plan, target_latency=settings.target_latency, tokens=settings.tokens)
+                         plan=settings.plan, target_latency=settings.target_latency, tokens=settings.tokens,
+                         profile=settings.profile)
     distiller = Distiller(teacher, examples, train, check, settings.training, progress)
     if settings.target_cosine is not None:  # the report lists export and tokenize too, on either path
         return run_sweep(config, SweepSettings(budgets=[], target=settings.target_cosine, bench_batch=None), progress,

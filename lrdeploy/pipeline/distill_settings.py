@@ -23,7 +23,7 @@ class DistillSettings:
     method: str = "pca"
     allocation: str = "sensitivity"
     refit: bool = False
-    rank_multiple: int = 16
+    rank_multiple: int | None = None  # None: as `build` (64 with a GPU profile, else 16)
     batch_size: int = 32
     calib_sentences: int = 512
     eval_sentences: int = 1000
@@ -32,6 +32,7 @@ class DistillSettings:
     plan: str = "lowrank"  # "unified": the ONNX path's unified plan chooses ranks, FFN widths and heads
     target_latency: float | None = None  # with tokens: plan for this fraction of dense latency (measured here)
     tokens: int = 4096
+    profile: str | None = None  # plan the latency target from a device profile instead of measuring here
     training: DistillConfig = field(default_factory=DistillConfig)
 
     def check(self) -> None:

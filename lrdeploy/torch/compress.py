@@ -188,5 +188,32 @@ def apply_head_cuts(model: torch.nn.Module, cuts) -> list[str]:
     return narrowed
 
 
+def remove_blocks(model: torch.nn.Module, dropped) -> list[int]:
+    """Remove whole transformer blocks (in place) as the ONNX path dropped them: each `(block, layers, distortion)`
+    of `pipeline.structure` names the block's linear layers; the block holding the first of them (found by
+    weight) leaves the model's layer list, and the model's config says how many are left. Returns the removed
+    indices in the original list (so that the teacher's matching blocks can be paired with the rest)."""
+    from lrdeploy.torch.distill import transformer_blocks
+
+    if not dropped:
+        return []
+    find, blocks = module_by_weight(model), transformer_blocks(model)
+    removed = set()
+    for block, layers, _ in dropped:
+        name = find(layers[0].name, layers[0].weight)
+        index = next((i for i, prefix in enumerate(blocks) if name.startswith(prefix + ".")), None)
+        if index is None:
+            raise ModelLoadError(f"{block.name}: its layer {name} is not inside the model's list of transformer "
+                                 "blocks, so the block cannot be removed; compress the model the plan was made from")
+        removed.add(index)
+    stack = model.get_submodule(blocks[0].rpartition(".")[0])
+    for index in sorted(removed, reverse=True):
+        del stack[index]
+    for module in model.modules():
+        if hasattr(getattr(module, "config", None), "num_hidden_layers"):
+            module.config.num_hidden_layers = len(stack)
+    return sorted(removed)
+
+
 def parameter_count(model: torch.nn.Module) -> int:
     return int(sum(np.prod(p.shape) for p in model.parameters()))

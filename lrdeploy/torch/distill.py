@@ -127,13 +127,14 @@ def _batch_order(count: int, steps: int, seed: int) -> list[int]:
 
 
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_batches: Sequence[Batch],
-            eval_batches: Sequence[Batch], config: DistillConfig, hidden_modules: Sequence[str] = (),
+            eval_batches: Sequence[Batch], config: DistillConfig, hidden_modules: Sequence[str | tuple[str, str]] = (),
             mask_key: str = "attention_mask", on_step: Callable[[int, float], None] | None = None,
             on_eval: Callable[[int, float], None] | None = None) -> DistillResult:
     """Train `student` (in place) toward `teacher`; returns the held-out cosine history.
 
-    `hidden_modules` names submodules present in both models (e.g. `transformer_blocks(teacher)`) whose
-    outputs are matched when `config.hidden_weight` > 0; the teacher then runs alongside every step.
+    `hidden_modules` names submodules present in both models (e.g. `transformer_blocks(teacher)`), or pairs
+    (student's, teacher's) where they differ (a student with blocks removed), whose outputs are matched when
+    `config.hidden_weight` > 0; the teacher then runs alongside every step.
     """
     use_hidden = config.hidden_weight > 0 and bool(hidden_modules)
     train_targets = None if use_hidden else _outputs(teacher, train_batches)
@@ -149,8 +150,9 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_batches: S
     best = initial = mean_cosine(student, eval_batches, eval_targets)
     best_state, best_step = copy.deepcopy(student.state_dict()), 0
     result = DistillResult(best, initial, 0, [{"step": 0, "eval_cosine": initial}])
-    student_blocks = BlockOutputs(student, hidden_modules) if use_hidden else None
-    teacher_blocks = BlockOutputs(teacher, hidden_modules) if use_hidden else None
+    pairs = [(name, name) if isinstance(name, str) else name for name in hidden_modules]
+    student_blocks = BlockOutputs(student, [mine for mine, _ in pairs]) if use_hidden else None
+    teacher_blocks = BlockOutputs(teacher, [theirs for _, theirs in pairs]) if use_hidden else None
     teacher.eval()
     try:
         for step, index in enumerate(_batch_order(len(train_batches), config.steps, config.seed), start=1):

@@ -203,3 +203,51 @@ def test_head_cuts_reach_hugging_face_attention_exactly(tmp_path):
     with torch.no_grad():
         got = model(input_ids=ids, attention_mask=mask).last_hidden_state
     np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_dropped_blocks_leave_the_hugging_face_layer_list_exactly(tmp_path):
+    """A block whose residual branches add nothing (LayerNorms at γ=1, β=0 then re-normalise a normalised
+    stream) is removed from the torch model as the ONNX path dropped it (found by its query's weight): the outputs
+    stay, the layer list and config shrink, and distillation pairs each kept block with its original."""
+    import copy
+    from types import SimpleNamespace
+
+    from lrdeploy.errors import ModelLoadError
+
+    from transformers import BertModel
+
+    from lrdeploy.torch.compress import remove_blocks
+    from tests.factories import tiny_bert_dir
+
+    model = BertModel.from_pretrained(str(tiny_bert_dir(tmp_path / "bert"))).eval()
+    silent = model.encoder.layer[0]
+    with torch.no_grad():
+        for linear in (silent.attention.output.dense, silent.output.dense):
+            linear.weight.zero_()
+            linear.bias.zero_()
+    ids = torch.randint(1, 3000, (3, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        want = model(**batch).last_hidden_state
+    teacher = copy.deepcopy(model)
+    query = SimpleNamespace(name="q", weight=silent.attention.self.query.weight.detach().numpy().T.copy())
+    assert remove_blocks(model, [(SimpleNamespace(name="block0"), [query], 0.0)]) == [0]
+    assert len(model.encoder.layer) == 1 and model.config.num_hidden_layers == 1
+    with torch.no_grad():
+        got = model(**batch).last_hidden_state
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
+
+    class Hidden(torch.nn.Module):
+        def __init__(self, bert):
+            super().__init__()
+            self.bert = bert
+
+        def forward(self, **inputs):
+            return self.bert(**inputs).last_hidden_state
+
+    result = distill(Hidden(model), Hidden(teacher), [batch] * 2, [batch], DistillConfig(steps=2, eval_every=1),
+                     [("bert.encoder.layer.0", "bert.encoder.layer.1")])
+    assert result.initial_cosine == pytest.approx(1.0, abs=1e-5) and len(result.history) == 3
+    assert result.history[1]["train_loss"] < 1e-6  # the kept block's output equals its original's: no hidden loss
+    with pytest.raises(ModelLoadError, match="0 nn.Linear modules carry its weight"):
+        remove_blocks(model, [(SimpleNamespace(name="block9"), [SimpleNamespace(name="x", weight=np.ones((64, 64)))], 0)])
