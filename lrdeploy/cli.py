@@ -20,7 +20,8 @@ from lrdeploy.errors import LrdeployError, TargetNotMetError
 from lrdeploy.lowrank.allocate import ALLOCATIONS
 from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
-from lrdeploy.pipeline.config import LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, QKV_FORMS, BuildConfig
+from lrdeploy.pipeline.config import (LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, PROFILE_BACKENDS, QKV_FORMS,
+                                      BuildConfig)
 from lrdeploy.pipeline.distill_settings import TRAIN_TEXTS, DistillSettings
 from lrdeploy.runtime.base import BACKENDS, PRECISIONS
 from lrdeploy.torch.distill_config import DistillConfig
@@ -320,8 +321,10 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
 
 @main.command()
 @click.argument("model", type=FILE, required=False)
-@click.option("--backend", type=click.Choice(("ort-cpu", "ort-cuda")), default="ort-cpu", show_default=True)
-@click.option("--precision", type=click.Choice(("fp32", "fp16")), help="Default: fp16 on ort-cuda, fp32 on ort-cpu.")
+@click.option("--backend", type=click.Choice(PROFILE_BACKENDS), default="ort-cpu", show_default=True,
+              help="torch-*: the layers as PyTorch modules (nn.Linear against two thin ones; CUDA graphs on GPU).")
+@click.option("--precision", type=click.Choice(("fp32", "fp16", "bf16")),
+              help="Default: fp16 on the CUDA backends, fp32 on CPU.")
 @click.option("--tokens", "token_counts", default="128,1024,4096,16384", show_default=True,
               help="Rows (batch × sequence) to time at, comma-separated.")
 @click.option("--rank-multiple", default=64, show_default=True, type=click.IntRange(min=1),

@@ -13,6 +13,7 @@ from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
 
 LATENCY_BACKENDS = ("ort-cpu", "ort-cuda")  # where --latency-aware times layer shapes
+PROFILE_BACKENDS = ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda")  # what `lrdeploy profile` can time
 OBJECTIVES = ("size", "latency")  # what --latency-aware gives up when splits that pay cannot meet the budget
 PLANS = ("lowrank", "unified")  # unified: per block, low-rank or a narrower FFN, fewer heads, or the block dropped
 OPTIMIZERS = ("none", "ort")  # ort: compress inside ONNX Runtime's transformer-fused graph (keeps the fusions)

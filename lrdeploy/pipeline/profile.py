@@ -18,9 +18,11 @@ from lrdeploy.bench.profiles import FORMAT
 from lrdeploy.errors import OptionError
 from lrdeploy.files import check_output_dir, output_set
 from lrdeploy.lowrank.allocate import LayerShape
+from lrdeploy.pipeline.config import PROFILE_BACKENDS
 from lrdeploy.pipeline.progress import SILENT, Progress
 
-PROFILE_BACKENDS = ("ort-cpu", "ort-cuda")
+PRECISIONS = {"ort-cpu": ("fp32",), "ort-cuda": ("fp16", "fp32"), "torch-cpu": ("fp32",),
+              "torch-cuda": ("fp16", "bf16", "fp32")}  # per PROFILE_BACKENDS entry; the first is the default
 BERT_BASE_SHAPES: tuple[Shape, ...] = ((768, 768), (768, 2304), (768, 3072), (3072, 768))
 
 
@@ -39,10 +41,19 @@ class ProfileSettings:
     def __post_init__(self) -> None:
         if self.backend not in PROFILE_BACKENDS:
             raise OptionError(f"--backend {self.backend!r} cannot be profiled here; use one of {', '.join(PROFILE_BACKENDS)}")
-        self.precision = self.precision or ("fp16" if self.backend == "ort-cuda" else "fp32")
-        if self.precision not in ("fp32", "fp16") or (self.backend == "ort-cpu" and self.precision != "fp32"):
-            raise OptionError(f"--precision {self.precision} on {self.backend}: profile fp32 on ort-cpu, fp16 or fp32 "
-                              "on ort-cuda")
+        allowed = PRECISIONS[self.backend]
+        self.precision = self.precision or allowed[0]
+        if self.precision not in allowed:
+            raise OptionError(f"--precision {self.precision} cannot be profiled on {self.backend}; use "
+                              f"{' or '.join(allowed)} there")
+
+    @property
+    def runtime(self) -> str:
+        return self.backend.split("-")[0]
+
+    @property
+    def device(self) -> str:
+        return self.backend.split("-")[1]
 
 
 def profile_shapes(model: Path | None, rank_multiple: int) -> list[Shape]:
@@ -69,20 +80,21 @@ def run_profile(settings: ProfileSettings, progress: Progress = SILENT) -> dict:
     step = progress.steps("profiling", len(needed) * len(settings.tokens))
     for tokens in settings.tokens:
         for shape, ranks in needed.items():
-            timing = time_shapes({shape: ranks}, tokens, settings.backend.removeprefix("ort-"), settings.threads,
-                                 settings.iterations, precision=settings.precision)[shape]
+            timing = time_shapes({shape: ranks}, tokens, settings.device, settings.threads, settings.iterations,
+                                 precision=settings.precision, runtime=settings.runtime)[shape]
             rows.append({"d_in": shape[0], "d_out": shape[1], "tokens": tokens, "rank": None, "ms": timing.dense_ms})
             rows += [{"d_in": shape[0], "d_out": shape[1], "tokens": tokens, "rank": r, "ms": ms}
                      for r, ms in sorted(timing.split_ms.items())]
             step()
     profile = {
-        "format": FORMAT, "name": settings.name or settings.output.stem, "device": _device(settings.backend),
-        "backend": settings.backend, "precision": settings.precision, "versions": _versions(), "seed": False,
-        "source": "measured by `lrdeploy profile` (ONNX Runtime, I/O bound, runs alternated, median)",
+        "format": FORMAT, "name": settings.name or settings.output.stem, "device": _device(settings),
+        "backend": settings.backend, "precision": settings.precision, "versions": _versions(settings.runtime),
+        "seed": False, "source": f"measured by `lrdeploy profile` ({RUNTIME_NAMES[settings.runtime]}, inputs on the "
+                                 "device, runs alternated, median)",
         "command": (f"lrdeploy profile {settings.model or ''} --backend {settings.backend} --precision "
                     f"{settings.precision} --tokens {','.join(map(str, settings.tokens))} --rank-multiple "
                     f"{settings.rank_multiple} --iterations {settings.iterations} -o {settings.output}").replace("  ", " "),
-        "split_form": "dense: MatMul + Add(bias); split: MatMul(A) then MatMul(B) + Add(bias)",
+        "split_form": SPLIT_FORMS[settings.runtime],
         "rows": rows,
     }
     with output_set(settings.output.parent) as stage:
@@ -90,8 +102,17 @@ def run_profile(settings: ProfileSettings, progress: Progress = SILENT) -> dict:
     return profile
 
 
-def _device(backend: str) -> str:
-    if backend == "ort-cuda":
+RUNTIME_NAMES = {"ort": "ONNX Runtime, I/O bound", "torch": "PyTorch, CUDA graphs on GPU"}
+SPLIT_FORMS = {"ort": "dense: MatMul + Add(bias); split: MatMul(A) then MatMul(B) + Add(bias)",
+               "torch": "dense: nn.Linear; split: nn.Linear(d_in, k, bias=False) then nn.Linear(k, d_out)"}
+
+
+def _device(settings: ProfileSettings) -> str:
+    if settings.device == "cuda" and settings.runtime == "torch":
+        import torch
+
+        return torch.cuda.get_device_name()
+    if settings.device == "cuda":
         import subprocess
 
         try:
@@ -104,7 +125,11 @@ def _device(backend: str) -> str:
     return cpu_description() or platform.machine()
 
 
-def _versions() -> dict[str, str]:
+def _versions(runtime: str) -> dict[str, str]:
+    if runtime == "torch":
+        import torch
+
+        return {"torch": torch.__version__, **({"cuda": torch.version.cuda} if torch.version.cuda else {})}
     import onnxruntime
 
     return {"onnxruntime": onnxruntime.__version__}

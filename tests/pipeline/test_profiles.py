@@ -111,3 +111,30 @@ def test_profile_command_writes_a_profile_that_build_plans_with(transformer_file
     plan = json.loads(build.stdout)["latency_plan"]
     assert plan["source"] == "profile tiny-cpu (measured)" and plan["tokens"] == 48
     assert plan["predicted_linear_ratio"] is not None and plan["predicted_linear_ratio"] <= 1.0
+
+
+def test_torch_profile_times_the_layers_as_pytorch_modules(transformer_files, tmp_path):
+    """`--backend torch-cpu` (torch-cuda is the same code on a GPU, with CUDA graphs): nn.Linear against two thin
+    Linears, recorded with the torch version and the module form of the split."""
+    pytest.importorskip("torch")
+    model, _ = transformer_files
+    path = tmp_path / "torch.json"
+    result = CliRunner().invoke(main, ["profile", str(model), "--backend", "torch-cpu", "--tokens", "32",
+                                       "--rank-multiple", "16", "--iterations", "2", "--threads", "1", "-o", str(path)])
+    assert result.exit_code == 0, result.output
+    profile = DeviceProfile.load(path)
+    assert profile.backend == "torch-cpu" and profile.precision == "fp32" and not profile.seed
+    raw = json.loads(path.read_text())
+    assert "torch" in raw["versions"] and "nn.Linear" in raw["split_form"] and "PyTorch" in raw["source"]
+    assert {(r["d_in"], r["d_out"], r["rank"]) for r in raw["rows"]} >= {(64, 256, None), (64, 256, 48)}
+    assert all(r["ms"] > 0 for r in raw["rows"])
+
+
+@pytest.mark.parametrize("backend, precision, message", [
+    ("torch-cpu", "fp16", "--precision fp16 cannot be profiled on torch-cpu; use fp32 there"),
+    ("ort-cuda", "bf16", "--precision bf16 cannot be profiled on ort-cuda; use fp16 or fp32 there"),
+])
+def test_profile_precision_is_checked_per_backend(tmp_path, backend, precision, message):
+    result = CliRunner().invoke(main, ["profile", "--backend", backend, "--precision", precision,
+                                       "-o", str(tmp_path / "p.json")])
+    assert result.exit_code == 1 and result.output.strip() == f"Error: {message}"
