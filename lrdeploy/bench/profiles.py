@@ -67,10 +67,26 @@ class DeviceProfile:
                       if r["d_in"] == d_in and r["d_out"] == d_out and r["rank"] == rank)
 
     def latency_ms(self, d_in: int, d_out: int, rank: int | None, tokens: int) -> float | None:
-        """Milliseconds of the dense layer (`rank` None) or its split at `tokens` rows; None if not profiled."""
+        """Milliseconds of the dense layer (`rank` None) or its split at `tokens` rows; None if not profiled. A
+        dense shape the grid lacks (a width left by a structured cut, e.g. 9 heads of 32 = 288) is interpolated
+        linearly in its width between the nearest profiled widths with the other dimension equal."""
         curve = self._curve(d_in, d_out, rank)
         if not curve:
-            return None
+            return self._between_widths(d_in, d_out, tokens) if rank is None else None
+        return self._at_tokens(curve, tokens)
+
+    def _between_widths(self, d_in: int, d_out: int, tokens: int) -> float | None:
+        dense = {(r["d_in"], r["d_out"]) for r in self.rows if r["rank"] is None}
+        for width, widths, shape_at in ((d_out, sorted(o for i, o in dense if i == d_in), lambda w: (d_in, w)),
+                                        (d_in, sorted(i for i, o in dense if o == d_out), lambda w: (w, d_out))):
+            below, above = [w for w in widths if w < width], [w for w in widths if w > width]
+            if below and above:
+                low, high = below[-1], above[0]
+                ms_low, ms_high = (self._at_tokens(self._curve(*shape_at(w), None), tokens) for w in (low, high))
+                return ms_low + (width - low) / (high - low) * (ms_high - ms_low)
+        return None
+
+    def _at_tokens(self, curve: list[tuple[int, float]], tokens: int) -> float | None:
         if tokens <= curve[0][0]:
             return curve[0][1]
         if tokens >= curve[-1][0]:

@@ -181,27 +181,33 @@ def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: 
         option.cut.dropped = [(block, layers, option.loss) for block, layers, _ in option.cut.dropped]  # for the report
 
 
-def _linear_ms(timer: Timer, d_in: int, d_out: int) -> float:
+def _linear_ms(timer: Timer, d_in: int, d_out: int) -> float | None:
+    """A dense layer's time from the timer (None where its profile lacks the shape)."""
     timer.ensure({(d_in, d_out): set()})
     timing = timer.timings.get((d_in, d_out))
-    return 0.0 if timing is None else timing.dense_ms
+    return None if timing is None else timing.dense_ms
 
 
 def gemm_saving_ms(option: CutOption, parts: list[BlockParts], timer: Timer) -> float:
-    """What an option saves in its GEMMs alone (dense layers at the old against the new widths)."""
+    """What an option saves in its GEMMs alone (dense layers at the old against the new widths); 0 where a
+    shape is not known (an unknown GEMM never counts as free)."""
     part = parts[option.block]
     if option.kind == "drop":
-        return sum(_linear_ms(timer, layer.d_in, layer.d_out) for layer in part.layers if layer.weight is not None)
-    if option.kind == "ffn":
+        before = [(layer.d_in, layer.d_out) for layer in part.layers if layer.weight is not None]
+        after = []
+    elif option.kind == "ffn":
         up, down = part.ffn.up, part.ffn.down
-        return (_linear_ms(timer, up.d_in, up.d_out) + _linear_ms(timer, down.d_in, down.d_out)
-                - _linear_ms(timer, up.d_in, option.kept) - _linear_ms(timer, option.kept, down.d_out))
-    attention = part.attention
-    width = option.kept * attention.head_dim
-    return (3 * (_linear_ms(timer, attention.query.d_in, attention.query.d_out)
-                 - _linear_ms(timer, attention.query.d_in, width))
-            + _linear_ms(timer, attention.output.d_in, attention.output.d_out)
-            - _linear_ms(timer, width, attention.output.d_out))
+        before = [(up.d_in, up.d_out), (down.d_in, down.d_out)]
+        after = [(up.d_in, option.kept), (option.kept, down.d_out)]
+    else:
+        attention = part.attention
+        width = option.kept * attention.head_dim
+        before = [(attention.query.d_in, attention.query.d_out)] * 3 + [(attention.output.d_in, attention.output.d_out)]
+        after = [(attention.query.d_in, width)] * 3 + [(width, attention.output.d_out)]
+    times = [[_linear_ms(timer, *shape) for shape in shapes] for shapes in (before, after)]
+    if any(ms is None for ms in times[0] + times[1]):
+        return 0.0
+    return sum(times[0]) - sum(times[1])
 
 
 def time_variants(model: onnx.ModelProto, variants: dict[str, onnx.ModelProto], config: BuildConfig,
@@ -289,8 +295,8 @@ def shape_options(config: BuildConfig, model: onnx.ModelProto, parts: list[Block
     else:
         options.scope = "linear layers"
         layers = {layer.name: layer for layer in [*eligible, *(layer for part in parts for layer in part.layers)]}
-        options.dense_ms = sum(_linear_ms(options.timer, layer.d_in, layer.d_out) for layer in layers.values()
-                               if layer.weight is not None)
+        options.dense_ms = sum(_linear_ms(options.timer, layer.d_in, layer.d_out) or 0.0
+                               for layer in layers.values() if layer.weight is not None)
         for option in cuts:
             option.ms_saved = gemm_saving_ms(option, parts, options.timer)
     return options

@@ -138,3 +138,15 @@ def test_profile_precision_is_checked_per_backend(tmp_path, backend, precision, 
     result = CliRunner().invoke(main, ["profile", "--backend", backend, "--precision", precision,
                                        "-o", str(tmp_path / "p.json")])
     assert result.exit_code == 1 and result.output.strip() == f"Error: {message}"
+
+
+def test_a_width_the_grid_lacks_is_interpolated_between_its_neighbours():
+    """9 of MiniLM's 12 heads leave Q/K/V 288 wide, between the seed's 256 and 320: without interpolation the
+    narrowed GEMM read as 0 ms and a head cut looked like it saved the whole layer."""
+    profile = DeviceProfile.load("h200-fp16")
+    low, high = (profile.latency_ms(384, width, None, 1024) for width in (256, 320))
+    assert profile.latency_ms(384, 288, None, 1024) == pytest.approx((low + high) / 2)
+    low, high = (profile.latency_ms(width, 384, None, 1024) for width in (256, 320))
+    assert profile.latency_ms(288, 384, None, 1024) == pytest.approx((low + high) / 2)
+    assert profile.latency_ms(384, 288, 64, 1024) is None  # splits are never guessed
+    assert profile.latency_ms(384, 5000, None, 1024) is None  # nor widths outside the grid
