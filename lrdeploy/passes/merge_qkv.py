@@ -56,9 +56,9 @@ def merge_qkv(graph: gs.Graph, group: tuple[LinearLayer, LinearLayer, LinearLaye
     outputs = [tensors[layer.output_name] for layer in group]
     for output in outputs:
         output.inputs.clear()  # the old MatMul (and Add) now feed nothing
-    split = np.array(widths, dtype=np.int64)
     if graph.opset >= 13:
-        scope.op_into("Split", "Split", [merged, scope.constant("split", split)], outputs, {"axis": -1})
+        split = scope.constant("split", np.array(widths, dtype=np.int64))
+        scope.op_into("Split", "Split", [merged, split], outputs, {"axis": -1})
     else:
         scope.op_into("Split", "Split", [merged], outputs, {"axis": -1, "split": widths})
 

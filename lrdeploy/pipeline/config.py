@@ -91,10 +91,11 @@ class BuildConfig:
                                        ("--refit-mode", self.refit_mode, REFIT_MODES),
                                        ("--backend", self.backend, LATENCY_BACKENDS),
                                        ("--optimize", self.optimize, OPTIMIZERS), ("--plan", self.plan, PLANS),
+                                       ("--qkv", self.qkv or QKV_FORMS[0], QKV_FORMS),
                                        ("--objective", self.objective or OBJECTIVES[0], OBJECTIVES)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
-        self.check_qkv()
+        self._check_qkv()
         if self.drop_blocks < 0:
             raise OptionError(f"--drop-blocks {self.drop_blocks} is negative; pass how many blocks to drop")
         if self.drop_blocks and (self.refit or self.optimize != "none"):
@@ -126,9 +127,8 @@ class BuildConfig:
         if self.rank_multiple < 1:
             raise OptionError(f"--rank-multiple {self.rank_multiple} must be at least 1; 16 or 64 suit tensor cores")
 
-    def check_qkv(self) -> None:
-        if self.qkv is not None and self.qkv not in QKV_FORMS:
-            raise OptionError(f"--qkv {self.qkv!r} is not one of {', '.join(QKV_FORMS)}; pick one of those")
+    def _check_qkv(self) -> None:
+        """--qkv is combined only with what can use it."""
         if self.qkv == "separate" and self.optimize == "ort":
             raise OptionError("--qkv separate cannot be combined with --optimize ort: the fused Attention packs Q, K and "
                               "V in one weight (always joint); leave --qkv out")

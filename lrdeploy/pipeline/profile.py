@@ -21,7 +21,7 @@ from lrdeploy.lowrank.allocate import LayerShape
 from lrdeploy.pipeline.config import PROFILE_BACKENDS
 from lrdeploy.pipeline.progress import SILENT, Progress
 
-PRECISIONS = {"ort-cpu": ("fp32",), "ort-cuda": ("fp16", "fp32"), "torch-cpu": ("fp32",),
+PROFILE_PRECISIONS = {"ort-cpu": ("fp32",), "ort-cuda": ("fp16", "fp32"), "torch-cpu": ("fp32",),
               "torch-cuda": ("fp16", "bf16", "fp32")}  # per PROFILE_BACKENDS entry; the first is the default
 BERT_BASE_SHAPES: tuple[Shape, ...] = ((768, 768), (768, 2304), (768, 3072), (3072, 768))
 
@@ -41,7 +41,7 @@ class ProfileSettings:
     def __post_init__(self) -> None:
         if self.backend not in PROFILE_BACKENDS:
             raise OptionError(f"--backend {self.backend!r} cannot be profiled here; use one of {', '.join(PROFILE_BACKENDS)}")
-        allowed = PRECISIONS[self.backend]
+        allowed = PROFILE_PRECISIONS[self.backend]
         self.precision = self.precision or allowed[0]
         if self.precision not in allowed:
             raise OptionError(f"--precision {self.precision} cannot be profiled on {self.backend}; use "
