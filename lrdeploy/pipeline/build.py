@@ -38,12 +38,13 @@ from lrdeploy.pipeline.calibrate import calibrate
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection, inspect_fused, inspect_merged_qkv, inspect_model
 from lrdeploy.pipeline.latency import LatencyPlan, plan_for_latency
+from lrdeploy.pipeline.latency_check import checked_shape_plan
 from lrdeploy.pipeline.outputs import input_files, output_files
 from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.refit import RefitSettings, refit_factors, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
 from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
-from lrdeploy.pipeline.shape_plan import ShapeOptions, find_block_parts, plan_shapes, shape_options, structure_requests
+from lrdeploy.pipeline.shape_plan import ShapeOptions, find_block_parts, shape_options, structure_requests
 from lrdeploy.pipeline.structure import StructuredBlocks, StructuredCuts
 from lrdeploy.pipeline.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
 from lrdeploy.pipeline.validate import compare_models
@@ -167,10 +168,9 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
         energies = {name: d.energies for name, d in prepared.decompositions.items()}
         loss = None if prepared.sensitivity is None else sensitivity_loss(prepared.sensitivity, energies)
         if prepared.shape_options is not None:
-            shapes = plan_shapes(prepared.shape_options, config, prepared.eligible, budget, loss)
-            plan, structured = shapes.ranks, shapes.cuts
-            shape_record = shapes.to_dict(prepared.shape_options, config)
-            timer.progress.note(shapes.summary(prepared.shape_options, config))
+            checked = checked_shape_plan(prepared, budget, loss, timer.progress)
+            plan, structured = checked.plan.ranks, checked.plan.cuts
+            shape_record = checked.plan.to_dict(prepared.shape_options, config) | checked.record()
         elif config.latency_aware:
             latency = plan_for_latency(config, prepared.shapes, budget, energies, loss, timer.progress)
             plan = latency.plan

@@ -210,26 +210,32 @@ def gemm_saving_ms(option: CutOption, parts: list[BlockParts], timer: Timer) -> 
     return sum(times[0]) - sum(times[1])
 
 
-def time_variants(model: onnx.ModelProto, variants: dict[str, onnx.ModelProto], config: BuildConfig,
-                  progress: Progress) -> dict[str, float]:
-    """Fastest milliseconds of the dense model ("dense") and of each variant, run alternately and bound, at
-    `config.tokens` rows (batch × `config.bench_seq`) on `config.backend`. The minimum, not the median: these
-    are costs to plan with, and on a shared machine a burst of other work during part of the alternation inflated
-    some models' medians (a plan keeping 75% of heads and FFN was once predicted at ×0.54)."""
+def alternated_times(model: onnx.ModelProto, variants: dict[str, onnx.ModelProto], config: BuildConfig,
+                     progress: Progress) -> dict[str, list[float]]:
+    """Milliseconds per run of the dense model ("dense") and of each variant, run alternately and bound, at
+    `config.tokens` rows (batch × `config.bench_seq`) on `config.backend`."""
     device = config.backend.removeprefix("ort-")
     runners = [OrtRunner(proto, device, config.threads, name) for name, proto in {"dense": model, **variants}.items()]
     seq = min(config.bench_seq, config.tokens)
     batch = max(1, config.tokens // seq)
-    progress.note(f"  timing the dense model and {len(variants)} variants at {batch}×{seq} tokens")
+    progress.note(f"  timing the dense model and {len(variants)} variant{'s' * (len(variants) != 1)} at {batch}×{seq} tokens")
     for runner in runners:
         runner.activate()
     try:
-        times = time_shape(runners, timing_feed(model_input_specs(model), batch, seq),
-                           BenchSettings(warmup=2, iterations=config.bench_iterations))
+        return time_shape(runners, timing_feed(model_input_specs(model), batch, seq),
+                          BenchSettings(warmup=2, iterations=config.bench_iterations))
     finally:
         for runner in runners:
             runner.deactivate()
-    return {name: float(np.min(values)) for name, values in times.items()}
+
+
+def time_variants(model: onnx.ModelProto, variants: dict[str, onnx.ModelProto], config: BuildConfig,
+                  progress: Progress) -> dict[str, float]:
+    """Fastest milliseconds of the dense model ("dense") and of each variant (`alternated_times`). The minimum,
+    not the median: these are costs to plan with, and on a shared machine a burst of other work during part of
+    the alternation inflated some models' medians (a plan keeping 75% of heads and FFN was once predicted at
+    ×0.54)."""
+    return {name: float(np.min(values)) for name, values in alternated_times(model, variants, config, progress).items()}
 
 
 def cut_variants(model: onnx.ModelProto, options: list[CutOption]) -> dict[str, onnx.ModelProto]:
@@ -338,10 +344,11 @@ class ShapePlan:
 
 
 def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[LinearLayer], budget: float,
-                loss: LossCurve) -> ShapePlan:
-    """The least-distortion plan reaching the latency target (if set) or keeping at most `budget` of the linear
-    parameters."""
+                loss: LossCurve, target_latency: float | None = None) -> ShapePlan:
+    """The least-distortion plan reaching the latency target (`target_latency`, else the config's, if set) or
+    keeping at most `budget` of the linear parameters."""
     latency = options.timer is not None
+    target_latency = target_latency or config.target_latency
     timer = options.timer
     limit = LATENCY_RANKS if latency else None
     ranks = {layer.name: rank_grid(layer, config.rank_multiple, limit) for layer in eligible}
@@ -389,7 +396,7 @@ def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[Linea
 
     if latency:
         total = options.dense_ms
-        target = (1.0 - config.target_latency) * total
+        target = (1.0 - target_latency) * total
     else:
         total = float(sum(layer.params for layer in eligible) + sum(
             layer.params for part in options.parts for layer in part.layers if layer.name not in is_eligible))
@@ -398,7 +405,7 @@ def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[Linea
     if solution is None:
         best = 1.0 - max_saving(tree) / total
         if latency:
-            raise BudgetError(f"--target-latency {config.target_latency} cannot be reached at {config.tokens} tokens "
+            raise BudgetError(f"--target-latency {target_latency:.3g} cannot be reached at {config.tokens} tokens "
                               f"({timer.source}): the fastest plan is predicted at ×{best:.2f} of dense "
                               f"({options.scope}); raise the target" + ("" if options.structured else
                                                                          ", or pass --plan unified"))

@@ -64,11 +64,33 @@ def render_markdown(report: BuildReport) -> str:
         f"{_speedup(l.measured_speedup)} | {cell(l.reason)} |"
         for l in report.layers
     ]
+    lines += plan_markdown(report.latency_plan)
     if report.bench is not None:
         lines += ["## Latency", ""] + bench_markdown(result_from_dict(report.bench)).splitlines()[2:] + [""]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in report.timings.items()]
     return "\n".join(lines) + "\n"
+
+
+def plan_markdown(plan: dict | None) -> list[str]:
+    """The plan's section: what it planned for, its predicted ratio next to the one measured here, and every
+    plan tried on the way (`--target-latency` measured here plans again until the clock meets the target)."""
+    if not plan or "resource" not in plan:  # --latency-aware plans are summarised in the layer table
+        return []
+    if plan["resource"] == "params":
+        return ["## Plan", "", f"- {plan['plan']} plan under the parameter budget: ×{plan['predicted_ratio']:.3f} of the "
+                f"linear parameters; cuts: {', '.join(plan['choices']) or 'none'}", ""]
+    measured = plan.get("measured_ratio")
+    lines = ["## Plan", "",
+             f"- {plan['plan']} plan for ×{plan['target_latency']} of dense latency at {plan['tokens']} tokens "
+             f"({plan['scope']}, {plan['source']}): predicted ×{plan['predicted_ratio']:.3f}, measured "
+             + ("not here (a device profile's plan)" if measured is None else f"×{measured:.3f}"),
+             f"- cuts: {', '.join(plan['choices']) or 'none'}", ""]
+    if len(plan.get("attempts") or []) > 1:
+        lines += ["| planned for | predicted | measured | predicted distortion |", "|---|---|---|---|"]
+        lines += [f"| ×{a['planned_for']:.3f} | ×{a['predicted']:.3f} | ×{a['measured']:.3f} | {a['distortion']:.4f} |"
+                  for a in plan["attempts"]] + [""]
+    return lines
 
 
 def bench_markdown(result: BenchResult) -> str:

@@ -16,7 +16,11 @@ report.json schema (all keys always present):
     fused_ops {dense: {op: count}, compressed: {op: count}}   (ONNX Runtime fused ops, e.g. Attention; equal
               counts mean compression kept every fusion),
     latency_plan {source (measured, or a profile; "seed" when not measured by lrdeploy), tokens, objective,
-                  predicted_linear_ratio (linear layers' time under the plan / dense), note, kept_dense [layer]} | null
+                  predicted_linear_ratio (linear layers' time under the plan / dense), note, kept_dense [layer]}
+                 | (--plan unified / --target-latency) {plan, resource ("latency" | "params"), predicted_ratio, scope,
+                  tokens, source, target_latency, predicted_distortion, choices [str], measured_ratio (median
+                  time over dense's, measured here) | null, attempts [{planned_for, predicted, measured, distortion}]}
+                 | null
 Parameters count weights only (biases excluded), so linear_ratio is what --rank-budget bounds.
 """
 

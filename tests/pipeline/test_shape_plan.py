@@ -82,6 +82,9 @@ def test_target_latency_measured_here_times_the_whole_model(tmp_path):
     plan = json.loads(result.stdout)["latency_plan"]
     assert plan["scope"] == "whole model" and plan["source"] == "measured on ort-cpu"
     assert plan["predicted_ratio"] <= 0.9
+    # the plan was built and timed against dense; the ratio kept is one the clock measured
+    assert plan["attempts"] and plan["measured_ratio"] in [attempt["measured"] for attempt in plan["attempts"]]
+    assert plan["attempts"][0]["planned_for"] == 0.9 and plan["measured_ratio"] > 0
 
 
 @pytest.mark.parametrize("options, message", [

@@ -1,0 +1,100 @@
+"""Hold a latency plan to the clock (`--target-latency` measured here, not from a device profile).
+
+A plan's prediction sums savings measured one option at a time, and options do not add up exactly: inside ORT's
+fused MiniLM graph a plan predicted at ×0.58 of dense measured ×0.636; on the plain graph one predicted at ×0.55
+measured ×0.547. So each plan is built and timed side by side with the dense model as `lrdeploy bench` times it
+(median of alternated runs at --tokens rows), and planned again for a target corrected by what the clock said:
+
+    t = target ─plan─► predicted p ─build, time─► measured m ── target − TOLERANCE·target ≤ m ≤ target ──► done
+         ▲                                             │ otherwise (at most MAX_PLANS plans)
+         └──────────── target × p / m ◄────────────────┘   (the clock's bias m / p, taken out of the target)
+
+A plan measured far under the target is planned again too: it gives away accuracy the target allows. The plan
+kept is the least distorting of those measured at or under the target; if none is, the fastest measured, with a
+warning. Plans from a device profile are not checked: this machine is not that device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx
+
+from lrdeploy.errors import BudgetError
+from lrdeploy.lowrank.allocate import LossCurve
+from lrdeploy.passes.compose import compressed_model
+from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.progress import Progress
+from lrdeploy.pipeline.shape_plan import ShapePlan, alternated_times, plan_shapes
+
+if TYPE_CHECKING:
+    from lrdeploy.pipeline.build import PreparedBuild
+
+MAX_PLANS = 3
+TOLERANCE = 0.03  # relative: a plan measured within 3% under the target is kept as it is
+
+
+@dataclass
+class CheckedPlan:
+    """The plan kept, its measured ratio (None when not measured), and every plan tried on the way."""
+
+    plan: ShapePlan
+    measured_ratio: float | None = None
+    attempts: list[dict] = field(default_factory=list)  # {planned_for, predicted, measured, distortion}
+
+    def record(self) -> dict:
+        return {"measured_ratio": self.measured_ratio, "attempts": self.attempts}
+
+
+def measured_ratio(dense: onnx.ModelProto, planned: onnx.ModelProto, config: BuildConfig, progress: Progress) -> float:
+    """Median time of `planned` over the dense model's, timed alternately at `config.tokens` rows."""
+    times = alternated_times(dense, {"planned": planned}, config, progress)
+    return float(np.median(times["planned"]) / np.median(times["dense"]))
+
+
+def next_target(target: float, predicted: float, measured: float) -> float:
+    """The target to plan for next: `target` over the bias the clock found in the last prediction (measured /
+    predicted), so that a plan predicted at the new target measures at `target` if the bias holds."""
+    return target * predicted / measured
+
+
+def checked_shape_plan(prepared: PreparedBuild, budget: float, loss: LossCurve, progress: Progress) -> CheckedPlan:
+    """Plan for `prepared.config.target_latency`; when the plan's latency was measured here, time each plan
+    against the dense model and plan again (module docstring) until the clock agrees with the target."""
+    config, options = prepared.config, prepared.shape_options
+    plan = plan_shapes(options, config, prepared.eligible, budget, loss)
+    progress.note(plan.summary(options, config))
+    if plan.resource != "latency" or options.timer.profile is not None:
+        return CheckedPlan(plan)
+    target, planned_for = config.target_latency, config.target_latency
+    tried: list[tuple[ShapePlan, float]] = []
+    attempts = []
+    for round_ in range(MAX_PLANS):
+        if round_:
+            try:
+                plan = plan_shapes(options, config, prepared.eligible, budget, loss, planned_for)
+            except BudgetError:  # the corrected target is out of reach: keep what was measured
+                break
+            progress.note(plan.summary(options, config) + f" (planned for ×{planned_for:.3f})")
+        model = prepared.inspection.model.proto
+        factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.ranks.items()
+                   if rank is not None}
+        measured = measured_ratio(model, compressed_model(model, prepared.eligible, factors, plan.cuts), config,
+                                  progress)
+        progress.note(f"  measured ×{measured:.3f} of dense at {config.tokens} tokens (target ×{target})")
+        tried.append((plan, measured))
+        attempts.append({"planned_for": planned_for, "predicted": plan.predicted_ratio, "measured": measured,
+                         "distortion": plan.loss})
+        if target * (1 - TOLERANCE) <= measured <= target:
+            break
+        planned_for = next_target(target, plan.predicted_ratio, measured)
+    meeting = [(plan, measured) for plan, measured in tried if measured <= target]
+    if meeting:
+        plan, measured = min(meeting, key=lambda item: item[0].loss)
+    else:
+        plan, measured = min(tried, key=lambda item: item[1])
+        progress.warn(f"--target-latency {target} missed: the fastest of {len(tried)} plans measured ×{measured:.3f} "
+                      f"of dense at {config.tokens} tokens; lower the target or allow more cuts (--plan unified)")
+    return CheckedPlan(plan, measured, attempts)

@@ -1,0 +1,84 @@
+"""`--target-latency` measured here is held to the clock: each plan is timed against the dense model and planned
+again when the clock misses the target (`pipeline.latency_check`). The clock is replaced by a scripted one here,
+so the loop's decisions are checked exactly; the real timing runs in test_shape_plan's measured-here test."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from lrdeploy.cli import main
+from lrdeploy.pipeline import latency_check
+from lrdeploy.pipeline.latency_check import next_target
+from tests import models
+
+
+def _build(tmp_path, *options, model=None, calib=96):
+    onnx.save(model or models.transformer(layers=3), tmp_path / "t.onnx")
+    np.savez(tmp_path / "c.npz", **models.transformer_inputs(calib))
+    np.savez(tmp_path / "e.npz", **models.transformer_inputs(64, seed=5))
+    return CliRunner().invoke(main, ["build", str(tmp_path / "t.onnx"), "--calib", str(tmp_path / "c.npz"), "--eval",
+                                     str(tmp_path / "e.npz"), *options, "-o", str(tmp_path / "o"), "--json"])
+
+
+def _scripted_clock(monkeypatch, measure):
+    """Replace the timing of planned models by `measure(predicted ratio of the plan being timed)`."""
+    seen = []
+    real_plan_shapes = latency_check.plan_shapes
+
+    def plan_shapes(*args, **kwargs):
+        plan = real_plan_shapes(*args, **kwargs)
+        seen.append(plan.predicted_ratio)
+        return plan
+
+    monkeypatch.setattr(latency_check, "plan_shapes", plan_shapes)
+    monkeypatch.setattr(latency_check, "measured_ratio", lambda *args: measure(seen[-1]))
+    return seen
+
+
+def test_next_target_takes_the_clocks_bias_out():
+    assert next_target(0.6, 0.58, 0.636) == pytest.approx(0.6 * 0.58 / 0.636)
+    assert next_target(0.6, 0.55, 0.5) == pytest.approx(0.66)  # measured under: plan for more
+
+
+@pytest.mark.slow
+def test_a_plan_the_clock_finds_slow_is_planned_again_until_it_meets_the_target(tmp_path, monkeypatch):
+    seen = _scripted_clock(monkeypatch, lambda predicted: 1.2 * predicted)
+    result = _build(tmp_path, "--plan", "unified", "--target-latency", "0.9", "--tokens", "256")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["latency_plan"]
+    first, second = plan["attempts"][:2]
+    assert first["planned_for"] == 0.9 and first["measured"] == pytest.approx(1.2 * first["predicted"])
+    assert first["measured"] > 0.9
+    assert second["planned_for"] == pytest.approx(0.9 / 1.2)  # target × predicted / measured
+    assert second["predicted"] <= 0.75 + 1e-9 and second["measured"] <= 0.9
+    assert plan["measured_ratio"] <= 0.9
+    assert plan["measured_ratio"] == pytest.approx(1.2 * plan["predicted_ratio"])
+    assert len(seen) == len(plan["attempts"])
+    meeting = [a for a in plan["attempts"] if a["measured"] <= 0.9]
+    assert plan["predicted_distortion"] == min(a["distortion"] for a in meeting)  # the least distorting kept
+    markdown = (tmp_path / "o" / "report.md").read_text()
+    assert f"measured ×{plan['measured_ratio']:.3f}" in markdown and "| ×0.900 |" in markdown
+
+
+@pytest.mark.slow
+def test_a_target_the_clock_never_meets_keeps_the_fastest_plan_and_warns(tmp_path, monkeypatch):
+    _scripted_clock(monkeypatch, lambda predicted: predicted + 0.5)
+    result = _build(tmp_path, "--plan", "unified", "--target-latency", "0.9", "--tokens", "256")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["latency_plan"]
+    assert len(plan["attempts"]) >= 2 and all(a["measured"] > 0.9 for a in plan["attempts"])
+    assert plan["measured_ratio"] == min(a["measured"] for a in plan["attempts"])
+    assert "--target-latency 0.9 missed: the fastest of" in result.output
+
+
+def test_a_plan_from_a_device_profile_is_not_timed_here(tmp_path, monkeypatch):
+    monkeypatch.setattr(latency_check, "measured_ratio", lambda *args: pytest.fail("timed a profile's plan"))
+    result = _build(tmp_path, "--plan", "unified", "--target-latency", "0.9", "--tokens", "16384", "--profile",
+                    "h200-fp16", model=models.transformer(layers=2, hidden=384, heads=6, ffn=1536), calib=256)
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["latency_plan"]
+    assert plan["measured_ratio"] is None and plan["attempts"] == []
+    assert "measured not here (a device profile's plan)" in (tmp_path / "o" / "report.md").read_text()
