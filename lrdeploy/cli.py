@@ -475,9 +475,6 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
 @click.option("--batch-size", default=DISTILL_DEFAULTS.batch_size, show_default=True, type=click.IntRange(min=1))
 @click.option("--hidden-weight", default=DISTILL_DEFAULTS.training.hidden_weight, show_default=True,
               type=click.FloatRange(min=0), help="Weight of the per-block hidden-state loss (0: final embedding only).")
-@click.option("--neighbour-weight", default=DISTILL_DEFAULTS.training.neighbour_weight, show_default=True,
-              type=click.FloatRange(min=0), help="Weight of the neighbour loss: each sentence's similarities to the "
-              "teacher's embeddings of the training sentences, matched as softmax distributions (0: off).")
 @click.option("--freeze-embeddings", is_flag=True,
               help="Do not train the embedding tables: ~25% faster steps, less accuracy per step.")
 @click.option("--ffn-keep", type=float, metavar="FRACTION",
@@ -495,13 +492,12 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               show_default=True, help="Unlabeled training sentences (the evaluation sentences are always left out).")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @user_errors
-def distill(hf_dir, steps, lr, hidden_weight, neighbour_weight, freeze_embeddings, output_dir, **options) -> None:
+def distill(hf_dir, steps, lr, hidden_weight, freeze_embeddings, output_dir, **options) -> None:
     """Compress a Hugging Face embedder (ONNX build pipeline), fine-tune it label-free toward the original in
     PyTorch, export ONNX and report."""
     from lrdeploy.pipeline.distill import run_distill
 
-    training = DistillConfig(steps=steps, lr=lr, hidden_weight=hidden_weight, neighbour_weight=neighbour_weight,
-                             freeze_embeddings=freeze_embeddings)
+    training = DistillConfig(steps=steps, lr=lr, hidden_weight=hidden_weight, freeze_embeddings=freeze_embeddings)
     settings = DistillSettings(hf_dir, output_dir, training=training, **options)
     console = _console()
     result = run_distill(settings, _progress(console))

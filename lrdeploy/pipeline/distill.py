@@ -98,7 +98,6 @@ class Distiller:
         teacher_blocks = [name for index, name in enumerate(transformer_blocks(self.teacher)) if index not in removed]
         hidden = list(zip(transformer_blocks(student), teacher_blocks))  # each kept block matches its original
         record = {"steps": config.steps, "lr": config.lr, "hidden_weight": config.hidden_weight,
-                  "neighbour_weight": config.neighbour_weight,
                   "freeze_embeddings": config.freeze_embeddings,
                   "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
         if chosen.factors or chosen.structured.ffn or chosen.structured.heads or removed:  # else nothing to recover

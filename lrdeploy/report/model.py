@@ -11,8 +11,7 @@ report.json schema (all keys always present):
               outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs, topk_agreement|null}}},
     timings {stage: seconds}, warnings [str], bench (see bench.json) | null,
     spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}},
-    finetune {steps, lr, hidden_weight, neighbour_weight, freeze_embeddings, train_samples, initial_cosine,
-              best_cosine, best_step,
+    finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, initial_cosine, best_cosine, best_step,
               history [{step, eval_cosine, train_loss?}]} | null   (label-free distillation, `lrdeploy distill`),
     fused_ops {dense: {op: count}, compressed: {op: count}}   (ONNX Runtime fused ops, e.g. Attention; equal
               counts mean compression kept every fusion),

@@ -11,10 +11,6 @@ gradients and AdamW updates (MiniLM: 11.7 M of 22.7 M parameters, ~25% of a step
 The hidden-state loss compares the outputs of matching blocks (e.g. each transformer layer) token by token,
 padding excluded, each hidden dimension scaled by the teacher's spread of it over the batch: BERT-like models
 have a few dimensions with huge activations that would otherwise drown the rest.
-
-The neighbour loss (`neighbour_weight` > 0) is for retrieval: per-sample cosine does not say whether a sample's
-nearest neighbours stay its nearest (MiniLM: 0.97 cosine kept only 0.80 of the top-10). Each sample's softmax
-over its similarities to the teacher's embeddings of all training samples is matched to the teacher's.
 """
 
 from __future__ import annotations
@@ -60,23 +56,6 @@ def hidden_state_loss(student_states: Sequence[torch.Tensor], teacher_states: Se
         scale = t.var(0, unbiased=False).clamp_min(1e-6)
         losses.append(((s - t) ** 2 / scale).mean())
     return torch.stack(losses).mean()
-
-
-def neighbour_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, bank: torch.Tensor, own_rows: slice,
-                   temperature: float) -> torch.Tensor:
-    """KL divergence from the teacher's to the student's softmax (at `temperature`) over cosine similarities to
-    `bank`, a fixed set of the teacher's unit embeddings of the training sentences; the batch's own rows
-    (`own_rows`) are left out, or each sample's nearest key would be itself. Retrieval asks which sentences are a
-    sample's neighbours; this asks the student to rank the same sentences close, with the keys fixed."""
-    s = torch.nn.functional.normalize(student_out.reshape(student_out.shape[0], -1), dim=1)
-    t = torch.nn.functional.normalize(teacher_out.reshape(teacher_out.shape[0], -1), dim=1)
-    own = torch.zeros(bank.shape[0], dtype=torch.bool)
-    own[own_rows] = True
-    student_logits = (s @ bank.T / temperature).masked_fill(own, float("-inf"))
-    teacher_logits = (t @ bank.T / temperature).masked_fill(own, float("-inf"))
-    teacher_p = torch.softmax(teacher_logits, dim=1)
-    log_ratio = torch.log_softmax(teacher_logits, dim=1) - torch.log_softmax(student_logits, dim=1)
-    return (teacher_p * log_ratio.masked_fill(own, 0.0)).sum(1).mean()
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[str]:
@@ -158,13 +137,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_batches: S
     `config.hidden_weight` > 0; the teacher then runs alongside every step.
     """
     use_hidden = config.hidden_weight > 0 and bool(hidden_modules)
-    use_bank = config.neighbour_weight > 0
-    train_targets = None if use_hidden and not use_bank else _outputs(teacher, train_batches)
-    if use_bank:  # the teacher's unit embeddings of every training sample, batch after batch
-        bank = torch.nn.functional.normalize(torch.cat([t.reshape(t.shape[0], -1) for t in train_targets]), dim=1)
-        starts = [0]
-        for target in train_targets:
-            starts.append(starts[-1] + target.shape[0])
+    train_targets = None if use_hidden else _outputs(teacher, train_batches)
     eval_targets = _outputs(teacher, eval_batches)
     if config.freeze_embeddings:  # stays so after training: the student's tables keep requires_grad False
         for module in student.modules():
@@ -192,11 +165,7 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_batches: S
                 loss = mimic_loss(output, target, config.mse_weight) + config.hidden_weight * hidden_state_loss(
                     student_blocks.take(), teacher_blocks.take(), batch.get(mask_key))
             else:
-                target = train_targets[index]
-                loss = mimic_loss(output, target, config.mse_weight)
-            if use_bank:
-                loss = loss + config.neighbour_weight * neighbour_loss(
-                    output, target, bank, slice(starts[index], starts[index + 1]), config.neighbour_temperature)
+                loss = mimic_loss(output, train_targets[index], config.mse_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -18,8 +18,6 @@ class DistillConfig:
     warmup_fraction: float = 0.05
     mse_weight: float = 1.0
     hidden_weight: float = 1.0  # weight of the per-block hidden-state loss (used when hidden_modules are given)
-    neighbour_weight: float = 0.0  # weight of the neighbour loss against the teacher's embeddings (0: off)
-    neighbour_temperature: float = 0.05
     dropout: bool = False
     freeze_embeddings: bool = False  # True: leave nn.Embedding tables as compression left them (faster)
     eval_every: int | None = 200  # None: once per pass over the training batches

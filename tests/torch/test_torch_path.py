@@ -7,8 +7,7 @@ torch = pytest.importorskip("torch")
 
 from lrdeploy.lowrank.decompose import decompose  # noqa: E402
 from lrdeploy.torch.compress import apply_factors, collect_input_moments, compress, parameter_count  # noqa: E402
-from lrdeploy.torch.distill import (  # noqa: E402
-    DistillConfig, distill, hidden_state_loss, neighbour_loss, transformer_blocks)
+from lrdeploy.torch.distill import DistillConfig, distill, hidden_state_loss, transformer_blocks  # noqa: E402
 from lrdeploy.torch.lorita import FactoredLinear, collapse, overparameterize  # noqa: E402
 from lrdeploy.torch.lowrank_linear import LowRankLinear  # noqa: E402
 
@@ -126,33 +125,6 @@ def test_hidden_state_loss_masks_padding_and_scales_dimensions():
     # per dimension: error² / teacher variance over real tokens = 1/1 and 100/100 → mean 1
     assert float(hidden_state_loss([student], [teacher], mask)) == pytest.approx(1.0)
     assert float(hidden_state_loss([teacher], [teacher], mask)) == 0.0
-
-
-def test_neighbour_loss_compares_rankings_against_the_bank_without_the_samples_own_rows():
-    bank = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [1.0, -1.0]]), dim=1)
-    teacher = torch.tensor([[2.0, 0.0], [0.0, 3.0]])  # rows 0 and 1 of the bank, scaled
-    assert float(neighbour_loss(teacher * 5, teacher, bank, slice(0, 2), 0.1)) == pytest.approx(0.0, abs=1e-6)
-    # by hand: sample 0 over the bank rows 2, 3 (its own rows 0, 1 left out)
-    def kl(teacher_similarities, student_similarities):
-        p = torch.softmax(torch.tensor(teacher_similarities) / 0.1, 0)
-        q = torch.softmax(torch.tensor(student_similarities) / 0.1, 0)
-        return float((p * (p.log() - q.log())).sum())
-
-    student = torch.tensor([[1.0, 1.0], [0.0, 3.0]])  # sample 1 agrees with its teacher: 0 for it
-    expected = kl([2 ** -0.5, 2 ** -0.5], [1.0, 0.0]) / 2
-    assert float(neighbour_loss(student, teacher, bank, slice(0, 2), 0.1)) == pytest.approx(expected, rel=1e-5)
-    # with nothing left out, sample 0's own rows count too
-    expected = kl([1.0, 0.0, 2 ** -0.5, 2 ** -0.5], [2 ** -0.5, 2 ** -0.5, 1.0, 0.0]) / 2
-    assert float(neighbour_loss(student, teacher, bank, slice(0, 0), 0.1)) == pytest.approx(expected, rel=1e-5)
-
-
-def test_distillation_with_the_neighbour_loss_lowers_it():
-    teacher, batches = Encoder(), _batches(8)
-    student = Encoder()
-    compress(student, batches[:4], 0.35)
-    config = DistillConfig(steps=40, lr=3e-3, eval_every=20, neighbour_weight=1.0, hidden_weight=1.0)
-    result = distill(student, teacher, batches[:6], batches[6:], config, transformer_blocks(teacher))
-    assert result.best_cosine > result.initial_cosine + 0.001
 
 
 def test_distillation_with_block_losses_hooks_the_transformer_blocks():
