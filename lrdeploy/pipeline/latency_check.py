@@ -50,7 +50,7 @@ class CheckedPlan:
 
 def measured_ratio(dense: onnx.ModelProto, planned: onnx.ModelProto, config: BuildConfig, progress: Progress) -> float:
     """Median time of `planned` over the dense model's, timed alternately at `config.tokens` rows."""
-    times = alternated_times(dense, {"planned": planned}, config, progress)
+    times = alternated_times(dense, {"planned": planned}, config, progress, config.bench_iterations)
     return float(np.median(times["planned"]) / np.median(times["dense"]))
 
 

@@ -56,6 +56,7 @@ from lrdeploy.runtime.onnxruntime import OrtRunner, create_session
 FFN_LEVELS = (0.75, 0.5, 0.375, 0.25)  # fractions of an FFN's neurons an option keeps
 HEAD_LEVELS = (0.75, 0.5, 0.25)  # fractions of a self-attention's heads an option keeps
 LATENCY_RANKS = 8  # ranks per layer shape a latency plan times (spread below break-even)
+PLAN_ITERATIONS = 10  # alternated runs per model when timing the plan's variants (their fastest is the cost)
 
 
 @dataclass
@@ -211,9 +212,9 @@ def gemm_saving_ms(option: CutOption, parts: list[BlockParts], timer: Timer) -> 
 
 
 def alternated_times(model: onnx.ModelProto, variants: dict[str, onnx.ModelProto], config: BuildConfig,
-                     progress: Progress) -> dict[str, list[float]]:
-    """Milliseconds per run of the dense model ("dense") and of each variant, run alternately and bound, at
-    `config.tokens` rows (batch × `config.bench_seq`) on `config.backend`."""
+                     progress: Progress, iterations: int) -> dict[str, list[float]]:
+    """Milliseconds per run (`iterations` each) of the dense model ("dense") and of each variant, run alternately
+    and bound, at `config.tokens` rows (batch × `config.bench_seq`) on `config.backend`."""
     device = config.backend.removeprefix("ort-")
     runners = [OrtRunner(proto, device, config.threads, name) for name, proto in {"dense": model, **variants}.items()]
     seq = min(config.bench_seq, config.tokens)
@@ -223,7 +224,7 @@ def alternated_times(model: onnx.ModelProto, variants: dict[str, onnx.ModelProto
         runner.activate()
     try:
         return time_shape(runners, timing_feed(model_input_specs(model), batch, seq),
-                          BenchSettings(warmup=2, iterations=config.bench_iterations))
+                          BenchSettings(warmup=2, iterations=iterations))
     finally:
         for runner in runners:
             runner.deactivate()
@@ -234,8 +235,10 @@ def time_variants(model: onnx.ModelProto, variants: dict[str, onnx.ModelProto], 
     """Fastest milliseconds of the dense model ("dense") and of each variant (`alternated_times`). The minimum,
     not the median: these are costs to plan with, and on a shared machine a burst of other work during part of
     the alternation inflated some models' medians (a plan keeping 75% of heads and FFN was once predicted at
-    ×0.54)."""
-    return {name: float(np.min(values)) for name, values in alternated_times(model, variants, config, progress).items()}
+    ×0.54). PLAN_ITERATIONS runs each, not the bench's 20: this takes ~2 minutes for MiniLM's
+    ten variants at 32×128 on 2 cores, and the plan is held to the clock afterwards (`latency_check`)."""
+    times = alternated_times(model, variants, config, progress, PLAN_ITERATIONS)
+    return {name: float(np.min(values)) for name, values in times.items()}
 
 
 def cut_variants(model: onnx.ModelProto, options: list[CutOption]) -> dict[str, onnx.ModelProto]:
