@@ -1,5 +1,7 @@
 """The PyTorch path: LowRankLinear, compress (same maths as ONNX), distillation, LoRITa."""
 
+import copy
+
 import numpy as np
 import pytest
 
@@ -125,6 +127,45 @@ def test_hidden_state_loss_masks_padding_and_scales_dimensions():
     # per dimension: error² / teacher variance over real tokens = 1/1 and 100/100 → mean 1
     assert float(hidden_state_loss([student], [teacher], mask)) == pytest.approx(1.0)
     assert float(hidden_state_loss([teacher], [teacher], mask)) == 0.0
+
+
+def test_stored_teacher_block_outputs_train_as_the_teacher_run_every_step(monkeypatch):
+    from lrdeploy.torch import distill as distill_module
+
+    teacher, batches = Encoder(), _batches(8)
+    compressed = Encoder()
+    compress(compressed, batches[:4], 0.35)
+    config = DistillConfig(steps=20, lr=3e-3, eval_every=10, hidden_weight=1.0)
+    runs = {}
+    for limit in (distill_module.TEACHER_STATES_LIMIT, 0):  # 0: nothing stored, the teacher runs every step
+        monkeypatch.setattr(distill_module, "TEACHER_STATES_LIMIT", limit)
+        student = copy.deepcopy(compressed)
+        runs[limit] = distill(student, teacher, batches[:6], batches[6:], config, transformer_blocks(teacher))
+    stored, every_step = runs.values()
+    assert stored.history[0] == every_step.history[0]
+    for a, b in zip(stored.history[1:], every_step.history[1:]):  # float16 targets: the same run to ~1e-3
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-3)
+        assert a["eval_cosine"] == pytest.approx(b["eval_cosine"], abs=1e-4)
+
+
+def test_teacher_block_outputs_are_stored_in_float16_up_to_the_limit(monkeypatch):
+    from lrdeploy.torch import distill as distill_module
+    from lrdeploy.torch.distill import BlockOutputs, teacher_targets
+
+    teacher, batches = Encoder(), _batches(4)
+    blocks = BlockOutputs(teacher, transformer_blocks(teacher))
+    targets = teacher_targets(teacher, batches, blocks)
+    with torch.no_grad():
+        teacher(**batches[2])
+    expected = blocks.take()
+    assert [s.dtype for s in targets.states[2]] == [torch.float16] * 2
+    for state, reference in zip(targets.states[2], expected):
+        torch.testing.assert_close(state.float(), reference, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(targets.outputs[2], teacher(**batches[2]).detach())
+    one_batch = sum(s.numel() * 2 for s in targets.states[0])
+    monkeypatch.setattr(distill_module, "TEACHER_STATES_LIMIT", one_batch)  # the second batch passes it
+    assert teacher_targets(teacher, batches, blocks).states is None
+    blocks.close()
 
 
 def test_distillation_with_block_losses_hooks_the_transformer_blocks():
