@@ -218,6 +218,8 @@ def _build_config(model: Path, shapes: tuple[str, ...], cache_dir: Path | None, 
 @click.option("--target-latency", type=float, metavar="FRACTION",
               help="Plan for at most this fraction of the dense model's latency at --tokens (measured here on "
                    "--backend, or from --profile); --rank-budget is then not used.")
+@click.option("--check-tokens", callback=lambda ctx, param, value: _int_list(value) if value else (),
+              metavar="N[,N]", help="Hold a --target-latency measured here at these rows too (e.g. 128: batch 1).")
 @click.option("--bench", is_flag=True, help="Also benchmark dense vs compressed on ONNX Runtime CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @user_errors
@@ -486,6 +488,8 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
                    "or from --profile).")
 @click.option("--tokens", default=DISTILL_DEFAULTS.tokens, show_default=True, type=click.IntRange(min=1),
               help="Rows (batch × 128) of the --target-latency timings.")
+@click.option("--check-tokens", callback=lambda ctx, param, value: _int_list(value) if value else (),
+              metavar="N[,N]", help="As `build --check-tokens`: the target measured here holds at these rows too.")
 @click.option("--profile", metavar="NAME|FILE",
               help="As `build --profile`: plan --target-latency for a device from its profile (e.g. h200-fp16).")
 @click.option("--train-text", type=click.Choice(TRAIN_TEXTS), default=DISTILL_DEFAULTS.train_text,

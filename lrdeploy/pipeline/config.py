@@ -20,6 +20,13 @@ OPTIMIZERS = ("none", "ort")  # ort: compress inside ONNX Runtime's transformer-
 QKV_FORMS = ("separate", "joint")  # joint: Q, K and V share one low-rank basis (passes/merge_qkv)
 
 
+def check_token_options(check_tokens: tuple[int, ...], target_latency: float | None, profile: str | None) -> None:
+    """--check-tokens only holds a latency target measured here (shared with `distill`'s early check)."""
+    if check_tokens and (target_latency is None or profile is not None):
+        raise OptionError("--check-tokens holds a --target-latency measured here; give --target-latency and leave "
+                          "--profile out (a profile's plan is not timed on this machine)")
+
+
 def default_cache_dir() -> Path:
     """$LRDEPLOY_CACHE_DIR, else $XDG_CACHE_HOME/lrdeploy, else ~/.cache/lrdeploy."""
     if os.environ.get("LRDEPLOY_CACHE_DIR"):
@@ -68,6 +75,7 @@ class BuildConfig:
     drop_blocks: int = 0  # drop this many whole transformer blocks (the least harmful, measured)
     plan: str = "lowrank"  # one of PLANS
     target_latency: float | None = None  # plan for at most this fraction of dense latency at `tokens` rows
+    check_tokens: tuple[int, ...] = ()  # a measured-here target must hold at these rows too (e.g. 128: batch 1)
     optimize: str = "none"  # one of OPTIMIZERS
     qkv: str | None = None  # one of QKV_FORMS; None: separate on the plain graph (joint inside --optimize ort's)
     num_heads: int = 0  # for --optimize ort; 0: read from the graph
@@ -110,6 +118,7 @@ class BuildConfig:
             if option == "--heads-keep" and self.optimize != "none":
                 raise OptionError("--heads-keep cannot be combined with --optimize ort yet (the fused Attention packs "
                                   "its heads); leave one of them out")
+        check_token_options(self.check_tokens, self.target_latency, self.profile)
         if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
             raise OptionError(f"--target-latency {self.target_latency} is outside (0, 1); pass the fraction of dense "
                               "latency to reach, e.g. --target-latency 0.6")

@@ -147,6 +147,7 @@ def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> Build
                          method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
                          output_dir=out, refit=settings.refit, seed=seed, ffn_keep=settings.ffn_keep,
                          plan=settings.plan, target_latency=settings.target_latency, tokens=settings.tokens,
+                         check_tokens=settings.check_tokens,
                          profile=settings.profile)
     distiller = Distiller(teacher, examples, train, check, settings.training, progress)
     if settings.target_cosine is not None:  # the report lists export and tokenize too, on either path

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from lrdeploy.errors import OptionError
 from lrdeploy.lowrank.allocate import check_budget_range
+from lrdeploy.pipeline.config import check_token_options
 from lrdeploy.torch.distill_config import DistillConfig
 
 TRAIN_TEXTS = ("pydoc+docstrings", "pydoc")  # unlabeled training sentences; the evaluation ones are always left out
@@ -32,11 +33,13 @@ class DistillSettings:
     plan: str = "lowrank"  # "unified": the ONNX path's unified plan chooses ranks, FFN widths and heads
     target_latency: float | None = None  # with tokens: plan for this fraction of dense latency (measured here)
     tokens: int = 4096
+    check_tokens: tuple[int, ...] = ()  # the measured-here target holds at these rows too (e.g. 128: batch 1)
     profile: str | None = None  # plan the latency target from a device profile instead of measuring here
     training: DistillConfig = field(default_factory=DistillConfig)
 
     def check(self) -> None:
         """Budget and target are fractions in (0, 1] (checked before anything is exported)."""
         check_budget_range(self.rank_budget)
+        check_token_options(self.check_tokens, self.target_latency, self.profile)
         if self.target_cosine is not None and not 0.0 < self.target_cosine <= 1.0:
             raise OptionError(f"--target-cosine {self.target_cosine} is outside (0, 1]; pass e.g. --target-cosine 0.98")

@@ -212,13 +212,14 @@ def gemm_saving_ms(option: CutOption, parts: list[BlockParts], timer: Timer) -> 
 
 
 def alternated_times(model: onnx.ModelProto, variants: dict[str, onnx.ModelProto], config: BuildConfig,
-                     progress: Progress, iterations: int) -> dict[str, list[float]]:
+                     progress: Progress, iterations: int, tokens: int | None = None) -> dict[str, list[float]]:
     """Milliseconds per run (`iterations` each) of the dense model ("dense") and of each variant, run alternately
-    and bound, at `config.tokens` rows (batch × `config.bench_seq`) on `config.backend`."""
+    and bound, at `tokens` rows (default `config.tokens`; batch × `config.bench_seq`) on `config.backend`."""
     device = config.backend.removeprefix("ort-")
     runners = [OrtRunner(proto, device, config.threads, name) for name, proto in {"dense": model, **variants}.items()]
-    seq = min(config.bench_seq, config.tokens)
-    batch = max(1, config.tokens // seq)
+    tokens = tokens or config.tokens
+    seq = min(config.bench_seq, tokens)
+    batch = max(1, tokens // seq)
     progress.note(f"  timing the dense model and {len(variants)} variant{'s' * (len(variants) != 1)} at {batch}×{seq} tokens")
     for runner in runners:
         runner.activate()

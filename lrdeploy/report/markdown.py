@@ -86,10 +86,13 @@ def plan_markdown(plan: dict | None) -> list[str]:
              f"({plan['scope']}, {plan['source']}): predicted ×{plan['predicted_ratio']:.3f}, measured "
              + ("not here (a device profile's plan)" if measured is None else f"×{measured:.3f}"),
              f"- cuts: {', '.join(plan['choices']) or 'none'}", ""]
-    if len(plan.get("attempts") or []) > 1:
-        lines += ["| planned for | predicted | measured | predicted distortion |", "|---|---|---|---|"]
-        lines += [f"| ×{a['planned_for']:.3f} | ×{a['predicted']:.3f} | ×{a['measured']:.3f} | {a['distortion']:.4f} |"
-                  for a in plan["attempts"]] + [""]
+    attempts = plan.get("attempts") or []
+    if len(attempts) > 1 or any(len(attempt["by_tokens"]) > 1 for attempt in attempts):
+        lines += ["| planned for | predicted | measured (worst) | by tokens | predicted distortion |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| ×{a['planned_for']:.3f} | ×{a['predicted']:.3f} | ×{a['measured']:.3f} | "
+                  + ", ".join(f"{tokens}: ×{ratio:.3f}" for tokens, ratio in a["by_tokens"].items())
+                  + f" | {a['distortion']:.4f} |" for a in attempts] + [""]
     return lines
 
 

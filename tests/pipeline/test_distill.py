@@ -77,6 +77,7 @@ def test_distill_target_cosine_keeps_only_the_chosen_budget(bert_dir, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--rank-budget", "1.5"], "rank budget 1.5 is outside (0, 1]"),
     (["--target-cosine", "2"], "--target-cosine 2.0 is outside (0, 1]"),
+    (["--check-tokens", "128"], "--check-tokens holds a --target-latency measured here"),
 ])
 def test_distill_bad_budget_is_one_error_line(bert_dir, tmp_path, args, message):
     result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), *args, "-o", str(tmp_path / "x")])

@@ -24,7 +24,8 @@ def _build(tmp_path, *options, model=None, calib=96):
 
 
 def _scripted_clock(monkeypatch, measure):
-    """Replace the timing of planned models by `measure(predicted ratio of the plan being timed)`."""
+    """Replace the timing of planned models by `measure(predicted ratio of the plan being timed)`: the ratio at
+    --tokens, or a dict {tokens: ratio}."""
     seen = []
     real_plan_shapes = latency_check.plan_shapes
 
@@ -34,7 +35,11 @@ def _scripted_clock(monkeypatch, measure):
         return plan
 
     monkeypatch.setattr(latency_check, "plan_shapes", plan_shapes)
-    monkeypatch.setattr(latency_check, "measured_ratio", lambda *args: measure(seen[-1]))
+    def measured_ratios(dense, planned, config, progress):
+        ratio = measure(seen[-1])
+        return ratio if isinstance(ratio, dict) else {config.tokens: ratio}
+
+    monkeypatch.setattr(latency_check, "measured_ratios", measured_ratios)
     return seen
 
 
@@ -74,8 +79,29 @@ def test_a_target_the_clock_never_meets_keeps_the_fastest_plan_and_warns(tmp_pat
     assert "--target-latency 0.9 missed: the fastest of" in result.output
 
 
+@pytest.mark.slow
+def test_check_tokens_hold_the_target_at_the_worst_token_count(tmp_path, monkeypatch):
+    # batch 1 (128 rows) is 1.2× worse than the plan's 256 rows: the plan must meet the target there too
+    _scripted_clock(monkeypatch, lambda predicted: {256: predicted, 128: 1.2 * predicted})
+    result = _build(tmp_path, "--plan", "unified", "--target-latency", "0.9", "--tokens", "256", "--check-tokens", "128")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["latency_plan"]
+    for attempt in plan["attempts"]:
+        assert attempt["by_tokens"] == {"256": pytest.approx(attempt["predicted"]),
+                                        "128": pytest.approx(1.2 * attempt["predicted"])}
+        assert attempt["measured"] == attempt["by_tokens"]["128"]
+    assert plan["measured_ratio"] <= 0.9 and plan["predicted_ratio"] <= 0.75 + 1e-9
+    assert "128: ×" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_check_tokens_without_a_measured_target_are_refused(tmp_path):
+    result = _build(tmp_path, "--check-tokens", "128")
+    assert result.exit_code == 1 and "Error: --check-tokens holds a --target-latency measured here" in result.output
+    assert not (tmp_path / "o").exists()
+
+
 def test_a_plan_from_a_device_profile_is_not_timed_here(tmp_path, monkeypatch):
-    monkeypatch.setattr(latency_check, "measured_ratio", lambda *args: pytest.fail("timed a profile's plan"))
+    monkeypatch.setattr(latency_check, "measured_ratios", lambda *args: pytest.fail("timed a profile's plan"))
     result = _build(tmp_path, "--plan", "unified", "--target-latency", "0.9", "--tokens", "16384", "--profile",
                     "h200-fp16", model=models.transformer(layers=2, hidden=384, heads=6, ffn=1536), calib=256)
     assert result.exit_code == 0, result.output
