@@ -27,7 +27,7 @@ import torch
 from lrdeploy.torch.distill_config import DistillConfig
 
 Batch = Mapping[str, torch.Tensor]
-TEACHER_STATES_LIMIT = 6 * 2**30  # bytes of the teacher's block outputs kept for training (MiniLM, 14.5k sentences: ~2 GiB)
+TEACHER_STATES_LIMIT = 6 * 2**30  # bytes of the teacher's block outputs kept for training (float16)
 
 
 @dataclass
