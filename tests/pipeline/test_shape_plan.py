@@ -81,10 +81,12 @@ def test_target_latency_measured_here_times_the_whole_model(tmp_path):
     assert result.exit_code == 0, result.output
     plan = json.loads(result.stdout)["latency_plan"]
     assert plan["scope"] == "whole model" and plan["source"] == "measured on ort-cpu"
-    assert plan["predicted_ratio"] <= 0.9
-    # the plan was built and timed against dense; the ratio kept is one the clock measured
-    assert plan["attempts"] and plan["measured_ratio"] in [attempt["measured"] for attempt in plan["attempts"]]
-    assert plan["attempts"][0]["planned_for"] == 0.9 and plan["measured_ratio"] > 0
+    first = plan["attempts"][0]
+    assert first["planned_for"] == 0.9 and first["predicted"] <= 0.9
+    # each plan was built and timed against dense: the one kept (perhaps planned again for more or less, so its
+    # prediction may lie either side of 0.9) was measured under the target, or the build warned that none was
+    assert plan["measured_ratio"] in [attempt["measured"] for attempt in plan["attempts"]]
+    assert plan["measured_ratio"] <= 0.9 or "--target-latency 0.9 missed" in result.output
 
 
 @pytest.mark.parametrize("options, message", [
