@@ -194,6 +194,11 @@ def _build_config(model: Path, shapes: tuple[str, ...], cache_dir: Path | None, 
                        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), **fields)
 
 
+def _optional_int_list(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple[int, ...]:
+    """A click callback: `_int_list` of the option's text, () when the option is not given."""
+    return _int_list(text) if text else ()
+
+
 @main.command()
 @click.argument("model", type=FILE)
 @click.option("--rank-budget", default=BUILD_DEFAULTS.rank_budget, show_default=True, type=float,
@@ -218,8 +223,8 @@ def _build_config(model: Path, shapes: tuple[str, ...], cache_dir: Path | None, 
 @click.option("--target-latency", type=float, metavar="FRACTION",
               help="Plan for at most this fraction of the dense model's latency at --tokens (measured here on "
                    "--backend, or from --profile); --rank-budget is then not used.")
-@click.option("--check-tokens", callback=lambda ctx, param, value: _int_list(value) if value else (),
-              metavar="N[,N]", help="Hold a --target-latency measured here at these rows too (e.g. 128: batch 1).")
+@click.option("--check-tokens", callback=_optional_int_list, metavar="N[,N]",
+              help="Hold a --target-latency measured here at these rows too (e.g. 128: batch 1).")
 @click.option("--bench", is_flag=True, help="Also benchmark dense vs compressed on ONNX Runtime CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @user_errors
@@ -488,8 +493,8 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
                    "or from --profile).")
 @click.option("--tokens", default=DISTILL_DEFAULTS.tokens, show_default=True, type=click.IntRange(min=1),
               help="Rows (batch × 128) of the --target-latency timings.")
-@click.option("--check-tokens", callback=lambda ctx, param, value: _int_list(value) if value else (),
-              metavar="N[,N]", help="As `build --check-tokens`: the target measured here holds at these rows too.")
+@click.option("--check-tokens", callback=_optional_int_list, metavar="N[,N]",
+              help="As `build --check-tokens`: the target measured here holds at these rows too.")
 @click.option("--profile", metavar="NAME|FILE",
               help="As `build --profile`: plan --target-latency for a device from its profile (e.g. h200-fp16).")
 @click.option("--train-text", type=click.Choice(TRAIN_TEXTS), default=DISTILL_DEFAULTS.train_text,

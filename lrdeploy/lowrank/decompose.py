@@ -13,7 +13,7 @@ elementwise pass over the [tokens, k] intermediate without changing the function
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Mapping, Protocol
 
 import numpy as np
 
@@ -153,3 +153,9 @@ def decompose(
         output_mean = input_moments.mean @ w + (0.0 if b is None else b)
         return WhitenedSvd(whitener.T, left, sv, right, input_moments.mean, output_mean)
     raise InternalError(f"unknown method {method!r}")
+
+
+def planned_factors(decompositions: Mapping[str, Decomposition], ranks: Mapping[str, int | None]
+                    ) -> dict[str, LowRankFactors]:
+    """The factors of every layer a plan splits (rank not None), by layer name."""
+    return {name: decompositions[name].factors(rank) for name, rank in ranks.items() if rank is not None}

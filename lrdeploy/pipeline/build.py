@@ -26,7 +26,7 @@ from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
-from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose
+from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose, planned_factors
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
 from lrdeploy.passes.compose import compressed_model
 from lrdeploy.passes.index_inputs import index_limits
@@ -176,7 +176,7 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
             plan = latency.plan
         else:
             plan = allocate(config.allocation, prepared.shapes, budget, config.rank_multiple, energies, loss)
-    factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.items() if rank is not None}
+    factors = planned_factors(prepared.decompositions, plan)
     if config.refit:
         with timer.stage("refit"):
             on_stage = timer.progress.steps("refitting", len(refit_stages(prepared.eligible, factors)))

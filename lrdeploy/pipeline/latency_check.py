@@ -2,8 +2,9 @@
 
 A plan's prediction sums savings measured one option at a time, and options do not add up exactly: inside ORT's
 fused MiniLM graph a plan predicted at ×0.58 of dense measured ×0.636; on the plain graph plans predicted at ×0.55
-and ×0.57 measured ×0.547 and ×0.648. So each plan is built and timed side by side with the dense model as `lrdeploy bench` times it
-(median of alternated runs at --tokens rows), and planned again for a target corrected by what the clock said:
+and ×0.57 measured ×0.547 and ×0.648. So each plan is built and timed side by side with the dense model as
+`lrdeploy bench` times it (median of alternated runs at --tokens rows), and planned again for a target corrected by
+what the clock said:
 
     t = target ─plan─► predicted p ─build, time─► measured m ── target − TOLERANCE·target ≤ m ≤ target ──► done
          ▲                                             │ otherwise (at most MAX_PLANS plans)
@@ -28,6 +29,7 @@ import onnx
 
 from lrdeploy.errors import BudgetError
 from lrdeploy.lowrank.allocate import LossCurve
+from lrdeploy.lowrank.decompose import planned_factors
 from lrdeploy.passes.compose import compressed_model
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.progress import Progress
@@ -83,6 +85,7 @@ def checked_shape_plan(prepared: PreparedBuild, budget: float, loss: LossCurve, 
     target, planned_for = config.target_latency, config.target_latency
     tried: list[tuple[ShapePlan, float]] = []
     attempts = []
+    model = prepared.inspection.model.proto
     for round_ in range(MAX_PLANS):
         if round_:
             try:
@@ -90,9 +93,7 @@ def checked_shape_plan(prepared: PreparedBuild, budget: float, loss: LossCurve, 
             except BudgetError:  # the corrected target is out of reach: keep what was measured
                 break
             progress.note(plan.summary(options, config) + f" (planned for ×{planned_for:.3f})")
-        model = prepared.inspection.model.proto
-        factors = {name: prepared.decompositions[name].factors(rank) for name, rank in plan.ranks.items()
-                   if rank is not None}
+        factors = planned_factors(prepared.decompositions, plan.ranks)
         by_tokens = measured_ratios(model, compressed_model(model, prepared.eligible, factors, plan.cuts), config,
                                     progress)
         measured = max(by_tokens.values())

@@ -35,7 +35,7 @@ from lrdeploy.calib.data import Feeds, SampleSet, model_input_specs
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import BudgetError
 from lrdeploy.lowrank.allocate import LossCurve
-from lrdeploy.lowrank.decompose import Decomposition
+from lrdeploy.lowrank.decompose import Decomposition, planned_factors
 from lrdeploy.lowrank.knapsack import AllOf, Node, OneOf, Option, max_saving, solve
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.lowrank.neurons import group_cuts, neuron_cuts
@@ -261,8 +261,7 @@ def measure_savings(options: ShapeOptions, model: onnx.ModelProto, eligible: lis
     middle = {layer.name: ranks[len(ranks) // 2] for layer in eligible
               if (ranks := rank_grid(layer, config.rank_multiple, LATENCY_RANKS))}
     if middle:
-        variants["lowrank"] = compressed_model(model, eligible, {name: decompositions[name].factors(rank)
-                                                                 for name, rank in middle.items()})
+        variants["lowrank"] = compressed_model(model, eligible, planned_factors(decompositions, middle))
     fastest = time_variants(model, variants, config, progress)
     options.dense_ms = fastest["dense"]
     for option in options.cuts:

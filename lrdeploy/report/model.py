@@ -19,7 +19,8 @@ report.json schema (all keys always present):
                   predicted_linear_ratio (linear layers' time under the plan / dense), note, kept_dense [layer]}
                  | (--plan unified / --target-latency) {plan, resource ("latency" | "params"), predicted_ratio, scope,
                   tokens, source, target_latency, predicted_distortion, choices [str], measured_ratio (median
-                  time over dense's, measured here) | null, attempts [{planned_for, predicted, measured, distortion}]}
+                  time over dense's, measured here) | null, attempts [{planned_for, predicted, measured (worst
+                  of by_tokens), by_tokens {tokens: ratio}, distortion}]}
                  | null
 Parameters count weights only (biases excluded), so linear_ratio is what --rank-budget bounds.
 """

@@ -119,18 +119,16 @@ def teacher_targets(teacher: torch.nn.Module, batches: Sequence[Batch], blocks: 
     The block outputs are dropped (None) once they pass TEACHER_STATES_LIMIT bytes: the teacher then runs every
     step instead."""
     teacher.eval()
-    outputs, states, stored = [], [], 0
+    outputs, states, stored = [], [] if blocks is not None else None, 0
     for batch in batches:
         outputs.append(teacher(**batch).detach())
-        if blocks is None:
-            continue
-        taken = blocks.take()
+        taken = blocks.take() if blocks is not None else []
         if states is not None:
             states.append([state.detach().to(torch.float16) for state in taken])
             stored += sum(state.numel() * state.element_size() for state in states[-1])
             if stored > TEACHER_STATES_LIMIT:
                 states = None
-    return TeacherTargets(outputs, states if blocks is not None else None)
+    return TeacherTargets(outputs, states)
 
 
 @torch.no_grad()
