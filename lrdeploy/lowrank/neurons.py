@@ -5,7 +5,7 @@ For the down projection y = h·W + b (W = W_down, [f, d]) and a kept set S of ne
 
     W′ = (C_SS + λI)⁻¹ · C_S: · W,     b′ = E[y] − E[h_S]·W′,     C = Cov[h]   (MoDeGPT / Nyström style)
 
-and leaves the error tr(Wᵀ·(C − C_:S·C_SS⁻¹·C_S:)·W). Neurons are chosen greedily to remove most of that error:
+and leaves the error tr(Wᵀ·C·W) − tr((C_S:·W)ᵀ·W′). Neurons are chosen greedily to remove most of that error:
 a pivoted Cholesky of C, each step taking the neuron whose residual column, carried through W, is largest. When
 the kept neurons span the others (a removed neuron is a linear function of kept ones), the refit is exact.
 """
@@ -32,25 +32,50 @@ class NeuronCut:
     residual: float  # the least-squares error left, E‖y − y′‖², per position
 
 
+class _Refits:
+    """Ridge refits of y = h·W from subsets S of h's features, sharing what every subset needs: C·W (its rows S
+    are C_S:·W) and tr(Wᵀ·C·W). A refit is one k×k solve, W′ = (C_SS + λI)⁻¹·(C·W)_S, and its error is
+    tr(Wᵀ·C·W) − Σ (C·W)_S ∘ W′, so no f×f matrix is formed per subset."""
+
+    def __init__(self, cov: np.ndarray, weight: np.ndarray, ridge: float):
+        self.cov, self.ridge = cov, ridge
+        self.carried = cov @ weight
+        self.total = float(np.sum(weight * self.carried))
+
+    def solve(self, keep: np.ndarray) -> tuple[np.ndarray, float]:
+        """(W′ [k, d], the error it leaves) for the features `keep`."""
+        block = self.cov[np.ix_(keep, keep)]
+        damping = self.ridge * max(float(np.trace(block)) / max(len(keep), 1), EPS)
+        rows = self.carried[keep]
+        refit = np.linalg.solve(block + damping * np.eye(len(keep)), rows)
+        return refit, self.total - float(np.sum(rows * refit))
+
+
 def neuron_order(cov: np.ndarray, weight: np.ndarray, count: int) -> np.ndarray:
     """The first `count` neurons chosen greedily to minimise the refit's error tr(Wᵀ·C_resid·W), in the order
-    chosen: any prefix is the greedy choice of that many (so one run serves every width a plan considers)."""
-    residual = np.array(cov, np.float64, copy=True)
-    carried = residual @ np.asarray(weight, np.float64)  # C_resid·W, updated by rank one per step
+    chosen: any prefix is the greedy choice of that many (so one run serves every width a plan considers).
+
+    A left-looking pivoted Cholesky: only the residual's diagonal, C_resid·W and the factor's columns are kept
+    (the pivot's residual column is C's column less the factor's part), not the f×f residual itself."""
+    cov = np.asarray(cov, np.float64)
+    diag = np.diag(cov).copy()
+    carried = cov @ np.asarray(weight, np.float64)  # C_resid·W, updated by rank one per step
+    factor = np.zeros((count, cov.shape[0]))  # rows: the Cholesky columns of the chosen neurons
+    floor = EPS * max(float(np.trace(cov)), EPS)
     chosen: list[int] = []
-    for _ in range(count):
-        diag = np.diag(residual).copy()
-        diag[chosen] = np.inf
-        gains = np.where(diag > EPS * max(float(np.trace(cov)), EPS), (carried ** 2).sum(1) / np.maximum(diag, EPS), -1.0)
+    for step in range(count):
+        gains = np.where(diag > floor, (carried ** 2).sum(1) / np.maximum(diag, EPS), -1.0)
         gains[chosen] = -np.inf
         pick = int(np.argmax(gains))
         if gains[pick] < 0:  # the rest is already spanned: keep the largest remaining neurons by variance
             rest = [j for j in np.argsort(-np.diag(cov)) if j not in chosen]
             chosen += rest[: count - len(chosen)]
             break
-        column = residual[:, pick].copy()
-        residual -= np.outer(column, column) / column[pick]
-        carried -= np.outer(column, carried[pick]) / column[pick]
+        column = cov[:, pick] - factor[:step, pick] @ factor[:step]
+        root = np.sqrt(column[pick])
+        factor[step] = column / root
+        diag -= factor[step] ** 2
+        carried -= np.outer(factor[step], carried[pick] / root)
         chosen.append(pick)
     return np.asarray(chosen, np.int64)
 
@@ -67,23 +92,14 @@ def neuron_cuts(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, c
     w = np.asarray(weight, np.float64)
     b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
     order = neuron_order(moments.covariance, w, max(counts, default=0))
-    return {count: refit_kept(moments, w, b, np.sort(order[:count]), ridge) for count in counts}
+    refits = _Refits(moments.covariance, w, ridge)
+    return {count: _cut(moments, refits, w, b, np.sort(order[:count])) for count in counts}
 
 
-def refit_kept(moments: Moments, weight: np.ndarray, bias: np.ndarray, keep: np.ndarray, ridge: float) -> NeuronCut:
-    """W′, b′ reproducing h·W + b from the features `keep` of h (ridge least squares), and the error left."""
-    cov, mean = moments.covariance, moments.mean
-    block = cov[np.ix_(keep, keep)]
-    damping = ridge * max(float(np.trace(block)) / max(len(keep), 1), EPS)
-    refit = np.linalg.solve(block + damping * np.eye(len(keep)), cov[keep] @ weight)
-    return NeuronCut(keep, refit, mean @ weight + bias - mean[keep] @ refit, _residual(cov, weight, keep, ridge))
-
-
-def _residual(cov: np.ndarray, weight: np.ndarray, keep: np.ndarray, ridge: float) -> float:
-    block = cov[np.ix_(keep, keep)]
-    damping = ridge * max(float(np.trace(block)) / max(len(keep), 1), EPS)
-    explained = cov[:, keep] @ np.linalg.solve(block + damping * np.eye(len(keep)), cov[keep])
-    return float(np.trace(weight.T @ (cov - explained) @ weight))
+def _cut(moments: Moments, refits: _Refits, weight: np.ndarray, bias: np.ndarray, keep: np.ndarray) -> NeuronCut:
+    """The NeuronCut reproducing h·W + b from the features `keep` of h."""
+    refit, residual = refits.solve(keep)
+    return NeuronCut(keep, refit, moments.mean @ weight + bias - moments.mean[keep] @ refit, residual)
 
 
 def cut_groups(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, groups: int, count: int,
@@ -102,7 +118,7 @@ def group_cuts(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, gr
     w = np.asarray(weight, np.float64)
     b = np.zeros(w.shape[1]) if bias is None else np.asarray(bias, np.float64)
     size = w.shape[0] // groups
-    cov = moments.covariance
+    refits = _Refits(moments.covariance, w, ridge)
     kept = list(range(groups))
 
     def features(heads: list[int]) -> np.ndarray:
@@ -111,7 +127,7 @@ def group_cuts(moments: Moments, weight: np.ndarray, bias: np.ndarray | None, gr
     result = {}
     for count in sorted(set(counts), reverse=True):
         while len(kept) > count:
-            errors = [_residual(cov, w, features([h for h in kept if h != g]), ridge) for g in kept]
+            errors = [refits.solve(features([h for h in kept if h != g]))[1] for g in kept]
             kept.remove(kept[int(np.argmin(errors))])
-        result[count] = (list(kept), refit_kept(moments, w, b, features(kept), ridge))
+        result[count] = (list(kept), _cut(moments, refits, w, b, features(kept)))
     return result
