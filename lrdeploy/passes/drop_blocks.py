@@ -52,12 +52,12 @@ def find_transformer_blocks(graph: gs.Graph, attention: list[AttentionBlock],
     blocks = []
     for index, block in enumerate(attention):
         if index + 1 < len(attention):
-            output = attention[index + 1].query.input_name
+            output = attention[index + 1].input_name
         else:
-            last_ffn = next((f for f in reversed(ffn) if f.up.input_name != block.query.input_name), None)
+            last_ffn = next((f for f in reversed(ffn) if f.up.input_name != block.input_name), None)
             output = _after_residual(graph, last_ffn) if last_ffn is not None else None
         if output is not None:
-            blocks.append(TransformerBlock(f"block{index}", block.query.input_name, output))
+            blocks.append(TransformerBlock(f"block{index}", block.input_name, output))
     return blocks
 
 

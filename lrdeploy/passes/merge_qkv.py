@@ -29,7 +29,7 @@ from lrdeploy.passes.prune_heads import find_attention_blocks
 
 def find_qkv_groups(layers: list[LinearLayer]) -> list[tuple[LinearLayer, LinearLayer, LinearLayer]]:
     """(Q, K, V) of every self-attention: three plain layers reading one tensor, followed by an output projection."""
-    return [(block.query, block.key, block.value) for block in find_attention_blocks(layers, heads=1)]
+    return [tuple(block.projections) for block in find_attention_blocks(layers, heads=1)]
 
 
 def merged_name(group: tuple[LinearLayer, ...]) -> str:

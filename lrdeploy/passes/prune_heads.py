@@ -6,9 +6,17 @@
     ⇒  W_q, W_k, W_v (and biases) keep the kept heads' columns, shape constants say k heads (or k·h_d wide),
        W_o keeps their rows refit by least squares to reproduce Y (`lowrank.neurons.cut_groups`).
 
+ONNX Runtime's fused form packs the three projections in one weight; the same cut slices it per part:
+
+    X ─Attention(W_qkv[d,3d], b_qkv, num_heads=H)─► context[b,s,d] ─O(W_o)─► Y
+    ⇒  X ─Attention(W_qkv[:, S ∪ d+S ∪ 2d+S], b_qkv[same], num_heads=k)─► context[b,s,k·h_d] ─O(W_o′)─► Y
+
+(S: the kept heads' feature indices; ONNX Runtime reads the head size as the packed width / 3 / num_heads.)
+
 Matched on plain exports (three MatMul(+Add) layers reading one tensor, then the output projection reading the
-merged context); a Reshape whose target shape is computed (torch's exporter writes -1 for the head axis)
-needs no change, a constant one is replaced per block. Matching only reads the graph.
+merged context) and on the fused graph (an Attention node, then the layer reading its output); a Reshape whose
+target shape is computed (torch's exporter writes -1 for the head axis) needs no change, a constant one is
+replaced per block. Matching only reads the graph.
 """
 
 from __future__ import annotations
@@ -24,19 +32,43 @@ from lrdeploy.passes.linear_layers import LinearLayer, constant_value
 from lrdeploy.passes.naming import Scope
 
 
+PACKED_PARTS = 3  # Q, K and V in a fused Attention's packed weight
+
+
 @dataclass
 class AttentionBlock:
-    """The Q, K, V projections of one self-attention, its output projection, and its head geometry."""
+    """One self-attention: its input projections (Q, K and V as three layers, or a fused Attention's one packed
+    layer), its output projection, and its head count."""
 
-    query: LinearLayer
-    key: LinearLayer
-    value: LinearLayer
+    projections: list[LinearLayer]
     output: LinearLayer
     heads: int
 
     @property
+    def packed(self) -> bool:
+        return len(self.projections) == 1
+
+    @property
+    def input_name(self) -> str:
+        """The tensor the block's projections read (the residual stream entering the block)."""
+        return self.projections[0].input_name
+
+    @property
+    def d_in(self) -> int:
+        return self.projections[0].d_in
+
+    @property
+    def width(self) -> int:
+        """The context's width: heads × head dim."""
+        return self.output.d_in
+
+    @property
     def head_dim(self) -> int:
-        return self.value.d_out // self.heads
+        return self.width // self.heads
+
+    def projection_widths(self, kept_width: int) -> list[int]:
+        """Each input projection's output width when the context is `kept_width` wide."""
+        return [kept_width * (layer.d_out // self.width) for layer in self.projections]
 
 
 def find_attention_blocks(layers: list[LinearLayer], heads: int) -> list[AttentionBlock]:
@@ -48,11 +80,30 @@ def find_attention_blocks(layers: list[LinearLayer], heads: int) -> list[Attenti
         readers = [other for other in plain[index:index + 3] if other.input_name == layer.input_name]
         if len(readers) != 3 or any(r.d_out != layer.d_out for r in readers) or layer.d_out % heads:
             continue
-        if blocks and layer in (blocks[-1].query, blocks[-1].key, blocks[-1].value):
+        if blocks and layer in blocks[-1].projections:
             continue
         following = plain[index + 3] if index + 3 < len(plain) else None
         if following is not None and following.d_in == layer.d_out and following.input_name != layer.input_name:
-            blocks.append(AttentionBlock(*readers, following, heads))
+            blocks.append(AttentionBlock(readers, following, heads))
+    return blocks
+
+
+def find_fused_attention_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> list[AttentionBlock]:
+    """ONNX Runtime's fused self-attentions in model order: each Attention layer with a constant packed weight of
+    three equal parts, followed by the plain layer that reads its output (the output projection)."""
+    tensors = graph.tensors()
+    blocks = []
+    for layer in layers:
+        if layer.pattern != "Attention" or layer.weight is None or layer.d_out % PACKED_PARTS:
+            continue
+        node = tensors[layer.output_name].inputs[0]
+        heads = int(node.attrs.get("num_heads", 0))
+        sizes = node.attrs.get("qkv_hidden_sizes")
+        if not heads or (sizes and len(set(sizes)) != 1) or (layer.d_out // PACKED_PARTS) % heads:
+            continue
+        output = next((other for other in layers if other.input_name == layer.output_name and is_plain(other)), None)
+        if output is not None and output.d_in == layer.d_out // PACKED_PARTS:
+            blocks.append(AttentionBlock([layer], output, heads))
     return blocks
 
 
@@ -71,21 +122,46 @@ def _resized_shape(scope: Scope, name: str, node: gs.Node, old: int, new: int, a
 def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_heads: list[int], cut: NeuronCut) -> None:
     """Keep the heads `kept_heads` of `block` (in place); `cut` holds their context features and W_o's refit."""
     tensors = graph.tensors()
-    features, width, dtype = cut.keep, len(cut.keep), block.value.dtype
-    narrowed = [matmul_and_add(tensors, layer)[0].outputs[0] for layer in (block.query, block.key, block.value)]
     scope = Scope(graph, f"{block.output.name}/heads")
-    for tag, layer in (("query", block.query), ("key", block.key), ("value", block.value)):
-        matmul, _ = matmul_and_add(tensors, layer)
-        matmul.inputs[1] = scope.constant(f"{tag}/weight", np.asarray(layer.weight)[:, features].astype(dtype))
-        if layer.bias is not None:
-            set_bias(graph, layer, scope.constant(f"{tag}/bias", np.asarray(layer.bias)[features].astype(dtype)))
-        for consumer in tensors[layer.output_name].outputs:
-            if consumer.op == "Reshape":
-                _resized_shape(scope, f"{tag}/shape", consumer, block.heads, len(kept_heads), 2)
-    context = tensors[block.output.input_name]
-    if context.inputs and context.inputs[0].op == "Reshape":
-        _resized_shape(scope, "context/shape", context.inputs[0], block.value.d_out, width, -1)
+    if block.packed:
+        narrowed = [_narrow_packed(scope, tensors, block, len(kept_heads), cut.keep)]
+    else:
+        narrowed = _narrow_projections(scope, graph, block, len(kept_heads), cut.keep)
+    dtype = block.output.dtype
     matmul, _ = matmul_and_add(tensors, block.output)
     matmul.inputs[1] = scope.constant("output/weight", cut.weight.astype(dtype))
     set_bias(graph, block.output, scope.constant("output/bias", cut.bias.astype(dtype)))
     forget_shapes(graph, narrowed, {block.output.output_name})
+
+
+def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept: int,
+                        features: np.ndarray) -> list[gs.Tensor]:
+    """Q, K and V keep the columns `features`; the Reshapes that split and merge heads say `kept` heads."""
+    tensors = graph.tensors()
+    narrowed = [matmul_and_add(tensors, layer)[0].outputs[0] for layer in block.projections]
+    for tag, layer in zip(("query", "key", "value"), block.projections):
+        matmul, _ = matmul_and_add(tensors, layer)
+        matmul.inputs[1] = scope.constant(f"{tag}/weight", np.asarray(layer.weight)[:, features].astype(layer.dtype))
+        if layer.bias is not None:
+            set_bias(graph, layer, scope.constant(f"{tag}/bias", np.asarray(layer.bias)[features].astype(layer.dtype)))
+        for consumer in tensors[layer.output_name].outputs:
+            if consumer.op == "Reshape":
+                _resized_shape(scope, f"{tag}/shape", consumer, block.heads, kept, 2)
+    context = tensors[block.output.input_name]
+    if context.inputs and context.inputs[0].op == "Reshape":
+        _resized_shape(scope, "context/shape", context.inputs[0], block.width, len(features), -1)
+    return narrowed
+
+
+def _narrow_packed(scope: Scope, tensors, block: AttentionBlock, kept: int, features: np.ndarray) -> gs.Tensor:
+    """The fused Attention keeps the columns `features` of each of its packed parts and says `kept` heads."""
+    (layer,) = block.projections
+    node = tensors[layer.output_name].inputs[0]
+    columns = np.concatenate([part * block.width + features for part in range(PACKED_PARTS)])
+    node.inputs[1] = scope.constant("qkv/weight", np.asarray(layer.weight)[:, columns].astype(layer.dtype))
+    if layer.bias is not None:
+        node.inputs[2] = scope.constant("qkv/bias", np.asarray(layer.bias)[columns].astype(layer.dtype))
+    node.attrs["num_heads"] = kept
+    if node.attrs.get("qkv_hidden_sizes"):
+        node.attrs["qkv_hidden_sizes"] = [len(features)] * PACKED_PARTS
+    return node.outputs[0]

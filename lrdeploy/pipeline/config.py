@@ -106,8 +106,8 @@ class BuildConfig:
         self._check_qkv()
         if self.drop_blocks < 0:
             raise OptionError(f"--drop-blocks {self.drop_blocks} is negative; pass how many blocks to drop")
-        if self.drop_blocks and (self.refit or self.optimize != "none"):
-            raise OptionError("--drop-blocks cannot be combined with --refit or --optimize ort yet; leave those out")
+        if self.drop_blocks and self.refit:
+            raise OptionError("--drop-blocks cannot be combined with --refit yet; leave one of them out")
         for option, keep in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep)):
             if keep is None:
                 continue
@@ -115,9 +115,6 @@ class BuildConfig:
                 raise OptionError(f"{option} {keep} is outside (0, 1]; pass e.g. {option} 0.5")
             if self.refit:
                 raise OptionError(f"{option} cannot be combined with --refit yet; leave one of them out")
-            if option == "--heads-keep" and self.optimize != "none":
-                raise OptionError("--heads-keep cannot be combined with --optimize ort yet (the fused Attention packs "
-                                  "its heads); leave one of them out")
         check_token_options(self.check_tokens, self.target_latency, self.profile)
         if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
             raise OptionError(f"--target-latency {self.target_latency} is outside (0, 1); pass the fraction of dense "

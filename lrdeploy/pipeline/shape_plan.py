@@ -44,7 +44,7 @@ from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_block
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.ort_fusion import attention_geometry
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
-from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks
+from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, find_fused_attention_blocks
 from lrdeploy.pipeline.cache import StatisticsCache
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.latency import Timer
@@ -103,22 +103,22 @@ class ShapeOptions:
 def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLayer]) -> list[BlockParts]:
     """The blocks in model order, each with the layers between its Q projection and the next block's."""
     ffn = find_ffn_blocks(graph, layers)
-    attention = []
-    if config.optimize == "none":  # ORT's fused Attention packs its heads: no head or depth cut there yet
+    attention = find_fused_attention_blocks(graph, layers) if config.optimize == "ort" else []
+    if config.optimize == "none":
         geometry = attention_geometry(graph)
         heads = config.num_heads or (geometry[0] if geometry else 0)
         attention = find_attention_blocks(layers, heads) if heads else []
-    if not attention:  # e.g. ORT's fused graph: the FFNs are the only blocks
+    if not attention:  # no self-attention matched: the FFNs are the only blocks
         return [BlockParts(None, block, None, [block.up, block.down]) for block in ffn]
     dropped = {block.input_name: block for block in find_transformer_blocks(graph, attention, ffn)}
     order = [layer.name for layer in layers]
-    starts = [order.index(block.query.name) for block in attention] + [len(order)]
+    starts = [order.index(block.projections[0].name) for block in attention] + [len(order)]
     parts = []
     for index, block in enumerate(attention):
         inside = layers[starts[index]:starts[index + 1]]
         names = {layer.name for layer in inside}
         block_ffn = next((f for f in ffn if f.up.name in names and f.down.name in names), None)
-        parts.append(BlockParts(block, block_ffn, dropped.get(block.query.input_name), inside))
+        parts.append(BlockParts(block, block_ffn, dropped.get(block.input_name), inside))
     return parts
 
 
@@ -144,7 +144,7 @@ def cut_options(parts: list[BlockParts], moments: dict[str, Moments], multiple: 
             counts = {kept_count(attention.heads, f, 1) for f in HEAD_LEVELS} - {attention.heads}
             by_count = group_cuts(moment, attention.output.weight, attention.output.bias, attention.heads, list(counts))
             for kept, (heads, cut) in sorted(by_count.items(), reverse=True):
-                saved = (attention.heads - kept) * attention.head_dim * (3 * attention.query.d_in + attention.output.d_out)
+                saved = (attention.heads - kept) * attention.head_dim * (3 * attention.d_in + attention.output.d_out)
                 options.append(CutOption("heads", index, kept, StructuredCuts(heads=[(attention, heads, cut)]), saved))
         if part.block is not None:
             weighted = [layer for layer in part.layers if layer.weight is not None]
@@ -203,8 +203,8 @@ def gemm_saving_ms(option: CutOption, parts: list[BlockParts], timer: Timer) -> 
     else:
         attention = part.attention
         width = option.kept * attention.head_dim
-        before = [(attention.query.d_in, attention.query.d_out)] * 3 + [(attention.output.d_in, attention.output.d_out)]
-        after = [(attention.query.d_in, width)] * 3 + [(width, attention.output.d_out)]
+        before = [(layer.d_in, layer.d_out) for layer in (*attention.projections, attention.output)]
+        after = [(attention.d_in, kept) for kept in attention.projection_widths(width)] + [(width, attention.output.d_out)]
     times = [[_linear_ms(timer, *shape) for shape in shapes] for shapes in (before, after)]
     if any(ms is None for ms in times[0] + times[1]):
         return 0.0
@@ -436,7 +436,7 @@ def _pays(option: CutOption, latency: bool) -> bool:
 
 def _attention_layers(part: BlockParts) -> list[LinearLayer]:
     a = part.attention
-    return [] if a is None else [a.query, a.key, a.value, a.output]
+    return [] if a is None else [*a.projections, a.output]
 
 
 def _ffn_layers(part: BlockParts) -> list[LinearLayer]:

@@ -18,7 +18,7 @@ from lrdeploy.passes.drop_blocks import TransformerBlock, drop_block, find_trans
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.ort_fusion import attention_geometry
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks, prune_block
-from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, prune_heads
+from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, find_fused_attention_blocks, prune_heads
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection
 from lrdeploy.pipeline.sensitivity import degradation
@@ -67,10 +67,22 @@ class StructuredCuts:
         for attention, heads, cut in self.heads:
             width = len(cut.keep)
             why = f"{len(heads)} of {attention.heads} heads kept ({self.source or '--heads-keep'})"
-            for layer in (attention.query, attention.key, attention.value):
-                result[layer.name] = (why, layer.d_in * width)
+            for layer, kept_width in zip(attention.projections, attention.projection_widths(width)):
+                result[layer.name] = (why, layer.d_in * kept_width)
             result[attention.output.name] = (why, width * attention.output.d_out)
         return result
+
+
+def _attention_blocks(config: BuildConfig, inspection: Inspection) -> list[AttentionBlock]:
+    """The self-attentions of the graph the build cuts: ONNX Runtime's fused ones with `--optimize ort` (their
+    node says the head count), else the plain projections (head count from the graph or --num-heads)."""
+    if config.optimize == "ort":
+        return find_fused_attention_blocks(inspection.graph, inspection.layers)
+    geometry = attention_geometry(inspection.graph)
+    heads = config.num_heads or (geometry[0] if geometry else 0)
+    if not heads:
+        raise OptionError("cannot tell the attention head count from the graph; give it with --num-heads")
+    return find_attention_blocks(inspection.layers, heads)
 
 
 @dataclass
@@ -90,15 +102,13 @@ class StructuredBlocks:
                                         "for --ffn-keep; leave the option out")
         attention = []
         if config.heads_keep or config.drop_blocks:
-            geometry = attention_geometry(inspection.graph)
-            heads = config.num_heads or (geometry[0] if geometry else 0)
-            if not heads:
-                raise OptionError("cannot tell the attention head count from the graph; give it with --num-heads")
-            attention = find_attention_blocks(inspection.layers, heads)
+            attention = _attention_blocks(config, inspection)
             if not attention:
                 option = "--heads-keep" if config.heads_keep else "--drop-blocks"
-                raise NoEligibleLayersError(f"{config.model} has no self-attention block (Q, K, V and output "
-                                            f"projections as plain MatMuls) for {option}; leave the option out")
+                form = ("a fused Attention followed by its output MatMul" if config.optimize == "ort" else
+                        "Q, K, V and output projections as plain MatMuls")
+                raise NoEligibleLayersError(f"{config.model} has no self-attention block ({form}) for {option}; "
+                                            "leave the option out")
         return cls(ffn, attention if config.heads_keep else [], [], attention if config.drop_blocks else [])
 
     def choose_drops(self, config: BuildConfig, inspection: Inspection, probe: SampleSet, feeds: Feeds) -> None:
@@ -119,7 +129,7 @@ class StructuredBlocks:
             session = create_session(gs.export_onnx(variant.cleanup().toposort()), config.threads)
             distortion[block.name] = degradation(reference, [session.run(None, feed) for feed in batches])
         order = [layer.name for layer in inspection.layers]
-        starts = [order.index(a.query.name) for a in self.depth_candidates] + [len(order)]
+        starts = [order.index(a.projections[0].name) for a in self.depth_candidates] + [len(order)]
         for index in sorted(range(len(blocks)), key=lambda i: distortion[blocks[i].name])[:config.drop_blocks]:
             layers = [layer for layer in inspection.layers[starts[index]:starts[index + 1]] if layer.weight is not None]
             self.dropped.append((blocks[index], layers, distortion[blocks[index].name]))
@@ -128,8 +138,7 @@ class StructuredBlocks:
     def layer_names(self) -> set[str]:
         names = {layer.name for block in self.ffn for layer in (block.up, block.down)}
         names |= {layer.name for _, layers, _ in self.dropped for layer in layers}
-        return names | {layer.name for block in self.attention
-                        for layer in (block.query, block.key, block.value, block.output)}
+        return names | {layer.name for block in self.attention for layer in (*block.projections, block.output)}
 
     def remaining(self, eligible: list[LinearLayer], budgets: tuple[float, ...]) -> list[LinearLayer]:
         """The low-rank candidates these cuts leave (none is fine when no budget asks for a split)."""

