@@ -61,8 +61,8 @@ PLAN_ITERATIONS = 10  # alternated runs per model when timing the plan's variant
 
 @dataclass
 class BlockParts:
-    """One transformer block: its self-attention and FFN (either may be missing, e.g. in ORT's fused graph), the
-    block to drop, and every linear layer in it."""
+    """One transformer block: its self-attention and FFN (either may be missing where it does not match, e.g. a
+    model of FFNs only), the block to drop, and every linear layer in it."""
 
     attention: AttentionBlock | None
     ffn: FfnBlock | None
