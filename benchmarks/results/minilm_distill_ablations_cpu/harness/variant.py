@@ -42,14 +42,12 @@ if a.extra:
     train = train + torch.load(a.extra, weights_only=False)
     print("train batches", len(train))
 pairs = F["hidden"]
-ap2 = a
 if a.attn_states:
     pairs = pairs + [(m + ".attention", t + ".attention") for m, t in pairs]
 sb = TD.BlockOutputs(student, [p[0] for p in pairs]); tb = TD.BlockOutputs(teacher, [p[1] for p in pairs])
 t0 = time.time()
 targets = TD.teacher_targets(teacher, train, tb)
 print(f"teacher targets {time.time()-t0:.1f}s", flush=True)
-eval_t = [teacher(**b).detach() for b in evalb] if True else None
 with torch.no_grad():
     teacher.eval(); eval_t = [teacher(**b) for b in evalb]
 def held_out():
