@@ -113,15 +113,20 @@ def test_bench_optimize_ort_reports_fused_ops(exported, tmp_path):
     assert "as ONNX Runtime's transformer optimizer fuses it" in (tmp_path / "bench.md").read_text()
 
 
-def test_ffn_width_cut_inside_the_fused_graph_keeps_every_fusion(exported, tmp_path):
-    out = tmp_path / "out"
+def _fused_cut_build(exported, out, *cut):
+    """`build --optimize ort` with the structured option `cut` (no split): its report and narrowed layers, after
+    checking that every fusion of the dense model is kept."""
     result = CliRunner().invoke(main, ["build", str(exported / "bert.onnx"), "--calib", str(exported / "calib.npz"),
-                                       "--optimize", "ort", "--ffn-keep", "0.5", "--rank-budget", "1", "-o", str(out),
-                                       "--json"])
+                                       "--optimize", "ort", *cut, "--rank-budget", "1", "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["fused_ops"] == {"dense": FUSED, "compressed": FUSED}
-    narrowed = [l for l in report["layers"] if l["status"] == "narrowed"]
+    return report, [layer for layer in report["layers"] if layer["status"] == "narrowed"]
+
+
+def test_ffn_width_cut_inside_the_fused_graph_keeps_every_fusion(exported, tmp_path):
+    out = tmp_path / "out"
+    report, narrowed = _fused_cut_build(exported, out, "--ffn-keep", "0.5")
     assert sorted({l["pattern"] for l in narrowed}) == ["MatMul+BiasGelu", "MatMul+SkipLayerNormalization"]
     assert all(l["reason"] == "64 of 128 FFN neurons kept (--ffn-keep)" for l in narrowed)
     gelu = next(n for n in onnx.load(str(out / "bert.lowrank.onnx")).graph.node if n.op_type == "BiasGelu")
@@ -224,14 +229,7 @@ def test_dropped_block_inside_the_fused_graph_is_the_plain_drop(fused):
 
 
 def test_heads_keep_and_the_unified_plan_inside_the_fused_graph(exported, tmp_path):
-    out = tmp_path / "heads"
-    result = CliRunner().invoke(main, ["build", str(exported / "bert.onnx"), "--calib", str(exported / "calib.npz"),
-                                       "--optimize", "ort", "--heads-keep", "0.5", "--rank-budget", "1", "-o", str(out),
-                                       "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    assert report["fused_ops"] == {"dense": FUSED, "compressed": FUSED}
-    narrowed = [l for l in report["layers"] if l["status"] == "narrowed"]
+    report, narrowed = _fused_cut_build(exported, tmp_path / "heads", "--heads-keep", "0.5")
     assert sorted(l["pattern"] for l in narrowed) == ["Attention", "Attention", "MatMul+SkipLayerNormalization",
                                                        "MatMul+SkipLayerNormalization"]
     assert all(l["reason"] == "2 of 4 heads kept (--heads-keep)" for l in narrowed)
