@@ -42,7 +42,9 @@ def _reshape_dims(node: gs.Node) -> list[int | None] | None:
 
 def attention_geometry(graph: gs.Graph) -> tuple[int, int] | None:
     """(number of heads, hidden size) of the graph's self-attention, or None where it cannot be read: the hidden
-    size is the first LayerNormalization's width, the head count comes from the Reshape to [b, s, heads, dim]."""
+    size is the first LayerNormalization's width, the head size comes from the Reshapes to [b, s, heads, dim]
+    (its dim, or hidden / heads), and the head count is hidden / head size. The head size is voted on, not the
+    count: it is the same in every block even after a head cut, when the counts differ."""
     norms = [n for n in graph.nodes if n.op == "LayerNormalization" and isinstance(n.inputs[1], gs.Constant)]
     if not norms:
         return None
@@ -53,11 +55,11 @@ def attention_geometry(graph: gs.Graph) -> tuple[int, int] | None:
         if dims is None or len(dims) != 4:
             continue
         heads, dim = dims[2], dims[3]
-        if heads is not None and heads > 0 and hidden % heads == 0:
-            votes[heads] += 1
-        elif dim is not None and dim > 0 and hidden % dim == 0 and hidden // dim > 1:
-            votes[hidden // dim] += 1
-    return (votes.most_common(1)[0][0], hidden) if votes else None
+        if dim is not None and dim > 0 and hidden % dim == 0 and hidden // dim > 1:
+            votes[dim] += 1
+        elif heads is not None and heads > 0 and hidden % heads == 0:
+            votes[hidden // heads] += 1
+    return (hidden // votes.most_common(1)[0][0], hidden) if votes else None
 
 
 def fused_op_counts(model: onnx.ModelProto) -> dict[str, int]:
@@ -80,6 +82,23 @@ def fuse_for_onnxruntime(model: onnx.ModelProto, num_heads: int = 0, hidden_size
     copy.CopyFrom(model)
     fused = optimizer.optimize_model(copy, model_type="bert", num_heads=num_heads, hidden_size=hidden_size,
                                      opt_level=0).model
+    _heads_from_widths(fused, hidden_size // num_heads)
     domains = {node.domain for node in fused.graph.node} - {"", "ai.onnx"} - {o.domain for o in fused.opset_import}
     fused.opset_import.extend(onnx.helper.make_opsetid(domain, 1) for domain in sorted(domains))  # e.g. com.microsoft
     return fused
+
+
+def _heads_from_widths(model: onnx.ModelProto, head_size: int) -> None:
+    """Give each fused Attention the head count its packed weight holds (width / 3 / head size), in place.
+
+    ONNX Runtime's optimizer takes one head count for the whole model and writes it on every Attention it fuses;
+    a model whose blocks keep different head counts (a head cut) would then run some blocks with heads of the
+    wrong size, silently. Heads are cut whole, so the head size is the same in every block."""
+    weights = {init.name: init for init in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type != "Attention" or len(node.input) < 2 or node.input[1] not in weights:
+            continue
+        width = weights[node.input[1]].dims[-1]
+        heads = next((a for a in node.attribute if a.name == "num_heads"), None)
+        if heads is not None and width % (3 * head_size) == 0:
+            heads.i = width // (3 * head_size)

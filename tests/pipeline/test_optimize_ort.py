@@ -243,3 +243,30 @@ def test_heads_keep_and_the_unified_plan_inside_the_fused_graph(exported, tmp_pa
     parts = find_block_parts(config, inspection.graph, inspection.layers)
     assert [(p.attention.packed, p.ffn is not None, p.block.name, len(p.layers)) for p in parts] == [
         (True, True, "block0", 4), (True, True, "block1", 4)]
+
+
+def test_blocks_with_different_head_counts_fuse_with_their_own(fused):
+    """ORT's optimizer writes one head count on every Attention; after a head cut in one block only, each fused
+    Attention must carry its own (else that block runs heads of the wrong size). Sharp attention (Q and K scaled)
+    makes a wrong head split visible in the output."""
+    from lrdeploy.passes.layer_nodes import matmul_and_add
+    from lrdeploy.passes.prune_heads import find_attention_blocks, prune_heads
+
+    graph = gs.import_onnx(fused[0])
+    for block in find_attention_blocks(find_linear_layers(graph), heads=4):
+        for layer in block.projections[:2]:
+            weight = matmul_and_add(graph.tensors(), layer)[0].inputs[1]
+            weight.values = weight.values * 6
+    sharp = gs.export_onnx(graph)
+    blocks = find_attention_blocks(find_linear_layers(gs.import_onnx(sharp)), heads=4)
+    (heads, cut), _ = _attention_cuts(sharp, blocks, 2)
+
+    def cut_first(graph):
+        prune_heads(graph, find_attention_blocks(find_linear_layers(graph), heads=4)[0], heads, cut)
+
+    mixed = _rewritten(sharp, cut_first)
+    fused_mixed = fuse_for_onnxruntime(mixed)
+    attention = [n for n in fused_mixed.graph.node if n.op_type == "Attention"]
+    assert [onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "num_heads")) for n in attention] == [2, 4]
+    feed = _inputs(6, seed=3)
+    np.testing.assert_allclose(run_model(fused_mixed, feed)[0], run_model(mixed, feed)[0], atol=1e-5)
