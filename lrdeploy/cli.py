@@ -486,6 +486,8 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               help="Do not train the embedding tables: ~25% faster steps, less accuracy per step.")
 @click.option("--ffn-keep", type=float, metavar="FRACTION",
               help="Narrow every FFN block to this fraction of its neurons before distilling (as `build --ffn-keep`).")
+@click.option("--heads-keep", type=float, metavar="FRACTION",
+              help="Keep this fraction of every self-attention's heads before distilling (as `build --heads-keep`).")
 @click.option("--plan", type=click.Choice(PLANS), default=DISTILL_DEFAULTS.plan, show_default=True,
               help="unified: distill from `build --plan unified`'s choice (ranks, FFN widths, heads).")
 @click.option("--target-latency", type=float, metavar="FRACTION",
@@ -497,6 +499,9 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               help="As `build --check-tokens`: the target measured here holds at these rows too.")
 @click.option("--profile", metavar="NAME|FILE",
               help="As `build --profile`: plan --target-latency for a device from its profile (e.g. h200-fp16).")
+@click.option("--optimize", type=click.Choice(OPTIMIZERS), default=DISTILL_DEFAULTS.optimize, show_default=True,
+              help="ort: plan on ONNX Runtime's fused graph (timed against the fused dense model), distill, and "
+                   "write the student fused again; only FFN layers are split, so every fusion is kept.")
 @click.option("--train-text", type=click.Choice(TRAIN_TEXTS), default=DISTILL_DEFAULTS.train_text,
               show_default=True, help="Unlabeled training sentences (the evaluation sentences are always left out).")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))

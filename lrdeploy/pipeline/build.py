@@ -45,7 +45,7 @@ from lrdeploy.pipeline.refit import RefitSettings, refit_factors, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
 from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
 from lrdeploy.pipeline.shape_plan import ShapeOptions, find_block_parts, shape_options, structure_requests
-from lrdeploy.pipeline.structure import StructuredBlocks, StructuredCuts
+from lrdeploy.pipeline.structure import StructuredBlocks, StructuredCuts, splittable
 from lrdeploy.pipeline.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
 from lrdeploy.pipeline.validate import compare_models
 from lrdeploy.report.files import REPORT_FILES, write_bench, write_reports
@@ -112,7 +112,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     if config.drop_blocks:
         with timer.stage("depth"):
             blocks.choose_drops(config, inspection, samples.calib.select(slice(0, config.sensitivity_samples)), feeds)
-    eligible = blocks.remaining(eligible, budgets or (config.rank_budget,))
+    eligible = blocks.remaining(splittable(config, inspection, eligible), budgets or (config.rank_budget,))
     parts = find_block_parts(config, inspection.graph, inspection.layers) if config.plan == "unified" else []
     for budget in budgets or (config.rank_budget,):
         if eligible:

@@ -18,6 +18,7 @@ OBJECTIVES = ("size", "latency")  # what --latency-aware gives up when splits th
 PLANS = ("lowrank", "unified")  # unified: per block, low-rank or a narrower FFN, fewer heads, or the block dropped
 OPTIMIZERS = ("none", "ort")  # ort: compress inside ONNX Runtime's transformer-fused graph (keeps the fusions)
 QKV_FORMS = ("separate", "joint")  # joint: Q, K and V share one low-rank basis (passes/merge_qkv)
+SPLIT_SCOPES = ("any", "ffn")  # ffn: only FFN up/down projections may be split (see BuildConfig.splits)
 
 
 def check_token_options(check_tokens: tuple[int, ...], target_latency: float | None, profile: str | None) -> None:
@@ -81,6 +82,8 @@ class BuildConfig:
     num_heads: int = 0  # for --optimize ort; 0: read from the graph
     hidden_size: int = 0  # likewise
     neighbours: int = 10  # k of the top-k nearest-neighbour agreement for per-sample vector outputs
+    splits: str = "any"  # one of SPLIT_SCOPES; "ffn" for `distill --optimize ort`, whose student is exported plain
+    # and fused again: ONNX Runtime's attention matcher needs Q, K, V and the output projection as single MatMuls
 
     def __post_init__(self) -> None:
         if self.rank_multiple is None:
@@ -100,6 +103,7 @@ class BuildConfig:
                                        ("--backend", self.backend, LATENCY_BACKENDS),
                                        ("--optimize", self.optimize, OPTIMIZERS), ("--plan", self.plan, PLANS),
                                        ("--qkv", self.qkv or QKV_FORMS[0], QKV_FORMS),
+                                       ("splits", self.splits, SPLIT_SCOPES),
                                        ("--objective", self.objective or OBJECTIVES[0], OBJECTIVES)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")

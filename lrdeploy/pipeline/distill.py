@@ -9,6 +9,13 @@ toward the original, and write the usual compressed ONNX model and report.
 The structured cuts of the plan reach the student too (modules found by weight): narrower FFNs, fewer heads,
 and dropped blocks removed from its layer list (each kept block's output is matched to its original's).
 
+With `optimize="ort"` the plan is made (and its latency target held to the clock) on ONNX Runtime's fused graph,
+as the dense model ships there; a fused Attention's packed Q|K|V is split in three to find the student's
+Linears. Only FFN layers are split (the student is exported plain and fused again, and ORT's attention matcher
+needs Q, K, V and the output projection as single MatMuls), and the student is written fused:
+
+    NAME.onnx ─fuse─► plan (heads, FFN widths, FFN splits, drops) ─► student ─distill─► export ─fuse─► NAME.lowrank.onnx
+
 With `target_cosine`, the sweep's bisection searches the smallest budget whose DISTILLED model meets the
 target (every probed budget is distilled for the same number of steps).
 
@@ -85,6 +92,7 @@ class Distiller:
 
     def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
         from lrdeploy.export.torch_onnx import export_module
+        from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime
         from lrdeploy.torch.compress import apply_factors, apply_head_cuts, apply_neuron_cuts, remove_blocks
         from lrdeploy.torch.distill import distill, transformer_blocks
 
@@ -110,7 +118,11 @@ class Distiller:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "student.onnx"
             export_module(student, self.examples, path, "embedding")
-            return onnx.load(str(path)), record
+            proto = onnx.load(str(path))
+        build = prepared.config
+        if build.optimize == "ort":  # shipped as the dense model is: fused like it (the report compares fused ops)
+            proto = fuse_for_onnxruntime(proto, build.num_heads, build.hidden_size)
+        return proto, record
 
 
 def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> BuildResult | SweepReport:
@@ -146,9 +158,9 @@ def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> Build
     config = BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
                          method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
                          output_dir=out, refit=settings.refit, seed=seed, ffn_keep=settings.ffn_keep,
-                         plan=settings.plan, target_latency=settings.target_latency, tokens=settings.tokens,
-                         check_tokens=settings.check_tokens,
-                         profile=settings.profile)
+                         heads_keep=settings.heads_keep, plan=settings.plan, target_latency=settings.target_latency,
+                         tokens=settings.tokens, check_tokens=settings.check_tokens, profile=settings.profile,
+                         optimize=settings.optimize, splits="ffn" if settings.optimize == "ort" else "any")
     distiller = Distiller(teacher, examples, train, check, settings.training, progress)
     if settings.target_cosine is not None:  # the report lists export and tokenize too, on either path
         return run_sweep(config, SweepSettings(budgets=[], target=settings.target_cosine, bench_batch=None), progress,

@@ -30,11 +30,13 @@ class DistillSettings:
     eval_sentences: int = 1000
     train_text: str = "pydoc+docstrings"
     ffn_keep: float | None = None  # narrow the FFN blocks first (the ONNX path chooses, distillation recovers)
+    heads_keep: float | None = None  # likewise for every self-attention's heads
     plan: str = "lowrank"  # "unified": the ONNX path's unified plan chooses ranks, FFN widths and heads
     target_latency: float | None = None  # with tokens: plan for this fraction of dense latency (measured here)
     tokens: int = 4096
     check_tokens: tuple[int, ...] = ()  # the measured-here target holds at these rows too (e.g. 128: batch 1)
     profile: str | None = None  # plan the latency target from a device profile instead of measuring here
+    optimize: str = "none"  # "ort": plan on ONNX Runtime's fused graph and write the student fused
     training: DistillConfig = field(default_factory=DistillConfig)
 
     def check(self) -> None:

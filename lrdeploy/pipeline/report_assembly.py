@@ -94,6 +94,11 @@ def layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPla
             records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params,
                                        layer.params, "skipped", layer.reason))
             continue
+        if layer.name not in plan:  # eligible, but outside the layers this build may split (BuildConfig.splits)
+            records.append(LayerRecord(layer.name, layer.pattern, layer.d_in, layer.d_out, None, layer.params,
+                                       layer.params, "dense", "kept dense: only FFN layers are split, so the student "
+                                       "fused again keeps ONNX Runtime's Attention fusion"))
+            continue
         rank = plan[layer.name]
         if rank is None:
             slower = latency.slower.get(layer.name) if latency else None

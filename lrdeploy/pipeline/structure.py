@@ -73,6 +73,16 @@ class StructuredCuts:
         return result
 
 
+def splittable(config: BuildConfig, inspection: Inspection, eligible: list[LinearLayer]) -> list[LinearLayer]:
+    """The eligible layers that may be split: all of them, or with `config.splits == "ffn"` the FFN blocks' up and
+    down projections only (a student exported plain and fused again keeps every Attention fusion)."""
+    if config.splits == "any":
+        return eligible
+    blocks = find_ffn_blocks(inspection.graph, inspection.layers)
+    ffn = {layer.name for block in blocks for layer in (block.up, block.down)}
+    return [layer for layer in eligible if layer.name in ffn]
+
+
 def _attention_blocks(config: BuildConfig, inspection: Inspection) -> list[AttentionBlock]:
     """The self-attentions of the graph the build cuts: ONNX Runtime's fused ones with `--optimize ort` (their
     node says the head count), else the plain projections (head count from the graph or --num-heads)."""
@@ -144,8 +154,9 @@ class StructuredBlocks:
         """The low-rank candidates these cuts leave (none is fine when no budget asks for a split)."""
         rest = [layer for layer in eligible if layer.name not in self.layer_names]
         if eligible and not rest and any(budget < 1.0 for budget in budgets):
-            raise NoEligibleLayersError("--ffn-keep/--heads-keep cut every eligible layer, so no layer is left for "
-                                        "--rank-budget below 1; pass --rank-budget 1, or cut less")
+            raise NoEligibleLayersError("--ffn-keep/--heads-keep cut every layer that may be split (`distill --optimize "
+                                        "ort` splits FFN layers only), so no layer is left for --rank-budget below 1; "
+                                        "pass --rank-budget 1, or cut less")
         return rest
 
     def requests(self) -> list[TensorRequest]:

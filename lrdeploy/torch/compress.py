@@ -127,19 +127,34 @@ def apply_factors(model: torch.nn.Module, factors_by_weight: Mapping[str, tuple[
 
 def module_by_weight(model: torch.nn.Module, exclude: tuple[str, ...] = ()):
     """A lookup `(layer name, row-convention weight [d_in, d_out]) -> nn.Linear module name`: ONNX layer names and
-    module names differ, the weights do not. A weight that matches no module, or more than one, is an error."""
+    module names differ, the weights do not. A weight that matches no module, or more than one, is an error
+    (with `required=False`, no match gives None)."""
     by_key: dict[tuple, list[str]] = {}
     for name, layer in linear_layers(model, exclude).items():
         by_key.setdefault(_weight_key(layer.weight.detach().cpu().numpy().T), []).append(name)
 
-    def find(layer_name: str, weight: np.ndarray) -> str:
+    def find(layer_name: str, weight: np.ndarray, required: bool = True) -> str | None:
         matches = by_key.get(_weight_key(weight), [])
+        if not matches and not required:
+            return None
         if len(matches) != 1:
             raise ModelLoadError(f"layer {layer_name}: {len(matches)} nn.Linear modules carry its weight (need exactly "
                                  "one); compress the model the factors were computed from")
         return matches[0]
 
     return find
+
+
+def _projection_parts(block) -> list[tuple[str, np.ndarray, np.ndarray | None]]:
+    """(name, weight [d_in, d_out], bias) of an attention block's Q, K and V: a fused Attention's packed layer is
+    split into its three parts (ONNX Runtime's optimizer packs the exact weights, so each part is found by weight
+    like a plain layer)."""
+    if len(block.projections) > 1:
+        return [(layer.name, layer.weight, layer.bias) for layer in block.projections]
+    (layer,) = block.projections
+    weights = np.split(np.asarray(layer.weight), 3, axis=1)
+    biases = [None] * 3 if layer.bias is None else np.split(np.asarray(layer.bias), 3)
+    return [(f"{layer.name} ({part})", w, b) for part, w, b in zip(("query", "key", "value"), weights, biases)]
 
 
 def _linear(weight: np.ndarray, bias: np.ndarray | None, dtype) -> torch.nn.Linear:
@@ -175,11 +190,12 @@ def apply_head_cuts(model: torch.nn.Module, cuts) -> list[str]:
     find = module_by_weight(model)
     narrowed = []
     for block, heads, cut in cuts:
-        names = [find(layer.name, layer.weight) for layer in (*block.projections, block.output)]
+        parts = _projection_parts(block)
+        names = [find(name, weight) for name, weight, _ in parts] + [find(block.output.name, block.output.weight)]
         dtype = model.get_submodule(names[0]).weight.dtype
-        for name, layer in zip(names[:-1], block.projections):
-            bias = None if layer.bias is None else np.asarray(layer.bias)[cut.keep]
-            _replace(model, name, _linear(np.asarray(layer.weight)[:, cut.keep], bias, dtype))
+        for name, (_, weight, bias) in zip(names, parts):
+            _replace(model, name, _linear(np.asarray(weight)[:, cut.keep],
+                                          None if bias is None else np.asarray(bias)[cut.keep], dtype))
         _replace(model, names[-1], _linear(cut.weight, cut.bias, dtype))
         attention = model.get_submodule(names[0].rpartition(".")[0])
         attention.num_attention_heads = len(heads)
@@ -200,11 +216,12 @@ def remove_blocks(model: torch.nn.Module, dropped) -> list[int]:
     find, blocks = module_by_weight(model), transformer_blocks(model)
     removed = set()
     for block, layers, _ in dropped:
-        name = find(layers[0].name, layers[0].weight)
+        name = next((found for layer in layers if (found := find(layer.name, layer.weight, required=False))), "")
         index = next((i for i, prefix in enumerate(blocks) if name.startswith(prefix + ".")), None)
         if index is None:
-            raise ModelLoadError(f"{block.name}: its layer {name} is not inside the model's list of transformer "
-                                 "blocks, so the block cannot be removed; compress the model the plan was made from")
+            raise ModelLoadError(f"{block.name}: none of its layers is an nn.Linear inside the model's list of "
+                                 "transformer blocks, so the block cannot be removed; compress the model the plan was "
+                                 "made from")
         removed.add(index)
     stack = model.get_submodule(blocks[0].rpartition(".")[0])
     for index in sorted(removed, reverse=True):

@@ -103,3 +103,42 @@ def test_distill_from_narrowed_ffn_blocks(bert_dir, tmp_path):
     assert (64, 128) not in matmul_weights and (128, 64) not in matmul_weights  # no full-width FFN weight is left
     assert report["finetune"]["steps"] == 6
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5
+
+
+def _fused_distill(bert_dir, out, *extra):
+    """`distill --optimize ort` with `extra` options, 4 steps: its report (statuses grouped) and written model."""
+    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--optimize", "ort", *extra, "--steps", "4",
+                                       "--allocation", "uniform", "--train-text", "pydoc", "--batch-size", "64",
+                                       "--lr", "1e-3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    fused = report["fused_ops"]
+    assert fused["dense"]["Attention"] == 2 and fused["compressed"] == fused["dense"]  # every fusion kept
+    assert report["finetune"]["steps"] == 4 and report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5
+    statuses = {}
+    for layer in report["layers"]:
+        statuses.setdefault(layer["status"], []).append(layer)
+    return statuses, onnx.load(str(out / f"{bert_dir.name}.lowrank.onnx"))
+
+
+def test_distill_inside_the_fused_graph_splits_only_ffn_layers(bert_dir, tmp_path):
+    """`--optimize ort`: the student is exported plain and fused again, so only FFN up/down projections are split
+    (a split packed Q|K|V or output projection would break ONNX Runtime's attention fusion)."""
+    statuses, _ = _fused_distill(bert_dir, tmp_path / "out", "--rank-budget", "0.6")
+    split = statuses["factorized"]
+    assert len(split) == 4 and {(layer["d_in"], layer["d_out"]) for layer in split} == {(64, 128), (128, 64)}
+    assert {layer["pattern"] for layer in statuses["dense"]} >= {"Attention"}
+
+
+def test_distill_inside_the_fused_graph_cuts_heads(bert_dir, tmp_path):
+    """`--optimize ort --heads-keep`: heads are cut inside the fused graph (the packed Q|K|V split in three to find
+    the student's Linears), and the distilled student is written fused, each Attention with its kept head count."""
+    statuses, exported = _fused_distill(bert_dir, tmp_path / "out", "--heads-keep", "0.5", "--rank-budget", "0.8")
+    narrowed = statuses["narrowed"]  # each block's packed Q|K|V and its output projection
+    assert [layer["pattern"] for layer in narrowed].count("Attention") == 2 and len(narrowed) == 4
+    assert {layer["reason"] for layer in narrowed} == {"2 of 4 heads kept (--heads-keep)"}
+    attention = [n for n in exported.graph.node if n.op_type == "Attention"]
+    assert [onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "num_heads"))
+            for n in attention] == [2, 2]
+    dims = {i.name: tuple(i.dims) for i in exported.graph.initializer}
+    assert [dims[n.input[1]] for n in attention] == [(64, 96)] * 2  # 2 heads × 16 for each of Q, K, V

@@ -290,5 +290,5 @@ def test_dropped_blocks_leave_the_hugging_face_layer_list_exactly(tmp_path):
                      [("bert.encoder.layer.0", "bert.encoder.layer.1")])
     assert result.initial_cosine == pytest.approx(1.0, abs=1e-5) and len(result.history) == 3
     assert result.history[1]["train_loss"] < 1e-6  # the kept block's output equals its original's: no hidden loss
-    with pytest.raises(ModelLoadError, match="0 nn.Linear modules carry its weight"):
+    with pytest.raises(ModelLoadError, match="block9: none of its layers is an nn.Linear inside"):
         remove_blocks(model, [(SimpleNamespace(name="block9"), [SimpleNamespace(name="x", weight=np.ones((64, 64)))], 0)])
