@@ -24,12 +24,12 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.naming import Scope
-from lrdeploy.passes.prune_heads import find_attention_blocks
+from lrdeploy.passes.prune_heads import find_qkv_triples
 
 
 def find_qkv_groups(layers: list[LinearLayer]) -> list[tuple[LinearLayer, LinearLayer, LinearLayer]]:
     """(Q, K, V) of every self-attention: three plain layers reading one tensor, followed by an output projection."""
-    return [tuple(block.projections) for block in find_attention_blocks(layers, heads=1)]
+    return [tuple(projections) for projections, _ in find_qkv_triples(layers)]
 
 
 def merged_name(group: tuple[LinearLayer, ...]) -> str:

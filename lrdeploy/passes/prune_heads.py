@@ -71,20 +71,32 @@ class AttentionBlock:
         return [kept_width * (layer.d_out // self.width) for layer in self.projections]
 
 
-def find_attention_blocks(layers: list[LinearLayer], heads: int) -> list[AttentionBlock]:
-    """Blocks of three plain layers reading one tensor with equal widths divisible by `heads`, each followed (in
-    model order) by the output projection reading a tensor of that width."""
+def find_qkv_triples(layers: list[LinearLayer]) -> list[tuple[list[LinearLayer], LinearLayer]]:
+    """([Q, K, V], output projection) of every plain self-attention: three plain layers reading one tensor with
+    equal widths, followed (in model order) by the layer reading a tensor of that width."""
     plain = [layer for layer in layers if is_plain(layer)]
-    blocks = []
+    triples: list[tuple[list[LinearLayer], LinearLayer]] = []
     for index, layer in enumerate(plain):
         readers = [other for other in plain[index:index + 3] if other.input_name == layer.input_name]
-        if len(readers) != 3 or any(r.d_out != layer.d_out for r in readers) or layer.d_out % heads:
+        if len(readers) != 3 or any(r.d_out != layer.d_out for r in readers):
             continue
-        if blocks and layer in blocks[-1].projections:
+        if triples and layer in triples[-1][0]:
             continue
         following = plain[index + 3] if index + 3 < len(plain) else None
         if following is not None and following.d_in == layer.d_out and following.input_name != layer.input_name:
-            blocks.append(AttentionBlock(readers, following, heads))
+            triples.append((readers, following))
+    return triples
+
+
+def find_attention_blocks(layers: list[LinearLayer], heads: int) -> list[AttentionBlock]:
+    """The plain self-attentions (`find_qkv_triples`) of a model whose uncut blocks have `heads` heads. The head
+    size d / heads is the same in every block, so a block narrowed by an earlier head cut is read with its own
+    count (its width / head size), not the model's."""
+    blocks = []
+    for projections, output in find_qkv_triples(layers):
+        head_dim, rest = divmod(projections[0].d_in, heads)
+        if not rest and head_dim and output.d_in % head_dim == 0:
+            blocks.append(AttentionBlock(projections, output, output.d_in // head_dim))
     return blocks
 
 

@@ -26,14 +26,17 @@ def _silence_head(model, layer, head, head_dim=16):
     return model
 
 
-def _pruned(model, keep):
+def _pruned(model, keep, only=None):
+    """`model` with `keep` heads left in each block (or in block `only`), the heads chosen from its moments."""
     graph = gs.import_onnx(model)
     blocks = find_attention_blocks(find_linear_layers(graph), heads=4)
+    blocks = blocks if only is None else [blocks[only]]
     moments = collect_moments(model, [TensorRequest(b.output.input_name, b.output.d_in) for b in blocks],
                               lambda: [INPUTS], "attention_mask", threads=1)
     kept = []
     for block in blocks:
-        heads, cut = cut_groups(moments[block.output.input_name], block.output.weight, block.output.bias, 4, keep)
+        heads, cut = cut_groups(moments[block.output.input_name], block.output.weight, block.output.bias, block.heads,
+                                keep)
         prune_heads(graph, block, heads, cut)
         kept.append(heads)
     pruned = gs.export_onnx(graph.cleanup().toposort())
@@ -59,6 +62,22 @@ def test_heads_that_contribute_nothing_are_removed_exactly():
     assert split["layer0/attention/output/MatMul/heads/query/shape"] == [0, 0, 3, 16]  # the shared constant, per block
     assert split["layer0/attention/output/MatMul/heads/context/shape"] == [0, 0, 48]
     for want, got in zip(run_model(model, INPUTS), run_model(pruned, INPUTS)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_a_model_cut_before_is_read_with_each_blocks_own_head_count():
+    """After a head cut in block 0 only, the blocks keep 3 and 4 heads of size 16: a second cut reads each block's
+    own count (not the model's 4 everywhere, which would split block 0's 48 features into heads of 12) and is
+    exact on heads that contribute nothing."""
+    model = _silence_head(_silence_head(models.transformer(layers=2), 0, 3), 1, 1)
+    once, kept = _pruned(model, 3, only=0)
+    blocks = find_attention_blocks(find_linear_layers(gs.import_onnx(once)), heads=4)
+    assert kept == [[0, 1, 2]] and [(b.heads, b.head_dim) for b in blocks] == [(3, 16), (4, 16)]
+    twice, kept = _pruned(once, 3, only=1)
+    assert kept == [[0, 2, 3]]
+    split = {i.name: numpy_helper.to_array(i).tolist() for i in twice.graph.initializer if i.name.endswith("/shape")}
+    assert split["layer1/attention/output/MatMul/heads/query/shape"] == [0, 0, 3, 16]
+    for want, got in zip(run_model(model, INPUTS), run_model(twice, INPUTS)):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
 
 
