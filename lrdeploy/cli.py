@@ -160,6 +160,9 @@ def build_options(command):
         click.option("--heads-keep", type=float, metavar="FRACTION",
                      help="Keep this fraction of every self-attention's heads (chosen from calibration, the output "
                           "projection refit); --rank-budget then applies to the other layers."),
+        click.option("--values-keep", type=float, metavar="FRACTION",
+                     help="Narrow every head's value/output width to this fraction of the head size (W_v·W_o per head "
+                          "replaced by its best lower-rank product on calibration data; Q and K keep theirs)."),
         click.option("--drop-blocks", type=click.IntRange(min=0), default=0, metavar="N",
                      help="Drop N whole transformer blocks: those whose removal alone distorts the outputs least on "
                           "a few calibration batches."),

@@ -52,7 +52,7 @@ def test_build_writes_model_and_reports(transformer_files, tmp_path, budget):
                                 "calib_samples": 77, "calib_source": f"calibration file {calib}",
                                 "eval_source": "held-out tail of calibration file " + str(calib) + " (19 samples)",
                                 "refit": False, "optimize": "none", "ffn_keep": None, "heads_keep": None, "drop_blocks": 0,
-                                "qkv": "separate"}
+                                "qkv": "separate", "values_keep": None}
     assert report["params"]["linear_ratio"] <= budget
     assert report["params"]["model_after"] < report["params"]["model_before"]
     assert report["accuracy"]["samples"] == 19

@@ -119,16 +119,26 @@ def find_fused_attention_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> l
     return blocks
 
 
-def _resized_shape(scope: Scope, name: str, node: gs.Node, old: int, new: int, axis: int) -> None:
-    """Give the Reshape `node` its own target-shape constant with `old` → `new` at `axis` (a computed shape,
-    e.g. with -1 there, is left as it is)."""
+def resize_shape_axis(scope: Scope, name: str, node: gs.Node, old: int, new: int, axis: int) -> None:
+    """Give the Reshape `node` a target shape with `old` → `new` at `axis`: a constant shape gets its own copy; a
+    shape concatenated from one-element pieces (torch's exporter: Concat(batch, seq, [-1], [32])) gets its own
+    piece there. A computed entry (e.g. -1) is left as it is."""
     found = constant_value(node.inputs[1])
-    if found is None:
+    if found is not None:
+        values = np.array(found[0])
+        if values[axis] == old:
+            values[axis] = new
+            node.inputs[1] = scope.constant(name, values)
         return
-    values = np.array(found[0])
-    if values[axis] == old:
-        values[axis] = new
-        node.inputs[1] = scope.constant(name, values)
+    concat = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+    if concat is None or concat.op != "Concat":
+        return
+    pieces = list(concat.inputs)
+    value = constant_value(pieces[axis % len(pieces)])
+    if value is None or np.asarray(value[0]).reshape(-1).tolist() != [old]:
+        return
+    pieces[axis % len(pieces)] = scope.constant(name, np.asarray([new], np.asarray(value[0]).dtype))
+    node.inputs[1] = scope.op("Concat", f"{name}/concat", pieces, dict(concat.attrs))  # its own: others keep theirs
 
 
 def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_heads: list[int], cut: NeuronCut) -> None:
@@ -158,10 +168,10 @@ def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, ke
             set_bias(graph, layer, scope.constant(f"{tag}/bias", np.asarray(layer.bias)[features].astype(layer.dtype)))
         for consumer in tensors[layer.output_name].outputs:
             if consumer.op == "Reshape":
-                _resized_shape(scope, f"{tag}/shape", consumer, block.heads, kept, 2)
+                resize_shape_axis(scope, f"{tag}/shape", consumer, block.heads, kept, 2)
     context = tensors[block.output.input_name]
     if context.inputs and context.inputs[0].op == "Reshape":
-        _resized_shape(scope, "context/shape", context.inputs[0], block.width, len(features), -1)
+        resize_shape_axis(scope, "context/shape", context.inputs[0], block.width, len(features), -1)
     return narrowed
 
 

@@ -73,6 +73,7 @@ class BuildConfig:
     refit_mode: str = "both"  # "second": refit B and the bias; "both": reduced-rank regression of A and B
     ffn_keep: float | None = None  # narrow every FFN block to this fraction of its neurons (the rest: low-rank)
     heads_keep: float | None = None  # keep this fraction of every self-attention's heads
+    values_keep: float | None = None  # narrow every head's value/output width to this fraction of its head size
     drop_blocks: int = 0  # drop this many whole transformer blocks (the least harmful, measured)
     plan: str = "lowrank"  # one of PLANS
     target_latency: float | None = None  # plan for at most this fraction of dense latency at `tokens` rows
@@ -112,19 +113,22 @@ class BuildConfig:
             raise OptionError(f"--drop-blocks {self.drop_blocks} is negative; pass how many blocks to drop")
         if self.drop_blocks and self.refit:
             raise OptionError("--drop-blocks cannot be combined with --refit yet; leave one of them out")
-        for option, keep in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep)):
+        for option, keep in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep),
+                             ("--values-keep", self.values_keep)):
             if keep is None:
                 continue
             if not 0.0 < keep <= 1.0:
                 raise OptionError(f"{option} {keep} is outside (0, 1]; pass e.g. {option} 0.5")
             if self.refit:
                 raise OptionError(f"{option} cannot be combined with --refit yet; leave one of them out")
+        self._check_values()
         check_token_options(self.check_tokens, self.target_latency, self.profile)
         if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
             raise OptionError(f"--target-latency {self.target_latency} is outside (0, 1); pass the fraction of dense "
                               "latency to reach, e.g. --target-latency 0.6")
         if self.plans_shapes:
             fixed = [name for name, value in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep),
+                                              ("--values-keep", self.values_keep),
                                               ("--drop-blocks", self.drop_blocks), ("--refit", self.refit),
                                               ("--latency-aware", self.latency_aware and self.profile is None))
                      if value]
@@ -136,6 +140,19 @@ class BuildConfig:
                 raise OptionError(f"{option} {value} is not a tolerance; give a finite number ≥ 0, e.g. {option} 0.01")
         if self.rank_multiple < 1:
             raise OptionError(f"--rank-multiple {self.rank_multiple} must be at least 1; 16 or 64 suit tensor cores")
+
+    def _check_values(self) -> None:
+        """--values-keep narrows plain V/O pairs of whole blocks: not the fused Attention, nor blocks cut otherwise."""
+        if self.values_keep is None:
+            return
+        if self.optimize == "ort":
+            raise OptionError("--values-keep cannot be combined with --optimize ort: the fused Attention packs one head "
+                              "size for Q, K and V; leave one of them out")
+        others = [name for name, value in (("--heads-keep", self.heads_keep), ("--drop-blocks", self.drop_blocks),
+                                           ("--qkv joint", self.qkv == "joint")) if value]
+        if others:
+            raise OptionError(f"--values-keep cannot be combined with {', '.join(others)} yet (each rewrites the same "
+                              "attention layers); leave one of them out")
 
     def _check_qkv(self) -> None:
         """--qkv is combined only with what can use it."""

@@ -71,6 +71,7 @@ def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: B
         "lrdeploy.qkv": config.qkv_form,
         **({} if config.ffn_keep is None else {"lrdeploy.ffn_keep": str(config.ffn_keep)}),
         **({} if config.heads_keep is None else {"lrdeploy.heads_keep": str(config.heads_keep)}),
+        **({} if config.values_keep is None else {"lrdeploy.values_keep": str(config.values_keep)}),
         **({} if not config.drop_blocks else {"lrdeploy.drop_blocks": str(config.drop_blocks)}),
         **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune["steps"])}),
     })
@@ -156,7 +157,7 @@ def assemble_report(prepared: PreparedInputs, outcome: BuildOutcome) -> BuildRep
         config=BuildConfigRecord(outcome.budget, config.method, config.allocation, config.rank_multiple,
                                  samples.calib.count, samples.calib_source, samples.eval_source, config.refit,
                                  config.optimize, config.ffn_keep, config.heads_keep, config.drop_blocks,
-                                 config.qkv_form),
+                                 config.qkv_form, config.values_keep),
         layers=layer_records(inspection.layers, outcome.plan, outcome.latency, narrowed),
         params=ParamSummary(linear_before, round(linear_after), linear_after / linear_before, model_params,
                             outcome.model_params_after, outcome.model_params_after / max(model_params, 1)),

@@ -1,5 +1,6 @@
 """Structured cuts of a build: FFN blocks narrowed (`--ffn-keep`) and attention heads removed (`--heads-keep`),
-chosen from calibration moments with the layers after them refit (`lowrank.neurons`), and whole blocks dropped
+chosen from calibration moments with the layers after them refit (`lowrank.neurons`), every head's value/output
+width narrowed (`--values-keep`, `lowrank.value_heads`), and whole blocks dropped
 (`--drop-blocks N`: the N whose removal alone distorts the outputs least on a few calibration batches). The
 layers they cut leave the low-rank candidates; `--rank-budget` applies to the rest."""
 
@@ -14,11 +15,13 @@ from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import NoEligibleLayersError, OptionError
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.lowrank.neurons import NeuronCut, cut_groups, cut_neurons
+from lrdeploy.lowrank.value_heads import ValueCut, shrink_value_heads
 from lrdeploy.passes.drop_blocks import TransformerBlock, drop_block, find_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.ort_fusion import attention_geometry
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks, prune_block
 from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, find_fused_attention_blocks, prune_heads
+from lrdeploy.passes.shrink_values import shrink_values
 from lrdeploy.pipeline.config import BuildConfig
 from lrdeploy.pipeline.inspect import Inspection
 from lrdeploy.pipeline.sensitivity import degradation
@@ -37,18 +40,22 @@ class StructuredCuts:
     ffn: list[tuple[FfnBlock, NeuronCut]] = field(default_factory=list)
     heads: list[tuple[AttentionBlock, list[int], NeuronCut]] = field(default_factory=list)
     dropped: list[tuple[TransformerBlock, list[LinearLayer], float]] = field(default_factory=list)
+    values: list[tuple[AttentionBlock, ValueCut]] = field(default_factory=list)
     source: str = ""  # what chose them, for the report: "" = the options --ffn-keep, --heads-keep, --drop-blocks
 
     def merge(self, other: "StructuredCuts") -> None:
         self.ffn += other.ffn
         self.heads += other.heads
         self.dropped += other.dropped
+        self.values += other.values
 
     def apply(self, graph: gs.Graph) -> None:
         for block, cut in self.ffn:
             prune_block(graph, block, cut)
         for attention, kept, cut in self.heads:
             prune_heads(graph, attention, kept, cut)
+        for attention, value_cut in self.values:
+            shrink_values(graph, attention, value_cut)
         for block, _, _ in self.dropped:
             drop_block(graph, block)
 
@@ -69,6 +76,13 @@ class StructuredCuts:
             why = f"{len(heads)} of {attention.heads} heads kept ({self.source or '--heads-keep'})"
             for layer, kept_width in zip(attention.projections, attention.projection_widths(width)):
                 result[layer.name] = (why, layer.d_in * kept_width)
+            result[attention.output.name] = (why, width * attention.output.d_out)
+        for attention, value_cut in self.values:
+            width = value_cut.value_weight.shape[1]
+            why = (f"value heads {value_cut.rank} of {attention.head_dim} wide ({self.source or '--values-keep'}; "
+                   f"{value_cut.lost_energy:.1%} of their output energy left out)")
+            value = attention.projections[-1]
+            result[value.name] = (why, value.d_in * width)
             result[attention.output.name] = (why, width * attention.output.d_out)
         return result
 
@@ -103,6 +117,7 @@ class StructuredBlocks:
     attention: list[AttentionBlock]
     dropped: list[tuple[TransformerBlock, list[LinearLayer], float]] = field(default_factory=list)
     depth_candidates: list[AttentionBlock] = field(default_factory=list)  # the self-attentions that start blocks
+    values: list[AttentionBlock] = field(default_factory=list)  # the self-attentions whose value heads narrow
 
     @classmethod
     def find(cls, config: BuildConfig, inspection: Inspection) -> "StructuredBlocks":
@@ -111,15 +126,17 @@ class StructuredBlocks:
             raise NoEligibleLayersError(f"{config.model} has no FFN block (MatMul, per-neuron activation, MatMul) "
                                         "for --ffn-keep; leave the option out")
         attention = []
-        if config.heads_keep or config.drop_blocks:
+        if config.heads_keep or config.drop_blocks or config.values_keep:
             attention = _attention_blocks(config, inspection)
             if not attention:
-                option = "--heads-keep" if config.heads_keep else "--drop-blocks"
+                option = ("--heads-keep" if config.heads_keep else "--drop-blocks" if config.drop_blocks
+                          else "--values-keep")
                 form = ("a fused Attention followed by its output MatMul" if config.optimize == "ort" else
                         "Q, K, V and output projections as plain MatMuls")
                 raise NoEligibleLayersError(f"{config.model} has no self-attention block ({form}) for {option}; "
                                             "leave the option out")
-        return cls(ffn, attention if config.heads_keep else [], [], attention if config.drop_blocks else [])
+        return cls(ffn, attention if config.heads_keep else [], [], attention if config.drop_blocks else [],
+                   attention if config.values_keep else [])
 
     def choose_drops(self, config: BuildConfig, inspection: Inspection, probe: SampleSet, feeds: Feeds) -> None:
         """Measure each block dropped alone on `probe` and keep the `config.drop_blocks` least harmful drops."""
@@ -148,6 +165,7 @@ class StructuredBlocks:
     def layer_names(self) -> set[str]:
         names = {layer.name for block in self.ffn for layer in (block.up, block.down)}
         names |= {layer.name for _, layers, _ in self.dropped for layer in layers}
+        names |= {layer.name for block in self.values for layer in (block.projections[-1], block.output)}
         return names | {layer.name for block in self.attention for layer in (*block.projections, block.output)}
 
     def remaining(self, eligible: list[LinearLayer], budgets: tuple[float, ...]) -> list[LinearLayer]:
@@ -162,7 +180,7 @@ class StructuredBlocks:
     def requests(self) -> list[TensorRequest]:
         """The tensors whose moments the cuts need: FFN activations, attention contexts."""
         return ([TensorRequest(block.down.input_name, block.width) for block in self.ffn]
-                + [TensorRequest(block.output.input_name, block.output.d_in) for block in self.attention])
+                + [TensorRequest(block.output.input_name, block.output.d_in) for block in self.attention + self.values])
 
     def cut(self, config: BuildConfig, moments: dict[str, Moments]) -> StructuredCuts:
         cuts = StructuredCuts(dropped=self.dropped)
@@ -174,4 +192,9 @@ class StructuredBlocks:
             heads, cut = cut_groups(moments[block.output.input_name], block.output.weight, block.output.bias,
                                     block.heads, kept_count(block.heads, config.heads_keep, 1))
             cuts.heads.append((block, heads, cut))
+        for block in self.values:
+            value = block.projections[-1]
+            cuts.values.append((block, shrink_value_heads(moments[block.output.input_name], value.weight, value.bias,
+                                                          block.output.weight, block.output.bias, block.heads,
+                                                          kept_count(block.head_dim, config.values_keep, 1))))
         return cuts

@@ -3,7 +3,7 @@
 report.json schema (all keys always present):
     lrdeploy_version, input_model, output_model, external_data,
     config {rank_budget, method, allocation, rank_multiple, calib_samples, calib_source, eval_source, refit,
-            optimize, ffn_keep, heads_keep, drop_blocks, qkv},
+            optimize, ffn_keep, heads_keep, drop_blocks, qkv, values_keep},
     layers [{name, pattern, d_in, d_out, rank|null, params_before, params_after, status, reason,
              predicted_speedup|null, measured_speedup|null}],
     params {linear_before, linear_after, linear_ratio, model_before, model_after, model_ratio},
@@ -90,6 +90,7 @@ class BuildConfigRecord:
     heads_keep: float | None = None  # attention blocks cut to this fraction of their heads
     drop_blocks: int = 0  # whole transformer blocks dropped
     qkv: str = "separate"  # "joint": one low-rank basis per self-attention's Q, K and V
+    values_keep: float | None = None  # every head's value/output width narrowed to this fraction of its head size
 
 
 @dataclass

@@ -98,6 +98,22 @@ def test_silent_heads_are_removed_exactly(tmp_path):
     _assert_same_outputs(model, cut)
 
 
+def test_values_of_low_rank_are_narrowed_exactly(tmp_path):
+    """`--values-keep 0.25`: each head's value weight has rank 4 of 16 (its bias stays: it folds into O's), so the
+    narrower V/O pair is exact, with the head size of V's reshape rewritten as the dynamo export spells it."""
+    def low_rank_values(blocks):
+        for block in blocks:
+            weight = block.attention.self.value.weight  # [out, in]: each head's HEAD_DIM rows
+            for head in range(HEADS):
+                weight[head * HEAD_DIM + 4:(head + 1) * HEAD_DIM] = 0  # 4 of its 16 value features vary
+
+    model = _dynamo_export(tmp_path / "bert", tmp_path / "m.onnx", low_rank_values)
+    cut, report = _build(model, tmp_path, "--values-keep", "0.25", "--rank-budget", "1")
+    narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
+    assert len(narrowed) == 4 and all(layer["reason"].startswith("value heads 4 of 16 wide") for layer in narrowed)
+    _assert_same_outputs(model, cut)
+
+
 def test_silent_ffn_neurons_are_removed_exactly(tmp_path):
     kept = FFN // 4
     model = _dynamo_export(tmp_path / "bert", tmp_path / "m.onnx",
