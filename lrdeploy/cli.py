@@ -491,6 +491,8 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               help="Narrow every FFN block to this fraction of its neurons before distilling (as `build --ffn-keep`).")
 @click.option("--heads-keep", type=float, metavar="FRACTION",
               help="Keep this fraction of every self-attention's heads before distilling (as `build --heads-keep`).")
+@click.option("--values-keep", type=float, metavar="FRACTION",
+              help="Narrow every head's value width to this fraction before distilling (as `build --values-keep`).")
 @click.option("--plan", type=click.Choice(PLANS), default=DISTILL_DEFAULTS.plan, show_default=True,
               help="unified: distill from `build --plan unified`'s choice (ranks, FFN widths, heads).")
 @click.option("--target-latency", type=float, metavar="FRACTION",

@@ -7,7 +7,7 @@ toward the original, and write the usual compressed ONNX model and report.
     ─validate on the held-out sentences─► report.*
 
 The structured cuts of the plan reach the student too (modules found by weight): narrower FFNs, fewer heads,
-and dropped blocks removed from its layer list (each kept block's output is matched to its original's).
+narrower value heads, and dropped blocks removed from its layer list (each kept block's output is matched to its original's).
 
 With `optimize="ort"` the plan is made (and its latency target held to the clock) on ONNX Runtime's fused graph,
 as the dense model ships there; a fused Attention's packed Q|K|V is split in three to find the student's
@@ -93,7 +93,8 @@ class Distiller:
     def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
         from lrdeploy.export.torch_onnx import export_module
         from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime
-        from lrdeploy.torch.compress import apply_factors, apply_head_cuts, apply_neuron_cuts, remove_blocks
+        from lrdeploy.torch.compress import (apply_factors, apply_head_cuts, apply_neuron_cuts, apply_value_cuts,
+                                             remove_blocks)
         from lrdeploy.torch.distill import distill, transformer_blocks
 
         config = self.config
@@ -102,13 +103,15 @@ class Distiller:
                                 for layer in prepared.eligible if layer.name in chosen.factors})
         apply_neuron_cuts(student, chosen.structured.ffn)
         apply_head_cuts(student, chosen.structured.heads)
+        apply_value_cuts(student, chosen.structured.values)
         removed = remove_blocks(student, chosen.structured.dropped)
         teacher_blocks = [name for index, name in enumerate(transformer_blocks(self.teacher)) if index not in removed]
         hidden = list(zip(transformer_blocks(student), teacher_blocks))  # each kept block matches its original
         record = {"steps": config.steps, "lr": config.lr, "hidden_weight": config.hidden_weight,
                   "freeze_embeddings": config.freeze_embeddings,
                   "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
-        if chosen.factors or chosen.structured.ffn or chosen.structured.heads or removed:  # else nothing to recover
+        cuts = chosen.structured
+        if chosen.factors or cuts.ffn or cuts.heads or cuts.values or removed:  # else nothing to recover
             result = distill(student, self.teacher, self.train_batches, self.check_batches, config, hidden,
                              on_eval=lambda step, cos: self.progress.note(f"  step {step}: check cosine {cos:.4f}"))
             record.update(initial_cosine=result.initial_cosine, best_cosine=result.best_cosine,
@@ -158,9 +161,10 @@ def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> Build
     config = BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
                          method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
                          output_dir=out, refit=settings.refit, seed=seed, ffn_keep=settings.ffn_keep,
-                         heads_keep=settings.heads_keep, plan=settings.plan, target_latency=settings.target_latency,
-                         tokens=settings.tokens, check_tokens=settings.check_tokens, profile=settings.profile,
-                         optimize=settings.optimize, splits="ffn" if settings.optimize == "ort" else "any")
+                         heads_keep=settings.heads_keep, values_keep=settings.values_keep, plan=settings.plan,
+                         target_latency=settings.target_latency, tokens=settings.tokens,
+                         check_tokens=settings.check_tokens, profile=settings.profile, optimize=settings.optimize,
+                         splits="ffn" if settings.optimize == "ort" else "any")
     distiller = Distiller(teacher, examples, train, check, settings.training, progress)
     if settings.target_cosine is not None:  # the report lists export and tokenize too, on either path
         return run_sweep(config, SweepSettings(budgets=[], target=settings.target_cosine, bench_batch=None), progress,

@@ -31,6 +31,7 @@ class DistillSettings:
     train_text: str = "pydoc+docstrings"
     ffn_keep: float | None = None  # narrow the FFN blocks first (the ONNX path chooses, distillation recovers)
     heads_keep: float | None = None  # likewise for every self-attention's heads
+    values_keep: float | None = None  # likewise for every head's value/output width
     plan: str = "lowrank"  # "unified": the ONNX path's unified plan chooses ranks, FFN widths and heads
     target_latency: float | None = None  # with tokens: plan for this fraction of dense latency (measured here)
     tokens: int = 4096

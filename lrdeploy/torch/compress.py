@@ -204,6 +204,45 @@ def apply_head_cuts(model: torch.nn.Module, cuts) -> list[str]:
     return narrowed
 
 
+def apply_value_cuts(model: torch.nn.Module, cuts) -> list[str]:
+    """Narrow every head's value width (in place) as the ONNX path chose: each `(block, ValueCut)` of
+    `pipeline.structure` gets the new V (no bias: folded into O's) and O Linears, and the self-attention module
+    (the parent of V) views its values with their own head size. Hugging Face's self-attention views Q, K and V
+    with one head size, so its `forward` is replaced by `_narrow_value_forward` (written here: transformers has no
+    option for a value head size of its own). Returns the self-attention modules' names."""
+    import types
+
+    find = module_by_weight(model)
+    narrowed = []
+    for block, cut in cuts:
+        value, output = block.projections[-1], block.output
+        names = [find(value.name, value.weight), find(output.name, output.weight)]
+        dtype = model.get_submodule(names[0]).weight.dtype
+        _replace(model, names[0], _linear(cut.value_weight, None, dtype))
+        _replace(model, names[1], _linear(cut.output_weight, cut.output_bias, dtype))
+        attention = model.get_submodule(names[0].rpartition(".")[0])
+        attention.forward = types.MethodType(_narrow_value_forward, attention)
+        narrowed.append(names[0].rpartition(".")[0])
+    return narrowed
+
+
+def _narrow_value_forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                          **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A BERT-style self-attention (encoder, no cache) whose values have their own head size: Q and K are viewed
+    as [b, s, H, h_d], V as [b, s, H, width / H]; the attention itself is the configured implementation's."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    shape = hidden_states.shape[:-1]
+    query = self.query(hidden_states).view(*shape, -1, self.attention_head_size).transpose(1, 2)
+    key = self.key(hidden_states).view(*shape, -1, self.attention_head_size).transpose(1, 2)
+    value = self.value(hidden_states).view(*shape, self.num_attention_heads, -1).transpose(1, 2)
+    attend = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation, eager_attention_forward)
+    output, weights = attend(self, query, key, value, attention_mask, dropout=self.dropout.p if self.training else 0.0,
+                             scaling=self.scaling)
+    return output.reshape(*shape, -1).contiguous(), weights
+
+
 def remove_blocks(model: torch.nn.Module, dropped) -> list[int]:
     """Remove whole transformer blocks (in place) as the ONNX path dropped them: each `(block, layers, distortion)`
     of `pipeline.structure` names the block's linear layers; the block holding the first of them (found by

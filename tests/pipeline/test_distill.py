@@ -142,3 +142,23 @@ def test_distill_inside_the_fused_graph_cuts_heads(bert_dir, tmp_path):
             for n in attention] == [2, 2]
     dims = {i.name: tuple(i.dims) for i in exported.graph.initializer}
     assert [dims[n.input[1]] for n in attention] == [(64, 96)] * 2  # 2 heads × 16 for each of Q, K, V
+
+
+def test_distill_from_narrower_value_heads(bert_dir, tmp_path):
+    """`--values-keep`: the ONNX path's narrower V/O pairs reach the PyTorch student (its self-attention views
+    values with their own head size), are distilled, and the exported model keeps them narrow."""
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--rank-budget", "1", "--values-keep", "0.5",
+                                       "--steps", "6", "--allocation", "uniform", "--train-text", "pydoc",
+                                       "--batch-size", "64", "--lr", "1e-3", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
+    assert len(narrowed) == 4 and all(layer["reason"].startswith("value heads 8 of 16 wide") for layer in narrowed)
+    finetune = report["finetune"]
+    assert finetune["steps"] == 6 and finetune["initial_cosine"] == pytest.approx(report["finetune"]["history"][0]
+                                                                                   ["eval_cosine"])
+    exported = onnx.load(str(out / f"{bert_dir.name}.lowrank.onnx"))
+    dims = sorted(tuple(i.dims) for i in exported.graph.initializer if len(i.dims) == 2 and 32 in i.dims)
+    assert dims == [(32, 64), (32, 64), (64, 32), (64, 32)]  # V [64, 4×8] and O [4×8, 64] in both blocks
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5

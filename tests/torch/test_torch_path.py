@@ -292,3 +292,36 @@ def test_dropped_blocks_leave_the_hugging_face_layer_list_exactly(tmp_path):
     assert result.history[1]["train_loss"] < 1e-6  # the kept block's output equals its original's: no hidden loss
     with pytest.raises(ModelLoadError, match="block9: none of its layers is an nn.Linear inside"):
         remove_blocks(model, [(SimpleNamespace(name="block9"), [SimpleNamespace(name="x", weight=np.ones((64, 64)))], 0)])
+
+
+def test_narrower_value_heads_reach_the_hugging_face_attention_exactly(tmp_path):
+    """Each head's value weight of rank 4 (rows 4.. zero): its V/O pair narrowed to 4 (value bias folded into O's)
+    leaves the outputs as they were, so the replaced self-attention views V with its own head size and Q, K with
+    theirs."""
+    from types import SimpleNamespace
+
+    from transformers import BertModel
+
+    from lrdeploy.lowrank.value_heads import ValueCut
+    from lrdeploy.torch.compress import apply_value_cuts
+    from tests.factories import tiny_bert_dir
+
+    model = BertModel.from_pretrained(str(tiny_bert_dir(tmp_path / "bert"))).eval()
+    ids = torch.randint(1, 3000, (3, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    cuts, keep = [], np.concatenate([np.arange(h * 16, h * 16 + 4) for h in range(4)])
+    with torch.no_grad():
+        for layer in model.encoder.layer:
+            value, output = layer.attention.self.value, layer.attention.output.dense
+            for head in range(4):
+                value.weight[head * 16 + 4:(head + 1) * 16] = 0
+            w_v, b_v = value.weight.numpy().T.copy(), value.bias.numpy().copy()
+            w_o, b_o = output.weight.numpy().T.copy(), output.bias.numpy().copy()
+            block = SimpleNamespace(projections=[SimpleNamespace(name="v", weight=w_v)],
+                                    output=SimpleNamespace(name="o", weight=w_o))
+            cuts.append((block, ValueCut(4, w_v[:, keep], w_o[keep], b_o + b_v @ w_o, 0.0)))
+        want = model(**batch).last_hidden_state
+        assert len(apply_value_cuts(model, cuts)) == 2
+        got = model(**batch).last_hidden_state
+    assert tuple(model.encoder.layer[0].attention.self.value.weight.shape) == (16, 64)
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-4, atol=1e-5)
