@@ -33,3 +33,17 @@ def run_model(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
 
     session = create_session(model, threads=1)
     return session.run(None, feeds)
+
+
+def built_cut(model, calib, out, *options) -> tuple[dict, dict[str, dict]]:
+    """`lrdeploy build MODEL --calib CALIB OPTIONS -o OUT --json`: its report and its narrowed layers by name."""
+    import json
+
+    from click.testing import CliRunner
+
+    from lrdeploy.cli import main
+
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), *options, "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    return report, {layer["name"]: layer for layer in report["layers"] if layer["status"] == "narrowed"}

@@ -11,7 +11,7 @@ from lrdeploy.lowrank.neurons import cut_groups
 from lrdeploy.passes.linear_layers import find_linear_layers
 from lrdeploy.passes.prune_heads import find_attention_blocks, prune_heads
 from tests import models
-from tests.conftest import run_model
+from tests.conftest import built_cut, run_model
 
 INPUTS = models.transformer_inputs(48)
 
@@ -93,19 +93,9 @@ def test_fewer_heads_cost_accuracy_gradually():
 
 
 def test_build_removes_heads_and_splits_the_rest(transformer_files, tmp_path):
-    import json
-
-    from click.testing import CliRunner
-
-    from lrdeploy.cli import main
-
     model, calib = transformer_files
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--heads-keep", "0.5",
-                                       "--ffn-keep", "0.5", "--rank-budget", "1", "-o", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    narrowed = {l["name"]: l for l in report["layers"] if l["status"] == "narrowed"}
+    report, narrowed = built_cut(model, calib, out, "--heads-keep", "0.5", "--ffn-keep", "0.5", "--rank-budget", "1")
     assert len(narrowed) == 12  # Q, K, V, O and the FFN pair of both layers
     query = narrowed["layer0/attention/query/MatMul"]
     assert query["reason"] == "2 of 4 heads kept (--heads-keep)" and query["params_after"] == 64 * 32

@@ -14,7 +14,7 @@ from lrdeploy.passes.linear_layers import find_linear_layers
 from lrdeploy.passes.prune_heads import find_attention_blocks
 from lrdeploy.passes.shrink_values import shrink_values
 from tests import models
-from tests.conftest import run_model
+from tests.conftest import built_cut, run_model
 
 INPUTS = models.transformer_inputs(48)
 
@@ -130,19 +130,14 @@ def test_torch_export_with_concatenated_shapes_is_shrunk_exactly(tmp_path):
 def test_build_narrows_value_heads_and_splits_the_rest(transformer_files, tmp_path):
     """`build --values-keep 0.5`: V and O of every block narrowed to 8 of 16 per head (reported with the energy
     left out), Q, K and the FFN split under --rank-budget, and the option refused where it cannot apply."""
-    import json
-
     from click.testing import CliRunner
 
     from lrdeploy.cli import main
 
     model, calib = transformer_files
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--values-keep", "0.5",
-                                       "--rank-budget", "0.7", "--allocation", "uniform", "-o", str(out), "--json"])
-    assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    narrowed = {l["name"]: l for l in report["layers"] if l["status"] == "narrowed"}
+    report, narrowed = built_cut(model, calib, out, "--values-keep", "0.5", "--rank-budget", "0.7",
+                                 "--allocation", "uniform")
     assert sorted(narrowed) == sorted(f"layer{i}/attention/{p}/MatMul" for i in range(2) for p in ("value", "output"))
     value = narrowed["layer0/attention/value/MatMul"]
     assert value["reason"].startswith("value heads 8 of 16 wide (--values-keep; ") and value["params_after"] == 64 * 32

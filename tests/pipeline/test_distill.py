@@ -85,19 +85,23 @@ def test_distill_bad_budget_is_one_error_line(bert_dir, tmp_path, args, message)
     assert not (tmp_path / "x").exists()
 
 
-def test_distill_from_narrowed_ffn_blocks(bert_dir, tmp_path):
-    """The FFN cut chosen on the ONNX path reaches the PyTorch student (modules found by weight), is distilled,
-    and the exported model keeps the narrower layers."""
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--rank-budget", "1", "--ffn-keep", "0.5",
+def _distilled_cut(bert_dir, out, *cut):
+    """`distill` with the structured option `cut` and no split, 6 steps: its report, narrowed layers, written model."""
+    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--rank-budget", "1", *cut,
                                        "--steps", "6", "--allocation", "uniform", "--train-text", "pydoc",
                                        "--batch-size", "64", "--lr", "1e-3", "-o", str(out)])
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
     narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
+    return report, narrowed, onnx.load(str(out / f"{bert_dir.name}.lowrank.onnx"))
+
+
+def test_distill_from_narrowed_ffn_blocks(bert_dir, tmp_path):
+    """The FFN cut chosen on the ONNX path reaches the PyTorch student (modules found by weight), is distilled,
+    and the exported model keeps the narrower layers."""
+    report, narrowed, exported = _distilled_cut(bert_dir, tmp_path / "out", "--ffn-keep", "0.5")
     assert len(narrowed) == 4 and report["config"]["ffn_keep"] == 0.5
     assert {layer["reason"] for layer in narrowed} == {"64 of 128 FFN neurons kept (--ffn-keep)"}
-    exported = onnx.load(str(out / f"{bert_dir.name}.lowrank.onnx"))
     dims = {i.name: tuple(i.dims) for i in exported.graph.initializer}
     matmul_weights = {dims[n.input[1]] for n in exported.graph.node if n.op_type == "MatMul" and n.input[1] in dims}
     assert (64, 128) not in matmul_weights and (128, 64) not in matmul_weights  # no full-width FFN weight is left
@@ -147,18 +151,11 @@ def test_distill_inside_the_fused_graph_cuts_heads(bert_dir, tmp_path):
 def test_distill_from_narrower_value_heads(bert_dir, tmp_path):
     """`--values-keep`: the ONNX path's narrower V/O pairs reach the PyTorch student (its self-attention views
     values with their own head size), are distilled, and the exported model keeps them narrow."""
-    out = tmp_path / "out"
-    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--rank-budget", "1", "--values-keep", "0.5",
-                                       "--steps", "6", "--allocation", "uniform", "--train-text", "pydoc",
-                                       "--batch-size", "64", "--lr", "1e-3", "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    report = json.loads((out / "report.json").read_text())
-    narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
+    report, narrowed, exported = _distilled_cut(bert_dir, tmp_path / "out", "--values-keep", "0.5")
     assert len(narrowed) == 4 and all(layer["reason"].startswith("value heads 8 of 16 wide") for layer in narrowed)
     finetune = report["finetune"]
     assert finetune["steps"] == 6 and finetune["initial_cosine"] == pytest.approx(report["finetune"]["history"][0]
                                                                                    ["eval_cosine"])
-    exported = onnx.load(str(out / f"{bert_dir.name}.lowrank.onnx"))
     dims = sorted(tuple(i.dims) for i in exported.graph.initializer if len(i.dims) == 2 and 32 in i.dims)
     assert dims == [(32, 64), (32, 64), (64, 32), (64, 32)]  # V [64, 4×8] and O [4×8, 64] in both blocks
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5
