@@ -2,7 +2,7 @@
 (`lowrank.value_heads`: W_v^h·W_o^h replaced by its best rank-r product, b_v·W_o folded into b_o).
 
     X ─ V(W_v[d, H·h_d], b_v) ─Reshape[b,s,H,h_d]─► softmax(QKᵀ/√h_d)·V ─Reshape[b,s,H·h_d]─ O(W_o, b_o) ─► Y
-    ⇒  X ─ V(W_v′[d, H·r], 0) ─Reshape[b,s,H,r]──► softmax(QKᵀ/√h_d)·V ─Reshape[b,s,H·r]──── O(W_o′, b_o′) ─► Y
+    ⇒  X ─ V(W_v′[d, H·r]) ────Reshape[b,s,H,r]──► softmax(QKᵀ/√h_d)·V ─Reshape[b,s,H·r]──── O(W_o′, b_o′) ─► Y
 
 Plain exports only (Q, K, V as separate MatMuls; ONNX Runtime's fused Attention packs one head size for all
 three). The head-size entry of V's Reshape and the context width are rewritten where the graph spells them
@@ -25,9 +25,13 @@ def shrink_values(graph: gs.Graph, block: AttentionBlock, cut: ValueCut) -> None
     tensors = graph.tensors()
     scope = Scope(graph, f"{block.output.name}/values")
     value = block.projections[-1]
-    matmul, _ = matmul_and_add(tensors, value)
+    matmul, add = matmul_and_add(tensors, value)
     matmul.inputs[1] = scope.constant("value/weight", cut.value_weight.astype(value.dtype))
-    if value.bias is not None:
+    if add is not None:  # the value bias now lives in O's: its Add goes, the MatMul writes the Add's output
+        outputs = list(add.outputs)
+        add.outputs.clear()
+        matmul.outputs = outputs
+    elif value.bias is not None:  # a bias held by a fused consumer: zero it there
         set_bias(graph, value, scope.constant("value/bias", np.zeros(cut.value_weight.shape[1], value.dtype)))
     for consumer in tensors[value.output_name].outputs:
         if consumer.op == "Reshape":

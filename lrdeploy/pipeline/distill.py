@@ -7,7 +7,8 @@ toward the original, and write the usual compressed ONNX model and report.
     ─validate on the held-out sentences─► report.*
 
 The structured cuts of the plan reach the student too (modules found by weight): narrower FFNs, fewer heads,
-narrower value heads, and dropped blocks removed from its layer list (each kept block's output is matched to its original's).
+narrower value heads, and dropped blocks removed from its layer list (each kept block's output is matched to its
+original's).
 
 With `optimize="ort"` the plan is made (and its latency target held to the clock) on ONNX Runtime's fused graph,
 as the dense model ships there; a fused Attention's packed Q|K|V is split in three to find the student's
