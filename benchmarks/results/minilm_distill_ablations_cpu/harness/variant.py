@@ -23,6 +23,7 @@ ap.add_argument("--bank", type=float, default=0.0, help="weight of the KL over s
 ap.add_argument("--tau", type=float, default=0.05)
 ap.add_argument("--covw", type=float, default=0.0, help="weight of the teacher-covariance-weighted error")
 ap.add_argument("--ema", type=float, default=0.0)
+ap.add_argument("--l2sp", type=float, default=0.0, help="weight of the squared drift from the cut student's starting weights (L2-SP)")
 a = ap.parse_args()
 F = torch.load(a.frozen, weights_only=False)
 class Embedder(torch.nn.Module):
@@ -73,6 +74,7 @@ opt = torch.optim.AdamW([p for p in student.parameters() if p.requires_grad], lr
 sched = TD._schedule(opt, cfg)
 order = TD._batch_order(len(train), a.steps, 0)
 ema = None
+start = {n: p.detach().clone() for n, p in student.named_parameters() if p.requires_grad} if a.l2sp else {}
 if a.ema:
     ema = {k: v.detach().clone() for k, v in student.state_dict().items()}
 def ema_eval():
@@ -98,6 +100,8 @@ for step, idx in enumerate(order, 1):
         loss = loss + a.bank * torch.nn.functional.kl_div(logp_s, p_t, reduction="batchmean")
     if covroot is not None:
         loss = loss + a.covw * ((out - tt) @ covroot).pow(2).sum(1).mean()
+    if a.l2sp:
+        loss = loss + a.l2sp * sum((p - start[n]).pow(2).sum() for n, p in student.named_parameters() if n in start)
     opt.zero_grad(set_to_none=True); loss.backward(); opt.step(); sched.step()
     if ema is not None:
         with torch.no_grad():
