@@ -20,9 +20,9 @@ from lrdeploy.errors import LrdeployError, TargetNotMetError
 from lrdeploy.lowrank.allocate import ALLOCATIONS
 from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
-from lrdeploy.pipeline.config import (LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, PROFILE_BACKENDS, QKV_FORMS,
+from lrdeploy.settings.build import (LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, PROFILE_BACKENDS, QKV_FORMS,
                                       BuildConfig)
-from lrdeploy.pipeline.distill_settings import TRAIN_TEXTS, DistillSettings
+from lrdeploy.settings.distill import TRAIN_TEXTS, DistillSettings
 from lrdeploy.runtime.base import BACKENDS, PRECISIONS
 from lrdeploy.torch.distill_config import DistillConfig
 
@@ -38,7 +38,7 @@ def _console(stderr: bool = False):
 
 
 def _progress(console):
-    from lrdeploy.pipeline.progress import ConsoleProgress
+    from lrdeploy.progress import ConsoleProgress
 
     return ConsoleProgress(console)
 
@@ -76,7 +76,7 @@ def inspect(model: Path, rank_multiple: int, as_json: bool) -> None:
     """List the linear layers of MODEL and whether each can be factorized."""
     from rich.table import Table
 
-    from lrdeploy.pipeline.inspect import inspect_model
+    from lrdeploy.stages.inspect import inspect_model
 
     inspection = inspect_model(model, rank_multiple)
     data = inspection.to_dict()
@@ -191,7 +191,7 @@ def _build_config(model: Path, shapes: tuple[str, ...], cache_dir: Path | None, 
                   **fields) -> BuildConfig:
     """A BuildConfig from the command's options (named as its fields, but for the shape texts and the cache)."""
     from lrdeploy.calib.data import parse_shape_overrides
-    from lrdeploy.pipeline.config import default_cache_dir
+    from lrdeploy.settings.build import default_cache_dir
 
     return BuildConfig(model=model, shapes=parse_shape_overrides(shapes),
                        cache_dir=None if no_cache else (cache_dir or default_cache_dir()), **fields)
@@ -307,7 +307,7 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
 
     from lrdeploy.bench.measure import BenchSettings
     from lrdeploy.files import check_output_dir, output_set
-    from lrdeploy.pipeline.bench import BenchConfig, describe_shape, run_bench
+    from lrdeploy.bench.run import BenchConfig, describe_shape, run_bench
     from lrdeploy.report.files import BENCH_FILES, write_bench
 
     if iterations and duration:
@@ -347,7 +347,7 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
 def profile(model, backend, precision, token_counts, rank_multiple, iterations, threads, name, output) -> None:
     """Time dense layers against low-rank splits for MODEL's layer shapes (default: BERT-base's) and write a
     device profile for `build --profile`."""
-    from lrdeploy.pipeline.profile import ProfileSettings, run_profile
+    from lrdeploy.commands.profile import ProfileSettings, run_profile
 
     settings = ProfileSettings(output, backend, precision, _int_list(token_counts), model, rank_multiple, iterations,
                                threads, name)
@@ -446,7 +446,7 @@ def export(hf_dir, factory, pooling, normalize, output_path, tolerance) -> None:
 @user_errors
 def demo(output_dir, rank_budget, calib_sentences, eval_sentences, budgets, bench_batches, bench_iterations) -> None:
     """Compress the real all-MiniLM-L6-v2 end to end and write report.html."""
-    from lrdeploy.pipeline.demo import DemoSettings, run_demo
+    from lrdeploy.commands.demo import DemoSettings, run_demo
 
     console = _console()
     settings = DemoSettings(output_dir, rank_budget, calib_sentences, eval_sentences, tuple(_float_list(budgets)),
@@ -514,7 +514,7 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
 def distill(hf_dir, steps, lr, hidden_weight, freeze_embeddings, output_dir, **options) -> None:
     """Compress a Hugging Face embedder (ONNX build pipeline), fine-tune it label-free toward the original in
     PyTorch, export ONNX and report."""
-    from lrdeploy.pipeline.distill import run_distill
+    from lrdeploy.commands.distill import run_distill
 
     training = DistillConfig(steps=steps, lr=lr, hidden_weight=hidden_weight, freeze_embeddings=freeze_embeddings)
     settings = DistillSettings(hf_dir, output_dir, training=training, **options)

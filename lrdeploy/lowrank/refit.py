@@ -1,4 +1,4 @@
-"""The least-squares maths of the error-aware refit (numpy only; `pipeline.refit` collects the moments).
+"""The least-squares maths of the error-aware refit (numpy only; `stages.refit` collects the moments).
 
 Given joint moments of a source x̃ (what a layer sees in the compressed model) and a target y (what the
 original model's layer outputs at the same positions):

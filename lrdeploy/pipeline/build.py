@@ -32,22 +32,22 @@ from lrdeploy.passes.compose import compressed_model
 from lrdeploy.passes.index_inputs import index_limits
 from lrdeploy.passes.ort_fusion import fused_op_counts
 from lrdeploy.passes.linear_layers import LinearLayer
-from lrdeploy.pipeline.bench import BenchConfig, run_bench
-from lrdeploy.pipeline.cache import StatisticsCache
-from lrdeploy.pipeline.calibrate import calibrate
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.inspect import Inspection, inspect_fused, inspect_merged_qkv, inspect_model
-from lrdeploy.pipeline.latency import LatencyPlan, plan_for_latency
-from lrdeploy.pipeline.latency_check import checked_shape_plan
-from lrdeploy.pipeline.outputs import input_files, output_files
-from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
-from lrdeploy.pipeline.refit import RefitSettings, refit_factors, refit_stages
+from lrdeploy.bench.run import BenchConfig, run_bench
+from lrdeploy.calib.cache import StatisticsCache
+from lrdeploy.stages.calibrate import calibrate
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.stages.inspect import Inspection, inspect_fused, inspect_merged_qkv, inspect_model
+from lrdeploy.planning.latency_aware import LatencyPlan, plan_for_latency
+from lrdeploy.planning.clock_check import checked_shape_plan
+from lrdeploy.stages.outputs import input_files, output_files
+from lrdeploy.progress import SILENT, Progress, StageTimer
+from lrdeploy.stages.refit import RefitSettings, refit_factors, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
-from lrdeploy.pipeline.samples import BuildSamples, prepare_samples
-from lrdeploy.pipeline.shape_plan import ShapeOptions, find_block_parts, shape_options, structure_requests
-from lrdeploy.pipeline.structure import StructuredBlocks, StructuredCuts, splittable
-from lrdeploy.pipeline.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
-from lrdeploy.pipeline.validate import compare_models
+from lrdeploy.stages.samples import BuildSamples, prepare_samples
+from lrdeploy.planning.unified import ShapeOptions, find_block_parts, shape_options, structure_requests
+from lrdeploy.planning.cuts import StructuredBlocks, StructuredCuts, splittable
+from lrdeploy.stages.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
+from lrdeploy.stages.validate import compare_models
 from lrdeploy.report.files import REPORT_FILES, write_bench, write_reports
 from lrdeploy.report.model import BuildReport
 

@@ -13,11 +13,11 @@ from lrdeploy import __version__
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, realized_ratio
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.passes.linear_layers import LinearLayer
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.inspect import Inspection
-from lrdeploy.pipeline.latency import LatencyPlan
-from lrdeploy.pipeline.samples import BuildSamples
-from lrdeploy.pipeline.structure import StructuredCuts
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.stages.inspect import Inspection
+from lrdeploy.planning.latency_aware import LatencyPlan
+from lrdeploy.stages.samples import BuildSamples
+from lrdeploy.planning.cuts import StructuredCuts
 from lrdeploy.report.model import AccuracyReport, BuildConfigRecord, BuildReport, LayerRecord, ParamSummary
 
 class PreparedInputs(Protocol):

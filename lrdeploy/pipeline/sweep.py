@@ -15,10 +15,10 @@ from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.errors import OptionError
 from lrdeploy.files import output_set
 from lrdeploy.lowrank.allocate import minimum_ratio
-from lrdeploy.pipeline.bench import BenchConfig, run_bench
+from lrdeploy.bench.run import BenchConfig, run_bench
 from lrdeploy.pipeline.build import BuildResult, Finetuner, PreparedBuild, prepare_build, realize_build
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.progress import SILENT, Progress
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.progress import SILENT, Progress
 from lrdeploy.report.files import REPORT_FILES, write_reports, write_sweep
 from lrdeploy.report.model import SweepPoint, SweepReport
 

@@ -21,7 +21,7 @@ from lrdeploy.calib.data import (
     validate_samples,
 )
 from lrdeploy.errors import CalibrationDataError, OptionError
-from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.settings.build import BuildConfig
 
 DEFAULT_RANDOM_SAMPLES = 64
 SAME_FILE_WARNING = (

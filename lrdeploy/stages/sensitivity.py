@@ -21,10 +21,10 @@ from lrdeploy.lowrank.allocate import LayerShape, discarded_fraction
 from lrdeploy.lowrank.decompose import Decomposition
 from lrdeploy.passes.inject_error import error_injected_model
 from lrdeploy.passes.linear_layers import LinearLayer
-from lrdeploy.pipeline.cache import SensitivityTable, StatisticsCache
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.progress import Progress
-from lrdeploy.pipeline.validate import per_sample_cosine
+from lrdeploy.calib.cache import SensitivityTable, StatisticsCache
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.progress import Progress
+from lrdeploy.stages.validate import per_sample_cosine
 from lrdeploy.runtime.onnxruntime import create_session
 
 GROUP_SIZE = 6

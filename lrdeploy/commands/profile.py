@@ -18,8 +18,8 @@ from lrdeploy.bench.profiles import FORMAT
 from lrdeploy.errors import OptionError
 from lrdeploy.files import check_output_dir, output_set
 from lrdeploy.lowrank.allocate import LayerShape
-from lrdeploy.pipeline.config import PROFILE_BACKENDS
-from lrdeploy.pipeline.progress import SILENT, Progress
+from lrdeploy.settings.build import PROFILE_BACKENDS
+from lrdeploy.progress import SILENT, Progress
 
 PROFILE_PRECISIONS = {"ort-cpu": ("fp32",), "ort-cuda": ("fp16", "fp32"), "torch-cpu": ("fp32",),
               "torch-cuda": ("fp16", "bf16", "fp32")}  # per PROFILE_BACKENDS entry; the first is the default
@@ -60,7 +60,7 @@ def profile_shapes(model: Path | None, rank_multiple: int) -> list[Shape]:
     """The distinct shapes of the model's eligible linear layers, or BERT-base's."""
     if model is None:
         return list(BERT_BASE_SHAPES)
-    from lrdeploy.pipeline.inspect import inspect_model
+    from lrdeploy.stages.inspect import inspect_model
 
     return list(dict.fromkeys((layer.d_in, layer.d_out) for layer in inspect_model(model, rank_multiple).require_eligible()))
 

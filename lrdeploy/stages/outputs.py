@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lrdeploy.onnx_io import LoadedModel, external_data_name
-from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.settings.build import BuildConfig
 from lrdeploy.report.files import BENCH_FILES, REPORT_FILES
 
 

@@ -38,11 +38,11 @@ import onnx
 from lrdeploy.calib.data import Feeds, InputSpec, SampleSet
 from lrdeploy.files import atomic_path, check_output_dir
 from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.sweep import SweepSettings, run_sweep
 from lrdeploy.report.model import SweepReport
-from lrdeploy.pipeline.distill_settings import DistillSettings
+from lrdeploy.settings.distill import DistillSettings
 from lrdeploy.torch.distill_config import DistillConfig
 
 SPECS = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "sequence")),

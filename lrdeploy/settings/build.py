@@ -184,7 +184,7 @@ class BuildConfig:
 
     @property
     def plans_shapes(self) -> bool:
-        """The knapsack over options (`pipeline.shape_plan`) chooses, not the rank allocation alone."""
+        """The knapsack over options (`planning.unified`) chooses, not the rank allocation alone."""
         return self.plan == "unified" or self.target_latency is not None
 
     @property

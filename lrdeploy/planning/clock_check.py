@@ -31,9 +31,9 @@ from lrdeploy.errors import BudgetError
 from lrdeploy.lowrank.allocate import LossCurve
 from lrdeploy.lowrank.decompose import planned_factors
 from lrdeploy.passes.compose import compressed_model
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.progress import Progress
-from lrdeploy.pipeline.shape_plan import ShapePlan, alternated_times, plan_shapes
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.progress import Progress
+from lrdeploy.planning.unified import ShapePlan, alternated_times, plan_shapes
 
 if TYPE_CHECKING:
     from lrdeploy.pipeline.build import PreparedBuild

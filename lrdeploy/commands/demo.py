@@ -19,8 +19,8 @@ from lrdeploy.errors import MissingDependencyError
 from lrdeploy.files import atomic_path, check_output_dir, output_set
 from lrdeploy.lowrank.allocate import check_budget_range
 from lrdeploy.pipeline.build import BuildResult, prepare_build, realize_build
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.progress import SILENT, Progress, StageTimer
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.sweep import Sweep, SweepSettings
 from lrdeploy.report.files import write_sweep
 from lrdeploy.report.html import headline

@@ -45,12 +45,12 @@ from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.ort_fusion import attention_geometry
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
 from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, find_fused_attention_blocks
-from lrdeploy.pipeline.cache import StatisticsCache
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.latency import Timer
-from lrdeploy.pipeline.progress import Progress
-from lrdeploy.pipeline.sensitivity import degradation
-from lrdeploy.pipeline.structure import StructuredCuts, kept_count
+from lrdeploy.calib.cache import StatisticsCache
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.planning.latency_aware import Timer
+from lrdeploy.progress import Progress
+from lrdeploy.stages.sensitivity import degradation
+from lrdeploy.planning.cuts import StructuredCuts, kept_count
 from lrdeploy.runtime.onnxruntime import OrtRunner, create_session
 
 FFN_LEVELS = (0.75, 0.5, 0.375, 0.25)  # fractions of an FFN's neurons an option keeps

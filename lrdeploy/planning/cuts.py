@@ -22,9 +22,9 @@ from lrdeploy.passes.ort_fusion import attention_geometry
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks, prune_block
 from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, find_fused_attention_blocks, prune_heads
 from lrdeploy.passes.shrink_values import shrink_values
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.inspect import Inspection
-from lrdeploy.pipeline.sensitivity import degradation
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.stages.inspect import Inspection
+from lrdeploy.stages.sensitivity import degradation
 from lrdeploy.runtime.onnxruntime import create_session
 
 

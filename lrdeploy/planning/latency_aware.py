@@ -22,8 +22,8 @@ from lrdeploy.bench.layer_latency import Shape, ShapeTiming, time_shapes
 from lrdeploy.bench.profiles import DeviceProfile
 from lrdeploy.errors import BudgetError
 from lrdeploy.lowrank.allocate import LayerShape, LossCurve, RankPlan, allocate, allocate_around_dense, realized_ratio
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.progress import Progress
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.progress import Progress
 
 MAX_ROUNDS = 5
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from lrdeploy.errors import OptionError
 from lrdeploy.lowrank.allocate import check_budget_range
-from lrdeploy.pipeline.config import check_token_options
+from lrdeploy.settings.build import check_token_options
 from lrdeploy.torch.distill_config import DistillConfig
 
 TRAIN_TEXTS = ("pydoc+docstrings", "pydoc")  # unlabeled training sentences; the evaluation ones are always left out

@@ -12,8 +12,8 @@ from lrdeploy.calib.stats import TensorRequest, collect_moments, count_passes
 from lrdeploy.errors import CalibrationDataError
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import LoadedModel
-from lrdeploy.pipeline.cache import StatisticsCache
-from lrdeploy.pipeline.progress import SILENT, Progress
+from lrdeploy.calib.cache import StatisticsCache
+from lrdeploy.progress import SILENT, Progress
 
 
 def check_moments(moments: dict[str, Moments]) -> None:
