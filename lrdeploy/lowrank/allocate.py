@@ -41,6 +41,10 @@ class LayerShape:
         """True when a rank-`rank` split has fewer parameters than the dense layer (and fits its shape)."""
         return rank <= min(self.d_in, self.d_out) and self.factored_params(rank) < self.dense_params
 
+    def saving_ranks(self, multiple: int) -> list[int]:
+        """Every multiple of `multiple` whose split saves parameters, ascending."""
+        return [rank for rank in range(multiple, min(self.d_in, self.d_out) + 1, multiple) if self.saves(rank)]
+
 
 def realized_ratio(shapes: list[LayerShape], plan: Mapping[str, int | None]) -> float:
     """Parameters kept by `plan` over the dense parameters of the same layers (1 for no layers)."""

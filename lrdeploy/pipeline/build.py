@@ -38,13 +38,14 @@ from lrdeploy.stages.calibrate import calibrate
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection, inspect_fused, inspect_merged_qkv, inspect_model
 from lrdeploy.planning.latency_aware import LatencyPlan, plan_for_latency
-from lrdeploy.planning.clock_check import checked_shape_plan
+from lrdeploy.planning.clock_check import checked_shape_plan, wall_clock
 from lrdeploy.stages.outputs import input_files, output_files
 from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.stages.refit import RefitSettings, refit_factors, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
 from lrdeploy.stages.samples import BuildSamples, prepare_samples
-from lrdeploy.planning.unified import ShapeOptions, find_block_parts, shape_options, structure_requests
+from lrdeploy.planning.blocks import find_block_parts, structure_requests
+from lrdeploy.planning.options import ShapeOptions, shape_options
 from lrdeploy.planning.cuts import StructuredBlocks, StructuredCuts, splittable
 from lrdeploy.stages.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
 from lrdeploy.stages.validate import compare_models
@@ -168,7 +169,10 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
         energies = {name: d.energies for name, d in prepared.decompositions.items()}
         loss = None if prepared.sensitivity is None else sensitivity_loss(prepared.sensitivity, energies)
         if prepared.shape_options is not None:
-            checked = checked_shape_plan(prepared, budget, loss, timer.progress)
+            clock = wall_clock(prepared.inspection.model.proto, prepared.eligible, prepared.decompositions, config,
+                               timer.progress)
+            checked = checked_shape_plan(config, prepared.shape_options, prepared.eligible, budget, loss, clock,
+                                         timer.progress)
             plan, structured = checked.plan.ranks, checked.plan.cuts
             shape_record = checked.plan.to_dict(prepared.shape_options, config) | checked.record()
         elif config.latency_aware:

@@ -22,21 +22,22 @@ so the check bounds the bias of a prediction, not the noise of a later bench.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Callable
 
 import numpy as np
 import onnx
 
 from lrdeploy.errors import BudgetError
 from lrdeploy.lowrank.allocate import LossCurve
-from lrdeploy.lowrank.decompose import planned_factors
+from lrdeploy.lowrank.decompose import Decomposition, planned_factors
 from lrdeploy.passes.compose import compressed_model
-from lrdeploy.settings.build import BuildConfig
+from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.planning.options import ShapeOptions, timed_against_dense
+from lrdeploy.planning.unified import ShapePlan, plan_shapes
 from lrdeploy.progress import Progress
-from lrdeploy.planning.unified import ShapePlan, alternated_times, plan_shapes
+from lrdeploy.settings.build import BuildConfig
 
-if TYPE_CHECKING:
-    from lrdeploy.pipeline.build import PreparedBuild
+PlanClock = Callable[[ShapePlan], dict[int, float]]  # a plan → its measured time over dense's, by token count
 
 MAX_PLANS = 3
 TOLERANCE = 0.03  # relative: a plan measured within 3% under the target is kept as it is
@@ -63,7 +64,7 @@ def measured_ratios(dense: onnx.ModelProto, planned: onnx.ModelProto, config: Bu
     for tokens in dict.fromkeys((config.tokens, *config.check_tokens)):
         scaled = config.bench_iterations * config.tokens // tokens
         iterations = min(MAX_CHECK_ITERATIONS, max(config.bench_iterations, scaled))
-        times = alternated_times(dense, {"planned": planned}, config, progress, iterations, tokens)
+        times = timed_against_dense(dense, {"planned": planned}, config, progress, iterations, tokens)
         ratios[tokens] = float(np.median(times["planned"]) / np.median(times["dense"]))
     return ratios
 
@@ -74,28 +75,34 @@ def next_target(target: float, predicted: float, measured: float) -> float:
     return target * predicted / measured
 
 
-def checked_shape_plan(prepared: PreparedBuild, budget: float, loss: LossCurve, progress: Progress) -> CheckedPlan:
-    """Plan for `prepared.config.target_latency`; when the plan's latency was measured here, time each plan
+def wall_clock(model: onnx.ModelProto, eligible: list[LinearLayer], decompositions: dict[str, Decomposition],
+               config: BuildConfig, progress: Progress) -> PlanClock:
+    """The clock a build checks its plans with: each plan's model built and timed against `model` here."""
+    def measure(plan: ShapePlan) -> dict[int, float]:
+        factors = planned_factors(decompositions, plan.ranks)
+        return measured_ratios(model, compressed_model(model, eligible, factors, plan.cuts), config, progress)
+    return measure
+
+
+def checked_shape_plan(config: BuildConfig, options: ShapeOptions, eligible: list[LinearLayer], budget: float,
+                       loss: LossCurve, clock: PlanClock, progress: Progress) -> CheckedPlan:
+    """Plan for `config.target_latency`; when the plan's latency was measured here, time each plan with `clock`
     against the dense model and plan again (module docstring) until the clock agrees with the target."""
-    config, options = prepared.config, prepared.shape_options
-    plan = plan_shapes(options, config, prepared.eligible, budget, loss)
+    plan = plan_shapes(options, config, eligible, budget, loss)
     progress.note(plan.summary(options, config))
     if plan.resource != "latency" or options.timer.profile is not None:
         return CheckedPlan(plan)
     target, planned_for = config.target_latency, config.target_latency
     tried: list[tuple[ShapePlan, float]] = []
     attempts = []
-    model = prepared.inspection.model.proto
     for round_ in range(MAX_PLANS):
         if round_:
             try:
-                plan = plan_shapes(options, config, prepared.eligible, budget, loss, planned_for)
+                plan = plan_shapes(options, config, eligible, budget, loss, planned_for)
             except BudgetError:  # the corrected target is out of reach: keep what was measured
                 break
             progress.note(plan.summary(options, config) + f" (planned for ×{planned_for:.3f})")
-        factors = planned_factors(prepared.decompositions, plan.ranks)
-        by_tokens = measured_ratios(model, compressed_model(model, prepared.eligible, factors, plan.cuts), config,
-                                    progress)
+        by_tokens = clock(plan)
         measured = max(by_tokens.values())
         progress.note("  measured " + ", ".join(f"×{ratio:.3f} at {tokens}" for tokens, ratio in by_tokens.items())
                       + f" tokens (target ×{target})")

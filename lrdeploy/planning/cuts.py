@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.calib.data import Feeds, SampleSet
@@ -18,14 +19,13 @@ from lrdeploy.lowrank.neurons import NeuronCut, cut_groups, cut_neurons
 from lrdeploy.lowrank.value_heads import ValueCut, shrink_value_heads
 from lrdeploy.passes.drop_blocks import TransformerBlock, drop_block, find_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
-from lrdeploy.passes.ort_fusion import attention_geometry
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks, prune_block
-from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, find_fused_attention_blocks, prune_heads
+from lrdeploy.passes.prune_heads import AttentionBlock, prune_heads
+from lrdeploy.planning.blocks import self_attentions
 from lrdeploy.passes.shrink_values import shrink_values
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection
-from lrdeploy.stages.sensitivity import degradation
-from lrdeploy.runtime.onnxruntime import create_session
+from lrdeploy.stages.distortion import DistortionProbe
 
 
 def kept_count(total: int, keep: float, step: int) -> int:
@@ -48,6 +48,12 @@ class StructuredCuts:
         self.heads += other.heads
         self.dropped += other.dropped
         self.values += other.values
+
+    def applied_to(self, model: onnx.ModelProto) -> onnx.ModelProto:
+        """A new model: `model` with these cuts (`model` itself is not changed)."""
+        graph = gs.import_onnx(model)
+        self.apply(graph)
+        return gs.export_onnx(graph.cleanup().toposort())
 
     def apply(self, graph: gs.Graph) -> None:
         for block, cut in self.ffn:
@@ -97,18 +103,6 @@ def splittable(config: BuildConfig, inspection: Inspection, eligible: list[Linea
     return [layer for layer in eligible if layer.name in ffn]
 
 
-def _attention_blocks(config: BuildConfig, inspection: Inspection) -> list[AttentionBlock]:
-    """The self-attentions of the graph the build cuts: ONNX Runtime's fused ones with `--optimize ort` (their
-    node says the head count), else the plain projections (head count from the graph or --num-heads)."""
-    if config.optimize == "ort":
-        return find_fused_attention_blocks(inspection.graph, inspection.layers)
-    geometry = attention_geometry(inspection.graph)
-    heads = config.num_heads or (geometry[0] if geometry else 0)
-    if not heads:
-        raise OptionError("cannot tell the attention head count from the graph; give it with --num-heads")
-    return find_attention_blocks(inspection.layers, heads)
-
-
 @dataclass
 class StructuredBlocks:
     """The blocks the configured cuts apply to, found before calibration."""
@@ -127,7 +121,9 @@ class StructuredBlocks:
                                         "for --ffn-keep; leave the option out")
         attention = []
         if config.heads_keep or config.drop_blocks or config.values_keep:
-            attention = _attention_blocks(config, inspection)
+            attention = self_attentions(config, inspection.graph, inspection.layers)
+            if attention is None:
+                raise OptionError("cannot tell the attention head count from the graph; give it with --num-heads")
             if not attention:
                 option = ("--heads-keep" if config.heads_keep else "--drop-blocks" if config.drop_blocks
                           else "--values-keep")
@@ -146,15 +142,9 @@ class StructuredBlocks:
         if config.drop_blocks >= len(blocks):
             raise OptionError(f"--drop-blocks {config.drop_blocks} would drop all {len(blocks)} blocks found; "
                               "drop fewer")
-        batches = list(feeds.batches(probe))
-        dense = create_session(inspection.model.proto, config.threads)
-        reference = [dense.run(None, feed) for feed in batches]
-        distortion = {}
-        for block in blocks:
-            variant = gs.import_onnx(inspection.model.proto)
-            drop_block(variant, block)
-            session = create_session(gs.export_onnx(variant.cleanup().toposort()), config.threads)
-            distortion[block.name] = degradation(reference, [session.run(None, feed) for feed in batches])
+        measure = DistortionProbe(inspection.model.proto, feeds.batches(probe), config.threads)
+        distortion = {block.name: measure.of_model(StructuredCuts(dropped=[(block, [], 0.0)]).applied_to(
+            inspection.model.proto)) for block in blocks}
         order = [layer.name for layer in inspection.layers]
         starts = [order.index(a.projections[0].name) for a in self.depth_candidates] + [len(order)]
         for index in sorted(range(len(blocks)), key=lambda i: distortion[blocks[i].name])[:config.drop_blocks]:

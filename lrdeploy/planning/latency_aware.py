@@ -18,8 +18,9 @@ from typing import Mapping
 
 import numpy as np
 
-from lrdeploy.bench.layer_latency import Shape, ShapeTiming, time_shapes
-from lrdeploy.bench.profiles import DeviceProfile
+from lrdeploy.bench.layer_latency import Shape, ShapeTiming
+from lrdeploy.bench.timer import Timer
+from lrdeploy.planning.timing import build_timer
 from lrdeploy.errors import BudgetError
 from lrdeploy.lowrank.allocate import LayerShape, LossCurve, RankPlan, allocate, allocate_around_dense, realized_ratio
 from lrdeploy.settings.build import BuildConfig
@@ -57,51 +58,6 @@ class LatencyPlan:
         return {"source": self.source, "tokens": self.tokens, "objective": self.objective,
                 "predicted_linear_ratio": self.predicted_ratio(shapes), "note": self.note,
                 "kept_dense": sorted(self.slower) if self.objective != "size" else []}
-
-
-class Timer:
-    """Dense and split timings for the shapes and ranks a plan needs, measured or from a profile."""
-
-    def __init__(self, tokens: int, device: str = "cpu", threads: int = 0, profile: DeviceProfile | None = None):
-        self.tokens, self.device, self.threads, self.profile = tokens, device, threads, profile
-        self.timings: dict[Shape, ShapeTiming] = {}
-
-    @property
-    def source(self) -> str:
-        return f"profile {self.profile.label}" if self.profile else f"measured on ort-{self.device}"
-
-    def ensure(self, needed: dict[Shape, set[int]]) -> None:
-        """Time (or read from the profile) each shape's dense layer and the ranks asked for, where not yet known;
-        shapes and ranks the profile lacks stay unknown."""
-        missing: dict[Shape, set[int]] = {}
-        for key, ranks in needed.items():
-            known = self.timings[key].split_ms if key in self.timings else None
-            if known is None or set(ranks) - set(known):
-                missing[key] = set(ranks) - set(known or {})
-        if not missing:
-            return
-        found = (self.profile.timings(missing, self.tokens) if self.profile
-                 else time_shapes(missing, self.tokens, self.device, self.threads))
-        for key, timing in found.items():
-            if key in self.timings:
-                self.timings[key].split_ms.update(timing.split_ms)
-            else:
-                self.timings[key] = timing
-
-    def speedups(self, shapes: list[LayerShape], plan: RankPlan) -> dict[str, float]:
-        """Speed-up of each split in `plan` (timing what was not timed yet); splits not profiled count as 0."""
-        needed: dict[Shape, set[int]] = {}
-        for s in shapes:
-            if plan[s.name] is not None:
-                needed.setdefault((s.d_in, s.d_out), set()).add(plan[s.name])
-        self.ensure(needed)
-        result = {}
-        for s in shapes:
-            timing = self.timings.get((s.d_in, s.d_out))
-            if plan[s.name] is not None:
-                known = timing is not None and plan[s.name] in timing.split_ms
-                result[s.name] = timing.speedup(plan[s.name]) if known else 0.0
-        return result
 
 
 def _losers(speedups: dict[str, float]) -> dict[str, float]:
@@ -159,8 +115,7 @@ def plan_for_latency(config: BuildConfig, shapes: list[LayerShape], budget: floa
                      energies: Mapping[str, np.ndarray] | None, loss: LossCurve | None, progress: Progress) -> LatencyPlan:
     """The build's latency-aware plan: timed here on `config.backend`, or read from `config.profile`; the predicted
     linear-layer latency and what the plan gave up are told to `progress`."""
-    profile = None if config.profile is None else DeviceProfile.load(config.profile)
-    timer = Timer(config.tokens, config.backend.removeprefix("ort-"), config.threads, profile)
+    timer = build_timer(config)
     plan = latency_aware_plan(config.allocation, shapes, budget, config.rank_multiple, energies, timer, loss,
                               config.objective)
     ratio = plan.predicted_ratio(shapes)

@@ -24,7 +24,7 @@ from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.calib.cache import SensitivityTable, StatisticsCache
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.progress import Progress
-from lrdeploy.stages.validate import per_sample_cosine
+from lrdeploy.stages.distortion import DistortionProbe
 from lrdeploy.runtime.onnxruntime import create_session
 
 GROUP_SIZE = 6
@@ -37,15 +37,6 @@ def candidate_ranks(shape: LayerShape, multiple: int, count: int = 3) -> list[in
     return sorted(k for k in ranks if shape.saves(k))
 
 
-def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
-    """Mean over outputs of mean over samples of 1 − cosine."""
-    losses = []
-    for ref_batches, out_batches in zip(zip(*reference), zip(*outputs)):
-        cosines = np.concatenate([per_sample_cosine(r, o) for r, o in zip(ref_batches, out_batches)])
-        losses.append(1.0 - float(np.mean(cosines)))
-    return float(np.mean(losses))
-
-
 def measure_sensitivity(
     model: onnx.ModelProto, layers: list[LinearLayer], decompositions: dict[str, Decomposition], multiple: int,
     batches: Iterable[dict[str, np.ndarray]], threads: int = 0, on_step: Callable[[], None] | None = None,
@@ -56,9 +47,7 @@ def measure_sensitivity(
     Layers are injected `group_size` at a time: each injection adds one dense-sized MatMul to every run, so
     small groups keep runs cheap while few groups keep session creation cheap.
     """
-    feeds = list(batches)
-    dense = create_session(model, threads)
-    reference = [dense.run(None, feed) for feed in feeds]
+    probe = DistortionProbe(model, batches, threads)
     table: SensitivityTable = {}
     for start in range(0, len(layers), group_size):
         group = layers[start:start + group_size]
@@ -73,8 +62,7 @@ def measure_sensitivity(
                 delta_w = (factors.dense_weight() - np.asarray(layer.weight, np.float64)).astype(layer.dtype)
                 delta_b = ((0 if factors.bias is None else factors.bias) - bias).astype(layer.dtype)
                 extra = {inputs.weight: delta_w, inputs.bias: delta_b}
-                outputs = [session.run(None, {**feed, **zeros, **extra}) for feed in feeds]
-                table[layer.name][rank] = degradation(reference, outputs)
+                table[layer.name][rank] = probe.of_session(session, {**zeros, **extra})
                 if on_step is not None:
                     on_step()
     return table

@@ -1,7 +1,8 @@
 import pytest
 
-import lrdeploy.pipeline.latency as latency
+import lrdeploy.planning.latency_aware as latency
 from lrdeploy.bench.layer_latency import ShapeTiming, time_shapes
+from lrdeploy.bench.timer import Timer
 from lrdeploy.errors import BudgetError
 from lrdeploy.lowrank.allocate import LayerShape, allocate_around_dense, realized_ratio
 
@@ -12,7 +13,7 @@ def test_time_shapes_measures_every_rank():
     assert set(timing.split_ms) == {16, 32} and timing.dense_ms > 0 and timing.speedup(16) > 0
 
 
-def test_latency_aware_plan_holds_slow_splits_dense_within_budget(monkeypatch):
+def test_latency_aware_plan_holds_slow_splits_dense_within_budget():
     shapes = [LayerShape(f"sq{i}", 384, 384) for i in range(4)] + [LayerShape(f"wide{i}", 384, 1536) for i in range(2)]
 
     def fake_time_shapes(needed, tokens, device, threads):
@@ -20,8 +21,7 @@ def test_latency_aware_plan_holds_slow_splits_dense_within_budget(monkeypatch):
         return {key: ShapeTiming(*key, tokens, 1.0, {r: (2.0 if key == (384, 384) else 0.5) for r in ranks})
                 for key, ranks in needed.items()}
 
-    monkeypatch.setattr(latency, "time_shapes", fake_time_shapes)
-    result = latency.latency_aware_plan("uniform", shapes, 0.8, 16, None, latency.Timer(tokens=128))
+    result = latency.latency_aware_plan("uniform", shapes, 0.8, 16, None, Timer(tokens=128, clock=fake_time_shapes))
     assert all(result.plan[f"sq{i}"] is None for i in range(4))
     assert all(result.plan[f"wide{i}"] is not None for i in range(2))
     assert result.slower == {f"sq{i}": 0.5 for i in range(4)}

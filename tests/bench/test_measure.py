@@ -141,7 +141,7 @@ def test_onnxruntime_io_binding_runs_the_same_model(tmp_path):
 
 def test_ort_cuda_fp16_runs_a_converted_fp16_model_with_fp32_io(tmp_path):
     """What an `ort-cuda --precision fp16` session loads (made here without a GPU: the session is created later)."""
-    from lrdeploy.pipeline.bench import BenchConfig, make_runner
+    from lrdeploy.bench.run import BenchConfig, make_runner
     from tests import models
 
     onnx.save(models.transformer(), tmp_path / "t.onnx")
@@ -164,7 +164,7 @@ def test_ort_cuda_fp16_runs_a_converted_fp16_model_with_fp32_io(tmp_path):
 ])
 def test_precision_defaults_and_refusals(backend, precision, message):
     from lrdeploy.errors import OptionError
-    from lrdeploy.pipeline.bench import BenchConfig
+    from lrdeploy.bench.run import BenchConfig
 
     if message is None:
         assert BenchConfig(["m.onnx"], backend).precision == "fp16"

@@ -234,9 +234,9 @@ def test_heads_keep_and_the_unified_plan_inside_the_fused_graph(exported, tmp_pa
                                                        "MatMul+SkipLayerNormalization"]
     assert all(l["reason"] == "2 of 4 heads kept (--heads-keep)" for l in narrowed)
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.8
-    from lrdeploy.pipeline.config import BuildConfig
-    from lrdeploy.pipeline.inspect import inspect_fused, inspect_model
-    from lrdeploy.pipeline.shape_plan import find_block_parts
+    from lrdeploy.settings.build import BuildConfig
+    from lrdeploy.stages.inspect import inspect_fused, inspect_model
+    from lrdeploy.planning.blocks import find_block_parts
 
     config = BuildConfig(model=exported / "bert.onnx", optimize="ort", plan="unified")
     inspection = inspect_fused(inspect_model(config.model, 16), 16)

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from lrdeploy.cli import main
 from lrdeploy.errors import OptionError
-from lrdeploy.pipeline.config import BuildConfig
+from lrdeploy.settings.build import BuildConfig
 from lrdeploy.pipeline.sweep import SweepSettings, parse_target, run_sweep
 
 

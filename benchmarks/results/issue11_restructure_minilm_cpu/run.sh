@@ -9,8 +9,8 @@ cd "$SRC"
 if [ ! -f "$DATA/minilm.onnx" ]; then
   $PY -c "
 from pathlib import Path
-from lrdeploy.pipeline.demo import DemoSettings, prepare_assets
-from lrdeploy.pipeline.progress import StageTimer
+from lrdeploy.commands.demo import DemoSettings, prepare_assets
+from lrdeploy.progress import StageTimer
 prepare_assets(DemoSettings(Path('$DATA')), StageTimer())"
 fi
 LR="$PY -c 'import lrdeploy.cli as c; c.main()'"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 12: --qkv joint (one low-rank basis for Q|K|V) against separate bases at the same budget on MiniLM,
-# the demo's data in $ASSETS (lrdeploy.pipeline.demo.prepare_assets). Then one side-by-side bench of all three.
+# the demo's data in $ASSETS (lrdeploy.commands.demo.prepare_assets). Then one side-by-side bench of all three.
 set -u
 ASSETS=${ASSETS:-/tmp/minilm}
 OUT=${OUT:-$(dirname "$0")}

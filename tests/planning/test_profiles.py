@@ -10,7 +10,8 @@ from lrdeploy.bench.profiles import DeviceProfile
 from lrdeploy.cli import main
 from lrdeploy.errors import BudgetError, OptionError
 from lrdeploy.lowrank.allocate import LayerShape, realized_ratio
-from lrdeploy.pipeline.latency import Timer, latency_aware_plan
+from lrdeploy.bench.timer import Timer
+from lrdeploy.planning.latency_aware import latency_aware_plan
 
 
 def _encoder_layers(hidden: int, layers: int) -> list[LayerShape]:

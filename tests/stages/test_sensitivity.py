@@ -14,7 +14,7 @@ from lrdeploy.lowrank.allocate import LayerShape, greedy_ranks, realized_ratio
 from lrdeploy.lowrank.decompose import decompose
 from lrdeploy.passes.linear_layers import find_linear_layers
 from lrdeploy.passes.inject_error import error_injected_model
-from lrdeploy.pipeline.sensitivity import candidate_ranks, measure_sensitivity, sensitivity_loss
+from lrdeploy.stages.sensitivity import candidate_ranks, measure_sensitivity, sensitivity_loss
 from tests import models
 from tests.conftest import run_model
 
@@ -122,7 +122,7 @@ def test_measured_degradation_falls_with_rank(measured):
 def test_cli_sensitivity_build_respects_budget_and_caches(transformer_files, tmp_path, isolated_cache, monkeypatch):
     import json
 
-    import lrdeploy.pipeline.sensitivity as sensitivity_module
+    import lrdeploy.stages.sensitivity as sensitivity_module
 
     model, calib = transformer_files
     args = ["build", str(model), "--calib", str(calib), "--allocation", "sensitivity", "--rank-budget", "0.5"]

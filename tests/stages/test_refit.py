@@ -14,7 +14,7 @@ from lrdeploy.passes.linear_layers import find_linear_layers
 from lrdeploy.lowrank.moments import JointMoments, Moments
 from lrdeploy.passes.side_by_side import PREFIX, side_by_side
 from lrdeploy.lowrank.refit import solve_both_factors, solve_second_factor
-from lrdeploy.pipeline.refit import refit_stages
+from lrdeploy.stages.refit import refit_stages
 from tests import models
 from tests.conftest import run_model
 

@@ -1,0 +1,64 @@
+"""The transformer blocks of a graph as the planner and the structured cuts see them: each block's self-attention
+(plain Q, K, V and output projections, or ONNX Runtime's fused Attention), its FFN, the whole block to drop, and
+every linear layer in it. Found by pattern (`passes.prune_heads`, `passes.prune_ffn`, `passes.drop_blocks`);
+finding never changes the graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx_graphsurgeon as gs
+
+from lrdeploy.calib.stats import TensorRequest
+from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_blocks
+from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.passes.ort_fusion import attention_geometry
+from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
+from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, find_fused_attention_blocks
+from lrdeploy.settings.build import BuildConfig
+
+
+def self_attentions(config: BuildConfig, graph: gs.Graph, layers: list[LinearLayer]) -> list[AttentionBlock] | None:
+    """The self-attentions of the graph the build cuts: ONNX Runtime's fused ones with `--optimize ort` (their node
+    says the head count), else the plain projections with the head count read from the graph or `--num-heads`;
+    None when that count cannot be told."""
+    if config.optimize == "ort":
+        return find_fused_attention_blocks(graph, layers)
+    geometry = attention_geometry(graph)
+    heads = config.num_heads or (geometry[0] if geometry else 0)
+    return find_attention_blocks(layers, heads) if heads else None
+
+
+@dataclass
+class BlockParts:
+    """One transformer block: its self-attention and FFN (either may be missing where it does not match, e.g. a
+    model of FFNs only), the block to drop, and every linear layer in it."""
+
+    attention: AttentionBlock | None
+    ffn: FfnBlock | None
+    block: TransformerBlock | None
+    layers: list[LinearLayer]
+
+
+def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLayer]) -> list[BlockParts]:
+    """The blocks in model order, each with the layers between its Q projection and the next block's."""
+    ffn = find_ffn_blocks(graph, layers)
+    attention = self_attentions(config, graph, layers) or []
+    if not attention:  # no self-attention matched: the FFNs are the only blocks
+        return [BlockParts(None, block, None, [block.up, block.down]) for block in ffn]
+    dropped = {block.input_name: block for block in find_transformer_blocks(graph, attention, ffn)}
+    order = [layer.name for layer in layers]
+    starts = [order.index(block.projections[0].name) for block in attention] + [len(order)]
+    parts = []
+    for index, block in enumerate(attention):
+        inside = layers[starts[index]:starts[index + 1]]
+        names = {layer.name for layer in inside}
+        block_ffn = next((f for f in ffn if f.up.name in names and f.down.name in names), None)
+        parts.append(BlockParts(block, block_ffn, dropped.get(block.input_name), inside))
+    return parts
+
+
+def structure_requests(parts: list[BlockParts]) -> list[TensorRequest]:
+    """The moments the cuts need: each FFN's activation, each attention's context."""
+    return ([TensorRequest(p.ffn.down.input_name, p.ffn.width) for p in parts if p.ffn]
+            + [TensorRequest(p.attention.output.input_name, p.attention.output.d_in) for p in parts if p.attention])

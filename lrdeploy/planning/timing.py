@@ -1,0 +1,13 @@
+"""The one way a plan gets its layer timings: measured here on the configured backend, or read from a device
+profile (`--profile`), at `--tokens` rows."""
+
+from __future__ import annotations
+
+from lrdeploy.bench.profiles import DeviceProfile
+from lrdeploy.bench.timer import Timer
+from lrdeploy.settings.build import BuildConfig
+
+
+def build_timer(config: BuildConfig) -> Timer:
+    profile = None if config.profile is None else DeviceProfile.load(config.profile)
+    return Timer(config.tokens, config.backend.removeprefix("ort-"), config.threads, profile)

@@ -1,0 +1,47 @@
+"""How far a variant of the model moves its outputs: the one measure behind sensitivity allocation, the unified
+plan's structured options and `--drop-blocks`' choice.
+
+    probe batches ─dense model─► reference outputs (once)
+    probe batches ─variant─────► outputs ─► mean over outputs of mean over samples of (1 − cosine) to the reference
+
+A variant is a whole model (a structured cut applied) or a session of the error-injected model fed extra inputs
+(`passes.inject_error`: one session serves many layers and ranks)."""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lrdeploy.runtime.onnxruntime import create_session
+from lrdeploy.stages.validate import per_sample_cosine
+
+
+def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
+    """Mean over outputs of mean over samples of 1 − cosine."""
+    losses = []
+    for ref_batches, out_batches in zip(zip(*reference), zip(*outputs)):
+        cosines = np.concatenate([per_sample_cosine(r, o) for r, o in zip(ref_batches, out_batches)])
+        losses.append(1.0 - float(np.mean(cosines)))
+    return float(np.mean(losses))
+
+
+class DistortionProbe:
+    """The dense model's outputs on a few probe batches, computed once, and the distortion of variants against them."""
+
+    def __init__(self, model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], threads: int = 0):
+        self.batches = list(batches)
+        self.threads = threads
+        dense = create_session(model, threads)
+        self.reference = [dense.run(None, feed) for feed in self.batches]
+
+    def of_session(self, session: ort.InferenceSession, extra: Mapping[str, np.ndarray] | None = None) -> float:
+        """Distortion of a session's outputs, each batch fed with `extra` inputs too."""
+        extra = dict(extra or {})
+        return degradation(self.reference, [session.run(None, {**feed, **extra}) for feed in self.batches])
+
+    def of_model(self, variant: onnx.ModelProto) -> float:
+        """Distortion of a whole variant model."""
+        return self.of_session(create_session(variant, self.threads))
