@@ -41,12 +41,13 @@ from lrdeploy.planning.latency_aware import LatencyPlan, plan_for_latency
 from lrdeploy.planning.clock_check import checked_shape_plan, wall_clock
 from lrdeploy.stages.outputs import input_files, output_files
 from lrdeploy.progress import SILENT, Progress, StageTimer
-from lrdeploy.stages.refit import RefitSettings, refit_factors, refit_stages
+from lrdeploy.stages.refit import RefitPlan, RefitSettings, refit_plan, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
 from lrdeploy.stages.samples import BuildSamples, prepare_samples
 from lrdeploy.planning.blocks import find_block_parts, structure_requests
 from lrdeploy.planning.options import ShapeOptions, shape_options
-from lrdeploy.planning.cuts import StructuredBlocks, StructuredCuts, splittable
+from lrdeploy.passes.compose import StructuredCuts
+from lrdeploy.planning.cuts import StructuredBlocks, splittable
 from lrdeploy.stages.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
 from lrdeploy.stages.validate import compare_models
 from lrdeploy.report.files import REPORT_FILES, write_bench, write_reports
@@ -183,10 +184,12 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
     factors = planned_factors(prepared.decompositions, plan)
     if config.refit:
         with timer.stage("refit"):
-            on_stage = timer.progress.steps("refitting", len(refit_stages(prepared.eligible, factors)))
-            factors = refit_factors(prepared.inspection.model.proto, prepared.eligible, factors,
-                                    prepared.samples.calib.select(slice(0, config.refit_samples)), prepared.feeds,
-                                    RefitSettings(config.refit_mode, threads=config.threads), on_stage)
+            layers = prepared.inspection.layers
+            on_stage = timer.progress.steps("refitting", len(refit_stages(layers, factors, structured)))
+            refit = refit_plan(prepared.inspection.model.proto, layers, RefitPlan(factors, structured),
+                               prepared.samples.calib.select(slice(0, config.refit_samples)), prepared.feeds,
+                               RefitSettings(config.refit_mode, threads=config.threads), on_stage)
+            factors, structured = refit.factors, refit.cuts
     return ChosenFactors(plan, factors, structured, latency, shape_record)
 
 

@@ -17,7 +17,7 @@ from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection
 from lrdeploy.planning.latency_aware import LatencyPlan
 from lrdeploy.stages.samples import BuildSamples
-from lrdeploy.planning.cuts import StructuredCuts
+from lrdeploy.passes.compose import StructuredCuts
 from lrdeploy.report.model import AccuracyReport, BuildConfigRecord, BuildReport, LayerRecord, ParamSummary
 
 class PreparedInputs(Protocol):

@@ -8,21 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import onnx
-import onnx_graphsurgeon as gs
-
 from lrdeploy.calib.data import Feeds, SampleSet
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import NoEligibleLayersError, OptionError
 from lrdeploy.lowrank.moments import Moments
-from lrdeploy.lowrank.neurons import NeuronCut, cut_groups, cut_neurons
-from lrdeploy.lowrank.value_heads import ValueCut, shrink_value_heads
-from lrdeploy.passes.drop_blocks import TransformerBlock, drop_block, find_transformer_blocks
+from lrdeploy.lowrank.neurons import cut_groups, cut_neurons
+from lrdeploy.lowrank.value_heads import shrink_value_heads
+from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
-from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks, prune_block
-from lrdeploy.passes.prune_heads import AttentionBlock, prune_heads
+from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
+from lrdeploy.passes.compose import StructuredCuts
+from lrdeploy.passes.prune_heads import AttentionBlock
 from lrdeploy.planning.blocks import self_attentions
-from lrdeploy.passes.shrink_values import shrink_values
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection
 from lrdeploy.stages.distortion import DistortionProbe
@@ -31,66 +28,6 @@ from lrdeploy.stages.distortion import DistortionProbe
 def kept_count(total: int, keep: float, step: int) -> int:
     """How many of `total` units a fraction `keep` keeps, rounded to `step` (at least one step)."""
     return min(total, max(step, int(round(total * keep / step)) * step))
-
-
-@dataclass
-class StructuredCuts:
-    """The cuts chosen for one model; `apply` rewrites a graph with them."""
-
-    ffn: list[tuple[FfnBlock, NeuronCut]] = field(default_factory=list)
-    heads: list[tuple[AttentionBlock, list[int], NeuronCut]] = field(default_factory=list)
-    dropped: list[tuple[TransformerBlock, list[LinearLayer], float]] = field(default_factory=list)
-    values: list[tuple[AttentionBlock, ValueCut]] = field(default_factory=list)
-    source: str = ""  # what chose them, for the report: "" = the options --ffn-keep, --heads-keep, --drop-blocks
-
-    def merge(self, other: "StructuredCuts") -> None:
-        self.ffn += other.ffn
-        self.heads += other.heads
-        self.dropped += other.dropped
-        self.values += other.values
-
-    def applied_to(self, model: onnx.ModelProto) -> onnx.ModelProto:
-        """A new model: `model` with these cuts (`model` itself is not changed)."""
-        graph = gs.import_onnx(model)
-        self.apply(graph)
-        return gs.export_onnx(graph.cleanup().toposort())
-
-    def apply(self, graph: gs.Graph) -> None:
-        for block, cut in self.ffn:
-            prune_block(graph, block, cut)
-        for attention, kept, cut in self.heads:
-            prune_heads(graph, attention, kept, cut)
-        for attention, value_cut in self.values:
-            shrink_values(graph, attention, value_cut)
-        for block, _, _ in self.dropped:
-            drop_block(graph, block)
-
-    def records(self) -> dict[str, tuple[str, int]]:
-        """{layer cut: (what was kept, weight parameters after)}."""
-        result = {}
-        for block, layers, distortion in self.dropped:
-            for layer in layers:
-                result[layer.name] = (f"{block.name} dropped ({self.source or '--drop-blocks'}; alone it distorts "
-                                      f"the outputs by {distortion:.4f})", 0)
-        for block, cut in self.ffn:
-            kept = len(cut.keep)
-            why = f"{kept} of {block.width} FFN neurons kept ({self.source or '--ffn-keep'})"
-            result[block.up.name] = (why, block.up.d_in * kept)
-            result[block.down.name] = (why, kept * block.down.d_out)
-        for attention, heads, cut in self.heads:
-            width = len(cut.keep)
-            why = f"{len(heads)} of {attention.heads} heads kept ({self.source or '--heads-keep'})"
-            for layer, kept_width in zip(attention.projections, attention.projection_widths(width)):
-                result[layer.name] = (why, layer.d_in * kept_width)
-            result[attention.output.name] = (why, width * attention.output.d_out)
-        for attention, value_cut in self.values:
-            width = value_cut.value_weight.shape[1]
-            why = (f"value heads {value_cut.rank} of {attention.head_dim} wide ({self.source or '--values-keep'}; "
-                   f"{value_cut.lost_energy:.1%} of their output energy left out)")
-            value = attention.projections[-1]
-            result[value.name] = (why, value.d_in * width)
-            result[attention.output.name] = (why, width * attention.output.d_out)
-        return result
 
 
 def splittable(config: BuildConfig, inspection: Inspection, eligible: list[LinearLayer]) -> list[LinearLayer]:

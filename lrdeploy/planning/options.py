@@ -37,7 +37,8 @@ from lrdeploy.lowrank.neurons import group_cuts, neuron_cuts
 from lrdeploy.passes.compose import compressed_model
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.planning.blocks import BlockParts
-from lrdeploy.planning.cuts import StructuredCuts, kept_count
+from lrdeploy.passes.compose import StructuredCuts
+from lrdeploy.planning.cuts import kept_count
 from lrdeploy.planning.timing import build_timer
 from lrdeploy.progress import Progress
 from lrdeploy.settings.build import BuildConfig

@@ -18,7 +18,7 @@ from lrdeploy.lowrank.allocate import LossCurve
 from lrdeploy.lowrank.knapsack import AllOf, Node, OneOf, Option, max_saving, solve
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.planning.blocks import BlockParts
-from lrdeploy.planning.cuts import StructuredCuts
+from lrdeploy.passes.compose import StructuredCuts
 from lrdeploy.planning.options import LATENCY_RANKS, CutOption, ShapeOptions, rank_grid
 from lrdeploy.settings.build import BuildConfig
 

@@ -111,16 +111,12 @@ class BuildConfig:
         self._check_qkv()
         if self.drop_blocks < 0:
             raise OptionError(f"--drop-blocks {self.drop_blocks} is negative; pass how many blocks to drop")
-        if self.drop_blocks and self.refit:
-            raise OptionError("--drop-blocks cannot be combined with --refit yet; leave one of them out")
         for option, keep in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep),
                              ("--values-keep", self.values_keep)):
             if keep is None:
                 continue
             if not 0.0 < keep <= 1.0:
                 raise OptionError(f"{option} {keep} is outside (0, 1]; pass e.g. {option} 0.5")
-            if self.refit:
-                raise OptionError(f"{option} cannot be combined with --refit yet; leave one of them out")
         self._check_values()
         check_token_options(self.check_tokens, self.target_latency, self.profile)
         if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
@@ -129,7 +125,7 @@ class BuildConfig:
         if self.plans_shapes:
             fixed = [name for name, value in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep),
                                               ("--values-keep", self.values_keep),
-                                              ("--drop-blocks", self.drop_blocks), ("--refit", self.refit),
+                                              ("--drop-blocks", self.drop_blocks),
                                               ("--latency-aware", self.latency_aware and self.profile is None))
                      if value]
             if fixed:

@@ -168,8 +168,8 @@ def _linear(weight: np.ndarray, bias: np.ndarray | None, dtype) -> torch.nn.Line
 
 
 def apply_neuron_cuts(model: torch.nn.Module, cuts) -> list[str]:
-    """Narrow FFN blocks (in place) as the ONNX path chose: each `(block, cut)` of `planning.cuts` keeps
-    `cut.keep` neurons of its up projection and gets the refit down projection; modules are found by weight.
+    """Narrow FFN blocks (in place) as the ONNX path chose: each `(block, cut)` of `passes.compose.StructuredCuts`
+    keeps `cut.keep` neurons of its up projection and gets the refit down projection; modules are found by weight.
     Returns the up projections' module names."""
     find = module_by_weight(model)
     narrowed = []
@@ -185,8 +185,8 @@ def apply_neuron_cuts(model: torch.nn.Module, cuts) -> list[str]:
 
 def apply_head_cuts(model: torch.nn.Module, cuts) -> list[str]:
     """Remove attention heads (in place) as the ONNX path chose: each `(block, kept heads, cut)` of
-    `planning.cuts` keeps the heads' Q, K, V columns and gets the refit output projection; the self-attention
-    module (the parent of Q) is told its new head count. Returns the self-attention modules' names."""
+    `passes.compose.StructuredCuts` keeps the heads' Q, K, V columns and gets the refit output projection; the
+    self-attention module (the parent of Q) is told its new head count. Returns the self-attention modules' names."""
     find = module_by_weight(model)
     narrowed = []
     for block, heads, cut in cuts:
@@ -206,8 +206,8 @@ def apply_head_cuts(model: torch.nn.Module, cuts) -> list[str]:
 
 def apply_value_cuts(model: torch.nn.Module, cuts) -> list[str]:
     """Narrow every head's value width (in place) as the ONNX path chose: each `(block, ValueCut)` of
-    `planning.cuts` gets the new V (no bias: folded into O's) and O Linears, and the self-attention module
-    (the parent of V) views its values with their own head size. Hugging Face's self-attention views Q, K and V
+    `passes.compose.StructuredCuts` gets the new V (no bias: folded into O's) and O Linears, and the self-attention
+    module (the parent of V) views its values with their own head size. Hugging Face's self-attention views Q, K and V
     with one head size, so its `forward` is replaced by `_narrow_value_forward` (written here: transformers has no
     option for a value head size of its own). Returns the self-attention modules' names."""
     import types
@@ -245,7 +245,7 @@ def _narrow_value_forward(self, hidden_states: torch.Tensor, attention_mask: tor
 
 def remove_blocks(model: torch.nn.Module, dropped) -> list[int]:
     """Remove whole transformer blocks (in place) as the ONNX path dropped them: each `(block, layers, distortion)`
-    of `planning.cuts` names the block's linear layers; the block holding the first of them (found by
+    of `passes.compose.StructuredCuts` names the block's linear layers; the block holding the first of them (found by
     weight) leaves the model's layer list, and the model's config says how many are left. Returns the removed
     indices in the original list (so that the teacher's matching blocks can be paired with the rest)."""
     from lrdeploy.torch.distill import transformer_blocks

@@ -101,7 +101,7 @@ def test_build_narrows_ffn_blocks_and_splits_the_rest(transformer_files, tmp_pat
 
 @pytest.mark.parametrize("args, message", [
     (["--ffn-keep", "1.5"], r"--ffn-keep 1.5 is outside \(0, 1\]"),
-    (["--ffn-keep", "0.5", "--refit"], r"--ffn-keep cannot be combined with --refit yet"),
+    (["--ffn-keep", "0.5", "--values-keep", "0"], r"--values-keep 0.0 is outside \(0, 1\]"),
 ])
 def test_bad_ffn_keep_is_one_error_line(transformer_files, tmp_path, args, message):
     import re

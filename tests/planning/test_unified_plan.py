@@ -91,7 +91,6 @@ def test_target_latency_measured_here_times_the_whole_model(tmp_path):
 
 @pytest.mark.parametrize("options, message", [
     (["--plan", "unified", "--ffn-keep", "0.5"], "--ffn-keep cannot be combined with --plan unified"),
-    (["--target-latency", "0.6", "--refit"], "--refit cannot be combined with --plan unified or --target-latency"),
     (["--target-latency", "1.5"], "--target-latency 1.5 is outside (0, 1)"),
     (["--plan", "everything"], "Invalid value for '--plan'"),
 ])

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 import pytest
 from click.testing import CliRunner
@@ -81,3 +82,70 @@ def test_refit_improves_held_out_accuracy(transformer_files, tmp_path):
     assert "refit" in report["timings"]
     assert cosines[1] > cosines[0] + 0.005
     assert cosines[2] > cosines[0] + 0.005
+
+
+def _tensor_values(model, names, feeds):
+    """The values of inner tensors `names` of `model` on `feeds` (each exposed as an extra graph output)."""
+    graph = gs.import_onnx(model)
+    tensors = graph.tensors()
+    for name in names:
+        tensors[name].dtype = np.float32
+        graph.outputs.append(tensors[name])
+    values = run_model(gs.export_onnx(graph), feeds)
+    return values[-len(names):]
+
+
+@pytest.mark.parametrize("cut", [["--ffn-keep", "0.5"], ["--heads-keep", "0.5"]])
+def test_a_cut_projection_is_refit_by_least_squares_on_what_the_cut_model_feeds_it(transformer_files, cut):
+    """The last block's cut projection (FFN down, or attention output) after --refit is the ridge least-squares map
+    from its narrowed input in the compressed model to the original model's output of that projection, on the
+    calibration positions (padding left out), computed here independently with numpy."""
+    from lrdeploy.passes.compose import compressed_model
+    from lrdeploy.pipeline.build import choose_factors, prepare_build
+    from lrdeploy.settings.build import BuildConfig
+
+    model, calib = transformer_files
+    config = BuildConfig(model, rank_budget=1.0, calib=str(calib), refit=True, cache_dir=None,
+                         ffn_keep=0.5 if "--ffn-keep" in cut else None, heads_keep=0.5 if "--heads-keep" in cut else None)
+    prepared = prepare_build(config)
+    chosen = choose_factors(prepared, 1.0)
+    refit_cuts = chosen.structured.ffn or chosen.structured.heads
+    block, new = refit_cuts[-1][0], refit_cuts[-1][-1]
+    layer = block.down if "--ffn-keep" in cut else block.output
+    original = prepared.inspection.model.proto
+    compressed = compressed_model(original, prepared.inspection.layers, chosen.factors, chosen.structured)
+    feeds = list(prepared.feeds.batches(prepared.samples.calib.select(slice(0, config.refit_samples))))
+    sources, targets = [], []
+    for feed in feeds:
+        (source,) = _tensor_values(compressed, [layer.input_name], feed)
+        (target,) = _tensor_values(original, [layer.output_name], feed)
+        real = feed["attention_mask"].astype(bool)
+        sources.append(source[real].astype(np.float64))
+        targets.append(target[real].astype(np.float64))
+    x, y = np.concatenate(sources), np.concatenate(targets)
+    assert x.shape[1] == len(new.keep) < layer.d_in  # the narrowed input
+    cov = np.cov(x, rowvar=False, bias=True)
+    cross = (x - x.mean(0)).T @ (y - y.mean(0)) / len(x)
+    weight = np.linalg.solve(cov + 1e-3 * np.trace(cov) / len(cov) * np.eye(len(cov)), cross)
+    np.testing.assert_allclose(new.weight, weight, rtol=2e-3, atol=2e-3 * np.abs(weight).max())
+    np.testing.assert_allclose(new.bias, y.mean(0) - x.mean(0) @ weight, atol=2e-3 * np.abs(y).max())
+    before = prepared.structured.ffn or prepared.structured.heads
+    assert not np.allclose(before[-1][-1].weight, new.weight, atol=1e-4)  # the refit changed the cut's own solve
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("plan, gain", [
+    (["--plan", "unified", "--rank-budget", "0.4"], 0.001),  # cuts heads and FFNs in every block, splits the rest
+    (["--drop-blocks", "1", "--rank-budget", "0.7"], 0.05),  # the blocks after the dropped one make up for it
+])
+def test_refit_after_any_plan_improves_held_out_accuracy(tmp_path, plan, gain):
+    model, calib = tmp_path / "tiny.onnx", tmp_path / "calib.npz"
+    onnx.save(models.transformer(layers=3), model)
+    np.savez(calib, **models.transformer_inputs(96))
+    cosines = []
+    for extra in ([], ["--refit"]):
+        result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), *plan,
+                                           "-o", str(tmp_path / str(len(extra))), "--json", *extra])
+        assert result.exit_code == 0, result.output
+        cosines.append(json.loads(result.stdout)["accuracy"]["outputs"]["embedding"]["cosine_mean"])
+    assert cosines[1] > cosines[0] + gain, cosines
