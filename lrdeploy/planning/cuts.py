@@ -109,17 +109,24 @@ class StructuredBlocks:
         return ([TensorRequest(block.down.input_name, block.width) for block in self.ffn]
                 + [TensorRequest(block.output.input_name, block.output.d_in) for block in self.attention + self.values])
 
+    def _kept(self, blocks: list, layers_of) -> list:
+        """The blocks outside every dropped block (a dropped block is gone: nothing of it is cut or reported)."""
+        dropped = {layer.name for _, layers, _ in self.dropped for layer in layers}
+        return [block for block in blocks if not any(layer.name in dropped for layer in layers_of(block))]
+
     def cut(self, config: BuildConfig, moments: dict[str, Moments]) -> StructuredCuts:
+        """The cuts of the blocks that stay, from calibration `moments` (blocks to drop are chosen before)."""
         cuts = StructuredCuts(dropped=self.dropped)
-        for block in self.ffn:
+        attention_layers = lambda block: (*block.projections, block.output)  # noqa: E731
+        for block in self._kept(self.ffn, lambda block: (block.up, block.down)):
             count = kept_count(block.width, config.ffn_keep, config.rank_multiple)
             cuts.ffn.append((block, cut_neurons(moments[block.down.input_name], block.down.weight, block.down.bias,
                                                 count)))
-        for block in self.attention:
+        for block in self._kept(self.attention, attention_layers):
             heads, cut = cut_groups(moments[block.output.input_name], block.output.weight, block.output.bias,
                                     block.heads, kept_count(block.heads, config.heads_keep, 1))
             cuts.heads.append((block, heads, cut))
-        for block in self.values:
+        for block in self._kept(self.values, attention_layers):
             value = block.projections[-1]
             cuts.values.append((block, shrink_value_heads(moments[block.output.input_name], value.weight, value.bias,
                                                           block.output.weight, block.output.bias, block.heads,

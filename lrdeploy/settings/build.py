@@ -144,11 +144,12 @@ class BuildConfig:
         if self.optimize == "ort":
             raise OptionError("--values-keep cannot be combined with --optimize ort: the fused Attention packs one head "
                               "size for Q, K and V; leave one of them out")
-        others = [name for name, value in (("--heads-keep", self.heads_keep), ("--drop-blocks", self.drop_blocks),
-                                           ("--qkv joint", self.qkv == "joint")) if value]
-        if others:
-            raise OptionError(f"--values-keep cannot be combined with {', '.join(others)} yet (each rewrites the same "
-                              "attention layers); leave one of them out")
+        if self.heads_keep is not None:
+            raise OptionError("--values-keep cannot be combined with --heads-keep: both re-solve the same value and "
+                              "output projections from the full heads' statistics; leave one of them out")
+        if self.qkv == "joint":
+            raise OptionError("--values-keep cannot be combined with --qkv joint: one basis for Q|K|V leaves no value "
+                              "projection of its own to narrow; leave one of them out")
 
     def _check_qkv(self) -> None:
         """--qkv is combined only with what can use it."""

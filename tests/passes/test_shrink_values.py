@@ -149,7 +149,7 @@ def test_build_narrows_value_heads_and_splits_the_rest(transformer_files, tmp_pa
     assert meta["lrdeploy.values_keep"] == "0.5"
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5
     for options, message in ((["--optimize", "ort"], "--values-keep cannot be combined with --optimize ort"),
-                             (["--heads-keep", "0.5"], "--values-keep cannot be combined with --heads-keep yet"),
+                             (["--heads-keep", "0.5"], "--values-keep cannot be combined with --heads-keep"),
                              (["--plan", "unified"], "--values-keep cannot be combined with --plan unified")):
         refused = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--values-keep", "0.5",
                                             *options, "-o", str(tmp_path / "refused")])
