@@ -151,7 +151,8 @@ def build_options(command):
                      help="Calibration statistics cache (default: ~/.cache/lrdeploy)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache."),
         click.option("--refit", is_flag=True,
-                     help="Refit the splits layer by layer toward the original model's outputs."),
+                     help="Refit every changed layer (splits and structured cuts) in model order toward the "
+                          "original model's outputs."),
         click.option("--refit-mode", type=click.Choice(REFIT_MODES), default=d.refit_mode, show_default=True,
                      help="With --refit: refit the second factor and bias, or both factors (reduced-rank regression)."),
         click.option("--ffn-keep", type=float, metavar="FRACTION",

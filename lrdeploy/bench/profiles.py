@@ -7,7 +7,7 @@ A profile is JSON (`format` "lrdeploy-device-profile-v1"):
      rows [{d_in, d_out, tokens, rank: null (dense, with bias) | k (X·A then ·B + bias), ms}]}
 
 `seed: true` marks a profile not measured by `lrdeploy profile` (the shipped `h200-fp16` is converted from the
-H200 grid of shared/gpu/REFERENCE.md); reports that use one say so. Between measured token counts, times are
+H200 grid in benchmarks/results/h200_fp16_linear_grid/, docs/gpu-reference.md); reports that use one say so. Between measured token counts, times are
 interpolated linearly in log(tokens); ranks must have been measured (the profile's ranks are multiples of 64).
 """
 

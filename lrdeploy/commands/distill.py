@@ -81,6 +81,25 @@ def _torch_batches(arrays: dict[str, np.ndarray], batch_size: int) -> list[dict]
             for feed in Feeds(SPECS, batch_size, MASK).batches(SampleSet(arrays))]
 
 
+def student_from_plan(teacher, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[object, list[tuple[str, str]],
+                                                                                      set[int]]:
+    """The teacher's copy with every choice of the plan (splits, FFN, head and value cuts, dropped blocks), the
+    (student block, teacher block) module names whose hidden states are matched, and the dropped block indices."""
+    from lrdeploy.torch.compress import (apply_factors, apply_head_cuts, apply_neuron_cuts, apply_value_cuts,
+                                         remove_blocks)
+    from lrdeploy.torch.distill import transformer_blocks
+
+    student = copy.deepcopy(teacher)
+    apply_factors(student, {layer.name: (layer.weight, chosen.factors[layer.name])
+                            for layer in prepared.eligible if layer.name in chosen.factors})
+    apply_neuron_cuts(student, chosen.structured.ffn)
+    apply_head_cuts(student, chosen.structured.heads)
+    apply_value_cuts(student, chosen.structured.values)
+    removed = remove_blocks(student, chosen.structured.dropped)
+    teacher_blocks = [name for index, name in enumerate(transformer_blocks(teacher)) if index not in removed]
+    return student, list(zip(transformer_blocks(student), teacher_blocks)), removed  # each kept block, its original
+
+
 class Distiller:
     """The Finetuner of `realize_build`: the teacher's copy gets the chosen factors, is distilled toward the
     teacher, and comes back as an ONNX model with the two-MatMul structure."""
@@ -94,20 +113,10 @@ class Distiller:
     def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
         from lrdeploy.export.torch_onnx import export_module
         from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime
-        from lrdeploy.torch.compress import (apply_factors, apply_head_cuts, apply_neuron_cuts, apply_value_cuts,
-                                             remove_blocks)
-        from lrdeploy.torch.distill import distill, transformer_blocks
+        from lrdeploy.torch.distill import distill
 
         config = self.config
-        student = copy.deepcopy(self.teacher)
-        apply_factors(student, {layer.name: (layer.weight, chosen.factors[layer.name])
-                                for layer in prepared.eligible if layer.name in chosen.factors})
-        apply_neuron_cuts(student, chosen.structured.ffn)
-        apply_head_cuts(student, chosen.structured.heads)
-        apply_value_cuts(student, chosen.structured.values)
-        removed = remove_blocks(student, chosen.structured.dropped)
-        teacher_blocks = [name for index, name in enumerate(transformer_blocks(self.teacher)) if index not in removed]
-        hidden = list(zip(transformer_blocks(student), teacher_blocks))  # each kept block matches its original
+        student, hidden, removed = student_from_plan(self.teacher, prepared, chosen)
         record = {"steps": config.steps, "lr": config.lr, "hidden_weight": config.hidden_weight,
                   "freeze_embeddings": config.freeze_embeddings,
                   "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}

@@ -1,4 +1,4 @@
-"""benchmarks/gpu_lowrank.py must work when a GPU session runs it; on CPU its --quick mode proves the plumbing."""
+"""benchmarks/tools/gpu_lowrank.py must work when a GPU session runs it; on CPU its --quick mode proves the plumbing."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ pytest.importorskip("transformers")
 
 def test_quick_cpu_run_writes_results(tmp_path):
     out = tmp_path / "r.json"
-    subprocess.run([sys.executable, "benchmarks/gpu_lowrank.py", "--device", "cpu", "--quick", "--json", str(out)],
+    subprocess.run([sys.executable, "benchmarks/tools/gpu_lowrank.py", "--device", "cpu", "--quick", "--json", str(out)],
                    check=True, capture_output=True, cwd=Path(__file__).resolve().parents[2])
     data = json.loads(out.read_text())
     assert [(r["d_in"], r["rank"]) for r in data["gemm"]] == [(64, 16), (64, 17)]

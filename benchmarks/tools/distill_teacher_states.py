@@ -1,7 +1,7 @@
 """Seconds per distillation step on all-MiniLM-L6-v2 with the teacher's block outputs stored before training
 (the default) against the teacher run every step (TEACHER_STATES_LIMIT = 0), alternated, same batches.
 
-    python benchmarks/distill_teacher_states.py --batches 120 --steps 360 --rounds 2
+    python benchmarks/tools/distill_teacher_states.py --batches 120 --steps 360 --rounds 2
 
 The student is the teacher with every FFN narrowed to half its neurons (slicing, as `distill --plan unified`
 does), so it is cheaper than the teacher, as distilled students are. Wall time of `distill()` (storing included)
@@ -62,7 +62,7 @@ def main() -> None:
             distill(copy.deepcopy(student), teacher, train, check, config, transformer_blocks(teacher))
             seconds[name].append((time.perf_counter() - begin) / args.steps)
     best = {name: min(values) for name, values in seconds.items()}
-    print(json.dumps({"command": f"python benchmarks/distill_teacher_states.py --batches {args.batches} --steps "
+    print(json.dumps({"command": f"python benchmarks/tools/distill_teacher_states.py --batches {args.batches} --steps "
                                  f"{args.steps} --rounds {args.rounds}",
                       "seconds_per_step": seconds, "fastest_ratio_stored_over_every_step":
                       best["stored"] / best["teacher every step"]}, indent=1))

@@ -1,8 +1,8 @@
 """A model over 2 GB builds: a synthetic stack of 4096×4096 MatMul+Add layers (FP32 weights in external data,
 more than protobuf's 2 GB limit), compressed with `lrdeploy build --calib random`; time and peak RSS recorded.
 
-    python benchmarks/large_model.py --layers 34 --out /tmp/large    # ≈2.3 GB of weights
-    python benchmarks/large_model.py --layers 2 --out /tmp/small     # seconds: checks the script works
+    python benchmarks/tools/large_model.py --layers 34 --out /tmp/large    # ≈2.3 GB of weights
+    python benchmarks/tools/large_model.py --layers 2 --out /tmp/small     # seconds: checks the script works
 
 Writes OUT/big.onnx (+ big.onnx.data), OUT/build/ (the compressed model, its external data, reports) and
 benchmarks/results/large_model_cpu/result.json (with --record) holding the command, wall time, peak RSS and

@@ -1,7 +1,7 @@
 """Dense vs factorized latency in PyTorch, for NVIDIA GPUs (FP16, CUDA graphs); runs on CPU for a smoke test.
 
-    python benchmarks/gpu_lowrank.py --device cuda --json benchmarks/results/gpu_lowrank_<gpu>.json
-    python benchmarks/gpu_lowrank.py --device cpu --quick          # seconds, checks the script works
+    python benchmarks/tools/gpu_lowrank.py --device cuda --json benchmarks/results/gpu_lowrank_<gpu>.json
+    python benchmarks/tools/gpu_lowrank.py --device cpu --quick          # seconds, checks the script works
 
 Two experiments, each timed with lrdeploy's TorchRunner (CUDA graphs on GPU, runs alternated). The timed region
 is the device's work only: inputs are copied to the GPU once per shape (`Runner.bind`), each run replays the
@@ -124,7 +124,7 @@ def main() -> None:
         configs = [("MiniLM-sized (384×6)", 384, 6), ("BERT-base-sized (768×12)", 768, 12)]
         budgets, batches = [0.5, 0.7], [1, 8, 32, 128]
     result = {
-        "command": "python benchmarks/gpu_lowrank.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
+        "command": "python benchmarks/tools/gpu_lowrank.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if v),
         "device": torch.cuda.get_device_name() if args.device == "cuda" else platform.processor() or platform.machine(),
         "precision": precision, "torch": torch.__version__, "cuda_graphs": args.device == "cuda", "timed": TIMED,
         "gemm": gemm_rows(torch, TorchRunner, args.device, precision, settings, tokens, gemm_shapes, ranks),
