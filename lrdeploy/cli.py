@@ -9,9 +9,13 @@ that `lrdeploy --help` stays fast and works without optional packages.
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -43,19 +47,49 @@ def _progress(console):
     return ConsoleProgress(console)
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (`kill`, `docker stop`, a CI time-out, a closed terminal), raised where the run is so that
+    it unwinds as Ctrl-C does: staged outputs removed, nothing half-written left behind."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _terminate(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+@contextmanager
+def _stopping_cleanly() -> Iterator[None]:
+    """While a command runs, SIGTERM and SIGHUP unwind it like Ctrl-C (the main thread only can set handlers)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _terminate) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def user_errors(command):
-    """Render LrdeployError as a single `Error:` line with exit code 1."""
+    """Render LrdeployError as a single `Error:` line with exit code 1; Ctrl-C, SIGTERM and SIGHUP as one line
+    with 128 + the signal's number, as shells expect, after this run's partial outputs are gone."""
 
     @wraps(command)
     def wrapper(*args, **kwargs):
         try:
-            return command(*args, **kwargs)
+            with _stopping_cleanly():
+                return command(*args, **kwargs)
         except LrdeployError as exc:
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
-        except KeyboardInterrupt:
-            click.echo("Interrupted: nothing of this run's outputs was kept", err=True)
-            sys.exit(130)  # 128 + SIGINT, as shells expect
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            click.echo(f"Interrupted ({signal.Signals(signum).name}): nothing of this run's outputs was kept", err=True)
+            sys.exit(128 + signum)
 
     return wrapper
 
@@ -269,9 +303,14 @@ def _int_list(text: str) -> tuple[int, ...]:
 def engine(model: Path, engine_path: Path, precision: str, shapes, old_shapes, timing_cache, workspace_mib) -> None:
     """Build a TensorRT engine from MODEL through Polygraphy's loaders (needs TensorRT and an NVIDIA GPU)."""
     from lrdeploy.export.trt import EngineConfig, build_engine, parse_profile_shapes, trtexec_command
-    from lrdeploy.onnx_io import load_model
+    from lrdeploy.files import check_output_file
+    from lrdeploy.onnx_io import load_model, model_files
 
     load_model(model)  # one-line errors for a missing or broken model before TensorRT is even looked for
+    inputs = model_files(model)
+    check_output_file(engine_path, inputs)
+    if timing_cache is not None:  # read and written: it may exist, but must be neither the model nor the engine
+        check_output_file(timing_cache, [*inputs, engine_path], "--timing-cache")
     profile = parse_profile_shapes([*shapes, *old_shapes])
     config = EngineConfig(model, engine_path, precision, profile, timing_cache, workspace_mib)
     click.echo(f"Equivalent trtexec command:\n  {trtexec_command(config)}")
@@ -307,8 +346,9 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
     import dataclasses
 
     from lrdeploy.bench.measure import BenchSettings
-    from lrdeploy.files import check_output_dir, output_set
     from lrdeploy.bench.run import BenchConfig, describe_shape, run_bench
+    from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
+    from lrdeploy.onnx_io import model_files
     from lrdeploy.report.files import BENCH_FILES, write_bench
 
     if iterations and duration:
@@ -316,6 +356,8 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
     settings = BenchSettings(warmup, iterations if iterations or duration else 20, duration)
     config = BenchConfig(list(models), backend, _int_list(batches), seq, settings, threads, precision, optimize)
     check_output_dir(output_dir)
+    refuse_overwriting_inputs([output_dir / name for name in BENCH_FILES],
+                              [path for model in models if ":" not in model for path in model_files(Path(model))])
     console = _console(stderr=as_json)
     result = run_bench(config, on_shape=lambda shape: console.print(describe_shape(shape)))
     command = "lrdeploy bench " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else "lrdeploy bench"
@@ -349,7 +391,10 @@ def profile(model, backend, precision, token_counts, rank_multiple, iterations, 
     """Time dense layers against low-rank splits for MODEL's layer shapes (default: BERT-base's) and write a
     device profile for `build --profile`."""
     from lrdeploy.commands.profile import ProfileSettings, run_profile
+    from lrdeploy.files import check_output_file
+    from lrdeploy.onnx_io import model_files
 
+    check_output_file(output, model_files(model) if model else [])
     settings = ProfileSettings(output, backend, precision, _int_list(token_counts), model, rank_multiple, iterations,
                                threads, name)
     console = _console()
@@ -426,9 +471,11 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
 def export(hf_dir, factory, pooling, normalize, output_path, tolerance) -> None:
     """Export a PyTorch model to ONNX ready for `lrdeploy build` and check it against PyTorch."""
     from lrdeploy.export.torch_onnx import export_factory, export_hf
+    from lrdeploy.files import check_output_file
 
     if bool(hf_dir) == bool(factory):
         raise click.UsageError("give exactly one of --hf DIR or --factory module:function")
+    check_output_file(output_path, [path for path in Path(hf_dir).rglob("*") if path.is_file()] if hf_dir else [])
     result = (export_hf(hf_dir, output_path, pooling, normalize, tolerance) if hf_dir
               else export_factory(factory, output_path, tolerance))
     click.echo(f"Exported {result.path} (inputs {', '.join(result.input_names)}; outputs "

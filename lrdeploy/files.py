@@ -30,17 +30,40 @@ def default_file_mode() -> int:
 
 @contextlib.contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """Yield a temporary path beside `target`; on success rename it onto `target`, else delete it."""
+    """Yield a temporary path beside `target`; on success rename it onto `target`, else delete it (and the
+    folders made for it: missing parents of `target` are created, as `build -o` creates its folder)."""
     target = Path(target)
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    created = [parent for parent in reversed(target.parents) if not parent.exists()]
+    try:
+        for parent in created:
+            parent.mkdir()
+    except OSError as exc:
+        _remove_empty(created)
+        raise _cannot_write(target.parent, exc) from None
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    except OSError as exc:
+        _remove_empty(created)
+        raise _cannot_write(target.parent, exc) from None
     os.close(fd)
     tmp = Path(tmp_name)
     os.chmod(tmp, default_file_mode())  # mkstemp creates 0600; the final file gets the usual permissions
     try:
         yield tmp
         os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        _remove_empty(created)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run made, deepest first, where they are still empty."""
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def atomic_write_text(target: Path, text: str) -> None:
@@ -65,13 +88,40 @@ def check_output_dir(directory: Path) -> Path:
     return directory
 
 
-def refuse_overwriting_inputs(outputs: list[Path], inputs: list[Path]) -> None:
-    """OutputError if any output path is one of the inputs (the model, its external data, the sample files)."""
-    taken = {Path(p).resolve(): Path(p) for p in inputs}
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one file: the same path once links are resolved, or one inode (a hard link)."""
+    if a.resolve() == b.resolve():
+        return True
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_overwriting_inputs(outputs: list[Path], inputs: list[Path], option: str = "-o/--output-dir") -> None:
+    """OutputError if any output path is one of the inputs (the model, its external data, the sample files), by
+    any path to it: the one guard every command that writes runs before it does any work."""
     for output in outputs:
-        if Path(output).resolve() in taken:
-            raise OutputError(f"output {output} would overwrite the input {taken[Path(output).resolve()]}; "
-                              "choose another -o/--output-dir")
+        for given in inputs:
+            if _same_file(Path(output), Path(given)):
+                raise OutputError(f"output {output} would overwrite the input {given}; choose another {option}")
+
+
+NAME_MAX = 255  # bytes in one file name on the usual Linux file systems (ext4, xfs, btrfs, tmpfs)
+
+
+def check_output_file(output: Path, inputs: list[Path], option: str = "-o/--output") -> Path:
+    """A command's one output file: not one of `inputs`, not a folder, with a name the file system takes (staged
+    names add a few characters), in a folder that exists or can be created."""
+    output = Path(output)
+    if output.is_dir():
+        raise OutputError(f"{option} {output} is a folder; give the path of the file to write")
+    if len(os.fsencode(output.name)) + 24 > NAME_MAX:
+        raise OutputError(f"{option} {output.name[:40]}… is too long a file name ({len(os.fsencode(output.name))} "
+                          f"bytes; at most {NAME_MAX - 24} here); choose a shorter name")
+    refuse_overwriting_inputs([output], inputs, option)
+    check_output_dir(output.parent)
+    return output
 
 
 WRITE_ERRORS = {errno.ENOSPC, errno.EFBIG, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}  # full, too large...
@@ -126,8 +176,7 @@ def output_set(directory: Path) -> Iterator[Path]:
                 raise _cannot_write(directory, exc) from None
             try:
                 yield stage
-                for item in sorted(stage.iterdir()):
-                    os.replace(item, directory / item.name)
+                publish(stage, directory)
             except OSError as exc:
                 if exc.errno not in WRITE_ERRORS:
                     raise  # not a write failure: a bug or an input problem keeps its own error
@@ -138,6 +187,63 @@ def output_set(directory: Path) -> Iterator[Path]:
         if created and directory.is_dir() and not any(directory.iterdir()):
             directory.rmdir()
         raise
+
+
+def _staged_files(stage: Path, directory: Path) -> list[tuple[Path, Path]]:
+    """(staged file, where it goes) for every file under `stage`; OutputError, before anything moves, where
+    something of another kind is in the way (a folder where a file goes, a file where a folder goes)."""
+    moves = []
+    for path in sorted(stage.rglob("*")):
+        target = directory / path.relative_to(stage)
+        if path.is_dir():
+            if target.exists() and not target.is_dir():
+                raise OutputError(f"cannot write into {target}: it is a file, where this run writes a folder; move it "
+                                  "or choose another -o/--output-dir")
+        elif target.is_dir():
+            raise OutputError(f"cannot write {target}: a folder of that name is in the way; move it or choose another "
+                              "-o/--output-dir")
+        else:
+            moves.append((path, target))
+    return moves
+
+
+def publish(stage: Path, directory: Path) -> None:
+    """Move every file staged under `stage` to the same place under `directory`, all or nothing.
+
+    Staged folders merge into existing ones: their files replace namesakes, and nothing else there is touched.
+    Every target is checked before the first move; if a move still fails, the files replaced so far get their old
+    contents back (kept as hard links, or copies, until the end) and the new files are removed again."""
+    moves = _staged_files(stage, directory)
+    backup = Path(tempfile.mkdtemp(dir=directory, prefix=".lrdeploy-backup-"))
+    done: list[tuple[Path, Path | None]] = []
+    created: list[Path] = []
+    try:
+        for index, (source, target) in enumerate(moves):
+            for parent in reversed(target.relative_to(directory).parents[:-1]):
+                if not (directory / parent).exists():
+                    (directory / parent).mkdir()
+                    created.append(directory / parent)
+            kept = None
+            if target.exists():
+                kept = backup / str(index)
+                try:
+                    os.link(target, kept)
+                except OSError:
+                    shutil.copy2(target, kept)
+            os.replace(source, target)
+            done.append((target, kept))
+    except BaseException:
+        for target, kept in reversed(done):
+            if kept is not None:
+                os.replace(kept, target)
+            else:
+                target.unlink(missing_ok=True)
+        for folder in reversed(created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
 
 
 def load_npz(path: Path) -> dict[str, np.ndarray]:

@@ -55,14 +55,18 @@ def _all_tensors(model: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
 
 
 def _check_external_locations(model: onnx.ModelProto, model_dir: Path) -> list[Path]:
-    """Refuse external locations outside `model_dir` or missing; return the external data files used."""
-    base = model_dir.resolve()
+    """Refuse external locations outside `model_dir` or missing; return the external data files used.
+
+    Where a location points is judged by the path the model names, not by where a link there leads: Hugging
+    Face's hub cache keeps `model.onnx.data` beside `model.onnx` as a link into `../../blobs/`, and that is the
+    file beside the model."""
+    base = Path(os.path.normpath(model_dir.absolute()))
     found: set[Path] = set()
     for tensor in _all_tensors(model):
         if not external_data_helper.uses_external_data(tensor):
             continue
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-        target = (base / location).resolve()
+        target = Path(os.path.normpath(base / location))
         if os.path.isabs(location) or not target.is_relative_to(base):
             raise ModelLoadError(
                 f"tensor {tensor.name!r} points to external data {location!r} outside the model's folder; "
@@ -84,6 +88,19 @@ def _check_external_locations(model: onnx.ModelProto, model_dir: Path) -> list[P
     return sorted(found)
 
 
+def model_files(path: Path) -> list[Path]:
+    """The model file and the external data files it names (what a command reading it must never write over);
+    only the model itself where it cannot be read (the command's own load says why)."""
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not ONNX, missing, a folder: nothing more to protect than the path itself
+        return [path]
+    locations = {next((e.value for e in tensor.external_data if e.key == "location"), "")
+                 for tensor in _all_tensors(proto) if external_data_helper.uses_external_data(tensor)}
+    return [path, *(path.parent / location for location in sorted(locations) if location)]
+
+
 def load_model(path: Path) -> LoadedModel:
     """Load `path` with its external data, or raise ModelLoadError naming what is wrong."""
     path = Path(path)
@@ -102,10 +119,29 @@ def load_model(path: Path) -> LoadedModel:
         raise ModelLoadError(f"{path} is not a valid ONNX model (it has no graph nodes); pass a .onnx file")
     _check_opset(proto, path)
     external = _check_external_locations(proto, path.parent)
-    _check_structure(path)
-    if external:
-        external_data_helper.load_external_data_for_model(proto, str(path.parent))
+    if any(file.is_symlink() for file in external):  # onnx refuses links; the locations were checked above
+        _read_linked_external_data(proto, path.parent)
+        _check_structure(proto, path)
+    else:
+        _check_structure(path, path)
+        if external:
+            external_data_helper.load_external_data_for_model(proto, str(path.parent))
     return LoadedModel(proto, path, external)
+
+
+def _read_linked_external_data(model: onnx.ModelProto, model_dir: Path) -> None:
+    """Read every external tensor into `model` through the links beside it (a Hugging Face hub cache keeps the
+    data file beside the model as a link into its blobs; onnx's own loader refuses any link)."""
+    for tensor in _all_tensors(model):
+        if not external_data_helper.uses_external_data(tensor):
+            continue
+        entries = {e.key: e.value for e in tensor.external_data}
+        with open(model_dir / entries["location"], "rb") as handle:
+            handle.seek(int(entries.get("offset", 0)))
+            length = int(entries["length"]) if "length" in entries else -1
+            tensor.raw_data = handle.read(length)
+        del tensor.external_data[:]
+        tensor.data_location = onnx.TensorProto.DEFAULT
 
 
 MIN_OPSET = 11  # the oldest default-domain opset lrdeploy's graphs (calibration, sensitivity) are written for
@@ -122,11 +158,12 @@ def _check_opset(proto: onnx.ModelProto, path: Path) -> None:
         )
 
 
-def _check_structure(path: Path) -> None:
-    """onnx's checker on the file (by path, so external data and models over 2 GB work): a model that breaks
-    ONNX's rules (a name produced twice, an undefined input) would fail later with a long traceback."""
+def _check_structure(model: Path | onnx.ModelProto, path: Path) -> None:
+    """onnx's checker on the file (by path, so external data and models over 2 GB work) or on a model read into
+    memory: a model that breaks ONNX's rules (a name produced twice, an undefined input) would fail later with a
+    long traceback."""
     try:
-        onnx.checker.check_model(str(path), full_check=False)
+        onnx.checker.check_model(model if isinstance(model, onnx.ModelProto) else str(model), full_check=False)
     except onnx.checker.ValidationError as exc:
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise ModelLoadError(f"{path} is not a valid ONNX model: {first}; fix or re-export the model") from None

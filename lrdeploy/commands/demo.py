@@ -93,12 +93,12 @@ def run_demo(settings: DemoSettings, progress: Progress = SILENT) -> DemoResult:
                          bench_iterations=settings.bench_iterations)
     prepared = prepare_build(config, progress, tuple(settings.budgets) + (settings.rank_budget,), timer.timings)
     main = realize_build(prepared, settings.rank_budget, out, progress, bench=True)
-    sweep = Sweep(prepared, SweepSettings(output=EMBEDDING, bench_batch=None), progress)
-    for budget in settings.budgets:
-        if abs(budget - settings.rank_budget) >= 1e-9:
-            sweep.evaluate(budget)
     with output_set(out) as stage:
-        sweep.keep_only(None, stage, out)  # the curve needs the other budgets' figures, not their models
+        sweep = Sweep(prepared, SweepSettings(output=EMBEDDING, bench_batch=None), stage, out, progress)
+        for budget in settings.budgets:
+            if abs(budget - settings.rank_budget) >= 1e-9:
+                sweep.evaluate(budget)
+        sweep.keep_only(None)  # the curve needs the other budgets' figures, not their models
         sweep.add(settings.rank_budget, main, main.report.bench["shapes"][-1]["ratio_p50"])
         report = SweepReport(str(model), EMBEDDING, "cosine_mean", None, settings.rank_budget,
                              sorted(sweep.points.values(), key=lambda p: -p.budget))

@@ -201,14 +201,17 @@ class Finetuner(Protocol):
 
 
 def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, progress: Progress = SILENT,
-                  bench: bool | None = None, finetune: Finetuner | None = None) -> BuildResult:
+                  bench: bool | None = None, finetune: Finetuner | None = None,
+                  published_dir: Path | None = None) -> BuildResult:
     """Allocate ranks for `budget`, rewrite (or fine-tune), save, validate (and bench, by default when the config
-    says so); write the model and reports into `output_dir` together, or nothing at all."""
+    says so); write the model and reports into `output_dir` together, or nothing at all. `published_dir`: where a
+    caller that staged `output_dir` will publish these files (what the reports name; default `output_dir`)."""
     config, inspection = prepared.config, prepared.inspection
     timer = StageTimer(progress, prepared.timings)
     output_dir = Path(output_dir)
     output_model = output_dir / config.output_model.name
-    refuse_overwriting_inputs(output_files(output_model), input_files(config, inspection.model))
+    published_model = Path(published_dir or output_dir) / output_model.name
+    refuse_overwriting_inputs(output_files(published_model), input_files(config, inspection.model))
     chosen = choose_factors(prepared, budget, timer)
     finetune_record = None
     if finetune is not None:
@@ -234,8 +237,8 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
                 latency_bench = run_bench(BenchConfig([str(config.model), str(staged_model)], "ort-cpu",
                                                       config.bench_batches, config.bench_seq,
                                                       BenchSettings(iterations=config.bench_iterations), config.threads))
-                write_bench(latency_bench, stage, f"lrdeploy bench {config.model} {output_model} --backend ort-cpu")
-        outcome = BuildOutcome(budget, chosen.plan, chosen.latency, str(output_model), external, model_after, accuracy,
+                write_bench(latency_bench, stage, f"lrdeploy bench {config.model} {published_model} --backend ort-cpu")
+        outcome = BuildOutcome(budget, chosen.plan, chosen.latency, str(published_model), external, model_after, accuracy,
                                None if latency_bench is None else dataclasses.asdict(latency_bench), finetune_record,
                                timer.timings, fused_ops,
                                chosen.shape_plan if chosen.latency is None else chosen.latency.to_dict(prepared.shapes),

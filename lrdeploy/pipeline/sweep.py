@@ -70,17 +70,25 @@ def output_ranks(prepared: PreparedBuild) -> dict[str, int | None]:
 
 
 class Sweep:
-    """Builds budgets from one PreparedBuild, each once, into `rho_<budget>/` folders; results by budget."""
+    """Builds budgets from one PreparedBuild, each once, into `rho_<budget>/` folders of `stage` (the staging
+    folder of the output folder `published`, where they appear only when the whole run succeeds); results by
+    budget. Nothing outside `stage` is written or removed here."""
 
-    def __init__(self, prepared: PreparedBuild, settings: SweepSettings, progress: Progress = SILENT,
-                 finetune: Finetuner | None = None):
+    def __init__(self, prepared: PreparedBuild, settings: SweepSettings, stage: Path, published: Path,
+                 progress: Progress = SILENT, finetune: Finetuner | None = None):
         self.prepared, self.settings, self.progress, self.finetune = prepared, settings, progress, finetune
+        self.stage, self.published = Path(stage), Path(published)
         self.output = settings.output or output_names(prepared)[0]
         self.results: dict[float, BuildResult] = {}
         self.points: dict[float, SweepPoint] = {}
 
+    @staticmethod
+    def folder_name(budget: float) -> str:
+        return f"rho_{budget:.3f}"
+
     def directory(self, budget: float) -> Path:
-        return self.prepared.config.resolved_output_dir / f"rho_{budget:.3f}"
+        """Where the budget is built: inside the stage."""
+        return self.stage / self.folder_name(budget)
 
     def _latency_ratio(self, result: BuildResult) -> float | None:
         settings, config = self.settings, self.prepared.config
@@ -95,7 +103,8 @@ class Sweep:
         budget = round(budget, 4)
         if budget in self.points:
             return self.points[budget]
-        result = realize_build(self.prepared, budget, self.directory(budget), self.progress, finetune=self.finetune)
+        result = realize_build(self.prepared, budget, self.directory(budget), self.progress, finetune=self.finetune,
+                               published_dir=self.published / self.folder_name(budget))
         self.add(budget, result, self._latency_ratio(result))
         point = self.points[budget]
         self.progress.note(f"ρ={budget:.3f}: cosine {point.cosine_mean:.4f}"
@@ -108,28 +117,31 @@ class Sweep:
         self.results[budget] = result
         self.points[budget] = SweepPoint.from_report(budget, result.report, self.output, latency_ratio)
 
-    def keep_only(self, chosen: float | None, stage: Path, output_dir: Path) -> None:
-        """Move the chosen budget's model (and external data) into `stage` (the staging folder of `output_dir`),
-        write its reports there, and delete every budget's folder; the other points keep their figures, not
-        their models (with `chosen` None, no model is kept)."""
+    def keep_only(self, chosen: float | None) -> None:
+        """Move the chosen budget's model (and external data) to the top of the stage, write its reports there, and
+        delete every budget's staged folder (this run's own); the other points keep their figures, not their
+        models (with `chosen` None, no model is kept)."""
         for budget in list(self.points):
             folder = self.directory(budget)
             if budget == chosen:
                 result = self.results[budget]
                 for item in folder.glob(f"{result.output_model.name}*"):  # the model and its .data file
-                    item.replace(stage / item.name)
-                result.output_model = output_dir / result.output_model.name
+                    item.replace(self.stage / item.name)
+                result.output_model = self.published / result.output_model.name
                 result.report.output_model = self.points[budget].output_model = str(result.output_model)
-                write_reports(result.report, stage)
-                result.report_json, result.report_md, result.report_html = (output_dir / n for n in REPORT_FILES)
+                write_reports(result.report, self.stage)
+                result.report_json, result.report_md, result.report_html = (self.published / n for n in REPORT_FILES)
             else:
                 self.points[budget].output_model = None
-            shutil.rmtree(folder, ignore_errors=True)
+            shutil.rmtree(folder)
 
-    def remove_folders(self) -> None:
-        """Delete every budget's folder (a bisection that did not finish keeps none of its models)."""
-        for budget in self.points:
-            shutil.rmtree(self.directory(budget), ignore_errors=True)
+    def published_paths(self) -> None:
+        """Point every kept budget's result at where its files are once the stage is published."""
+        for budget, result in self.results.items():
+            if result.output_model.parent == self.directory(budget):
+                target = self.published / self.folder_name(budget)
+                result.output_model = target / result.output_model.name
+                result.report_json, result.report_md, result.report_html = (target / n for n in REPORT_FILES)
 
 
 def bisect_budget(sweep: Sweep, metric: str, target: float, low: float, tolerance: float = 0.02,
@@ -162,30 +174,28 @@ def run_sweep(config: BuildConfig, settings: SweepSettings, progress: Progress =
     if settings.output is not None and settings.output not in output_names(prepared):
         raise OptionError(f"--output {settings.output!r} is not a model output ({', '.join(output_names(prepared))}); "
                           "pass one of those")
-    sweep = Sweep(prepared, settings, progress, finetune)
     if settings.target is not None and settings.metric == "topk_agreement":
-        rank = output_ranks(prepared).get(sweep.output)
+        output = settings.output or output_names(prepared)[0]
+        rank = output_ranks(prepared).get(output)
         if rank != 2:
             raise OptionError(f"topk_agreement is measured only for outputs of one vector per sample ([batch, d]); "
-                              f"{sweep.output!r} has rank {rank}: target cosine_mean or cosine_p5, or pick such an "
+                              f"{output!r} has rank {rank}: target cosine_mean or cosine_p5, or pick such an "
                               "output with --output")
     output_dir = config.resolved_output_dir
     chosen = None
-    with output_set(output_dir) as stage:
+    with output_set(output_dir) as stage:  # every budget is built in the stage: a failed run leaves none of them
+        sweep = Sweep(prepared, settings, stage, output_dir, progress, finetune)
         if settings.target is None:
             for budget in settings.budgets:
                 sweep.evaluate(budget)
         else:
             low = max(0.05, minimum_ratio(prepared.shapes, config.rank_multiple))
-            try:
-                chosen = bisect_budget(sweep, settings.metric, settings.target, round(low + 1e-4, 4))
-            except BaseException:
-                sweep.remove_folders()
-                raise
-            sweep.keep_only(chosen, stage, output_dir)
+            chosen = bisect_budget(sweep, settings.metric, settings.target, round(low + 1e-4, 4))
+            sweep.keep_only(chosen)
         report = SweepReport(str(config.model), sweep.output, settings.metric, settings.target, chosen,
                              sorted(sweep.points.values(), key=lambda p: -p.budget))
         main = sweep.results[chosen] if chosen is not None else sweep.results[
             min(sweep.results, key=lambda b: abs(b - config.rank_budget))]
         write_sweep(report, main.report, stage)
+    sweep.published_paths()
     return report

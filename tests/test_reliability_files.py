@@ -1,0 +1,215 @@
+"""Never lose a file (issue 24): no command writes over its inputs, a run deletes only what it made, its outputs
+appear all together or not at all, and SIGTERM cleans up like Ctrl-C. Each case failed before its fix."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from lrdeploy.cli import main
+from tests import models
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Every file (hidden ones too) and folder below `folder`, with file digests."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def _run(*args) -> object:
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def _one_error_line(result, pattern: str) -> None:
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # no traceback
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: ") and re.search(pattern, lines[0]), result.stderr
+
+
+@pytest.fixture
+def work(tmp_path):
+    d = tmp_path / "work"
+    d.mkdir()
+    onnx.save(models.transformer(), d / "m.onnx")
+    np.savez(d / "calib.npz", **models.transformer_inputs(96))
+    onnx.save_model(models.transformer(), str(d / "ext.onnx"), save_as_external_data=True, location="bench.md",
+                    size_threshold=1024)  # external data named like one of bench's outputs
+    (d / "hf").mkdir()
+    (d / "hf" / "config.json").write_text('{"model_type": "bert"}')
+    os.link(d / "m.onnx", d / "hardlink.onnx")
+    return d
+
+
+OVERWRITES = [
+    ("profile -o its model", ["profile", "{d}/m.onnx", "-o", "{d}/m.onnx"], r"output .*m.onnx would overwrite the input"),
+    ("profile -o a hard link of its model", ["profile", "{d}/m.onnx", "-o", "{d}/hardlink.onnx"],
+     r"would overwrite the input .*m.onnx"),
+    ("profile -o an existing folder", ["profile", "{d}/m.onnx", "-o", "{d}/hf"], r"-o/--output .*hf is a folder"),
+    ("engine -o its model", ["engine", "{d}/m.onnx", "-o", "{d}/m.onnx"], r"output .*m.onnx would overwrite the input"),
+    ("engine --timing-cache its model", ["engine", "{d}/m.onnx", "-o", "{d}/m.engine", "--timing-cache", "{d}/m.onnx"],
+     r"would overwrite the input .*m.onnx; choose another --timing-cache"),
+    ("bench over its model's external data", ["bench", "{d}/ext.onnx", "-o", "{d}"],
+     r"output .*bench.md would overwrite the input .*bench.md"),
+    ("export -o a file of the model folder", ["export", "--hf", "{d}/hf", "-o", "{d}/hf/config.json"],
+     r"output .*config.json would overwrite the input"),
+    ("export -o a folder", ["export", "--hf", "{d}/hf", "-o", "{d}"], r"-o/--output .*work is a folder"),
+    ("profile -o a 250-character name", ["profile", "{d}/m.onnx", "-o", "{d}/" + "p" * 245 + ".json"],
+     r"too long a file name"),
+]
+
+
+@pytest.mark.parametrize("args, message", [c[1:] for c in OVERWRITES], ids=[c[0] for c in OVERWRITES])
+def test_no_command_writes_over_its_inputs(work, args, message):
+    before = _snapshot(work)
+    _one_error_line(_run(*[a.format(d=work) for a in args]), message)
+    assert _snapshot(work) == before
+
+
+def _sweep_folder(tmp_path: Path) -> Path:
+    """S/rho_1.000/ as an earlier sweep left it, now holding the user's input model, its data and notes."""
+    folder = tmp_path / "S" / "rho_1.000"
+    folder.mkdir(parents=True)
+    onnx.save(models.transformer(), folder / "tiny.lowrank.onnx")
+    np.savez(folder / "calib.npz", **models.transformer_inputs(96))
+    (folder / "report.json").write_text('{"old": true}')
+    (folder / "NOTES.txt").write_text("my notes")
+    return folder
+
+
+def test_a_bisection_deletes_nothing_it_did_not_make(tmp_path):
+    folder = _sweep_folder(tmp_path)
+    before = _snapshot(folder)
+    result = _run("sweep", folder / "tiny.lowrank.onnx", "--calib", folder / "calib.npz", "--target-cosine", "0.5",
+                  "--bench-batch", "0", "-o", tmp_path / "S")
+    assert result.exit_code == 0, result.output
+    assert _snapshot(folder) == before  # the input, its data, the old report and the notes, byte-identical
+    assert (tmp_path / "S" / "tiny.lowrank.lowrank.onnx").is_file()  # the chosen model, and nothing else of it
+    assert sorted(p.name for p in (tmp_path / "S").iterdir() if p.name.startswith("rho_")) == ["rho_1.000"]
+
+
+def test_a_sweep_merges_into_existing_budget_folders(tmp_path):
+    folder = _sweep_folder(tmp_path)
+    model = tmp_path / "tiny.onnx"
+    onnx.save(models.transformer(), model)
+    result = _run("sweep", model, "--calib", folder / "calib.npz", "--budgets", "1,0.5", "--bench-batch", "0",
+                  "-o", tmp_path / "S")
+    assert result.exit_code == 0, result.output
+    assert (folder / "NOTES.txt").read_text() == "my notes"  # not this run's: untouched
+    assert '"old"' not in (folder / "report.json").read_text()  # this run's report replaces its namesake
+    assert (folder / "calib.npz").is_file()  # not this run's: untouched
+    assert (tmp_path / "S" / "rho_0.500" / "tiny.lowrank.onnx").is_file()
+
+
+def test_interrupted_sweep_keeps_no_budget(tmp_path, monkeypatch):
+    import lrdeploy.pipeline.build as build_module
+
+    calls = []
+    real = build_module.compare_models
+
+    def interrupted_second(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(build_module, "compare_models", interrupted_second)
+    onnx.save(models.transformer(), tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "calib.npz", **models.transformer_inputs(96))
+    result = _run("sweep", tmp_path / "tiny.onnx", "--calib", tmp_path / "calib.npz", "--budgets", "0.9,0.7",
+                  "--bench-batch", "0", "-o", tmp_path / "out")
+    assert result.exit_code == 130 and "nothing of this run's outputs was kept" in result.stderr
+    assert not (tmp_path / "out").exists()  # rho_0.900 was built in the stage, and went with it
+
+
+def test_a_folder_in_the_way_stops_the_run_before_any_output_is_replaced(work):
+    out = work / "out"
+    out.mkdir()
+    (out / "report.json").write_text("old json")
+    (out / "report.html").write_text("old html")
+    (out / "report.md").mkdir()
+    before = _snapshot(out)
+    result = _run("build", work / "m.onnx", "--calib", work / "calib.npz", "--rank-budget", "0.4", "-o", out)
+    _one_error_line(result, r"cannot write .*report.md: a folder of that name is in the way")
+    assert _snapshot(out) == before
+
+
+def test_publishing_puts_back_what_it_replaced_when_a_move_fails(tmp_path, monkeypatch):
+    from lrdeploy import files
+
+    out, stage = tmp_path / "out", tmp_path / "out" / ".stage"
+    (stage / "sub").mkdir(parents=True)
+    (out / "a.txt").write_text("old a")
+    (stage / "a.txt").write_text("new a")
+    (stage / "sub" / "b.txt").write_text("new b")
+    real, moves = os.replace, []
+
+    def failing_second(source, target):
+        moves.append(target)
+        if len(moves) == 2:
+            raise OSError(5, "Input/output error")
+        return real(source, target)
+
+    monkeypatch.setattr(files.os, "replace", failing_second)
+    with pytest.raises(OSError):
+        files.publish(stage, out)
+    monkeypatch.setattr(files.os, "replace", real)
+    assert (out / "a.txt").read_text() == "old a" and not (out / "sub").exists()
+    assert sorted(p.name for p in out.iterdir()) == [".stage", "a.txt"]  # no backup left behind
+
+
+def test_sigterm_cleans_up_like_ctrl_c(work):
+    """SIGTERM (kill, docker stop, CI time-outs) during validation: exit 143, no staged model left in -o."""
+    code = ("import os, signal, sys, time; import lrdeploy.pipeline.build as b; "
+            "b.compare_models = lambda *a, **k: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)); "
+            "from lrdeploy.cli import main; sys.argv = ['lrdeploy'] + sys.argv[1:]; main()")
+    out = work / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = subprocess.run([sys.executable, "-c", code, "build", str(work / "m.onnx"), "--calib",
+                             str(work / "calib.npz"), "-o", str(out), "--no-cache"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 128 + signal.SIGTERM, result.stderr
+    assert "Interrupted (SIGTERM)" in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_hugging_face_cache_links_are_read_as_beside_the_model(tmp_path):
+    """The hub cache keeps model.onnx and model.onnx.data as links into ../../blobs/: the data is beside the model."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc123"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    onnx.save_model(models.transformer(), str(blobs / "model.onnx"), save_as_external_data=True,
+                    location="model.onnx.data", size_threshold=1024)
+    shutil.move(blobs / "model.onnx", blobs / "1111")
+    shutil.move(blobs / "model.onnx.data", blobs / "2222")
+    (snapshot / "model.onnx").symlink_to("../../blobs/1111")
+    (snapshot / "model.onnx.data").symlink_to("../../blobs/2222")
+    np.savez(tmp_path / "calib.npz", **models.transformer_inputs(96))
+    result = _run("build", snapshot / "model.onnx", "--calib", tmp_path / "calib.npz", "-o", tmp_path / "out")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "model.lowrank.onnx").is_file()
+
+
+def test_export_creates_missing_folders_and_removes_them_when_it_fails(tmp_path):
+    """`export -o no/such/folder/m.onnx` makes the folders (as `build -o` does); a failed export removes them."""
+    made = _run("export", "--factory", "tests.factories:tiny_mlp", "-o", tmp_path / "a" / "b" / "m.onnx")
+    assert made.exit_code == 0, made.output
+    assert (tmp_path / "a" / "b" / "m.onnx").is_file()
+    failed = _run("export", "--factory", "tests.factories:tiny_mlp", "--tolerance", "-1", "-o",
+                  tmp_path / "c" / "d" / "m.onnx")
+    assert failed.exit_code == 1 and failed.stderr.startswith("Error: "), failed.output
+    assert not (tmp_path / "c").exists()
