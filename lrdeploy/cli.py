@@ -129,7 +129,14 @@ def inspect(model: Path, rank_multiple: int, as_json: bool) -> None:
     table.add_section()
     table.add_row(f"total: {totals['layers']} layers", f"{totals['eligible']} eligible", "", "",
                   f"{totals['eligible_params']:,}", f"of {totals['model_params']:,} model parameters")
-    _console().print(table)
+    console = _console()
+    console.print(table)
+    blocks = data["blocks"]
+    console.print(f"Blocks: {blocks['attention']} self-attentions (--heads-keep), {blocks['ffn']} FFNs (--ffn-keep), "
+                  f"{blocks['droppable']} blocks that can be dropped (--drop-blocks)")
+    labels = {"ffn": "an FFN", "attention": "a self-attention", "block": "a droppable block"}
+    for refusal in blocks["refused"]:
+        console.print(f"  not taken as {labels[refusal['part']]}: {refusal['candidate']}: {refusal['reason']}")
 
 
 def _print_build_summary(console, result) -> None:

@@ -78,8 +78,10 @@ def activation_matmul() -> onnx.ModelProto:
     )
 
 
-def transformer(layers=2, hidden=64, heads=4, ffn=256, vocab=100, seed=0) -> onnx.ModelProto:
-    """A small BERT-like encoder: embeddings, `layers` post-LN blocks (attention + GELU FFN), mean pooling.
+def transformer(layers=2, hidden=64, heads=4, ffn=256, vocab=100, seed=0, pre_ln=False) -> onnx.ModelProto:
+    """A small BERT-like encoder: embeddings, `layers` post-LN blocks (attention + GELU FFN), mean pooling. With
+    `pre_ln`, ViT/GPT-style blocks: each branch reads LayerNorm(h) and adds to the residual stream h, one final
+    LayerNorm after the last block.
 
     Inputs input_ids and attention_mask [batch, seq] (int64); outputs last_hidden_state and embedding.
     """
@@ -115,6 +117,9 @@ def transformer(layers=2, hidden=64, heads=4, ffn=256, vocab=100, seed=0) -> onn
     merge_shape = const("merge_shape", np.array([0, 0, hidden], np.int64))
     for i in range(layers):
         p = f"layer{i}"
+        stream = h
+        if pre_ln:
+            h = layer_norm(stream, f"{p}/attention/LayerNorm")
 
         def heads_of(t, tag):
             return node("Transpose", [node("Reshape", [t, split_shape], f"{p}/{tag}/Reshape")], f"{p}/{tag}/Transpose",
@@ -131,14 +136,23 @@ def transformer(layers=2, hidden=64, heads=4, ffn=256, vocab=100, seed=0) -> onn
         context = node("Reshape", [node("Transpose", [context], f"{p}/context/Transpose", perm=[0, 2, 1, 3]),
                                    merge_shape], f"{p}/context/Reshape")
         attn = linear(context, hidden, hidden, f"{p}/attention/output")
-        h = layer_norm(node("Add", [attn, h], f"{p}/attention/residual"), f"{p}/attention/LayerNorm")
+        if pre_ln:
+            stream = node("Add", [attn, stream], f"{p}/attention/residual")
+            h = layer_norm(stream, f"{p}/output/LayerNorm")
+        else:
+            h = layer_norm(node("Add", [attn, h], f"{p}/attention/residual"), f"{p}/attention/LayerNorm")
         up = linear(h, hidden, ffn, f"{p}/intermediate")
         gelu = node("Mul", [up, node("Add", [const(f"{p}.one", np.float32(1.0)), node(
             "Erf", [node("Div", [up, const(f"{p}.sqrt2", np.float32(np.sqrt(2.0)))], f"{p}/gelu/Div")], f"{p}/gelu/Erf")],
             f"{p}/gelu/Add")], f"{p}/gelu/Mul1")
         gelu = node("Mul", [gelu, const(f"{p}.half", np.float32(0.5))], f"{p}/gelu/Mul2")
         down = linear(gelu, ffn, hidden, f"{p}/output")
-        h = layer_norm(node("Add", [down, h], f"{p}/output/residual"), f"{p}/output/LayerNorm")
+        if pre_ln:
+            h = node("Add", [down, stream], f"{p}/output/residual")
+        else:
+            h = layer_norm(node("Add", [down, h], f"{p}/output/residual"), f"{p}/output/LayerNorm")
+    if pre_ln:
+        h = layer_norm(h, "final/LayerNorm")
     nodes.append(helper.make_node("Identity", [h], ["last_hidden_state"], name="output/Identity"))
     mask3 = node("Unsqueeze", [mask_f, const("axis2", np.array([2], np.int64))], "pool/Unsqueeze")
     summed = node("ReduceSum", [node("Mul", [h, mask3], "pool/Mul"), const("axis1", np.array([1], np.int64))],

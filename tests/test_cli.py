@@ -34,6 +34,20 @@ def test_inspect_table_and_json(transformer_files):
                               "model_params": sum(int(np.prod(i.dims)) for i in initializers)}
     skipped = [l for l in data["layers"] if not l["eligible"]]
     assert {l["reason"] for l in skipped} == {"weight is not constant (activation × activation)"}
+    assert data["blocks"] == {"ffn": 2, "attention": 2, "droppable": 2, "refused": []}
+    assert "Blocks: 2 self-attentions (--heads-keep), 2 FFNs (--ffn-keep), 2 blocks that can be dropped" in " ".join(
+        table.output.split())
+
+
+def test_inspect_says_why_a_block_is_not_taken(tmp_path):
+    onnx.save(models.transformer(layers=2, pre_ln=True), tmp_path / "pre.onnx")
+    data = json.loads(_invoke("inspect", tmp_path / "pre.onnx", "--json").output)
+    assert data["blocks"]["attention"] == 2 and data["blocks"]["ffn"] == 2 and data["blocks"]["droppable"] == 0
+    assert [(r["part"], r["candidate"]) for r in data["blocks"]["refused"]] == [("block", "block0"), ("block", "block1")]
+    assert all("a pre-LayerNorm block; dropping one is not supported yet" in r["reason"]
+               for r in data["blocks"]["refused"])
+    table = _invoke("inspect", tmp_path / "pre.onnx")
+    assert "not taken as a droppable block: block0: its projections read" in " ".join(table.output.split())
 
 
 @pytest.mark.parametrize("budget", [0.4, 0.7])

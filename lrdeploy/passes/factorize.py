@@ -16,7 +16,6 @@ layer's weight dtype (FP16 models stay FP16).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Mapping
 
 import onnx
@@ -24,19 +23,12 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import InternalError
 from lrdeploy.lowrank.decompose import LowRankFactors
+from lrdeploy.passes.contract import PassResult, committed
 from lrdeploy.passes.linear_layers import FUSED_BIAS_INPUTS, LinearLayer
 from lrdeploy.passes.layer_nodes import set_input
 from lrdeploy.passes.naming import Scope
 
 FIRST_FACTOR = "lowrank_a"
-
-
-@dataclass
-class PassResult:
-    """Whether a pass changed the graph, and what it counted."""
-
-    changed: bool
-    counts: dict[str, int] = field(default_factory=dict)
 
 
 def first_factor_output(layer_name: str) -> str:
@@ -83,8 +75,7 @@ def factorize_layers(graph: gs.Graph, layers: list[LinearLayer], factors: Mappin
             raise InternalError(f"layer {layer.name} is not eligible but has factors")
         _split_layer(graph, layer, factors[layer.name], tensors)
         split += 1
-    graph.cleanup().toposort()
-    return PassResult(changed=split > 0, counts={"factorized": split, "dense": len(layers) - split})
+    return committed(graph, factorized=split, dense=len(layers) - split)
 
 
 def factorized_model(original: onnx.ModelProto, layers: list[LinearLayer],

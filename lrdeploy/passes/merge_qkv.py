@@ -22,6 +22,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
+from lrdeploy.passes.contract import PassResult, committed
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.naming import Scope
 from lrdeploy.passes.prune_heads import find_qkv_triples
@@ -39,7 +40,7 @@ def merged_name(group: tuple[LinearLayer, ...]) -> str:
     return f"{prefix}/qkv" if prefix else f"{group[0].name}/qkv"
 
 
-def merge_qkv(graph: gs.Graph, group: tuple[LinearLayer, LinearLayer, LinearLayer]) -> None:
+def merge_qkv(graph: gs.Graph, group: tuple[LinearLayer, LinearLayer, LinearLayer]) -> PassResult:
     """Replace the three layers of `group` by one MatMul, one bias Add (when any had a bias) and a Split along
     the last axis into their original output tensors (in place; cleanup removes the old nodes)."""
     tensors = graph.tensors()
@@ -61,6 +62,7 @@ def merge_qkv(graph: gs.Graph, group: tuple[LinearLayer, LinearLayer, LinearLaye
         scope.op_into("Split", "Split", [merged, split], outputs, {"axis": -1})
     else:
         scope.op_into("Split", "Split", [merged], outputs, {"axis": -1, "split": widths})
+    return committed(graph, layers_merged=len(group))
 
 
 def merged_qkv_model(graph: gs.Graph, layers: list[LinearLayer]) -> onnx.ModelProto:
@@ -68,4 +70,4 @@ def merged_qkv_model(graph: gs.Graph, layers: list[LinearLayer]) -> onnx.ModelPr
     merged = graph.copy()
     for group in find_qkv_groups(layers):
         merge_qkv(merged, group)
-    return gs.export_onnx(merged.cleanup().toposort())
+    return gs.export_onnx(merged)

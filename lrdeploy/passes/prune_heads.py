@@ -27,6 +27,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
+from lrdeploy.passes.contract import Matches, PassResult, committed
 from lrdeploy.passes.layer_nodes import forget_shapes, is_plain, matmul_and_add, set_bias
 from lrdeploy.passes.linear_layers import LinearLayer, constant_value
 from lrdeploy.passes.naming import Scope
@@ -88,16 +89,39 @@ def find_qkv_triples(layers: list[LinearLayer]) -> list[tuple[list[LinearLayer],
     return triples
 
 
-def find_attention_blocks(layers: list[LinearLayer], heads: int) -> list[AttentionBlock]:
+def match_attention_blocks(layers: list[LinearLayer], heads: int) -> Matches[AttentionBlock]:
     """The plain self-attentions (`find_qkv_triples`) of a model whose uncut blocks have `heads` heads. The head
     size d / heads is the same in every block, so a block narrowed by an earlier head cut is read with its own
-    count (its width / head size), not the model's."""
-    blocks = []
-    for projections, output in find_qkv_triples(layers):
+    count (its width / head size), not the model's. Shapes of attention that are not taken say why."""
+    matches: Matches[AttentionBlock] = Matches()
+    triples = find_qkv_triples(layers)
+    for projections, output in triples:
         head_dim, rest = divmod(projections[0].d_in, heads)
         if not rest and head_dim and output.d_in % head_dim == 0:
-            blocks.append(AttentionBlock(projections, output, output.d_in // head_dim))
-    return blocks
+            matches.found.append(AttentionBlock(projections, output, output.d_in // head_dim))
+        else:
+            matches.refuse(projections[0].name, f"{heads} heads do not divide the width {projections[0].d_in} "
+                                                f"or the context {output.d_in}; give the head count with --num-heads")
+    taken = {layer.name for projections, _ in triples for layer in projections}
+    plain = [layer for layer in layers if is_plain(layer) and layer.name not in taken]
+    readers: dict[str, list[LinearLayer]] = {}
+    for layer in plain:
+        readers.setdefault(layer.input_name, []).append(layer)
+    for group in readers.values():
+        first = group[0]
+        if len(group) == 1 and first.d_out == PACKED_PARTS * first.d_in:
+            matches.refuse(first.name, "one fused Q|K|V projection (3× its input wide, as GPT-2's c_attn): "
+                                       "heads are not cut in it yet")
+        elif len(group) == 3 and len({layer.d_out for layer in group}) > 1:
+            widths = "/".join(str(layer.d_out) for layer in group)
+            matches.refuse(first.name, f"Q, K and V of different widths ({widths}: grouped-query attention): "
+                                       "heads are not cut in it yet")
+    return matches
+
+
+def find_attention_blocks(layers: list[LinearLayer], heads: int) -> list[AttentionBlock]:
+    """The self-attentions `match_attention_blocks` finds."""
+    return match_attention_blocks(layers, heads).found
 
 
 def find_fused_attention_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> list[AttentionBlock]:
@@ -141,7 +165,7 @@ def resize_shape_axis(scope: Scope, name: str, node: gs.Node, old: int, new: int
     node.inputs[1] = scope.op("Concat", f"{name}/concat", pieces, dict(concat.attrs))  # its own: others keep theirs
 
 
-def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_heads: list[int], cut: NeuronCut) -> None:
+def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_heads: list[int], cut: NeuronCut) -> PassResult:
     """Keep the heads `kept_heads` of `block` (in place); `cut` holds their context features and W_o's refit."""
     tensors = graph.tensors()
     scope = Scope(graph, f"{block.output.name}/heads")
@@ -154,6 +178,7 @@ def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_heads: list[int], c
     matmul.inputs[1] = scope.constant("output/weight", cut.weight.astype(dtype))
     set_bias(graph, block.output, scope.constant("output/bias", cut.bias.astype(dtype)))
     forget_shapes(graph, narrowed, {block.output.output_name})
+    return committed(graph, heads_removed=block.heads - len(kept_heads))
 
 
 def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept: int,

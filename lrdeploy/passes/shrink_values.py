@@ -15,12 +15,13 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.value_heads import ValueCut
+from lrdeploy.passes.contract import PassResult, committed
 from lrdeploy.passes.layer_nodes import forget_shapes, matmul_and_add, set_bias
 from lrdeploy.passes.naming import Scope
 from lrdeploy.passes.prune_heads import AttentionBlock, resize_shape_axis
 
 
-def shrink_values(graph: gs.Graph, block: AttentionBlock, cut: ValueCut) -> None:
+def shrink_values(graph: gs.Graph, block: AttentionBlock, cut: ValueCut) -> PassResult:
     """Give every head of `block` (plain Q, K, V) the value width `cut.rank` (in place)."""
     tensors = graph.tensors()
     scope = Scope(graph, f"{block.output.name}/values")
@@ -43,3 +44,4 @@ def shrink_values(graph: gs.Graph, block: AttentionBlock, cut: ValueCut) -> None
     output.inputs[1] = scope.constant("output/weight", cut.output_weight.astype(block.output.dtype))
     set_bias(graph, block.output, scope.constant("output/bias", cut.output_bias.astype(block.output.dtype)))
     forget_shapes(graph, [matmul.outputs[0]], {block.output.output_name})
+    return committed(graph, value_features_removed=block.width - cut.value_weight.shape[1])

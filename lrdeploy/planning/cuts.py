@@ -14,7 +14,7 @@ from lrdeploy.errors import NoEligibleLayersError, OptionError
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.lowrank.neurons import cut_groups, cut_neurons
 from lrdeploy.lowrank.value_heads import shrink_value_heads
-from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_blocks
+from lrdeploy.passes.drop_blocks import TransformerBlock, match_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
 from lrdeploy.passes.compose import StructuredCuts
@@ -75,10 +75,17 @@ class StructuredBlocks:
         """Measure each block dropped alone on `probe` and keep the `config.drop_blocks` least harmful drops."""
         graph = inspection.graph
         ffn = find_ffn_blocks(graph, inspection.layers)
-        blocks = find_transformer_blocks(graph, self.depth_candidates, ffn)
-        if config.drop_blocks >= len(blocks):
+        matches = match_transformer_blocks(graph, self.depth_candidates, ffn)
+        blocks = matches.found
+        refused = "; ".join(f"{r.candidate}: {r.reason}" for r in matches.refused[:2])
+        if not blocks:
+            raise NoEligibleLayersError(f"{config.model} has no block to drop ({refused}); leave --drop-blocks out")
+        if config.drop_blocks >= len(blocks) + len(matches.refused):
             raise OptionError(f"--drop-blocks {config.drop_blocks} would drop all {len(blocks)} blocks found; "
                               "drop fewer")
+        if config.drop_blocks > len(blocks):
+            raise OptionError(f"--drop-blocks {config.drop_blocks}: only {len(blocks)} of the "
+                              f"{len(blocks) + len(matches.refused)} blocks can be dropped ({refused}); drop fewer")
         measure = DistortionProbe(inspection.model.proto, feeds.batches(probe), config.threads)
         distortion = {block.name: measure.of_model(StructuredCuts(dropped=[(block, [], 0.0)]).applied_to(
             inspection.model.proto)) for block in blocks}

@@ -10,8 +10,12 @@ import onnx_graphsurgeon as gs
 from lrdeploy.errors import NoEligibleLayersError
 from lrdeploy.onnx_io import LoadedModel, count_parameters, load_model
 from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
+from lrdeploy.passes.contract import Matches
+from lrdeploy.passes.drop_blocks import match_transformer_blocks
 from lrdeploy.passes.merge_qkv import merged_qkv_model
-from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime
+from lrdeploy.passes.ort_fusion import attention_geometry, fuse_for_onnxruntime
+from lrdeploy.passes.prune_ffn import match_ffn_blocks
+from lrdeploy.passes.prune_heads import match_attention_blocks
 
 
 @dataclass
@@ -38,6 +42,21 @@ class Inspection:
             )
         return eligible
 
+    def blocks(self) -> dict:
+        """The transformer blocks the structured cuts find (FFNs, self-attentions, blocks that can be dropped) and
+        every candidate they refused, with the reason."""
+        ffn = match_ffn_blocks(self.graph, self.layers)
+        geometry = attention_geometry(self.graph)
+        attention = match_attention_blocks(self.layers, geometry[0]) if geometry else Matches()
+        if not geometry:
+            attention.refuse("self-attention", "the head count cannot be read from the graph (give --num-heads to "
+                                               "build)")
+        depth = match_transformer_blocks(self.graph, attention.found, ffn.found)
+        return {"ffn": len(ffn.found), "attention": len(attention.found), "droppable": len(depth.found),
+                "refused": [{"part": part, "candidate": r.candidate, "reason": r.reason}
+                            for part, matches in (("ffn", ffn), ("attention", attention), ("block", depth))
+                            for r in matches.refused]}
+
     def to_dict(self) -> dict:
         eligible = self.eligible
         return {
@@ -53,6 +72,7 @@ class Inspection:
                 "eligible_params": sum(l.params for l in eligible),
                 "model_params": self.model_params,
             },
+            "blocks": self.blocks(),
         }
 
 

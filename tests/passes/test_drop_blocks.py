@@ -56,3 +56,42 @@ def test_build_drops_the_least_harmful_block(tmp_path):
     assert all(l["params_after"] == 0 and l["reason"].startswith("block2 dropped") for l in dropped)
     assert report["config"]["drop_blocks"] == 1 and "depth" in report["timings"]
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.8
+
+
+def test_pre_layernorm_blocks_are_refused_with_the_reason_not_faked(tmp_path):
+    """A pre-LN block's residual stream runs past the tensor the next block reads: making that tensor the identity
+    would leave the block computed and change the outputs (the silent no-op of ViT, DeiT and Whisper drops)."""
+    from lrdeploy.passes.drop_blocks import match_transformer_blocks
+
+    model = models.transformer(layers=3, pre_ln=True)
+    graph = gs.import_onnx(model)
+    layers = find_linear_layers(graph)
+    matches = match_transformer_blocks(graph, find_attention_blocks(layers, 4), find_ffn_blocks(graph, layers))
+    assert matches.found == [] and len(matches.refused) == 3
+    assert all("a pre-LayerNorm block" in refusal.reason for refusal in matches.refused)
+    onnx.save(model, tmp_path / "pre.onnx")
+    np.savez(tmp_path / "calib.npz", **INPUTS)
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "pre.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                                       "--drop-blocks", "1", "-o", str(tmp_path / "o")])
+    assert result.exit_code == 1 and not (tmp_path / "o").exists()
+    assert result.stderr.startswith("Error: ") and "has no block to drop (block0: " in result.stderr, result.stderr
+    assert "a pre-LayerNorm block" in result.stderr
+
+
+def test_a_drop_that_leaves_the_block_computed_is_an_internal_error():
+    """The pass checks what it did: forced onto a pre-LN block (which matching refuses), the identity leaves the
+    block's MatMuls in the graph, and that is an InternalError, never a "dropped" in the report."""
+    import pytest
+
+    from lrdeploy.errors import InternalError
+    from lrdeploy.passes.drop_blocks import TransformerBlock
+
+    graph = gs.import_onnx(models.transformer(layers=3, pre_ln=True))
+    forced = TransformerBlock("block0", "layer0/attention/LayerNorm", "layer1/attention/LayerNorm",
+                              ("layer0/attention/query/MatMul", "layer0/output/MatMul"))
+    with pytest.raises(InternalError, match=r"dropping block0 left 2 of its products in the graph"):
+        drop_block(graph, forced)
+    post = models.silence_block(models.transformer(layers=3), 1)
+    graph = gs.import_onnx(post)
+    result = drop_block(graph, _blocks(graph)[1])
+    assert result.changed and result.counts["blocks_dropped"] == 1 and result.counts["nodes_removed"] > 20
