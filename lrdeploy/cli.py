@@ -178,8 +178,9 @@ def build_options(command):
                      help="Held-out inputs for validation (default: the tail of --calib not used for calibration)."),
         click.option("--eval-samples", type=click.IntRange(min=1), help="Validate on at most N samples."),
         click.option("--method", type=click.Choice(METHODS), default=d.method, show_default=True),
-        click.option("--allocation", type=click.Choice(ALLOCATIONS), default=d.allocation,
-                     show_default=True, help="sensitivity measures each layer's effect on the outputs (slower, better)."),
+        click.option("--allocation", type=click.Choice(ALLOCATIONS),
+                     help="How the low-rank plan shares the budget (default uniform; giving one chooses --plan "
+                          "lowrank under --plan auto): sensitivity measures each layer's effect on the outputs."),
         click.option("--rank-multiple", type=click.IntRange(min=1),
                      help="Ranks are multiples of this (default: 64 for GPU targets, --profile or --backend ort-cuda; "
                           "else 16)."),
@@ -208,10 +209,11 @@ def build_options(command):
         click.option("--drop-blocks", type=click.IntRange(min=0), default=0, metavar="N",
                      help="Drop N whole transformer blocks: those whose removal alone distorts the outputs least on "
                           "a few calibration batches."),
-        click.option("--plan", type=click.Choice(PLANS), default=d.plan, show_default=True,
+        click.option("--plan", type=click.Choice(PLANS), default="auto", show_default=True,
                      help="unified: per block choose low-rank ranks, a narrower FFN, fewer heads or dropping the block "
                           "(each option's output distortion measured) for the least distortion under --rank-budget or "
-                          "--target-latency."),
+                          "--target-latency; lowrank: splits only (faster to build); auto: unified unless a fixed cut, "
+                          "--qkv joint, --latency-aware, --method svd or --allocation asks for lowrank."),
         click.option("--optimize", type=click.Choice(OPTIMIZERS), default=d.optimize, show_default=True,
                      help="ort: fuse the model with ONNX Runtime's transformer optimizer first and compress inside the "
                           "fused graph, so the output keeps every fusion (Attention, SkipLayerNormalization, BiasGelu)."),

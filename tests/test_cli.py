@@ -50,12 +50,28 @@ def test_inspect_says_why_a_block_is_not_taken(tmp_path):
     assert "not taken as a droppable block: block0: its projections read" in " ".join(table.output.split())
 
 
+def test_the_default_plan_is_unified_unless_an_option_asks_for_low_rank(transformer_files, tmp_path):
+    """`--plan auto`: the unified plan (the most accurate per parameter and per latency measured), but the
+    low-rank plan where the options are low-rank's own (a chosen --allocation here)."""
+    model, calib = transformer_files
+    auto = json.loads(_invoke("build", model, "--calib", calib, "--rank-budget", "0.5", "-o", tmp_path / "a",
+                              "--json").stdout)
+    assert auto["latency_plan"]["plan"] == "unified" and auto["params"]["linear_ratio"] <= 0.5
+    chosen = json.loads(_invoke("build", model, "--calib", calib, "--rank-budget", "0.5", "--allocation", "energy",
+                                "-o", tmp_path / "b", "--json").stdout)
+    assert chosen["latency_plan"] is None and chosen["config"]["allocation"] == "energy"
+    low_rank = json.loads(_invoke("build", model, "--calib", calib, "--rank-budget", "0.5", "--plan", "lowrank",
+                                  "-o", tmp_path / "c", "--json").stdout)
+    assert auto["accuracy"]["outputs"]["embedding"]["cosine_mean"] > low_rank["accuracy"]["outputs"]["embedding"][
+        "cosine_mean"]
+
+
 @pytest.mark.parametrize("budget", [0.4, 0.7])
 def test_build_writes_model_and_reports(transformer_files, tmp_path, budget):
     model, calib = transformer_files
     before = _digest(model)
     out = tmp_path / "out"
-    result = _invoke("build", model, "--rank-budget", budget, "--calib", calib, "-o", out)
+    result = _invoke("build", model, "--rank-budget", budget, "--calib", calib, "--plan", "lowrank", "-o", out)
     assert result.exit_code == 0, result.output
     assert _digest(model) == before
     compressed = out / "tiny.lowrank.onnx"

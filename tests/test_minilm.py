@@ -25,7 +25,7 @@ def assets(tmp_path_factory):
 def test_minilm_accuracy_at_budget(assets, tmp_path, budget, min_cosine):
     model, calib, evaluation = assets
     result = build(BuildConfig(model=model, calib=str(calib), eval=evaluation, rank_budget=budget,
-                               output_dir=tmp_path))
+                               output_dir=tmp_path, plan="lowrank"))
     report = result.report
     assert report.accuracy.samples == 1000 and report.config.calib_samples == 512
     assert report.params.linear_ratio <= budget
@@ -64,7 +64,7 @@ def test_minilm_optimized_for_onnxruntime_keeps_every_fusion(assets, tmp_path):
     within 0.01 of the per-layer split at the same budget."""
     model, calib, evaluation = assets
     reports = {optimize: build(BuildConfig(model=model, calib=str(calib), eval=evaluation, rank_budget=0.5,
-                                           optimize=optimize, output_dir=tmp_path / optimize)).report
+                                           optimize=optimize, output_dir=tmp_path / optimize, plan="lowrank")).report
                for optimize in ("none", "ort")}
     fused = reports["ort"].fused_ops
     assert fused["dense"] == fused["compressed"] == {"Attention": 6, "BiasGelu": 6, "EmbedLayerNormalization": 1,

@@ -94,7 +94,8 @@ def test_injected_error_on_attention_equals_cutting_it(fused):
 def test_build_keeps_every_fusion(exported, tmp_path, extra):
     out = tmp_path / "out"
     result = CliRunner().invoke(main, ["build", str(exported / "bert.onnx"), "--calib", str(exported / "calib.npz"),
-                                       "--optimize", "ort", "--rank-budget", "0.5", "-o", str(out), "--json", *extra])
+                                       "--optimize", "ort", "--rank-budget", "0.5", "--plan", "lowrank", "-o", str(out),
+                                       "--json", *extra])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["fused_ops"] == {"dense": FUSED, "compressed": FUSED} and report["config"]["optimize"] == "ort"

@@ -65,7 +65,8 @@ def test_target_latency_from_the_h200_profile_is_predicted_and_reported(tmp_path
 
 def test_an_unreachable_latency_target_is_one_line(tmp_path):
     args = _files(tmp_path, models.transformer(layers=2, hidden=384, heads=6, ffn=1536), calib=256)
-    result = _build(tmp_path, args, "--target-latency", "0.5", "--tokens", "128", "--profile", "h200-fp16")
+    result = _build(tmp_path, args, "--target-latency", "0.5", "--tokens", "128", "--profile", "h200-fp16",
+                    "--plan", "lowrank")
     assert result.exit_code == 1
     errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
     assert len(errors) == 1 and errors[0].startswith("Error: --target-latency 0.5 cannot be reached at 128 tokens")

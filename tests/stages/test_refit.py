@@ -75,7 +75,7 @@ def test_refit_improves_held_out_accuracy(transformer_files, tmp_path):
     cosines = []
     for extra in ([], ["--refit", "--refit-mode", "second"], ["--refit"]):  # "both" is the default mode
         result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--rank-budget", "0.5",
-                                           "-o", str(tmp_path / str(len(extra))), "--json", *extra])
+                                           "--plan", "lowrank", "-o", str(tmp_path / str(len(extra))), "--json", *extra])
         assert result.exit_code == 0, result.output
         report = json.loads(result.stdout)
         cosines.append(report["accuracy"]["outputs"]["embedding"]["cosine_mean"])
