@@ -12,7 +12,7 @@ import json
 import signal
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, redirect_stdout
 from functools import wraps
 from pathlib import Path
 from typing import Iterator
@@ -74,16 +74,45 @@ def _stopping_cleanly() -> Iterator[None]:
             signal.signal(signum, handler)
 
 
+_JSON_STDOUT: list = []  # the real stdout while a --json command runs (everything else printed goes to stderr)
+
+
+def _emit_json(text: str) -> None:
+    """Write a --json command's document to the real stdout: the only thing there."""
+    stream = _JSON_STDOUT[-1] if _JSON_STDOUT else sys.stdout
+    stream.write(text)
+    stream.flush()
+
+
+@contextmanager
+def _json_stdout(as_json: bool) -> Iterator[None]:
+    """With --json, stdout holds the JSON document alone: anything else a library prints there (Polygraphy's
+    logger, say) goes to stderr."""
+    if not as_json:
+        yield
+        return
+    _JSON_STDOUT.append(sys.stdout)
+    try:
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        _JSON_STDOUT.pop()
+
+
 def user_errors(command):
-    """Render LrdeployError as a single `Error:` line with exit code 1; Ctrl-C, SIGTERM and SIGHUP as one line
-    with 128 + the signal's number, as shells expect, after this run's partial outputs are gone."""
+    """Render LrdeployError as a single `Error:` line with exit code 1 (with --json, also a JSON error object on
+    stdout); Ctrl-C, SIGTERM and SIGHUP as one line with 128 + the signal's number, as shells expect, after this
+    run's partial outputs are gone."""
 
     @wraps(command)
     def wrapper(*args, **kwargs):
+        as_json = bool(kwargs.get("as_json"))
         try:
-            with _stopping_cleanly():
+            with _stopping_cleanly(), _json_stdout(as_json):
                 return command(*args, **kwargs)
         except LrdeployError as exc:
+            if as_json:
+                _emit_json(json.dumps({"error": str(exc), "type": type(exc).__name__}))
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt as exc:
@@ -115,7 +144,7 @@ def inspect(model: Path, rank_multiple: int, as_json: bool) -> None:
     inspection = inspect_model(model, rank_multiple)
     data = inspection.to_dict()
     if as_json:
-        click.echo(json.dumps(data, indent=2))
+        _emit_json(json.dumps(data, indent=2) + "\n")
         return
     table = Table(title=f"Linear layers of {model}")
     for column in ("layer", "pattern", "d_in", "d_out", "params", "status"):
@@ -284,7 +313,7 @@ def build(model: Path, as_json: bool, **options) -> None:
     if as_json:
         from lrdeploy.report.files import strict_json
 
-        click.echo(strict_json(result.report.to_dict()), nl=False)
+        _emit_json(strict_json(result.report.to_dict()))
     else:
         _print_build_summary(console, result)
 
@@ -376,7 +405,7 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
     if as_json:
         from lrdeploy.report.files import strict_json
 
-        click.echo(strict_json(dataclasses.asdict(result)), nl=False)
+        _emit_json(strict_json(dataclasses.asdict(result)))
     else:
         console.print("Wrote " + ", ".join(str(p) for p in paths))
 

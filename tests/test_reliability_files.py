@@ -213,3 +213,73 @@ def test_export_creates_missing_folders_and_removes_them_when_it_fails(tmp_path)
                   tmp_path / "c" / "d" / "m.onnx")
     assert failed.exit_code == 1 and failed.stderr.startswith("Error: "), failed.output
     assert not (tmp_path / "c").exists()
+
+
+def _scalar_output(d: Path) -> None:
+    model = models.matmul_add()
+    model.graph.node.append(onnx.helper.make_node("ReduceSum", [model.graph.output[0].name], ["total"], keepdims=0,
+                                                  name="sum"))
+    model.graph.output.append(onnx.helper.make_tensor_value_info("total", onnx.TensorProto.FLOAT, []))
+    onnx.save(model, d / "scalar_out.onnx")
+
+
+def _scalar_input(d: Path) -> None:
+    model = models.matmul_add()
+    model.graph.input.append(onnx.helper.make_tensor_value_info("scale", onnx.TensorProto.FLOAT, []))
+    model.graph.node.append(onnx.helper.make_node("Mul", [model.graph.output[0].name, "scale"], ["scaled"], name="mul"))
+    model.graph.output[0].name = "scaled"
+    onnx.save(model, d / "scalar_in.onnx")
+
+
+def _duplicate_node_names(d: Path) -> None:
+    model = models.transformer()
+    model.graph.node[3].name = model.graph.node[2].name  # onnx's checker passes it; ONNX Runtime does not
+    onnx.save(model, d / "dup.onnx")
+
+
+TRACEBACKS = [  # (case, setup, arguments, message): each was a traceback before
+    ("14 a profile without the model's shapes", None, ["build", "{d}/m.onnx", "--calib", "{d}/calib.npz",
+     "--target-latency", "0.6", "--profile", "h200-fp16", "--rank-multiple", "16"],
+     r"profile h200-fp16 .* has no timing for 3 of this model's 3 layer shapes \(64×64, 64×256, 256×64\); measure "
+     r"them on your device with `lrdeploy profile"),
+    ("15 a scalar output", _scalar_output, ["build", "{d}/scalar_out.onnx", "--calib", "random", "--shape", "x:4x64"],
+     r"model output 'total' is a scalar \(rank 0\); .* export the model with a batch axis"),
+    ("15 a scalar input", _scalar_input, ["build", "{d}/scalar_in.onnx", "--calib", "random", "--shape", "x:4x64"],
+     r"model input 'scale' is a scalar \(rank 0\)"),
+    ("16 ONNX Runtime refuses the model", _duplicate_node_names, ["build", "{d}/dup.onnx", "--calib", "{d}/calib.npz"],
+     r"ONNX Runtime cannot load the model: This is an invalid model. Error: two nodes with same node name"),
+    ("19 profile --tokens 200000000", None, ["profile", "--tokens", "200000000", "-o", "{d}/p.json"],
+     r"timing 200000000 tokens of width 768 needs [\d.]+ GiB for the inputs alone, .*; lower --tokens"),
+]
+
+
+@pytest.mark.parametrize("setup, args, message", [c[1:] for c in TRACEBACKS], ids=[c[0] for c in TRACEBACKS])
+def test_what_was_a_traceback_is_one_error_line(work, setup, args, message):
+    if setup is not None:
+        setup(work)
+    before = _snapshot(work)
+    _one_error_line(_run(*[a.format(d=work) for a in args]), message)
+    assert _snapshot(work) == before
+
+
+def _lrdeploy(*args) -> subprocess.CompletedProcess:
+    """The installed command line in a fresh process (what a shell or `| jq` sees)."""
+    code = "import sys; from lrdeploy.cli import main; sys.argv = ['lrdeploy'] + sys.argv[1:]; main()"
+    return subprocess.run([sys.executable, "-c", code, *map(str, args)], capture_output=True, text=True, cwd=ROOT,
+                          timeout=300)
+
+
+def test_json_stdout_holds_the_document_alone(work):
+    """7: with --json, stdout is the JSON document and nothing else (Polygraphy's notices go to stderr); an error
+    is a JSON object there and one Error line on stderr."""
+    import json
+
+    built = _lrdeploy("build", work / "m.onnx", "--calib", "random", "--shape", "input_ids:2x8", "--shape",
+                      "attention_mask:2x8", "--plan", "lowrank", "-o", work / "o", "--json", "--no-cache")
+    assert built.returncode == 0, built.stderr
+    assert json.loads(built.stdout)["config"]["rank_budget"] == 0.5
+    failed = _lrdeploy("build", work / "missing.onnx", "--json")
+    assert failed.returncode == 1
+    assert json.loads(failed.stdout) == {"error": f"model file {work / 'missing.onnx'} does not exist; check the path",
+                                         "type": "ModelLoadError"}
+    assert failed.stderr.splitlines() == [f"Error: model file {work / 'missing.onnx'} does not exist; check the path"]

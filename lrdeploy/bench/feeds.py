@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from lrdeploy.calib.data import MASK_NAME_PATTERN, InputSpec
+from lrdeploy.errors import OptionError
 
+MEMORY_SHARE_FOR_INPUTS = 8  # timing inputs may take at most this fraction of memory: activations need the rest
 TOKEN_ID_RANGE = (1, 64)  # small ids are valid in any vocabulary; timing does not depend on their values
 
 
@@ -30,3 +34,12 @@ def timing_feed(specs: list[InputSpec], batch: int, seq: int, seed: int = 0) -> 
         else:
             feed[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
     return feed
+
+
+def check_input_memory(needed_bytes: int, what: str, fix: str) -> None:
+    """The one memory guard of everything that times (bench, profile, latency plans): OptionError before any
+    allocation when `what` needs more than this machine's memory allows for inputs."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if needed_bytes > memory / MEMORY_SHARE_FOR_INPUTS:
+        raise OptionError(f"{what} needs {needed_bytes / 2**30:.1f} GiB for the inputs alone, more than this "
+                          f"machine's {memory / 2**30:.1f} GiB allows; {fix}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from lrdeploy.bench.feeds import check_input_memory
 from lrdeploy.bench.measure import BenchSettings, time_shape
 from lrdeploy.passes.layer_graph import INPUT, layer_model
 from lrdeploy.passes.precision import to_float16
@@ -72,6 +73,8 @@ def time_shapes(ranks_by_shape: dict[Shape, set[int]], tokens: int, device: str 
     "fp16" times FP16 twins."""
     if runtime == "ort":
         check_provider(PROVIDERS[device])
+    widest = max((d_in for d_in, _ in ranks_by_shape), default=0)
+    check_input_memory(tokens * widest * 8, f"timing {tokens} tokens of width {widest}", "lower --tokens")
     timings = {}
     for (d_in, d_out), ranks in ranks_by_shape.items():
         variants = [None, *sorted(ranks)]

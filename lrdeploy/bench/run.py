@@ -8,14 +8,13 @@ dict of example inputs, as `lrdeploy export --factory` takes).
 from __future__ import annotations
 
 import math
-import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from lrdeploy.bench.feeds import timing_feed
+from lrdeploy.bench.feeds import check_input_memory, timing_feed
 from lrdeploy.bench.measure import BenchResult, BenchSettings, ShapeResult, benchmark
 from lrdeploy.calib.data import InputSpec, model_input_specs
 from lrdeploy.errors import ModelLoadError, OptionError
@@ -23,7 +22,6 @@ from lrdeploy.onnx_io import load_model
 from lrdeploy.passes.precision import HALF_PRECISIONS, check_half_precision
 from lrdeploy.runtime.base import BACKENDS, Runner
 
-MEMORY_SHARE_FOR_INPUTS = 8  # inputs may take at most this fraction of memory: activations need the rest
 
 
 
@@ -149,10 +147,7 @@ def check_feeds(config: BenchConfig, specs_per_model: list[list[InputSpec]]) -> 
     largest = max(config.batches)
     feed_bytes = sum(np.dtype(s.dtype).itemsize * largest * math.prod(
         d if isinstance(d, int) else config.seq for d in s.shape[1:]) for s in specs)
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    if feed_bytes > memory / MEMORY_SHARE_FOR_INPUTS:
-        raise OptionError(f"--batch {largest} × --seq {config.seq} needs {feed_bytes / 2**30:.1f} GiB for the inputs "
-                          f"alone, more than this machine's {memory / 2**30:.1f} GiB allows; lower --batch or --seq")
+    check_input_memory(feed_bytes, f"--batch {largest} × --seq {config.seq}", "lower --batch or --seq")
 
 
 def run_bench(config: BenchConfig, on_shape=None) -> BenchResult:

@@ -16,7 +16,7 @@ from typing import Iterator, Mapping, Sequence
 import numpy as np
 import onnx
 
-from lrdeploy.errors import CalibrationDataError, OptionError
+from lrdeploy.errors import ModelLoadError, CalibrationDataError, OptionError
 from lrdeploy.files import load_npz
 from lrdeploy.shapes import parse_named_shapes
 
@@ -34,6 +34,20 @@ class InputSpec:
 
     def is_dynamic(self, axis: int) -> bool:
         return axis < len(self.shape) and not isinstance(self.shape[axis], int)
+
+
+def require_batch_axes(model: onnx.ModelProto) -> None:
+    """Every run-time input and every output has a batch axis (axis 0): samples are fed, batched and compared
+    along it, so a scalar (rank 0) input or output is one Error line, not an IndexError deep in validation."""
+    initializers = {init.name for init in model.graph.initializer}
+    for kind, values in (("input", [v for v in model.graph.input if v.name not in initializers]),
+                         ("output", list(model.graph.output))):
+        for value in values:
+            tensor_type = value.type.tensor_type
+            if tensor_type.HasField("shape") and len(tensor_type.shape.dim) == 0:
+                raise ModelLoadError(f"model {kind} {value.name!r} is a scalar (rank 0); lrdeploy feeds and compares "
+                                     f"samples along axis 0 (the batch axis): export the model with a batch axis on "
+                                     f"every input and output")
 
 
 def model_input_specs(model: onnx.ModelProto) -> list[InputSpec]:

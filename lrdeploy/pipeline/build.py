@@ -22,7 +22,7 @@ from typing import Protocol
 import onnx
 
 from lrdeploy.bench.measure import BenchSettings
-from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs
+from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs, require_batch_axes
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
@@ -96,6 +96,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         eligible = inspection.require_eligible()
         check_output_dir(config.resolved_output_dir)
         refuse_overwriting_inputs(output_files(config.output_model), input_files(config, inspection.model))
+        require_batch_axes(inspection.model.proto)
         specs = model_input_specs(inspection.model.proto)
         feeds = Feeds(specs, config.batch_size, detect_mask_input(specs, config.mask_input))
         samples = prepare_samples(config, specs, feeds.mask_name, index_limits(inspection.graph))

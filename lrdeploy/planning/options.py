@@ -31,6 +31,7 @@ from lrdeploy.bench.alternate import alternated_times
 from lrdeploy.bench.timer import Timer
 from lrdeploy.calib.cache import StatisticsCache
 from lrdeploy.calib.data import Feeds, SampleSet
+from lrdeploy.errors import OptionError
 from lrdeploy.lowrank.decompose import Decomposition, planned_factors
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.lowrank.neurons import group_cuts, neuron_cuts
@@ -232,8 +233,18 @@ def shape_options(config: BuildConfig, model: onnx.ModelProto, parts: list[Block
     else:
         options.scope = "linear layers"
         layers = {layer.name: layer for layer in [*eligible, *(layer for part in parts for layer in part.layers)]}
-        options.dense_ms = sum(_linear_ms(options.timer, layer.d_in, layer.d_out) or 0.0
-                               for layer in layers.values() if layer.weight is not None)
+        weighted = [layer for layer in layers.values() if layer.weight is not None]
+        times = {(layer.d_in, layer.d_out): _linear_ms(options.timer, layer.d_in, layer.d_out) for layer in weighted}
+        missing = sorted(shape for shape, ms in times.items() if ms is None)
+        if missing:
+            shapes = ", ".join(f"{d_in}×{d_out}" for d_in, d_out in missing[:6]) + (", …" if len(missing) > 6 else "")
+            message = (f"profile {options.timer.profile.label} has no timing for {len(missing)} of this model's "
+                       f"{len(times)} layer shapes ({shapes})")
+            if len(missing) == len(times):
+                raise OptionError(f"{message}; measure them on your device with `lrdeploy profile {config.model} "
+                                  "--backend ort-cuda -o my-gpu.json` and pass --profile my-gpu.json")
+            progress.warn(f"{message}: those layers count as saving nothing")
+        options.dense_ms = sum(times[(layer.d_in, layer.d_out)] or 0.0 for layer in weighted)
         for option in cuts:
             option.ms_saved = gemm_saving_ms(option, parts, options.timer)
     return options

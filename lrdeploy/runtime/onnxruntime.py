@@ -8,14 +8,17 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import onnx
 from onnx import external_data_helper
 
-from lrdeploy.errors import MissingDependencyError
+from lrdeploy.errors import MissingDependencyError, ModelLoadError
 from lrdeploy.onnx_io import serialized_size
 from lrdeploy.runtime.base import Runner
 
@@ -54,17 +57,33 @@ def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: l
 
     providers = providers or [PROVIDERS["cpu"]]
     options = session_options(threads)
-    if isinstance(model, (str, Path)):
-        return ort.InferenceSession(str(model), options, providers=providers)
-    if serialized_size(model) < PROTOBUF_LIMIT_BYTES:
-        return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
-    with tempfile.TemporaryDirectory(prefix="lrdeploy-ort-") as tmp:
-        path = Path(tmp) / "model.onnx"
-        onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
-        try:
-            return ort.InferenceSession(str(path), options, providers=providers)
-        finally:  # saving moved the weights out of `model`: bring them back before the folder goes
-            external_data_helper.load_external_data_for_model(model, tmp)
+    with _refusals_named():
+        if isinstance(model, (str, Path)):
+            return ort.InferenceSession(str(model), options, providers=providers)
+        if serialized_size(model) < PROTOBUF_LIMIT_BYTES:
+            return ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        with tempfile.TemporaryDirectory(prefix="lrdeploy-ort-") as tmp:
+            path = Path(tmp) / "model.onnx"
+            onnx.save_model(model, str(path), save_as_external_data=True, location="model.onnx.data")
+            try:
+                return ort.InferenceSession(str(path), options, providers=providers)
+            finally:  # saving moved the weights out of `model`: bring them back before the folder goes
+                external_data_helper.load_external_data_for_model(model, tmp)
+
+
+@contextmanager
+def _refusals_named() -> Iterator[None]:
+    """A model ONNX Runtime will not load (one onnx's checker passed: duplicate node names, a broken Loop body) is
+    one line naming ONNX Runtime's complaint, not its C++ traceback."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    try:
+        yield
+    except (state.Fail, state.InvalidGraph, state.InvalidArgument, state.NotImplemented,
+            state.RuntimeException, state.InvalidProtobuf) as exc:
+        complaint = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", " ".join(str(exc).split()))
+        raise ModelLoadError(f"ONNX Runtime cannot load the model: {complaint[:400]}; fix the model or re-export it "
+                             "so that ONNX Runtime runs it") from None
 
 
 def cpu_description() -> str:
