@@ -112,7 +112,7 @@ def user_errors(command):
                 return command(*args, **kwargs)
         except LrdeployError as exc:
             if as_json:
-                _emit_json(json.dumps({"error": str(exc), "type": type(exc).__name__}))
+                _emit_json(json.dumps({"error": str(exc), "type": type(exc).__name__}) + "\n")
             click.echo(f"Error: {exc}", err=True)
             sys.exit(1)
         except KeyboardInterrupt as exc:

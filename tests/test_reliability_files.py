@@ -280,6 +280,6 @@ def test_json_stdout_holds_the_document_alone(work):
     assert json.loads(built.stdout)["config"]["rank_budget"] == 0.5
     failed = _lrdeploy("build", work / "missing.onnx", "--json")
     assert failed.returncode == 1
-    assert json.loads(failed.stdout) == {"error": f"model file {work / 'missing.onnx'} does not exist; check the path",
+    assert failed.stdout.endswith("}\n") and json.loads(failed.stdout) == {"error": f"model file {work / 'missing.onnx'} does not exist; check the path",
                                          "type": "ModelLoadError"}
     assert failed.stderr.splitlines() == [f"Error: model file {work / 'missing.onnx'} does not exist; check the path"]
