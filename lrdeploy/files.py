@@ -110,15 +110,24 @@ def refuse_overwriting_inputs(outputs: list[Path], inputs: list[Path], option: s
 NAME_MAX = 255  # bytes in one file name on the usual Linux file systems (ext4, xfs, btrfs, tmpfs)
 
 
+STAGING_SUFFIX_BYTES = 24  # what atomic writes add to a name while staging (".NAME.XXXXXXXX.tmp")
+
+
+def check_name_length(output: Path, fix: str) -> None:
+    """OutputError when the file system would refuse `output`'s name (as staged, with a few bytes more)."""
+    size = len(os.fsencode(Path(output).name))
+    if size + STAGING_SUFFIX_BYTES > NAME_MAX:
+        raise OutputError(f"output file name {Path(output).name[:40]}… is too long ({size} bytes; at most "
+                          f"{NAME_MAX - STAGING_SUFFIX_BYTES} here); {fix}")
+
+
 def check_output_file(output: Path, inputs: list[Path], option: str = "-o/--output") -> Path:
     """A command's one output file: not one of `inputs`, not a folder, with a name the file system takes (staged
     names add a few characters), in a folder that exists or can be created."""
     output = Path(output)
     if output.is_dir():
         raise OutputError(f"{option} {output} is a folder; give the path of the file to write")
-    if len(os.fsencode(output.name)) + 24 > NAME_MAX:
-        raise OutputError(f"{option} {output.name[:40]}… is too long a file name ({len(os.fsencode(output.name))} "
-                          f"bytes; at most {NAME_MAX - 24} here); choose a shorter name")
+    check_name_length(output, "choose a shorter name")
     refuse_overwriting_inputs([output], inputs, option)
     check_output_dir(output.parent)
     return output

@@ -51,6 +51,7 @@ def work(tmp_path):
     (d / "hf").mkdir()
     (d / "hf" / "config.json").write_text('{"model_type": "bert"}')
     os.link(d / "m.onnx", d / "hardlink.onnx")
+    shutil.copy(d / "m.onnx", d / ("m" * 235 + ".onnx"))
     return d
 
 
@@ -68,7 +69,9 @@ OVERWRITES = [
      r"output .*config.json would overwrite the input"),
     ("export -o a folder", ["export", "--hf", "{d}/hf", "-o", "{d}"], r"-o/--output .*work is a folder"),
     ("profile -o a 250-character name", ["profile", "{d}/m.onnx", "-o", "{d}/" + "p" * 245 + ".json"],
-     r"too long a file name"),
+     r"output file name p+… is too long \(250 bytes"),
+    ("build a model of a 240-character name", ["build", "{d}/" + "m" * 235 + ".onnx", "--calib", "{d}/calib.npz"],
+     r"output file name m+… is too long \(\d+ bytes; at most 231 here\); give the model a shorter file name"),
 ]
 
 
@@ -283,3 +286,37 @@ def test_json_stdout_holds_the_document_alone(work):
     assert failed.stdout.endswith("}\n") and json.loads(failed.stdout) == {"error": f"model file {work / 'missing.onnx'} does not exist; check the path",
                                          "type": "ModelLoadError"}
     assert failed.stderr.splitlines() == [f"Error: model file {work / 'missing.onnx'} does not exist; check the path"]
+
+
+def _bias_of_rank_three() -> onnx.ModelProto:
+    """x [n, 64] ─MatMul─Add(b [1, 1, 96])─Relu─MatMul─Add(b [1, 1, 64])─► y [1, n, 64]: the bias broadcasts the
+    output to rank 3."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    arrays = {"w1": rng.standard_normal((64, 96)), "b1": rng.standard_normal((1, 1, 96)),
+              "w2": rng.standard_normal((96, 64)), "b2": rng.standard_normal((1, 1, 64))}
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="fc1/MatMul"),
+             helper.make_node("Add", ["h", "b1"], ["h1"], name="fc1/Add"),
+             helper.make_node("Relu", ["h1"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "w2"], ["y0"], name="fc2/MatMul"),
+             helper.make_node("Add", ["y0", "b2"], ["y"], name="fc2/Add")]
+    graph = helper.make_graph(nodes, "bias3", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, "n", 64])],
+                              [numpy_helper.from_array(a.astype(np.float32), n) for n, a in arrays.items()])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("cut", [["--plan", "lowrank"], ["--ffn-keep", "0.5", "--rank-budget", "1"]])
+def test_a_bias_that_broadcasts_the_output_keeps_its_shape(tmp_path, cut):
+    """13: a [1, 1, d] bias was folded into a [d] one, so the rewritten output lost an axis."""
+    from tests.conftest import run_model
+
+    onnx.save(_bias_of_rank_three(), tmp_path / "b3.onnx")
+    x = np.random.default_rng(1).standard_normal((300, 64)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    result = _run("build", tmp_path / "b3.onnx", "--calib", tmp_path / "x.npz", "--rank-budget", "0.5", *cut,
+                  "-o", tmp_path / "o")
+    assert result.exit_code == 0, result.output
+    feed = {"x": x[:7]}
+    assert run_model(tmp_path / "o" / "b3.lowrank.onnx", feed)[0].shape == (1, 7, 64)

@@ -42,7 +42,8 @@ def _split_layer(graph: gs.Graph, layer: LinearLayer, factors: LowRankFactors, t
     scope = Scope(graph, layer.name)
     first = scope.constant(f"{FIRST_FACTOR}/weight", factors.first.astype(dtype))
     second = scope.constant("lowrank_b/weight", factors.second.astype(dtype))
-    bias = None if factors.bias is None else scope.constant("lowrank_bias/bias", factors.bias.astype(dtype))
+    bias = None if factors.bias is None else scope.constant("lowrank_bias/bias",
+                                                            layer.bias_constant(factors.bias).astype(dtype))
     if not layer.output_is_product:  # a fused Attention: it takes the thin input and the second factor
         attention = y.inputs[0]
         attention.inputs[0] = scope.op("MatMul", FIRST_FACTOR, [x, first], dtype=dtype)

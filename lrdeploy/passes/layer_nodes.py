@@ -28,6 +28,7 @@ def set_bias(graph: gs.Graph, layer: LinearLayer, bias: gs.Constant) -> None:
     matmul, add = matmul_and_add(tensors, layer)
     if add is not None:
         old = next(t for t in add.inputs if constant_value(t) is not None)
+        bias.values = layer.bias_constant(bias.values)  # the graph's broadcast shape, e.g. [1, 1, n]
         replace_input(add, old, bias)
         return
     consumer = layer.bias_in_consumer

@@ -46,6 +46,13 @@ class LinearLayer:
     bias: np.ndarray | None = field(default=None, repr=False)
     eligible: bool = True
     reason: str = ""
+    bias_rank: int = 1  # the rank of the bias constant as the graph spells it ([1, 1, d] broadcasts the output to 3-D)
+
+    def bias_constant(self, values: np.ndarray) -> np.ndarray:
+        """New bias values ([n]) shaped as the layer's bias constant was ([1, …, 1, n]), so the Add broadcasts to
+        the same output shape as before."""
+        values = np.asarray(values)
+        return values.reshape((1,) * (self.bias_rank - 1) + values.shape[-1:]) if self.bias_rank > 1 else values
 
     @property
     def params(self) -> int:
@@ -158,6 +165,8 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
         if bias is not None:
             pattern += "+Add"
             output_name = consumer.outputs[0].name
+            return LinearLayer(name, pattern, x.name, output_name, d_in, d_out, weight, bias,
+                               bias_rank=max(1, np.ndim(other_value[0])))
     return LinearLayer(name, pattern, x.name, output_name, d_in, d_out, weight, bias)
 
 

@@ -24,7 +24,7 @@ import onnx
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs, require_batch_axes
 from lrdeploy.calib.stats import TensorRequest
-from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
+from lrdeploy.files import check_name_length, check_output_dir, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose, planned_factors
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
@@ -95,6 +95,8 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         inspection = inspect_model(config.model, config.rank_multiple)
         eligible = inspection.require_eligible()
         check_output_dir(config.resolved_output_dir)
+        for output in output_files(config.output_model):
+            check_name_length(output, "give the model a shorter file name (its outputs add .lowrank.onnx.data)")
         refuse_overwriting_inputs(output_files(config.output_model), input_files(config, inspection.model))
         require_batch_axes(inspection.model.proto)
         specs = model_input_specs(inspection.model.proto)
