@@ -33,13 +33,7 @@ def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary path beside `target`; on success rename it onto `target`, else delete it (and the
     folders made for it: missing parents of `target` are created, as `build -o` creates its folder)."""
     target = Path(target)
-    created = [parent for parent in reversed(target.parents) if not parent.exists()]
-    try:
-        for parent in created:
-            parent.mkdir()
-    except OSError as exc:
-        _remove_empty(created)
-        raise _cannot_write(target.parent, exc) from None
+    created = _make_folders(target.parent)
     try:
         fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     except OSError as exc:
@@ -57,6 +51,18 @@ def atomic_path(target: Path) -> Iterator[Path]:
         raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _make_folders(directory: Path) -> list[Path]:
+    """Create `directory` and its missing parents; the folders made, outermost first (OutputError if it cannot)."""
+    created = [folder for folder in [*reversed(directory.parents), directory] if not folder.exists()]
+    try:
+        for folder in created:
+            folder.mkdir()
+    except OSError as exc:
+        _remove_empty(created)
+        raise _cannot_write(directory, exc) from None
+    return created
 
 
 def _remove_empty(folders: list[Path]) -> None:
@@ -161,6 +167,32 @@ def _folder_lock(directory: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
+def output_lock(directory: Path) -> Iterator[Path]:
+    """Hold the output folder for a whole run, from its first step: a second run into it is refused at once, not
+    after a full build. The folder is created if needed and removed again if this run leaves it empty."""
+    directory = Path(directory)
+    created = _make_folders(directory)
+    try:
+        with _folder_lock(directory):
+            yield directory
+    finally:
+        _remove_empty(created)
+
+
+@contextlib.contextmanager
+def removed_on_failure(paths: list[Path]) -> Iterator[None]:
+    """Files a run writes outside an output set (distill's exported teacher and text): those of them that did not
+    exist before are removed if the run fails, so a failed run leaves nothing of its own behind."""
+    new = [Path(path) for path in paths if not Path(path).exists()]
+    try:
+        yield
+    except BaseException:
+        for path in new:
+            path.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
 def output_set(directory: Path) -> Iterator[Path]:
     """Stage a run's outputs and publish them together, or not at all:
 
@@ -172,11 +204,7 @@ def output_set(directory: Path) -> Iterator[Path]:
     it and nothing else is in it. A write error is an OutputError.
     """
     directory = Path(directory)
-    created = not directory.exists()
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise _cannot_write(directory, exc) from None
+    created = _make_folders(directory)
     try:
         with _folder_lock(directory):
             try:
@@ -193,8 +221,7 @@ def output_set(directory: Path) -> Iterator[Path]:
             finally:
                 shutil.rmtree(stage, ignore_errors=True)
     except BaseException:
-        if created and directory.is_dir() and not any(directory.iterdir()):
-            directory.rmdir()
+        _remove_empty(created)
         raise
 
 

@@ -320,3 +320,40 @@ def test_a_bias_that_broadcasts_the_output_keeps_its_shape(tmp_path, cut):
     assert result.exit_code == 0, result.output
     feed = {"x": x[:7]}
     assert run_model(tmp_path / "o" / "b3.lowrank.onnx", feed)[0].shape == (1, 7, 64)
+
+
+def test_a_busy_output_folder_is_refused_before_any_work(work, monkeypatch):
+    """11: the -o lock is taken at the start: a second run into a busy folder does no calibration at all."""
+    import fcntl
+
+    import lrdeploy.pipeline.build as build_module
+
+    monkeypatch.setattr(build_module, "calibrate", lambda *a, **k: pytest.fail("calibrated into a busy folder"))
+    out = work / "busy"
+    out.mkdir()
+    fd = os.open(out, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # what a concurrent lrdeploy run holds
+    try:
+        result = _run("build", work / "m.onnx", "--calib", work / "calib.npz", "-o", out)
+    finally:
+        os.close(fd)
+    _one_error_line(result, r"output directory .*busy is in use by another lrdeploy run")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--ffn-keep", "1.5"], r"--ffn-keep 1.5 is outside \(0, 1\]"),
+    (["--plan", "unified", "--ffn-keep", "0.5"], r"--ffn-keep cannot be combined with --plan unified"),
+])
+def test_distill_checks_every_option_before_it_writes(work, args, message):
+    """10: distill's options were checked after the export and tokenisation had written into -o."""
+    before = _snapshot(work)
+    _one_error_line(_run("distill", "--hf", work / "hf", *args, "-o", work / "out"), message)
+    assert _snapshot(work) == before
+
+
+def test_distill_of_a_folder_that_is_no_model_leaves_nothing(work):
+    (work / "notes").mkdir()
+    before = _snapshot(work)
+    _one_error_line(_run("distill", "--hf", work / "notes", "-o", work / "out"),
+                    r"notes is not a Hugging Face model folder \(no config.json\)")
+    assert _snapshot(work) == before

@@ -36,7 +36,8 @@ import numpy as np
 import onnx
 
 from lrdeploy.calib.data import Feeds, InputSpec, SampleSet
-from lrdeploy.files import atomic_path, check_output_dir
+from lrdeploy.errors import ModelLoadError
+from lrdeploy.files import atomic_path, check_output_dir, output_lock, removed_on_failure
 from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.progress import SILENT, Progress, StageTimer
@@ -139,27 +140,47 @@ class Distiller:
 
 
 def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> BuildResult | SweepReport:
-    """Export, split text, prepare the ONNX build, then distill at `rank_budget` (a BuildResult) or search
-    the smallest budget meeting `target_cosine` (a SweepReport)."""
+    """Check every option, export, split text, prepare the ONNX build, then distill at `rank_budget` (a
+    BuildResult) or search the smallest budget meeting `target_cosine` (a SweepReport). The exported teacher and
+    the tokenized text this run writes into the output folder are removed again if the run fails."""
+    settings.check()
+    out = check_output_dir(settings.output_dir)
+    model_path = out / f"{Path(settings.hf_dir).name or 'model'}.onnx"
+    calib_path, eval_path = out / "calib.npz", out / "eval.npz"
+    config = build_config(settings, model_path, calib_path, eval_path)
+    config.check()  # every option, before anything is exported or written
+    if not (Path(settings.hf_dir) / "config.json").is_file():
+        raise ModelLoadError(f"{settings.hf_dir} is not a Hugging Face model folder (no config.json); pass the folder "
+                             "save_pretrained wrote")
+    with output_lock(out), removed_on_failure([model_path, calib_path, eval_path]):
+        return _distill(settings, config, progress)
+
+
+def build_config(settings: DistillSettings, model_path: Path, calib_path: Path, eval_path: Path) -> BuildConfig:
+    """The build a distillation starts from: the exported teacher, its tokenized text, the distill options."""
+    return BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
+                       method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
+                       output_dir=model_path.parent, refit=settings.refit, seed=settings.training.seed,
+                       ffn_keep=settings.ffn_keep, heads_keep=settings.heads_keep, values_keep=settings.values_keep,
+                       plan=settings.plan, target_latency=settings.target_latency, tokens=settings.tokens,
+                       check_tokens=settings.check_tokens, profile=settings.profile, optimize=settings.optimize,
+                       splits="ffn" if settings.optimize == "ort" else "any")
+
+
+def _distill(settings: DistillSettings, config: BuildConfig, progress: Progress) -> BuildResult | SweepReport:
     import torch
 
     from lrdeploy.calib.text import tokenize
     from lrdeploy.export.torch_onnx import export_module, sentence_embedder
 
-    settings.check()
-    out = check_output_dir(settings.output_dir)
-    out.mkdir(parents=True, exist_ok=True)  # the exported teacher and the tokenized text are written first
-    timer = StageTimer(progress)
-    seed = settings.training.seed
+    out, timer, seed = config.resolved_output_dir, StageTimer(progress), settings.training.seed
     torch.manual_seed(seed)
     with timer.stage("export"):
         teacher, examples = sentence_embedder(settings.hf_dir, "mean", True)
-        model_path = out / f"{Path(settings.hf_dir).name or 'model'}.onnx"
-        export_module(teacher, examples, model_path, "embedding")
+        export_module(teacher, examples, config.model, "embedding")
     with timer.stage("tokenize"):
         text = split_text(settings)
-        calib_path, eval_path = out / "calib.npz", out / "eval.npz"
-        for path, sentences in ((calib_path, text.calib), (eval_path, text.evaluation)):
+        for path, sentences in ((Path(config.calib), text.calib), (config.eval, text.evaluation)):
             with atomic_path(path) as tmp:
                 with open(tmp, "wb") as handle:
                     np.savez(handle, **tokenize(sentences, settings.hf_dir))
@@ -167,14 +188,6 @@ def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> Build
         check = _torch_batches(tokenize(text.check, settings.hf_dir), settings.batch_size)
     progress.note(f"{len(text.train)} training, {len(text.check)} check, {len(text.evaluation)} held-out evaluation "
                   "sentences")
-
-    config = BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
-                         method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
-                         output_dir=out, refit=settings.refit, seed=seed, ffn_keep=settings.ffn_keep,
-                         heads_keep=settings.heads_keep, values_keep=settings.values_keep, plan=settings.plan,
-                         target_latency=settings.target_latency, tokens=settings.tokens,
-                         check_tokens=settings.check_tokens, profile=settings.profile, optimize=settings.optimize,
-                         splits="ffn" if settings.optimize == "ort" else "any")
     distiller = Distiller(teacher, examples, train, check, settings.training, progress)
     if settings.target_cosine is not None:  # the report lists export and tokenize too, on either path
         return run_sweep(config, SweepSettings(budgets=[], target=settings.target_cosine, bench_batch=None), progress,

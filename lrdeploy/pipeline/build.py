@@ -24,7 +24,7 @@ import onnx
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs, require_batch_axes
 from lrdeploy.calib.stats import TensorRequest
-from lrdeploy.files import check_name_length, check_output_dir, output_set, refuse_overwriting_inputs
+from lrdeploy.files import check_name_length, check_output_dir, output_lock, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose, planned_factors
 from lrdeploy.onnx_io import check_model, count_parameters, save_model
@@ -252,5 +252,9 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
 
 
 def build(config: BuildConfig, progress: Progress = SILENT) -> BuildResult:
-    """Compress `config.model` under `config.rank_budget`; write the model and reports."""
-    return realize_build(prepare_build(config, progress), config.rank_budget, config.resolved_output_dir, progress)
+    """Compress `config.model` under `config.rank_budget`; write the model and reports. The output folder is
+    held from the first step (after the options are checked), so a busy one is refused before any work."""
+    config.check()
+    check_output_dir(config.resolved_output_dir)
+    with output_lock(config.resolved_output_dir):
+        return realize_build(prepare_build(config, progress), config.rank_budget, config.resolved_output_dir, progress)
