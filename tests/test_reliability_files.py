@@ -357,3 +357,68 @@ def test_distill_of_a_folder_that_is_no_model_leaves_nothing(work):
     _one_error_line(_run("distill", "--hf", work / "notes", "-o", work / "out"),
                     r"notes is not a Hugging Face model folder \(no config.json\)")
     assert _snapshot(work) == before
+
+
+def _computed_weight(op: str) -> onnx.ModelProto:
+    """x ─MatMul(W)─► y with W computed at run time from a constant: Cast of FP16, or DequantizeLinear of int8."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    if op == "Cast":
+        inits = [numpy_helper.from_array(rng.standard_normal((64, 96)).astype(np.float16), "w16")]
+        make = [helper.make_node("Cast", ["w16"], ["w"], to=TensorProto.FLOAT, name="w/Cast")]
+    else:
+        inits = [numpy_helper.from_array(rng.integers(-100, 100, (64, 96)).astype(np.int8), "wq"),
+                 numpy_helper.from_array(np.array(0.01, np.float32), "scale"),
+                 numpy_helper.from_array(np.array(0, np.int8), "zero")]
+        make = [helper.make_node("DequantizeLinear", ["wq", "scale", "zero"], ["w"], name="w/Dequantize")]
+    graph = helper.make_graph([*make, helper.make_node("MatMul", ["x", "w"], ["y"], name="fc/MatMul")], "computed",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 96])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _bfloat16_weight() -> onnx.ModelProto:
+    from onnx import TensorProto, helper
+
+    weight = helper.make_tensor("w", TensorProto.BFLOAT16, [64, 96], vals=np.zeros(64 * 96, np.uint16).tobytes(),
+                                raw=True)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="fc/MatMul")], "bf16",
+                              [helper.make_tensor_value_info("x", TensorProto.BFLOAT16, ["batch", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.BFLOAT16, ["batch", 96])], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: _computed_weight("Cast"), "weight is computed (Cast of a constant): not a constant; fold it"),
+    (lambda: _computed_weight("DequantizeLinear"), "weight is computed (DequantizeLinear of a constant)"),
+    (_bfloat16_weight, "weight dtype bfloat16 is not supported (float16, float32 and float64 are)"),
+])
+def test_skipped_weights_say_what_they_are(tmp_path, make, reason):
+    """Misleading messages: a Cast- or DequantizeLinear-fed weight was "activation × activation"; bfloat16 was
+    "not floating point"."""
+    import json
+
+    onnx.save(make(), tmp_path / "m.onnx")
+    layers = json.loads(_run("inspect", tmp_path / "m.onnx", "--json").stdout)["layers"]
+    assert [layer["reason"] for layer in layers if layer["name"] == "fc/MatMul"][0].startswith(reason)
+
+
+def test_cuts_on_a_model_without_attention_say_so(work):
+    """Misleading message: a model without attention was asked for --num-heads."""
+    onnx.save(models.matmul_add(), work / "fc.onnx")
+    np.savez(work / "x.npz", x=np.random.default_rng(0).standard_normal((400, 64)).astype(np.float32))
+    result = _run("build", work / "fc.onnx", "--calib", work / "x.npz", "--heads-keep", "0.5", "-o", work / "o")
+    _one_error_line(result, r"fc.onnx has no self-attention block \(Q, K, V and output projections as plain MatMuls\)")
+
+
+def test_too_few_positions_names_the_fix_that_exists(work):
+    """Misleading message: 4 samples of a 64-wide input suggested --calib-samples (which only lowers the count)
+    and the attention mask (which this model has not)."""
+    onnx.save(models.matmul_add(), work / "fc.onnx")
+    np.savez(work / "x4.npz", x=np.random.default_rng(0).standard_normal((4, 64)).astype(np.float32))
+    result = _run("build", work / "fc.onnx", "--calib", work / "x4.npz", "--eval", work / "x4.npz",
+                  "--plan", "lowrank", "-o", work / "o")
+    _one_error_line(result, r"calibration counted 4 positions of 'x', fewer than its width 64, so its statistics "
+                            r"cannot be trusted; give a calibration file with more samples \(at least 64 positions")
+    assert "--calib-samples" not in result.stderr and "mask" not in result.stderr

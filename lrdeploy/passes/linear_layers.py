@@ -28,6 +28,7 @@ import onnx_graphsurgeon as gs
 from lrdeploy.lowrank.allocate import LayerShape
 
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
+COMPUTED_WEIGHT_OPS = ("Cast", "DequantizeLinear")  # a weight made from a constant at run time (FP16→FP32, int8)
 FUSED_BIAS_INPUTS = {"BiasGelu": 1, "SkipLayerNormalization": 4}  # fused ops that add a MatMul's bias: which input
 ATTENTION = "Attention"
 
@@ -135,6 +136,11 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
         left = constant_value(x)
         if left is not None:
             return skipped("weight is the left operand (W·X); only X·W is factorized")
+        producer = w.inputs[0] if w.inputs else None
+        if producer is not None and producer.op in COMPUTED_WEIGHT_OPS and producer.inputs and \
+                constant_value(producer.inputs[0]) is not None:
+            return skipped(f"weight is computed ({producer.op} of a constant): not a constant; fold it into a "
+                           "constant first (or export the model unquantized)")
         return skipped("weight is not constant (activation × activation)")
     weight, transposed = found
     if constant_value(x) is not None:
@@ -143,7 +149,9 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
         return skipped(f"weight has rank {weight.ndim}; only 2-D weights are factorized")
     d_in, d_out = weight.shape
     if weight.dtype.type not in FLOAT_TYPES:
-        return skipped(f"weight dtype {weight.dtype} is not floating point", d_in, d_out)
+        kind = "is not supported (float16, float32 and float64 are)" if weight.dtype.kind in "fV" or \
+            "bfloat16" in str(weight.dtype) else "is not floating point"
+        return skipped(f"weight dtype {weight.dtype} {kind}", d_in, d_out)
     pattern = "MatMul(Transpose)" if transposed else "MatMul"
     bias = None
     output_name = y.name

@@ -18,7 +18,7 @@ from lrdeploy.passes.drop_blocks import TransformerBlock, match_transformer_bloc
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
 from lrdeploy.passes.compose import StructuredCuts
-from lrdeploy.passes.prune_heads import AttentionBlock
+from lrdeploy.passes.prune_heads import AttentionBlock, find_qkv_triples
 from lrdeploy.planning.blocks import self_attentions
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection
@@ -59,6 +59,8 @@ class StructuredBlocks:
         attention = []
         if config.heads_keep or config.drop_blocks or config.values_keep:
             attention = self_attentions(config, inspection.graph, inspection.layers)
+            if attention is None and not find_qkv_triples(inspection.layers):
+                attention = []  # no self-attention at all: said below, not a question of the head count
             if attention is None:
                 raise OptionError("cannot tell the attention head count from the graph; give it with --num-heads")
             if not attention:

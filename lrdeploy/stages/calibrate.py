@@ -16,7 +16,7 @@ from lrdeploy.calib.cache import StatisticsCache
 from lrdeploy.progress import SILENT, Progress
 
 
-def check_moments(moments: dict[str, Moments]) -> None:
+def check_moments(moments: dict[str, Moments], mask_name: str | None = None) -> None:
     """Statistics a decomposition can trust: finite, and over at least as many positions as the tensor is wide
     (fewer leave its covariance rank-deficient; none means the data had no real token at all)."""
     for name, m in moments.items():
@@ -26,9 +26,11 @@ def check_moments(moments: dict[str, Moments]) -> None:
                 "outside float32's range; check them for huge values (e.g. 1e30)"
             )
         if m.count < m.dim:
+            mask = f"; positions where {mask_name!r} is 0 do not count" if mask_name else ""
             raise CalibrationDataError(
-                f"calibration counted {m.count:.0f} real positions of {name!r}, fewer than its width {m.dim}; give "
-                "more calibration samples (--calib-samples) or check the attention mask"
+                f"calibration counted {m.count:.0f} positions of {name!r}, fewer than its width {m.dim}, so its "
+                f"statistics cannot be trusted{mask}; give a calibration file with more samples (at least "
+                f"{m.dim} positions must reach this tensor)"
             )
 
 
@@ -40,7 +42,7 @@ def calibrate(model: LoadedModel, requests: list[TensorRequest], samples: Sample
         on_batch = progress.steps("calibrating", count_passes(requests) * math.ceil(samples.count / feeds.batch_size))
         moments = collect_moments(model.proto, requests, lambda: feeds.batches(samples), feeds.mask_name,
                                   threads=threads, on_batch=on_batch)
-        check_moments(moments)  # before anything is cached
+        check_moments(moments, feeds.mask_name)  # before anything is cached
         return moments
 
     return cache.moments(samples, feeds.mask_name, [r.name for r in requests], collect)
