@@ -101,6 +101,26 @@ def constant_value(tensor: gs.Tensor) -> tuple[np.ndarray, bool] | None:
     return None
 
 
+def other_uses(tensor: gs.Tensor, user: gs.Node) -> list[gs.Node]:
+    """The nodes besides `user` that read `tensor` or the constant behind it (through Identity and Transpose, as
+    exporters write tied weights): a tied embedding's Gather, a second MatMul of a reused weight, a subgraph's node."""
+    others = [node for node in tensor.outputs if node is not user]
+    producer = tensor.inputs[0] if len(tensor.inputs) == 1 else None
+    if producer is not None and producer.op in ("Identity", "Transpose") and len(producer.inputs) == 1:
+        others += other_uses(producer.inputs[0], producer)
+    return others
+
+
+def _shared(weight: gs.Tensor, user: gs.Node) -> str | None:
+    """Why a layer whose weight is shared is kept dense (None when the weight is its own)."""
+    others = other_uses(weight, user)
+    if not others:
+        return None
+    names = ", ".join(f"{node.op} {node.name}".strip() for node in others[:2]) + (", …" if len(others) > 2 else "")
+    return (f"weight is shared with {len(others)} other node{'s' * (len(others) > 1)} ({names}: tied or reused); "
+            "splitting it would keep the original beside the factors")
+
+
 def _as_bias(value: np.ndarray, d_out: int) -> np.ndarray | None:
     """`value` as a [d_out] bias if it only varies along the last axis, else None."""
     if value.size == 1:
@@ -148,6 +168,9 @@ def _match_matmul(node: gs.Node, name: str, graph_outputs: set[str]) -> LinearLa
     if weight.ndim != 2:
         return skipped(f"weight has rank {weight.ndim}; only 2-D weights are factorized")
     d_in, d_out = weight.shape
+    shared = _shared(w, node)
+    if shared is not None:
+        return skipped(shared, d_in, d_out)
     if weight.dtype.type not in FLOAT_TYPES:
         kind = "is not supported (float16, float32 and float64 are)" if weight.dtype.kind in "fV" or \
             "bfloat16" in str(weight.dtype) else "is not floating point"
@@ -193,6 +216,9 @@ def _match_gemm(node: gs.Node, name: str) -> LinearLayer:
     beta = float(node.attrs.get("beta", 1.0))
     weight = (value.T if node.attrs.get("transB", 0) else value) * np.asarray(alpha, value.dtype)
     d_in, d_out = weight.shape
+    shared = _shared(b_input, node)
+    if shared is not None:
+        return LinearLayer(name, "Gemm", x.name, y.name, d_in, d_out, eligible=False, reason=shared)
     bias = None
     if len(node.inputs) > 2 and node.inputs[2] is not None and node.inputs[2].name:
         c_value = constant_value(node.inputs[2])
