@@ -27,6 +27,15 @@ def transformer_files(tmp_path):
     return model_path, calib_path
 
 
+def snapshot(folder) -> dict[str, str]:
+    """Every file (hidden ones too) and folder below `folder`, with file digests: equal snapshots before and after a
+    run mean it changed nothing and left nothing behind."""
+    import hashlib
+
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
 def run_model(model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
     """Outputs of an ONNX model (ModelProto or path) on ONNX Runtime CPU."""
     from lrdeploy.runtime.onnxruntime import create_session

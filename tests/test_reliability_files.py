@@ -3,7 +3,6 @@ appear all together or not at all, and SIGTERM cleans up like Ctrl-C. Each case 
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -19,14 +18,9 @@ from click.testing import CliRunner
 
 from lrdeploy.cli import main
 from tests import models
+from tests.conftest import snapshot as _snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _snapshot(folder: Path) -> dict[str, str]:
-    """Every file (hidden ones too) and folder below `folder`, with file digests."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-            for p in sorted(folder.rglob("*"))}
 
 
 def _run(*args) -> object:
