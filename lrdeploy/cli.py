@@ -392,7 +392,8 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
     if iterations and duration:
         raise click.BadParameter("give --iterations or --duration, not both")
     settings = BenchSettings(warmup, iterations if iterations or duration else 20, duration)
-    config = BenchConfig(list(models), backend, _int_list(batches), seq, settings, threads, precision, optimize)
+    config = BenchConfig(list(models), backend, batches=_int_list(batches), seq=seq, settings=settings, threads=threads,
+                         precision=precision, optimize=optimize)
     check_output_dir(output_dir)
     refuse_overwriting_inputs([output_dir / name for name in BENCH_FILES],
                               [path for model in models if ":" not in model for path in model_files(Path(model))])
@@ -433,8 +434,9 @@ def profile(model, backend, precision, token_counts, rank_multiple, iterations, 
     from lrdeploy.onnx_io import model_files
 
     check_output_file(output, model_files(model) if model else [])
-    settings = ProfileSettings(output, backend, precision, _int_list(token_counts), model, rank_multiple, iterations,
-                               threads, name)
+    settings = ProfileSettings(output, backend=backend, precision=precision, tokens=_int_list(token_counts),
+                               model=model, rank_multiple=rank_multiple, iterations=iterations, threads=threads,
+                               name=name)
     console = _console()
     result = run_profile(settings, _progress(console))
     console.print(f"Profile of {len(result['rows'])} timings on {result['device']} ({result['precision']}): {output}")
@@ -535,8 +537,9 @@ def demo(output_dir, rank_budget, calib_sentences, eval_sentences, budgets, benc
     from lrdeploy.commands.demo import DemoSettings, run_demo
 
     console = _console()
-    settings = DemoSettings(output_dir, rank_budget, calib_sentences, eval_sentences, tuple(_float_list(budgets)),
-                            _int_list(bench_batches), 128, bench_iterations)
+    settings = DemoSettings(output_dir, rank_budget=rank_budget, calib_sentences=calib_sentences,
+                            eval_sentences=eval_sentences, budgets=tuple(_float_list(budgets)),
+                            bench_batches=_int_list(bench_batches), bench_seq=128, bench_iterations=bench_iterations)
     result = run_demo(settings, _progress(console))
     top = result.headline
     console.print(f"\n[bold]all-MiniLM-L6-v2 at rank budget {rank_budget}[/bold]")

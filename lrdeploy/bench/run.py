@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +29,7 @@ from lrdeploy.runtime.base import BACKENDS, Runner
 class BenchConfig:
     models: list[str]
     backend: str = "ort-cpu"
+    _: KW_ONLY  # the rest by name: wide records built positionally hide their mistakes
     batches: tuple[int, ...] = (1, 8, 32)
     seq: int = 128
     settings: BenchSettings = field(default_factory=BenchSettings)

@@ -10,7 +10,7 @@ curve. Everything lands in one folder, with report.html on top.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +32,7 @@ EMBEDDING = "embedding"
 @dataclass
 class DemoSettings:
     output_dir: Path = Path("lrdeploy-demo")
+    _: KW_ONLY  # the rest by name: wide records built positionally hide their mistakes
     rank_budget: float = 0.5
     calib_sentences: int = 512
     eval_sentences: int = 1000

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import platform
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
 from lrdeploy.bench.layer_latency import Shape, time_shapes
@@ -29,6 +29,7 @@ BERT_BASE_SHAPES: tuple[Shape, ...] = ((768, 768), (768, 2304), (768, 3072), (30
 @dataclass
 class ProfileSettings:
     output: Path
+    _: KW_ONLY  # the rest by name: wide records built positionally hide their mistakes
     backend: str = "ort-cpu"
     precision: str | None = None  # None: fp16 on ort-cuda, fp32 on ort-cpu
     tokens: tuple[int, ...] = (128, 1024, 4096, 16384)

@@ -63,7 +63,7 @@ class BuildResult:
     report_html: Path
 
 
-@dataclass
+@dataclass(kw_only=True)
 class PreparedBuild:
     """Everything that does not depend on the budget: loaded model, samples, statistics, decompositions, and the
     seconds each stage took. A sweep prepares once and realizes many budgets from it."""
@@ -150,11 +150,12 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         with timer.stage("shape options"):
             options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions, probe,
                                     feeds, cache, progress)
-    return PreparedBuild(config, inspection, eligible, feeds, samples, decompositions, layer_spectra, timer.timings,
-                         sensitivity, structured, options)
+    return PreparedBuild(config=config, inspection=inspection, eligible=eligible, feeds=feeds, samples=samples,
+                         decompositions=decompositions, spectra=layer_spectra, timings=timer.timings,
+                         sensitivity=sensitivity, structured=structured, shape_options=options)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class ChosenFactors:
     """What one budget turns a PreparedBuild into: the rank plan and the (optionally refit) factors per split."""
 
@@ -193,7 +194,7 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
                                prepared.samples.calib.select(slice(0, config.refit_samples)), prepared.feeds,
                                RefitSettings(config.refit_mode, threads=config.threads), on_stage)
             factors, structured = refit.factors, refit.cuts
-    return ChosenFactors(plan, factors, structured, latency, shape_record)
+    return ChosenFactors(plan=plan, factors=factors, structured=structured, latency=latency, shape_plan=shape_record)
 
 
 class Finetuner(Protocol):
@@ -238,14 +239,17 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
         if config.bench if bench is None else bench:
             with timer.stage("bench"):
                 latency_bench = run_bench(BenchConfig([str(config.model), str(staged_model)], "ort-cpu",
-                                                      config.bench_batches, config.bench_seq,
-                                                      BenchSettings(iterations=config.bench_iterations), config.threads))
+                                                      batches=config.bench_batches, seq=config.bench_seq,
+                                                      settings=BenchSettings(iterations=config.bench_iterations),
+                                                      threads=config.threads))
                 write_bench(latency_bench, stage, f"lrdeploy bench {config.model} {published_model} --backend ort-cpu")
-        outcome = BuildOutcome(budget, chosen.plan, chosen.latency, str(published_model), external, model_after, accuracy,
-                               None if latency_bench is None else dataclasses.asdict(latency_bench), finetune_record,
-                               timer.timings, fused_ops,
-                               chosen.shape_plan if chosen.latency is None else chosen.latency.to_dict(prepared.shapes),
-                               chosen.structured)
+        outcome = BuildOutcome(
+            budget=budget, plan=chosen.plan, latency=chosen.latency, output_model=str(published_model),
+            external_data=external, model_params_after=model_after, accuracy=accuracy,
+            bench=None if latency_bench is None else dataclasses.asdict(latency_bench), finetune=finetune_record,
+            timings=timer.timings, fused_ops=fused_ops,
+            latency_plan=chosen.shape_plan if chosen.latency is None else chosen.latency.to_dict(prepared.shapes),
+            structured=chosen.structured)
         report = assemble_report(prepared, outcome)
         write_reports(report, stage)
     return BuildResult(report, output_model, *(output_dir / name for name in REPORT_FILES))

@@ -119,7 +119,7 @@ def layer_records(layers: list[LinearLayer], plan: RankPlan, latency: LatencyPla
     return records
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BuildOutcome:
     """What one budget's build produced, for the report."""
 
@@ -154,10 +154,12 @@ def assemble_report(prepared: PreparedInputs, outcome: BuildOutcome) -> BuildRep
         input_model=str(config.model),
         output_model=outcome.output_model,
         external_data=outcome.external_data,
-        config=BuildConfigRecord(outcome.budget, config.method, config.allocation, config.rank_multiple,
-                                 samples.calib.count, samples.calib_source, samples.eval_source, config.refit,
-                                 config.optimize, config.ffn_keep, config.heads_keep, config.drop_blocks,
-                                 config.qkv_form, config.values_keep),
+        config=BuildConfigRecord(rank_budget=outcome.budget, method=config.method, allocation=config.allocation,
+                                 rank_multiple=config.rank_multiple, calib_samples=samples.calib.count,
+                                 calib_source=samples.calib_source, eval_source=samples.eval_source,
+                                 refit=config.refit, optimize=config.optimize, ffn_keep=config.ffn_keep,
+                                 heads_keep=config.heads_keep, drop_blocks=config.drop_blocks, qkv=config.qkv_form,
+                                 values_keep=config.values_keep),
         layers=layer_records(inspection.layers, outcome.plan, outcome.latency, narrowed),
         params=ParamSummary(linear_before, round(linear_after), linear_after / linear_before, model_params,
                             outcome.model_params_after, outcome.model_params_after / max(model_params, 1)),

@@ -94,9 +94,10 @@ class Sweep:
         settings, config = self.settings, self.prepared.config
         if not settings.bench_batch:
             return None
-        bench = run_bench(BenchConfig([str(config.model), str(result.output_model)], "ort-cpu", (settings.bench_batch,),
-                                      settings.bench_seq, BenchSettings(warmup=2, iterations=settings.bench_iterations),
-                                      config.threads))
+        bench = run_bench(BenchConfig([str(config.model), str(result.output_model)], "ort-cpu",
+                                      batches=(settings.bench_batch,), seq=settings.bench_seq,
+                                      settings=BenchSettings(warmup=2, iterations=settings.bench_iterations),
+                                      threads=config.threads))
         return bench.shapes[0].ratio_p50
 
     def evaluate(self, budget: float) -> SweepPoint:

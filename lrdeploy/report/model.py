@@ -75,7 +75,7 @@ class AccuracyReport:
     neighbours: int = 10
 
 
-@dataclass
+@dataclass(kw_only=True)
 class BuildConfigRecord:
     rank_budget: float
     method: str
