@@ -194,6 +194,51 @@ def _shape_option():
                         help="Shape of a dynamic input for random data, e.g. input_ids:1x128 (repeatable).")
 
 
+def cut_options() -> list:
+    """The fixed structured cuts, shared by `build`, `sweep` and `distill` (BuildConfig's and DistillSettings'
+    field names)."""
+    return [
+        click.option("--ffn-keep", type=float, metavar="FRACTION",
+                     help="Narrow every FFN block to this fraction of its neurons (chosen from calibration, the down "
+                          "projection refit); --rank-budget then applies to the other layers."),
+        click.option("--heads-keep", type=float, metavar="FRACTION",
+                     help="Keep this fraction of every self-attention's heads (chosen from calibration, the output "
+                          "projection refit); --rank-budget then applies to the other layers."),
+        click.option("--values-keep", type=float, metavar="FRACTION",
+                     help="Narrow every head's value/output width to this fraction of the head size (W_v·W_o per head "
+                          "replaced by its best lower-rank product on calibration data; Q and K keep theirs)."),
+    ]
+
+
+
+
+def target_options(tokens: int) -> list:
+    """A latency target and where its timings come from, shared by `build`, `sweep` and `distill`."""
+    return [
+        click.option("--target-latency", type=float, metavar="FRACTION",
+                     help="Plan for at most this fraction of the dense model's latency at --tokens (measured here, "
+                          "or from --profile); --rank-budget is then not used."),
+        click.option("--tokens", default=tokens, show_default=True, type=click.IntRange(min=1),
+                     help="Rows (batch × sequence) the latency timings are made at (--target-latency, and "
+                          "--latency-aware where there is one)."),
+        click.option("--check-tokens", callback=_optional_int_list, metavar="N[,N]",
+                     help="Hold a --target-latency measured here at these rows too (e.g. 128: batch 1)."),
+        click.option("--profile", metavar="NAME|FILE",
+                     help="Plan for a device from its profile instead of timing here: a shipped profile (h200-fp16, "
+                          "a seed from the H200 reference grid) or a file from `lrdeploy profile`; without "
+                          "--target-latency, build keeps dense the layers whose split is slower there."),
+    ]
+
+
+def _apply(options: list):
+    """A decorator applying click `options` in their listed order."""
+    def apply(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return apply
+
+
 def build_options(command):
     """The options `build` and `sweep` share (calibration, method, allocation, outputs); their names are
     BuildConfig's fields."""
@@ -226,15 +271,7 @@ def build_options(command):
                           "original model's outputs."),
         click.option("--refit-mode", type=click.Choice(REFIT_MODES), default=d.refit_mode, show_default=True,
                      help="With --refit: refit the second factor and bias, or both factors (reduced-rank regression)."),
-        click.option("--ffn-keep", type=float, metavar="FRACTION",
-                     help="Narrow every FFN block to this fraction of its neurons (chosen from calibration, the down "
-                          "projection refit); --rank-budget then applies to the other layers."),
-        click.option("--heads-keep", type=float, metavar="FRACTION",
-                     help="Keep this fraction of every self-attention's heads (chosen from calibration, the output "
-                          "projection refit); --rank-budget then applies to the other layers."),
-        click.option("--values-keep", type=float, metavar="FRACTION",
-                     help="Narrow every head's value/output width to this fraction of the head size (W_v·W_o per head "
-                          "replaced by its best lower-rank product on calibration data; Q and K keep theirs)."),
+        *cut_options(),
         click.option("--drop-blocks", type=click.IntRange(min=0), default=0, metavar="N",
                      help="Drop N whole transformer blocks: those whose removal alone distorts the outputs least on "
                           "a few calibration batches."),
@@ -255,9 +292,7 @@ def build_options(command):
         click.option("--hidden-size", type=click.IntRange(min=0), default=0, help="For --optimize ort: hidden size "
                      "(default: read from the graph)."),
     ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+    return _apply(options)(command)
 
 
 def _build_config(model: Path, shapes: tuple[str, ...], cache_dir: Path | None, no_cache: bool,
@@ -288,19 +323,10 @@ def _optional_int_list(ctx: click.Context, param: click.Parameter, text: str | N
               help="Time each layer shape dense vs split on --backend and keep dense wherever the split does not pay.")
 @click.option("--backend", type=click.Choice(LATENCY_BACKENDS), default=BUILD_DEFAULTS.backend, show_default=True,
               help="Where --latency-aware times layers.")
-@click.option("--tokens", default=BUILD_DEFAULTS.tokens, show_default=True, type=click.IntRange(min=1),
-              help="Rows (batch × sequence) of the --latency-aware and --target-latency timings.")
-@click.option("--profile", metavar="NAME|FILE",
-              help="Plan for a device from its profile instead of timing here (implies --latency-aware): a shipped "
-                   "profile (h200-fp16, a seed from the H200 reference grid) or a file from `lrdeploy profile`.")
+@_apply(target_options(BUILD_DEFAULTS.tokens))
 @click.option("--objective", type=click.Choice(OBJECTIVES),
               help="When splits that pay cannot meet --rank-budget: size keeps the budget (slower), latency keeps "
                    "the slower layers dense (larger).")
-@click.option("--target-latency", type=float, metavar="FRACTION",
-              help="Plan for at most this fraction of the dense model's latency at --tokens (measured here on "
-                   "--backend, or from --profile); --rank-budget is then not used.")
-@click.option("--check-tokens", callback=_optional_int_list, metavar="N[,N]",
-              help="Hold a --target-latency measured here at these rows too (e.g. 128: batch 1).")
 @click.option("--bench", is_flag=True, help="Also benchmark dense vs compressed on ONNX Runtime CPU.")
 @click.option("--json", "as_json", is_flag=True, help="Print report.json to stdout instead of tables.")
 @user_errors
@@ -576,23 +602,10 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               type=click.FloatRange(min=0), help="Weight of the per-block hidden-state loss (0: final embedding only).")
 @click.option("--freeze-embeddings", is_flag=True,
               help="Do not train the embedding tables: ~25% faster steps, less accuracy per step.")
-@click.option("--ffn-keep", type=float, metavar="FRACTION",
-              help="Narrow every FFN block to this fraction of its neurons before distilling (as `build --ffn-keep`).")
-@click.option("--heads-keep", type=float, metavar="FRACTION",
-              help="Keep this fraction of every self-attention's heads before distilling (as `build --heads-keep`).")
-@click.option("--values-keep", type=float, metavar="FRACTION",
-              help="Narrow every head's value width to this fraction before distilling (as `build --values-keep`).")
+@_apply(cut_options())
 @click.option("--plan", type=click.Choice(PLANS), default=DISTILL_DEFAULTS.plan, show_default=True,
               help="unified: distill from `build --plan unified`'s choice (ranks, FFN widths, heads).")
-@click.option("--target-latency", type=float, metavar="FRACTION",
-              help="As `build --target-latency`: plan for this fraction of dense latency at --tokens (measured here, "
-                   "or from --profile).")
-@click.option("--tokens", default=DISTILL_DEFAULTS.tokens, show_default=True, type=click.IntRange(min=1),
-              help="Rows (batch × 128) of the --target-latency timings.")
-@click.option("--check-tokens", callback=_optional_int_list, metavar="N[,N]",
-              help="As `build --check-tokens`: the target measured here holds at these rows too.")
-@click.option("--profile", metavar="NAME|FILE",
-              help="As `build --profile`: plan --target-latency for a device from its profile (e.g. h200-fp16).")
+@_apply(target_options(DISTILL_DEFAULTS.tokens))
 @click.option("--optimize", type=click.Choice(OPTIMIZERS), default=DISTILL_DEFAULTS.optimize, show_default=True,
               help="ort: plan on ONNX Runtime's fused graph (timed against the fused dense model), distill, and "
                    "write the student fused again; only FFN layers are split, so every fusion is kept.")
