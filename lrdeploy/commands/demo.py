@@ -40,6 +40,7 @@ class DemoSettings:
     bench_batches: tuple[int, ...] = (1, 8, 32)
     bench_seq: int = 128
     bench_iterations: int = 15
+    plan: str = "auto"  # the build's --plan (auto: the unified plan)
 
 
 @dataclass
@@ -91,7 +92,7 @@ def run_demo(settings: DemoSettings, progress: Progress = SILENT) -> DemoResult:
     model, calib, evaluation = prepare_assets(settings, timer)
     config = BuildConfig(model=model, rank_budget=settings.rank_budget, calib=str(calib), eval=evaluation,
                          output_dir=out, bench_batches=settings.bench_batches, bench_seq=settings.bench_seq,
-                         bench_iterations=settings.bench_iterations)
+                         bench_iterations=settings.bench_iterations, plan=settings.plan)
     prepared = prepare_build(config, progress, tuple(settings.budgets) + (settings.rank_budget,), timer.timings)
     main = realize_build(prepared, settings.rank_budget, out, progress, bench=True)
     with output_set(out) as stage:
