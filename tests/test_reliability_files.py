@@ -234,6 +234,24 @@ def _duplicate_node_names(d: Path) -> None:
     onnx.save(model, d / "dup.onnx")
 
 
+def _bad_loop_body(d: Path) -> None:
+    """A Loop whose body returns fewer outputs than the Loop carries: onnx's checker passes it, ONNX Runtime not."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = models.matmul_add()
+    body = helper.make_graph([helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body/Identity")], "body",
+                             [helper.make_tensor_value_info("iter", TensorProto.INT64, []),
+                              helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+                              helper.make_tensor_value_info("carried", TensorProto.FLOAT, None)],
+                             [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, [])])
+    model.graph.initializer.extend([numpy_helper.from_array(np.array(2, np.int64), "trip"),
+                                    numpy_helper.from_array(np.array(True), "cond")])
+    model.graph.node.append(helper.make_node("Loop", ["trip", "cond", model.graph.output[0].name], ["looped"],
+                                             body=body, name="loop"))
+    model.graph.output[0].name = "looped"
+    onnx.save(model, d / "loop.onnx")
+
+
 TRACEBACKS = [  # (case, setup, arguments, message): each was a traceback before
     ("14 a profile without the model's shapes", None, ["build", "{d}/m.onnx", "--calib", "{d}/calib.npz",
      "--target-latency", "0.6", "--profile", "h200-fp16", "--rank-multiple", "16"],
@@ -245,6 +263,9 @@ TRACEBACKS = [  # (case, setup, arguments, message): each was a traceback before
      r"model input 'scale' is a scalar \(rank 0\)"),
     ("16 ONNX Runtime refuses the model", _duplicate_node_names, ["build", "{d}/dup.onnx", "--calib", "{d}/calib.npz"],
      r"ONNX Runtime cannot load the model: This is an invalid model. Error: two nodes with same node name"),
+    ("16 a bad Loop body", _bad_loop_body, ["build", "{d}/loop.onnx", "--calib", "random", "--shape", "x:4x64",
+                                            "--plan", "lowrank"],
+     r"ONNX Runtime cannot load the model: .*Node \(loop\) Op \(Loop\) \[TypeInferenceError\]"),
     ("19 profile --tokens 200000000", None, ["profile", "--tokens", "200000000", "-o", "{d}/p.json"],
      r"timing 200000000 tokens of width 768 needs [\d.]+ GiB for the inputs alone, .*; lower --tokens"),
 ]

@@ -57,7 +57,7 @@ def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: l
 
     providers = providers or [PROVIDERS["cpu"]]
     options = session_options(threads)
-    with _refusals_named():
+    with refusals_named():
         if isinstance(model, (str, Path)):
             return ort.InferenceSession(str(model), options, providers=providers)
         if serialized_size(model) < PROTOBUF_LIMIT_BYTES:
@@ -72,7 +72,7 @@ def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: l
 
 
 @contextmanager
-def _refusals_named() -> Iterator[None]:
+def refusals_named() -> Iterator[None]:
     """A model ONNX Runtime will not load (one onnx's checker passed: duplicate node names, a broken Loop body) is
     one line naming ONNX Runtime's complaint, not its C++ traceback."""
     from onnxruntime.capi import onnxruntime_pybind11_state as state

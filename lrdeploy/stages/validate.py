@@ -14,6 +14,7 @@ from typing import Iterable
 import numpy as np
 
 from lrdeploy.report.model import AccuracyReport, OutputAccuracy
+from lrdeploy.runtime.onnxruntime import refusals_named
 
 
 def per_sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -76,7 +77,7 @@ def compare_models(
         OnnxrtRunner(SessionFromOnnx(str(compressed)), name="compressed"),
     ]
     G_LOGGER.colors = False  # avoids Polygraphy's notice about the optional 'colored' package
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL):  # our own table reports the outcome
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL), refusals_named():  # our own table reports the outcome
         results = Comparator.run(runners, data_loader=feeds)
         passed = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)))
     (_, reference), (_, candidate) = results[0], results[1]
