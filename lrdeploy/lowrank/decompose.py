@@ -126,6 +126,33 @@ def _damped_cholesky(covariance: np.ndarray, damping: float) -> np.ndarray:
     raise InternalError("input covariance is not positive definite even with strong damping")
 
 
+OUTPUT_COVARIANCE_LIMIT_BYTES = 512 << 20  # a wider layer's output spectrum comes from the input side
+
+
+def _output_root(moments: Moments, w: np.ndarray) -> np.ndarray:
+    """M = Lᵀ·W [d_in, d_out] with L·Lᵀ = Cov[x]: the output covariance Wᵀ·Cov[x]·W is Mᵀ·M."""
+    eigenvalues, basis = np.linalg.eigh(moments.covariance)
+    return (basis * np.sqrt(np.clip(eigenvalues, 0.0, None))).T @ w
+
+
+def output_spectrum(moments: Moments, weight: np.ndarray) -> np.ndarray:
+    """The eigenvalues of a layer's output covariance, descending, from its input's d_in × d_in statistics (d_out
+    of them; past d_in they are 0): what the report plots, never a d_out × d_out matrix."""
+    w = np.asarray(weight, np.float64)
+    values = np.linalg.svd(_output_root(moments, w), compute_uv=False) ** 2
+    return np.pad(values, (0, w.shape[1] - len(values)))
+
+
+def _input_side_pca(weight: np.ndarray, w: np.ndarray, b: np.ndarray | None, moments: Moments) -> FeaturePca:
+    """Feature PCA of a layer much wider out than in (an LM head: 576 → 49152, whose output covariance would be
+    19 GB of float64) from d_in × d_in statistics only. With Cov[x] = L·Lᵀ the output covariance is Wᵀ·Cov[x]·W =
+    Mᵀ·M for M = Lᵀ·W [d_in, d_out], so its eigenvectors are M's right singular vectors and its eigenvalues
+    their squared singular values (at most d_in of them are non-zero): the same projector, in d_in·d_out memory."""
+    _, singular_values, right = np.linalg.svd(_output_root(moments, w), full_matrices=False)
+    output_mean = moments.mean @ w + (0.0 if b is None else b)
+    return FeaturePca(weight, b, output_mean, right.T.copy(), singular_values**2)
+
+
 def decompose(
     method: Method,
     weight: np.ndarray,
@@ -142,6 +169,8 @@ def decompose(
     if input_moments is None:
         raise InternalError(f"method {method!r} needs calibration statistics")
     if method == "pca":
+        if w.shape[1] > w.shape[0] and w.shape[1] ** 2 * 8 > OUTPUT_COVARIANCE_LIMIT_BYTES:
+            return _input_side_pca(np.asarray(weight), w, b, input_moments)
         out = input_moments.through_linear(w, b)
         eigvals, eigvecs = np.linalg.eigh(out.covariance)
         order = np.argsort(eigvals)[::-1]

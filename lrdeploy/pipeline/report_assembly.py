@@ -11,6 +11,7 @@ import onnx
 
 from lrdeploy import __version__
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, realized_ratio
+from lrdeploy.lowrank.decompose import output_spectrum
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.settings.build import BuildConfig
@@ -47,10 +48,9 @@ def spectra(eligible: list[LinearLayer], moments: dict[str, Moments] | None) -> 
     for name in chosen:
         layer = by_name[name]
         weight = np.asarray(layer.weight, np.float64)
-        features = moments[layer.input_name].through_linear(weight, layer.bias).covariance
         result[name] = {
             "weight": (np.linalg.svd(weight, compute_uv=False) ** 2).round(8).tolist(),
-            "feature": np.clip(np.sort(np.linalg.eigvalsh(features))[::-1], 0, None).round(8).tolist(),
+            "feature": output_spectrum(moments[layer.input_name], weight).round(8).tolist(),
         }
     return result
 

@@ -76,3 +76,34 @@ def test_svd_needs_no_statistics_but_pca_does():
 def test_rank_out_of_range_is_a_bug():
     with pytest.raises(InternalError, match="rank 9 outside"):
         decompose("svd", np.eye(8), None).factors(9)
+
+
+def test_a_wide_layer_is_decomposed_from_its_input_side(monkeypatch):
+    """A layer much wider out than in (an LM head) gets feature PCA from d_in × d_in statistics: the same factors
+    as the d_out × d_out eigenproblem, without forming it (19 GB of float64 for a 49152-word head)."""
+    import lrdeploy.lowrank.decompose as decompose_module
+
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((3000, 24)) @ rng.standard_normal((24, 24)) + rng.standard_normal(24)
+    weight, bias = rng.standard_normal((24, 300)), rng.standard_normal(300)
+    moments = Moments(3000.0, x.sum(0), x.T @ x)
+    direct = decompose_module.decompose("pca", weight, bias, moments)
+    monkeypatch.setattr(decompose_module, "OUTPUT_COVARIANCE_LIMIT_BYTES", 0)  # 300² × 8 bytes is over it now
+    input_side = decompose_module.decompose("pca", weight, bias, moments)
+    assert input_side.eigenvectors.shape == (300, 24) and direct.eigenvectors.shape == (300, 300)
+    np.testing.assert_allclose(input_side.energies, direct.energies[:24], rtol=1e-8, atol=1e-8 * direct.energies[0])
+    for rank in (4, 12, 23):
+        a, b = input_side.factors(rank), direct.factors(rank)
+        np.testing.assert_allclose(a.dense_weight(), b.dense_weight(), atol=1e-8)
+        np.testing.assert_allclose(a.bias, b.bias, atol=1e-8)
+
+
+def test_the_output_spectrum_comes_from_the_input_side():
+    from lrdeploy.lowrank.decompose import output_spectrum
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((2000, 16)) @ rng.standard_normal((16, 16))
+    weight = rng.standard_normal((16, 40))
+    moments = Moments(2000.0, x.sum(0), x.T @ x)
+    direct = np.sort(np.linalg.eigvalsh(moments.through_linear(weight, None).covariance))[::-1]
+    np.testing.assert_allclose(output_spectrum(moments, weight), np.clip(direct, 0, None), atol=1e-8 * direct[0])
