@@ -109,6 +109,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
             inspection = inspect_fused(inspection, config.rank_multiple, config.num_heads, config.hidden_size)
             eligible = inspection.require_eligible()
             feeds = Feeds(model_input_specs(inspection.model.proto), config.batch_size, feeds.mask_name)
+        say_what_was_fused(fused_op_counts(inspection.model.proto), progress)
     if config.merges_qkv:
         with timer.stage("merge qkv"):
             inspection = inspect_merged_qkv(inspection, config.rank_multiple)
@@ -153,6 +154,17 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     return PreparedBuild(config=config, inspection=inspection, eligible=eligible, feeds=feeds, samples=samples,
                          decompositions=decompositions, spectra=layer_spectra, timings=timer.timings,
                          sensitivity=sensitivity, structured=structured, shape_options=options)
+
+
+def say_what_was_fused(fused: dict[str, int], progress: Progress) -> None:
+    """`--optimize ort` tells what ONNX Runtime's optimizer fused, and warns when it fused no Attention: the build
+    then compresses unfused attention, and the dense baseline a user ships is no faster for the optimizer."""
+    progress.note("  ONNX Runtime fused: " + (", ".join(f"{count} {op}" for op, count in fused.items()) or "nothing"))
+    if not fused.get("Attention"):
+        progress.warn("ONNX Runtime's transformer optimizer fused no Attention in this model: its matcher knows the "
+                      "BERT-style attention of Optimum's and torch's legacy exports (separate Q, K, V MatMuls, "
+                      "softmax, context MatMul), not fused SDPA nor rotary or grouped-query attention; the build "
+                      "compresses the attention as it is")
 
 
 @dataclass(kw_only=True)

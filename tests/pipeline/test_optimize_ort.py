@@ -20,6 +20,7 @@ from lrdeploy.passes.factorize import factorized_model  # noqa: E402
 from lrdeploy.passes.inject_error import error_injected_model  # noqa: E402
 from lrdeploy.passes.linear_layers import find_linear_layers  # noqa: E402
 from lrdeploy.passes.ort_fusion import attention_geometry, fuse_for_onnxruntime, fused_op_counts  # noqa: E402
+from tests import models  # noqa: E402
 from tests.conftest import run_model  # noqa: E402
 from tests.factories import tiny_bert_dir  # noqa: E402
 
@@ -271,3 +272,20 @@ def test_blocks_with_different_head_counts_fuse_with_their_own(fused):
     assert [onnx.helper.get_attribute_value(next(a for a in n.attribute if a.name == "num_heads")) for n in attention] == [2, 4]
     feed = _inputs(6, seed=3)
     np.testing.assert_allclose(run_model(fused_mixed, feed)[0], run_model(mixed, feed)[0], atol=1e-5)
+
+
+def test_optimize_ort_says_what_it_fused_and_warns_when_no_attention_was(exported, tmp_path):
+    """Issue 26: torch 2.x SDPA exports and hand-written graphs get no Attention fusion, and nothing said so."""
+    fused = CliRunner().invoke(main, ["build", str(exported / "bert.onnx"), "--calib", str(exported / "calib.npz"),
+                                      "--optimize", "ort", "--plan", "lowrank", "-o", str(tmp_path / "bert")])
+    assert fused.exit_code == 0, fused.output
+    said = " ".join(fused.output.split())
+    assert "ONNX Runtime fused: 2 Attention, 2 BiasGelu, 1 EmbedLayerNormalization, 4 SkipLayerNormalization" in said
+    assert "fused no Attention" not in said
+    onnx.save(models.transformer(), tmp_path / "tiny.onnx")
+    np.savez(tmp_path / "tiny.npz", **models.transformer_inputs(96))
+    unfused = CliRunner().invoke(main, ["build", str(tmp_path / "tiny.onnx"), "--calib", str(tmp_path / "tiny.npz"),
+                                        "--optimize", "ort", "--plan", "lowrank", "--rank-multiple", "8",
+                                        "-o", str(tmp_path / "tiny")])
+    assert unfused.exit_code == 0, unfused.output
+    assert "ONNX Runtime's transformer optimizer fused no Attention in this model" in " ".join(unfused.output.split())
