@@ -255,10 +255,7 @@ def publish(stage: Path, directory: Path) -> None:
     created: list[Path] = []
     try:
         for index, (source, target) in enumerate(moves):
-            for parent in reversed(target.relative_to(directory).parents[:-1]):
-                if not (directory / parent).exists():
-                    (directory / parent).mkdir()
-                    created.append(directory / parent)
+            created += _make_folders(target.parent)
             kept = None
             if target.exists():
                 kept = backup / str(index)
@@ -274,9 +271,7 @@ def publish(stage: Path, directory: Path) -> None:
                 os.replace(kept, target)
             else:
                 target.unlink(missing_ok=True)
-        for folder in reversed(created):
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+        _remove_empty(created)
         raise
     finally:
         shutil.rmtree(backup, ignore_errors=True)
