@@ -180,19 +180,6 @@ def output_lock(directory: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def removed_on_failure(paths: list[Path]) -> Iterator[None]:
-    """Files a run writes outside an output set (distill's exported teacher and text): those of them that did not
-    exist before are removed if the run fails, so a failed run leaves nothing of its own behind."""
-    new = [Path(path) for path in paths if not Path(path).exists()]
-    try:
-        yield
-    except BaseException:
-        for path in new:
-            path.unlink(missing_ok=True)
-        raise
-
-
-@contextlib.contextmanager
 def output_set(directory: Path) -> Iterator[Path]:
     """Stage a run's outputs and publish them together, or not at all:
 

@@ -28,6 +28,7 @@ to pick the checkpoint: a separate check split of the training pool does that.
 from __future__ import annotations
 
 import copy
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ import onnx
 
 from lrdeploy.calib.data import Feeds, InputSpec, SampleSet
 from lrdeploy.errors import ModelLoadError
-from lrdeploy.files import atomic_path, check_output_dir, output_lock, removed_on_failure
+from lrdeploy.files import atomic_path, check_output_dir, output_lock, publish
 from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.progress import SILENT, Progress, StageTimer
@@ -142,27 +143,33 @@ class Distiller:
 def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> BuildResult | SweepReport:
     """Check every option, export, split text, prepare the ONNX build, then distill at `rank_budget` (a
     BuildResult) or search the smallest budget meeting `target_cosine` (a SweepReport). The exported teacher and
-    the tokenized text this run writes into the output folder are removed again if the run fails."""
+    the tokenized text are staged like the outputs: they appear in the output folder only if the run succeeds."""
     settings.check()
     out = check_output_dir(settings.output_dir)
-    model_path = out / f"{Path(settings.hf_dir).name or 'model'}.onnx"
-    calib_path, eval_path = out / "calib.npz", out / "eval.npz"
-    config = build_config(settings, model_path, calib_path, eval_path)
-    config.check()  # every option, before anything is exported or written
+    build_config(settings, out, out).check()  # every option, before anything is exported or written
     if not (Path(settings.hf_dir) / "config.json").is_file():
         raise ModelLoadError(f"{settings.hf_dir} is not a Hugging Face model folder (no config.json); pass the folder "
                              "save_pretrained wrote")
-    with output_lock(out), removed_on_failure([model_path, calib_path, eval_path]):
-        return _distill(settings, config, progress)
+    with output_lock(out):
+        work = Path(tempfile.mkdtemp(dir=out, prefix=".lrdeploy-distill-"))
+        try:
+            result = _distill(settings, build_config(settings, work, out), progress)
+            publish(work, out)  # the teacher export and its text join the outputs, all or nothing
+            return result
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
 
-def build_config(settings: DistillSettings, model_path: Path, calib_path: Path, eval_path: Path) -> BuildConfig:
-    """The build a distillation starts from: the exported teacher, its tokenized text, the distill options."""
-    return BuildConfig(model=model_path, rank_budget=settings.rank_budget, calib=str(calib_path), eval=eval_path,
-                       method=settings.method, allocation=settings.allocation, rank_multiple=settings.rank_multiple,
-                       output_dir=model_path.parent, refit=settings.refit, seed=settings.training.seed,
-                       ffn_keep=settings.ffn_keep, heads_keep=settings.heads_keep, values_keep=settings.values_keep,
-                       plan=settings.plan, target_latency=settings.target_latency, tokens=settings.tokens,
+def build_config(settings: DistillSettings, work: Path, out: Path) -> BuildConfig:
+    """The build a distillation starts from: the teacher exported into `work` (a staging folder inside the output
+    folder `out`, published beside the outputs when the run succeeds), its tokenized text, the distill options."""
+    name = f"{Path(settings.hf_dir).name or 'model'}.onnx"
+    return BuildConfig(model=work / name, reported_model=out / name, rank_budget=settings.rank_budget,
+                       calib=str(work / "calib.npz"), eval=work / "eval.npz", method=settings.method,
+                       allocation=settings.allocation, rank_multiple=settings.rank_multiple, output_dir=out,
+                       refit=settings.refit, seed=settings.training.seed, ffn_keep=settings.ffn_keep,
+                       heads_keep=settings.heads_keep, values_keep=settings.values_keep, plan=settings.plan,
+                       target_latency=settings.target_latency, tokens=settings.tokens,
                        check_tokens=settings.check_tokens, profile=settings.profile, optimize=settings.optimize,
                        splits="ffn" if settings.optimize == "ort" else "any")
 

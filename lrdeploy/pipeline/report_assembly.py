@@ -151,7 +151,7 @@ def assemble_report(prepared: PreparedInputs, outcome: BuildOutcome) -> BuildRep
     model_params = inspection.model_params
     return BuildReport(
         lrdeploy_version=__version__,
-        input_model=str(config.model),
+        input_model=str(config.reported_model or config.model),
         output_model=outcome.output_model,
         external_data=outcome.external_data,
         config=BuildConfigRecord(rank_budget=outcome.budget, method=config.method, allocation=config.allocation,

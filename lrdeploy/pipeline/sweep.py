@@ -201,7 +201,7 @@ def _sweep(config: BuildConfig, settings: SweepSettings, progress: Progress, fin
             low = max(0.05, minimum_ratio(prepared.shapes, config.rank_multiple))
             chosen = bisect_budget(sweep, settings.metric, settings.target, round(low + 1e-4, 4))
             sweep.keep_only(chosen)
-        report = SweepReport(str(config.model), sweep.output, settings.metric, settings.target, chosen,
+        report = SweepReport(str(config.reported_model or config.model), sweep.output, settings.metric, settings.target, chosen,
                              sorted(sweep.points.values(), key=lambda p: -p.budget))
         main = sweep.results[chosen] if chosen is not None else sweep.results[
             min(sweep.results, key=lambda b: abs(b - config.rank_budget))]

@@ -42,6 +42,7 @@ class BuildConfig:
     """Everything one `lrdeploy build` needs. `calib` is a file path or the string "random"."""
 
     model: Path
+    reported_model: Path | None = None  # what reports name as the input, when `model` is a staged copy of it
     rank_budget: float = 0.5
     calib: str = "random"
     calib_samples: int | None = None

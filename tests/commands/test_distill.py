@@ -159,3 +159,23 @@ def test_distill_from_narrower_value_heads(bert_dir, tmp_path):
     dims = sorted(tuple(i.dims) for i in exported.graph.initializer if len(i.dims) == 2 and 32 in i.dims)
     assert dims == [(32, 64), (32, 64), (64, 32), (64, 32)]  # V [64, 4×8] and O [4×8, 64] in both blocks
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5
+
+
+def test_a_failed_distill_leaves_nothing_and_keeps_the_users_files(bert_dir, tmp_path, monkeypatch):
+    """Issue 24, 10: the exported teacher and the tokenized text are staged like the outputs; a run that fails
+    after writing them leaves neither, and a calib.npz of the user's in -o stays as it was."""
+    import lrdeploy.commands.distill as distill_module
+    from tests.conftest import snapshot
+
+    def fails(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(distill_module, "prepare_build", fails)  # after export and tokenisation
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "calib.npz").write_bytes(b"the user's own file")
+    before = snapshot(out)
+    result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--steps", "2", "--train-text", "pydoc",
+                                       "-o", str(out)])
+    assert result.exit_code == 130, result.output
+    assert snapshot(out) == before
