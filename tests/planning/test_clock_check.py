@@ -23,9 +23,32 @@ def _build(tmp_path, *options, model=None, calib=96):
                                      str(tmp_path / "e.npz"), *options, "-o", str(tmp_path / "o"), "--json"])
 
 
+def _scripted_costs(monkeypatch):
+    """The options' savings, scripted too: every structured variant and lone GEMM gets a fixed time, so the plans
+    (and so the loop) do not depend on how busy the machine is (under load the measured savings once left the
+    corrected target out of reach, and the loop stopped after one plan)."""
+    from lrdeploy.bench import timer
+    from lrdeploy.bench.layer_latency import ShapeTiming
+    from lrdeploy.planning import options
+
+    cost = {"ffn": 9.8, "heads": 9.85, "drop": 9.0, "lowrank": 9.9}  # ms against a 10 ms dense model
+
+    def time_variants(model, variants, config, progress):
+        return {"dense": 10.0, **{name: cost[name.split(":")[0]] for name in variants}}
+
+    def time_shapes(needed, tokens, device, threads):
+        return {(d_in, d_out): ShapeTiming(d_in, d_out, tokens, 0.1, {r: 0.05 + 0.05 * r / min(d_in, d_out)
+                                                                      for r in ranks})
+                for (d_in, d_out), ranks in needed.items()}
+
+    monkeypatch.setattr(options, "time_variants", time_variants)
+    monkeypatch.setattr(timer, "time_shapes", time_shapes)
+
+
 def _scripted_clock(monkeypatch, measure):
     """Replace the timing of planned models by `measure(predicted ratio of the plan being timed)`: the ratio at
-    --tokens, or a dict {tokens: ratio}."""
+    --tokens, or a dict {tokens: ratio}; and the options' costs by fixed ones (`_scripted_costs`)."""
+    _scripted_costs(monkeypatch)
     seen = []
     real_plan_shapes = clock_check.plan_shapes
 
