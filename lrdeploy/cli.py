@@ -549,6 +549,39 @@ def export(hf_dir, factory, pooling, normalize, output_path, tolerance) -> None:
 
 
 @main.command()
+@click.option("--tokenizer", "tokenizer_dir", required=True,
+              type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="The model's Hugging Face folder (its tokenizer files).")
+@click.option("--text", "texts", multiple=True, type=FILE, help="A UTF-8 text file: one document (repeatable).")
+@click.option("--pydoc", is_flag=True, help="Also Python's own pydoc topics (the default when no --text is given).")
+@click.option("--tokens", default=128, show_default=True, type=click.IntRange(min=2), help="Tokens per window.")
+@click.option("--calib-windows", default=512, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval-windows", default=256, show_default=True, type=click.IntRange(min=1))
+@click.option("--seed", default=0, show_default=True, type=int, help="Which documents are held out.")
+@click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Where calib.npz and eval.npz go.")
+@user_errors
+def data(tokenizer_dir, texts, pydoc, tokens, calib_windows, eval_windows, seed, output_dir) -> None:
+    """Turn text into calibration and held-out evaluation inputs for a language model: windows of --tokens
+    tokens (input_ids, attention_mask), the held-out windows from documents calibration never sees."""
+    import numpy as np
+
+    from lrdeploy.calib.windows import text_documents, text_windows
+    from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
+
+    outputs = [output_dir / "calib.npz", output_dir / "eval.npz"]
+    check_output_dir(output_dir)
+    refuse_overwriting_inputs(outputs, list(texts))
+    documents = text_documents(list(texts), pydoc or not texts)
+    calibration, evaluation = text_windows(documents, tokenizer_dir, tokens, calib_windows, eval_windows, seed)
+    with output_set(output_dir) as stage:
+        for name, arrays in (("calib.npz", calibration), ("eval.npz", evaluation)):
+            np.savez(stage / name, **arrays)
+    click.echo(f"{len(calibration['input_ids'])} calibration and {len(evaluation['input_ids'])} held-out windows "
+               f"of {tokens} tokens from {len(documents)} documents: {outputs[0]}, {outputs[1]}")
+
+
+@main.command()
 @click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path), default=Path("lrdeploy-demo"),
               show_default=True)
 @click.option("--rank-budget", default=0.5, show_default=True, type=float)
