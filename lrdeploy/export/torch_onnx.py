@@ -66,6 +66,12 @@ def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = 
                           "check its config.json and that its weights (model.safetensors or pytorch_model.bin) are "
                           "complete") from None
 
+    if getattr(encoder, "main_input_name", "input_ids") != "input_ids":
+        raise ExportError(f"{model_dir} holds a {type(encoder).__name__}, which reads {encoder.main_input_name!r}, not "
+                          "token ids: `export --hf` exports text encoders so far; export it with Hugging Face Optimum "
+                          "(optimum-cli export onnx --model DIR OUT) and build that ONNX file")
+    vocabulary = int(getattr(encoder.config, "vocab_size", 0) or 0)
+
     class SentenceEmbedder(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -83,7 +89,8 @@ def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = 
             return torch.nn.functional.normalize(pooled, p=2, dim=-1) if normalize else pooled
 
     generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(1000, 2000, (2, seq_len), generator=generator)
+    high = min(2000, vocabulary) if vocabulary else 2000  # ids every vocabulary has (small test models too)
+    ids = torch.randint(min(1000, high // 2), high, (2, seq_len), generator=generator)
     mask = torch.ones((2, seq_len), dtype=torch.int64)
     mask[1, seq_len // 2:] = 0  # one padded sample, so pooling is checked with a real mask
     return SentenceEmbedder().eval(), {"input_ids": ids, "attention_mask": mask}

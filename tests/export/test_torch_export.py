@@ -103,3 +103,24 @@ def test_broken_hf_folder_is_one_error_line(bert_dir, tmp_path, damage, cause):
     assert line.endswith("check its config.json and that its weights (model.safetensors or pytorch_model.bin) are "
                          "complete")
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_export_hf_of_a_small_vocabulary_and_of_a_vision_model(tmp_path):
+    """Issue 26: example token ids were drawn from 1000–2000 (IndexError under 2000 words); a vision folder ended
+    in an AttributeError. A 100-word BERT exports; a ViT is one Error line naming what to use instead."""
+    import torch
+    from click.testing import CliRunner
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    from lrdeploy.cli import main
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=32)).save_pretrained(str(tmp_path / "bert"))
+    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                       image_size=32, patch_size=16)).save_pretrained(str(tmp_path / "vit"))
+    small = CliRunner().invoke(main, ["export", "--hf", str(tmp_path / "bert"), "-o", str(tmp_path / "bert.onnx")])
+    assert small.exit_code == 0, small.output
+    vision = CliRunner().invoke(main, ["export", "--hf", str(tmp_path / "vit"), "-o", str(tmp_path / "vit.onnx")])
+    assert vision.exit_code == 1 and not (tmp_path / "vit.onnx").exists()
+    assert vision.stderr.startswith("Error: ") and "holds a ViTModel, which reads 'pixel_values'" in vision.stderr
