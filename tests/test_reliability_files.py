@@ -514,3 +514,35 @@ def test_a_shared_weight_stays_dense_and_the_model_never_grows(tmp_path, make, f
     for layer in layers:
         if layer["name"] in shared:
             assert "weight is shared with" in layer["reason"] and "tied or reused" in layer["reason"], layer
+
+
+def _with_classifier(width: int = 96) -> onnx.ModelProto:
+    """The pooled encoder with a classifier on its pooled vector: `embedding` [batch, 64] ─MatMul─► logits, one row
+    per sample."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = models.pooled_encoder()
+    weight = (np.random.default_rng(7).standard_normal((64, width)) / 8).astype(np.float32)
+    model.graph.initializer.append(numpy_helper.from_array(weight, "cls.weight"))
+    model.graph.node.append(helper.make_node("MatMul", ["embedding", "cls.weight"], ["logits"], name="classifier"))
+    del model.graph.output[:]
+    model.graph.output.append(helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", width]))
+    return model
+
+
+def test_a_classifier_with_fewer_samples_than_its_width_stays_dense(tmp_path):
+    """Issue 26: with fewer calibration samples than a classifier's (or pooler's) width the whole build stopped
+    ("calibration counted 52 real positions ..."); now that layer alone stays dense, with the reason."""
+    import json
+
+    onnx.save(_with_classifier(), tmp_path / "cls.onnx")
+    np.savez(tmp_path / "c.npz", **models.transformer_inputs(40))  # 40 pooled rows, 64 wide; ~400 token rows
+    result = _run("build", tmp_path / "cls.onnx", "--calib", tmp_path / "c.npz", "--eval", tmp_path / "c.npz",
+                  "--plan", "lowrank", "--rank-budget", "0.5", "-o", tmp_path / "o", "--json")
+    assert result.exit_code == 0, result.output
+    layers = {layer["name"]: layer for layer in json.loads(result.stdout)["layers"]}
+    assert layers["up"]["status"] == "factorized" and layers["down"]["status"] == "factorized"
+    assert layers["classifier"]["status"] != "factorized"
+    assert "kept dense: calibration counted 40 positions of its input, fewer than its width 64" in \
+        layers["classifier"]["reason"]
+    assert "classifier: kept dense" in " ".join(result.stderr.split())

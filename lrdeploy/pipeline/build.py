@@ -24,6 +24,8 @@ import onnx
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs, require_batch_axes
 from lrdeploy.calib.stats import TensorRequest
+from lrdeploy.errors import CalibrationDataError
+from lrdeploy.lowrank.moments import Moments
 from lrdeploy.files import check_name_length, check_output_dir, output_lock, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose, planned_factors
@@ -34,7 +36,7 @@ from lrdeploy.passes.ort_fusion import fused_op_counts
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.bench.run import BenchConfig, run_bench
 from lrdeploy.calib.cache import StatisticsCache
-from lrdeploy.stages.calibrate import calibrate
+from lrdeploy.stages.calibrate import calibrate, thin_tensors, too_few_positions
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection, inspect_fused, inspect_merged_qkv, inspect_model
 from lrdeploy.planning.latency_aware import LatencyPlan, plan_for_latency
@@ -135,6 +137,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
                                         progress)
         if cached:
             progress.note("  (statistics from cache)")
+        eligible = keep_thin_layers_dense(eligible, moments, feeds.mask_name, progress)
     with timer.stage("decompose"):
         decompositions = {layer.name: decompose(config.method, layer.weight, layer.bias,
                                                 None if moments is None else moments[layer.input_name])
@@ -154,6 +157,31 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     return PreparedBuild(config=config, inspection=inspection, eligible=eligible, feeds=feeds, samples=samples,
                          decompositions=decompositions, spectra=layer_spectra, timings=timer.timings,
                          sensitivity=sensitivity, structured=structured, shape_options=options)
+
+
+def keep_thin_layers_dense(eligible: list[LinearLayer], moments: dict[str, Moments], mask_name: str | None,
+                           progress: Progress) -> list[LinearLayer]:
+    """The eligible layers whose input was calibrated over enough positions; the others (a classifier or pooler
+    reading one row per sample, with fewer samples than its width) stay dense with the reason, instead of stopping
+    the build. The structured cuts' own statistics must be trustworthy: too few positions there is an error."""
+    thin = thin_tensors(moments)
+    needed = thin - {layer.input_name for layer in eligible}
+    if needed:
+        name = sorted(needed)[0]
+        raise CalibrationDataError(too_few_positions(name, moments[name], mask_name))
+    kept = [layer for layer in eligible if layer.input_name not in thin]
+    if thin and not kept:
+        name = sorted(thin)[0]
+        raise CalibrationDataError(too_few_positions(name, moments[name], mask_name))
+    for layer in eligible:
+        if layer.input_name in thin:
+            m = moments[layer.input_name]
+            layer.eligible = False
+            layer.reason = (f"kept dense: calibration counted {m.count:.0f} positions of its input, fewer than its "
+                            f"width {m.dim} (one row per sample, as a pooler or classifier reads); give at least "
+                            f"{m.dim} samples to compress it")
+            progress.warn(f"{layer.name}: {layer.reason}")
+    return kept
 
 
 def say_what_was_fused(fused: dict[str, int], progress: Progress) -> None:

@@ -16,22 +16,30 @@ from lrdeploy.calib.cache import StatisticsCache
 from lrdeploy.progress import SILENT, Progress
 
 
-def check_moments(moments: dict[str, Moments], mask_name: str | None = None) -> None:
-    """Statistics a decomposition can trust: finite, and over at least as many positions as the tensor is wide
-    (fewer leave its covariance rank-deficient; none means the data had no real token at all)."""
+def check_moments(moments: dict[str, Moments]) -> None:
+    """Statistics a decomposition can trust are finite (NaN or overflow mean the inputs drive the model out of
+    float32's range)."""
     for name, m in moments.items():
         if not (np.isfinite(m.total).all() and np.isfinite(m.gram).all()):
             raise CalibrationDataError(
                 f"the statistics of {name!r} are not finite (NaN or overflow): the calibration inputs drive the model "
                 "outside float32's range; check them for huge values (e.g. 1e30)"
             )
-        if m.count < m.dim:
-            mask = f"; positions where {mask_name!r} is 0 do not count" if mask_name else ""
-            raise CalibrationDataError(
-                f"calibration counted {m.count:.0f} positions of {name!r}, fewer than its width {m.dim}, so its "
-                f"statistics cannot be trusted{mask}; give a calibration file with more samples (at least "
-                f"{m.dim} positions must reach this tensor)"
-            )
+
+
+def too_few_positions(name: str, m: Moments, mask_name: str | None) -> str:
+    """Why `name`'s statistics cannot be trusted: fewer positions than it is wide (its covariance is then
+    rank-deficient; none means the data had no real token at all)."""
+    mask = f"; positions where {mask_name!r} is 0 do not count" if mask_name else ""
+    return (f"calibration counted {m.count:.0f} positions of {name!r}, fewer than its width {m.dim}, so its "
+            f"statistics cannot be trusted{mask}; give a calibration file with more samples (at least {m.dim} "
+            "positions must reach this tensor)")
+
+
+def thin_tensors(moments: dict[str, Moments]) -> set[str]:
+    """The tensors calibrated over fewer positions than they are wide (a pooler or classifier reads one row per
+    sample: a BERT-base classifier needs 768 samples)."""
+    return {name for name, m in moments.items() if m.count < m.dim}
 
 
 def calibrate(model: LoadedModel, requests: list[TensorRequest], samples: SampleSet, feeds: Feeds,
@@ -42,7 +50,7 @@ def calibrate(model: LoadedModel, requests: list[TensorRequest], samples: Sample
         on_batch = progress.steps("calibrating", count_passes(requests) * math.ceil(samples.count / feeds.batch_size))
         moments = collect_moments(model.proto, requests, lambda: feeds.batches(samples), feeds.mask_name,
                                   threads=threads, on_batch=on_batch)
-        check_moments(moments, feeds.mask_name)  # before anything is cached
+        check_moments(moments)  # before anything is cached
         return moments
 
     return cache.moments(samples, feeds.mask_name, [r.name for r in requests], collect)
