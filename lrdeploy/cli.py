@@ -262,7 +262,8 @@ def build_options(command):
         click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Where to write NAME.lowrank.onnx and the reports (default: beside the input)."),
         click.option("--batch-size", default=d.batch_size, show_default=True, type=click.IntRange(min=1)),
-        click.option("--mask-input", help="Attention-mask input whose zeros mark padding (default: by name)."),
+        click.option("--mask-input", help="Attention-mask input whose zeros mark padding (default: by name; 'none': "
+                                          "count every position)."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Calibration statistics cache (default: ~/.cache/lrdeploy)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache."),

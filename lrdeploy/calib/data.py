@@ -235,7 +235,11 @@ def check_index_ranges(samples: SampleSet, limits: Mapping[str, int], label: str
 
 
 def detect_mask_input(specs: Sequence[InputSpec], override: str | None = None) -> str | None:
-    """The attention-mask input (by name, e.g. `attention_mask`), or the user's override; None if absent."""
+    """The attention-mask input (by name, e.g. `attention_mask`), or the user's override; None if absent, or when
+    the override is "none" (statistics then count every position: for a mask that is not one row per token of the
+    tensors measured, such as a decoder's mask over past and new tokens)."""
+    if override == "none":
+        return None
     if override is not None:
         if override not in {s.name for s in specs}:
             raise CalibrationDataError(

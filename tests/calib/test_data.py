@@ -81,3 +81,12 @@ def test_batches_without_mask_keep_order_and_full_length():
     batches = list(iter_batches(SampleSet(arrays), SPECS, 4))
     assert [b["input_ids"].shape for b in batches] == [(4, 6), (4, 6), (2, 6)]
     np.testing.assert_array_equal(np.concatenate([b["input_ids"] for b in batches]), arrays["input_ids"])
+
+
+def test_mask_input_none_counts_every_position():
+    from lrdeploy.calib.data import InputSpec, detect_mask_input
+
+    specs = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "seq")),
+             InputSpec("attention_mask", np.dtype(np.int64), ("batch", "seq"))]
+    assert detect_mask_input(specs) == "attention_mask"
+    assert detect_mask_input(specs, "none") is None  # a decoder's mask over past and new tokens, say
