@@ -28,6 +28,7 @@ to pick the checkpoint: a separate check split of the training pool does that.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -160,18 +161,20 @@ def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> Build
             shutil.rmtree(work, ignore_errors=True)
 
 
+NOT_BUILD_SETTINGS = {"batch_size"}  # named like a build setting, but distill's own (the training batch)
+
+
 def build_config(settings: DistillSettings, work: Path, out: Path) -> BuildConfig:
     """The build a distillation starts from: the teacher exported into `work` (a staging folder inside the output
-    folder `out`, published beside the outputs when the run succeeds), its tokenized text, the distill options."""
+    folder `out`, published beside the outputs when the run succeeds), its tokenized text, and every distill
+    setting that is a build setting of the same name (budget, method, cuts, plan, latency target, ...)."""
     name = f"{Path(settings.hf_dir).name or 'model'}.onnx"
-    return BuildConfig(model=work / name, reported_model=out / name, rank_budget=settings.rank_budget,
-                       calib=str(work / "calib.npz"), eval=work / "eval.npz", method=settings.method,
-                       allocation=settings.allocation, rank_multiple=settings.rank_multiple, output_dir=out,
-                       refit=settings.refit, seed=settings.training.seed, ffn_keep=settings.ffn_keep,
-                       heads_keep=settings.heads_keep, values_keep=settings.values_keep, plan=settings.plan,
-                       target_latency=settings.target_latency, tokens=settings.tokens,
-                       check_tokens=settings.check_tokens, profile=settings.profile, optimize=settings.optimize,
-                       splits="ffn" if settings.optimize == "ort" else "any")
+    shared = ({f.name for f in dataclasses.fields(BuildConfig)} & {f.name for f in dataclasses.fields(settings)}
+              ) - NOT_BUILD_SETTINGS
+    return BuildConfig(**{key: getattr(settings, key) for key in shared} | {
+        "model": work / name, "reported_model": out / name, "calib": str(work / "calib.npz"),
+        "eval": work / "eval.npz", "output_dir": out, "seed": settings.training.seed,
+        "splits": "ffn" if settings.optimize == "ort" else "any"})
 
 
 def _distill(settings: DistillSettings, config: BuildConfig, progress: Progress) -> BuildResult | SweepReport:
