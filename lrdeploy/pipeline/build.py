@@ -17,15 +17,14 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from contextlib import contextmanager
+from typing import Iterator, Protocol
 
 import onnx
 
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs, require_batch_axes
 from lrdeploy.calib.stats import TensorRequest
-from lrdeploy.errors import CalibrationDataError
-from lrdeploy.lowrank.moments import Moments
 from lrdeploy.files import check_name_length, check_output_dir, output_lock, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose, planned_factors
@@ -36,7 +35,7 @@ from lrdeploy.passes.ort_fusion import fused_op_counts
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.bench.run import BenchConfig, run_bench
 from lrdeploy.calib.cache import StatisticsCache
-from lrdeploy.stages.calibrate import calibrate, thin_tensors, too_few_positions
+from lrdeploy.stages.calibrate import calibrate, keep_thin_layers_dense
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection, inspect_fused, inspect_merged_qkv, inspect_model
 from lrdeploy.planning.latency_aware import LatencyPlan, plan_for_latency
@@ -159,31 +158,6 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
                          sensitivity=sensitivity, structured=structured, shape_options=options)
 
 
-def keep_thin_layers_dense(eligible: list[LinearLayer], moments: dict[str, Moments], mask_name: str | None,
-                           progress: Progress) -> list[LinearLayer]:
-    """The eligible layers whose input was calibrated over enough positions; the others (a classifier or pooler
-    reading one row per sample, with fewer samples than its width) stay dense with the reason, instead of stopping
-    the build. The structured cuts' own statistics must be trustworthy: too few positions there is an error."""
-    thin = thin_tensors(moments)
-    needed = thin - {layer.input_name for layer in eligible}
-    if needed:
-        name = sorted(needed)[0]
-        raise CalibrationDataError(too_few_positions(name, moments[name], mask_name))
-    kept = [layer for layer in eligible if layer.input_name not in thin]
-    if thin and not kept:
-        name = sorted(thin)[0]
-        raise CalibrationDataError(too_few_positions(name, moments[name], mask_name))
-    for layer in eligible:
-        if layer.input_name in thin:
-            m = moments[layer.input_name]
-            layer.eligible = False
-            layer.reason = (f"kept dense: calibration counted {m.count:.0f} positions of its input, fewer than its "
-                            f"width {m.dim} (one row per sample, as a pooler or classifier reads); give at least "
-                            f"{m.dim} samples to compress it")
-            progress.warn(f"{layer.name}: {layer.reason}")
-    return kept
-
-
 def say_what_was_fused(fused: dict[str, int], progress: Progress) -> None:
     """`--optimize ort` tells what ONNX Runtime's optimizer fused, and warns when it fused no Attention: the build
     then compresses unfused attention, and the dense baseline a user ships is no faster for the optimizer."""
@@ -298,7 +272,15 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
 def build(config: BuildConfig, progress: Progress = SILENT) -> BuildResult:
     """Compress `config.model` under `config.rank_budget`; write the model and reports. The output folder is
     held from the first step (after the options are checked), so a busy one is refused before any work."""
+    with held_output_dir(config):
+        return realize_build(prepare_build(config, progress), config.rank_budget, config.resolved_output_dir, progress)
+
+
+@contextmanager
+def held_output_dir(config: BuildConfig) -> Iterator[None]:
+    """Check the options and the output folder, then hold the folder for the whole run (`build`, `sweep`): a busy
+    one is refused before any work."""
     config.check()
     check_output_dir(config.resolved_output_dir)
     with output_lock(config.resolved_output_dir):
-        return realize_build(prepare_build(config, progress), config.rank_budget, config.resolved_output_dir, progress)
+        yield

@@ -13,10 +13,11 @@ from pathlib import Path
 
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.errors import OptionError
-from lrdeploy.files import check_output_dir, output_lock, output_set
+from lrdeploy.files import output_set
 from lrdeploy.lowrank.allocate import minimum_ratio
 from lrdeploy.bench.run import BenchConfig, run_bench
-from lrdeploy.pipeline.build import BuildResult, Finetuner, PreparedBuild, prepare_build, realize_build
+from lrdeploy.pipeline.build import (BuildResult, Finetuner, PreparedBuild, held_output_dir, prepare_build,
+                                     realize_build)
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.progress import SILENT, Progress
 from lrdeploy.report.files import REPORT_FILES, write_reports, write_sweep
@@ -170,9 +171,7 @@ def run_sweep(config: BuildConfig, settings: SweepSettings, progress: Progress =
               finetune: Finetuner | None = None, timings: dict[str, float] | None = None) -> SweepReport:
     """Build every budget (or bisect toward `settings.target`), fine-tuning each if `finetune` is given; write
     sweep.json, sweep.md and report.html. `timings`: a caller's earlier stages, as for `prepare_build`."""
-    config.check()
-    check_output_dir(config.resolved_output_dir)
-    with output_lock(config.resolved_output_dir):  # held from the first step: a busy folder is refused at once
+    with held_output_dir(config):
         return _sweep(config, settings, progress, finetune, timings)
 
 

@@ -13,6 +13,7 @@ from lrdeploy.errors import CalibrationDataError
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import LoadedModel
 from lrdeploy.calib.cache import StatisticsCache
+from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.progress import SILENT, Progress
 
 
@@ -54,3 +55,28 @@ def calibrate(model: LoadedModel, requests: list[TensorRequest], samples: Sample
         return moments
 
     return cache.moments(samples, feeds.mask_name, [r.name for r in requests], collect)
+
+
+def keep_thin_layers_dense(eligible: list[LinearLayer], moments: dict[str, Moments], mask_name: str | None,
+                           progress: Progress) -> list[LinearLayer]:
+    """The eligible layers whose input was calibrated over enough positions; the others (a classifier or pooler
+    reading one row per sample, with fewer samples than its width) stay dense with the reason, instead of stopping
+    the build. The structured cuts' own statistics must be trustworthy: too few positions there is an error."""
+    thin = thin_tensors(moments)
+    needed = thin - {layer.input_name for layer in eligible}
+    if needed:
+        name = sorted(needed)[0]
+        raise CalibrationDataError(too_few_positions(name, moments[name], mask_name))
+    kept = [layer for layer in eligible if layer.input_name not in thin]
+    if thin and not kept:
+        name = sorted(thin)[0]
+        raise CalibrationDataError(too_few_positions(name, moments[name], mask_name))
+    for layer in eligible:
+        if layer.input_name in thin:
+            m = moments[layer.input_name]
+            layer.eligible = False
+            layer.reason = (f"kept dense: calibration counted {m.count:.0f} positions of its input, fewer than its "
+                            f"width {m.dim} (one row per sample, as a pooler or classifier reads); give at least "
+                            f"{m.dim} samples to compress it")
+            progress.warn(f"{layer.name}: {layer.reason}")
+    return kept
