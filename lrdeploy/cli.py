@@ -176,6 +176,13 @@ def _print_build_summary(console, result) -> None:
     console.print(f"Compressed model: {result.output_model}")
     console.print(f"Linear-layer parameters kept: {p.linear_ratio:.3f} ({p.linear_after:,} of {p.linear_before:,}); "
                   f"whole model: {p.model_ratio:.3f}")
+    if report.accuracy is not None and report.accuracy.language_model():
+        name, lm = report.accuracy.language_model()
+        table = Table(title=f"Next-token figures of {name!r} on {lm.positions:,} held-out positions")
+        for column in lm.HEADERS:
+            table.add_column(column, justify="right")
+        table.add_row(*lm.cells())
+        console.print(table)
     if report.accuracy is not None:
         table = Table(title=f"Accuracy on {report.accuracy.samples} held-out samples")
         for column in ("output", "cosine mean", "cosine p5", "rel. L2", "max abs"):
@@ -484,7 +491,8 @@ def _float_list(text: str) -> list[float]:
 @click.option("--budgets", default="0.9,0.7,0.5,0.3", show_default=True, help="Budgets to build, comma-separated.")
 @click.option("--target-cosine", type=float, help="Find the smallest budget whose mean cosine reaches this; keep that model.")
 @click.option("--target-metric", metavar="NAME=VALUE",
-              help="Like --target-cosine for another metric: cosine_mean, cosine_p5 or topk_agreement.")
+              help="Like --target-cosine for another metric: cosine_mean, cosine_p5, topk_agreement, or for a "
+              "causal LM's logits ppl_ratio (a ceiling, e.g. ppl_ratio=1.1), top1_agreement or kl (a ceiling).")
 @click.option("--output", "output_name", help="Model output the metrics are read from (default: the first).")
 @click.option("--bench-batch", default=32, show_default=True, type=click.IntRange(min=0),
               help="Batch size of the latency ratio per budget (0: no latency).")
@@ -500,6 +508,7 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
     from rich.table import Table
 
     from lrdeploy.pipeline.sweep import SweepSettings, parse_target, run_sweep
+    from lrdeploy.report.model import sweep_table, target_sign
 
     metric, target = parse_target(target_cosine, target_metric)
     config = _build_config(model, **options)
@@ -507,19 +516,21 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
                              bench_batch=bench_batch or None, bench_seq=seq, bench_iterations=bench_iterations)
     console = _console()
     report = run_sweep(config, settings, _progress(console))
+    headers, rows = sweep_table(report.points)
     table = Table(title=f"Sweep of {model} (output {report.output})")
-    for column in ("ρ", "linear kept", "cosine mean", "cosine p5", "top-k", "latency ratio", "model"):
+    for column in headers:
         table.add_column(column, justify="left" if column == "model" else "right", overflow="fold")
-    fmt = lambda v, d=4: "" if v is None else f"{v:.{d}f}"  # noqa: E731
-    for p in report.points:
-        table.add_row(f"{p.budget:.3f}", fmt(p.linear_ratio, 3), fmt(p.cosine_mean), fmt(p.cosine_p5),
-                      fmt(p.topk_agreement, 3), fmt(p.latency_ratio, 3), p.output_model or "(not kept)")
+    for row in rows:
+        table.add_row(*row)
     console.print(table)
     if target is not None:
+        sign = target_sign(metric)
         if report.chosen is None:
-            best = max(getattr(p, metric) or 0.0 for p in report.points)
-            raise TargetNotMetError(f"no budget reaches {metric} ≥ {target} (best {best:.4f}, at ρ=1.0); lower the target")
-        console.print(f"Smallest budget with {metric} ≥ {target}: ρ={report.chosen:.3f}")
+            values = [getattr(p, metric) for p in report.points if getattr(p, metric) is not None]
+            best = (min if sign == "≤" else max)(values) if values else float("nan")
+            raise TargetNotMetError(f"no budget reaches {metric} {sign} {target} (best {best:.4f}, at ρ=1.0); "
+                                    f"{'raise' if sign == '≤' else 'lower'} the target")
+        console.print(f"Smallest budget with {metric} {sign} {target}: ρ={report.chosen:.3f}")
     console.print(f"Reports: {config.resolved_output_dir / 'sweep.json'}, {config.resolved_output_dir / 'report.html'}")
 
 
@@ -527,15 +538,18 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
 @click.option("--hf", "hf_dir", type=click.Path(file_okay=False, path_type=Path),
               help="A local Hugging Face / sentence-transformers model folder.")
 @click.option("--factory", help="package.module:function returning (module, {input name: example tensor}).")
+@click.option("--task", type=click.Choice(["feature-extraction", "text-generation"]), default="feature-extraction",
+              show_default=True, help="For --hf: a sentence embedder (pooled hidden states), or a causal LM "
+              "(input_ids, attention_mask → logits over the vocabulary).")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
-              help="For --hf: pool token states into one vector per sample inside the graph.")
+              help="For --hf feature-extraction: pool token states into one vector per sample inside the graph.")
 @click.option("--normalize/--no-normalize", default=True, show_default=True,
               help="For --hf with pooling: L2-normalise the pooled vector.")
 @click.option("-o", "--output", "output_path", required=True, type=FILE, help="The ONNX file to write.")
 @click.option("--tolerance", default=1e-4, show_default=True, type=float,
               help="Largest ONNX Runtime vs PyTorch max abs difference accepted.")
 @user_errors
-def export(hf_dir, factory, pooling, normalize, output_path, tolerance) -> None:
+def export(hf_dir, factory, task, pooling, normalize, output_path, tolerance) -> None:
     """Export a PyTorch model to ONNX ready for `lrdeploy build` and check it against PyTorch."""
     from lrdeploy.export.torch_onnx import export_factory, export_hf
     from lrdeploy.files import check_output_file
@@ -543,7 +557,7 @@ def export(hf_dir, factory, pooling, normalize, output_path, tolerance) -> None:
     if bool(hf_dir) == bool(factory):
         raise click.UsageError("give exactly one of --hf DIR or --factory module:function")
     check_output_file(output_path, [path for path in Path(hf_dir).rglob("*") if path.is_file()] if hf_dir else [])
-    result = (export_hf(hf_dir, output_path, pooling, normalize, tolerance) if hf_dir
+    result = (export_hf(hf_dir, output_path, pooling, normalize, tolerance, task) if hf_dir
               else export_factory(factory, output_path, tolerance))
     click.echo(f"Exported {result.path} (inputs {', '.join(result.input_names)}; outputs "
                f"{', '.join(result.output_names)}); ONNX Runtime vs PyTorch max abs difference {result.max_abs_diff:.3g}")

@@ -43,3 +43,17 @@ def tiny_sentence_bert_dir(path):
 
 def not_a_pair():
     return "nope"
+
+
+def tiny_llama_dir(path, tie: bool = True):
+    """Save a 2-block random Llama causal LM (hidden 64, 4 query / 2 key-value heads, SwiGLU, vocabulary 512, LM
+    head tied to the embedding unless `tie` is False) in Hugging Face format under `path`; return the folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=tie, initializer_range=0.2)
+    LlamaForCausalLM(config).save_pretrained(str(path))
+    return path

@@ -2,7 +2,8 @@
 
 Two sources:
 - a local Hugging Face / sentence-transformers folder (`--hf DIR`): the encoder, with mean or CLS pooling
-  and L2 normalisation inside the graph so that the output is the sentence embedding;
+  and L2 normalisation inside the graph so that the output is the sentence embedding (`--task
+  feature-extraction`), or a causal LM's logits over its vocabulary (`--task text-generation`);
 - a factory (`--factory package.module:function`) returning (module, {input name: example tensor}).
 
 Graphs get dynamic batch (axis 0) and sequence (axis 1 of rank-2 and rank-3 inputs) axes, opset 17,
@@ -24,6 +25,7 @@ from lrdeploy.errors import ExportError, MissingDependencyError
 
 OPSET = 17
 POOLINGS = ("mean", "cls", "none")
+TASKS = ("feature-extraction", "text-generation")  # Optimum's task names: a sentence embedder, a causal LM's logits
 
 
 @dataclass
@@ -44,32 +46,68 @@ def require_torch():
     return torch
 
 
-def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = True, seq_len: int = 16):
-    """(module, example inputs) for the Hugging Face encoder in `model_dir` with pooling in the graph."""
-    torch = require_torch()
+def _load_hf(model_dir: Path, auto_class: str):
+    """The Hugging Face model in `model_dir`, loaded by transformers' `auto_class` with eager attention (traceable)."""
+    require_torch()
     try:
         import transformers
     except ImportError:
         raise MissingDependencyError("exporting --hf models needs transformers; `pip install lrdeploy[torch]`") from None
-    if pooling not in POOLINGS:
-        raise ExportError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
     if not (Path(model_dir) / "config.json").is_file():
         raise ExportError(f"{model_dir} is not a Hugging Face model folder (no config.json); pass the folder "
                           "that holds config.json and the weights")
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     try:
-        encoder = transformers.AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+        model = getattr(transformers, auto_class).from_pretrained(str(model_dir), attn_implementation="eager").eval()
     except Exception as exc:  # noqa: BLE001 — malformed config, missing or truncated weights: all the folder's fault
         first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
-        raise ExportError(f"cannot load the Hugging Face model in {model_dir} ({type(exc).__name__}: {first[:200]}); "
-                          "check its config.json and that its weights (model.safetensors or pytorch_model.bin) are "
-                          "complete") from None
-
-    if getattr(encoder, "main_input_name", "input_ids") != "input_ids":
-        raise ExportError(f"{model_dir} holds a {type(encoder).__name__}, which reads {encoder.main_input_name!r}, not "
-                          "token ids: `export --hf` exports text encoders so far; export it with Hugging Face Optimum "
+        raise ExportError(f"cannot load the Hugging Face model in {model_dir} ({type(exc).__name__}: "
+                          f"{first[:200]}); check its config.json and that its weights (model.safetensors or "
+                          "pytorch_model.bin) are complete") from None
+    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+        raise ExportError(f"{model_dir} holds a {type(model).__name__}, which reads {model.main_input_name!r}, not "
+                          "token ids: `export --hf` exports text models so far; export it with Hugging Face Optimum "
                           "(optimum-cli export onnx --model DIR OUT) and build that ONNX file")
+    return model
+
+
+def _example_text_inputs(vocabulary: int, seq_len: int) -> dict:
+    """Two samples of token ids every vocabulary has (small test models too), the second right-padded, so that
+    masking is checked with a real mask."""
+    torch = require_torch()
+    generator = torch.Generator().manual_seed(0)
+    high = min(2000, vocabulary) if vocabulary else 2000
+    ids = torch.randint(min(1000, high // 2), high, (2, seq_len), generator=generator)
+    mask = torch.ones((2, seq_len), dtype=torch.int64)
+    mask[1, seq_len // 2:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def causal_lm(model_dir: Path, seq_len: int = 16):
+    """(module, example inputs) for the Hugging Face causal LM in `model_dir`: input_ids, attention_mask → logits
+    over the vocabulary at every position, no KV cache (prefill; what `build` calibrates and validates)."""
+    torch = require_torch()
+    model = _load_hf(model_dir, "AutoModelForCausalLM")
+    model.config.use_cache = False
+
+    class CausalLM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask):
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    return CausalLM().eval(), _example_text_inputs(int(getattr(model.config, "vocab_size", 0) or 0), seq_len)
+
+
+def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = True, seq_len: int = 16):
+    """(module, example inputs) for the Hugging Face encoder in `model_dir` with pooling in the graph."""
+    torch = require_torch()
+    if pooling not in POOLINGS:
+        raise ExportError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    encoder = _load_hf(model_dir, "AutoModel")
     vocabulary = int(getattr(encoder.config, "vocab_size", 0) or 0)
 
     class SentenceEmbedder(torch.nn.Module):
@@ -88,12 +126,7 @@ def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = 
                 pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
             return torch.nn.functional.normalize(pooled, p=2, dim=-1) if normalize else pooled
 
-    generator = torch.Generator().manual_seed(0)
-    high = min(2000, vocabulary) if vocabulary else 2000  # ids every vocabulary has (small test models too)
-    ids = torch.randint(min(1000, high // 2), high, (2, seq_len), generator=generator)
-    mask = torch.ones((2, seq_len), dtype=torch.int64)
-    mask[1, seq_len // 2:] = 0  # one padded sample, so pooling is checked with a real mask
-    return SentenceEmbedder().eval(), {"input_ids": ids, "attention_mask": mask}
+    return SentenceEmbedder().eval(), _example_text_inputs(vocabulary, seq_len)
 
 
 def load_factory(spec: str):
@@ -138,8 +171,11 @@ def _dynamic_axes(example_inputs: dict, output_names: list[str], output_ranks: l
 
 
 def export_module(module, example_inputs: dict, output: Path, output_name: str = "output",
-                  tolerance: float = 1e-4) -> ExportResult:
-    """Export `module(**example_inputs)` to `output` (atomically) and check ONNX Runtime parity."""
+                  tolerance: float = 1e-4, constant_folding: bool = True) -> ExportResult:
+    """Export `module(**example_inputs)` to `output` (atomically) and check ONNX Runtime parity: the max abs
+    difference within `tolerance` × the outputs' largest magnitude (at least 1), so that logits in the tens
+    are held to the same float32 precision as unit embeddings. `constant_folding=False` keeps a weight tied to
+    another as one initializer (folding would store the transposed copy an LM head reads as a second weight)."""
     torch = require_torch()
     from lrdeploy.files import atomic_path
     from lrdeploy.runtime.onnxruntime import create_session
@@ -155,6 +191,7 @@ def export_module(module, example_inputs: dict, output: Path, output_name: str =
         try:
             torch.onnx.export(
                 module, (), str(tmp), kwargs=dict(example_inputs), dynamo=False, opset_version=OPSET,
+                do_constant_folding=constant_folding,
                 input_names=input_names, output_names=output_names,
                 dynamic_axes=_dynamic_axes(example_inputs, output_names, [e.ndim for e in expected]),
             )
@@ -165,14 +202,23 @@ def export_module(module, example_inputs: dict, output: Path, output_name: str =
         feed = {name: t.numpy() for name, t in example_inputs.items()}
         actual = session.run(output_names, feed)
         diff = max(float(np.max(np.abs(a.astype(np.float64) - e))) for a, e in zip(actual, expected))
-        if diff > tolerance:
-            raise ExportError(f"ONNX Runtime differs from PyTorch by {diff:.3g} (max abs) on the example inputs, "
-                              f"above --tolerance {tolerance:g}; check the model or raise --tolerance")
+        scale = max(1.0, *(float(np.max(np.abs(e))) for e in expected if e.size))
+        if diff > tolerance * scale:
+            raise ExportError(f"ONNX Runtime differs from PyTorch by {diff:.3g} (max abs; outputs reach {scale:.3g}) on "
+                              f"the example inputs, above --tolerance {tolerance:g} of the outputs' largest magnitude; "
+                              "check the model or raise --tolerance")
     return ExportResult(output, diff, input_names, output_names)
 
 
 def export_hf(model_dir: Path, output: Path, pooling: str = "mean", normalize: bool = True,
-              tolerance: float = 1e-4) -> ExportResult:
+              tolerance: float = 1e-4, task: str = "feature-extraction") -> ExportResult:
+    """Export the folder for `task` (one of TASKS): a sentence embedder, or a causal LM's logits."""
+    if task not in TASKS:
+        raise ExportError(f"--task {task!r} is not one of {', '.join(TASKS)}")
+    if task == "text-generation":
+        module, inputs = causal_lm(model_dir)
+        tied = bool(getattr(module.model.config, "tie_word_embeddings", False))
+        return export_module(module, inputs, output, "logits", tolerance, constant_folding=not tied)
     module, inputs = sentence_embedder(model_dir, pooling, normalize)
     return export_module(module, inputs, output, "last_hidden_state" if pooling == "none" else "embedding", tolerance)
 

@@ -248,7 +248,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
             check_model(staged_model)
         with timer.stage("validate"):
             accuracy = compare_models(config.model, staged_model, prepared.feeds.batches(prepared.samples.eval),
-                                      config.atol, config.rtol, config.neighbours)
+                                      config.atol, config.rtol, config.neighbours, prepared.feeds.mask_name)
         latency_bench = None
         if config.bench if bench is None else bench:
             with timer.stage("bench"):

@@ -21,10 +21,17 @@ from lrdeploy.pipeline.build import (BuildResult, Finetuner, PreparedBuild, held
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.progress import SILENT, Progress
 from lrdeploy.report.files import REPORT_FILES, write_reports, write_sweep
-from lrdeploy.report.model import SweepPoint, SweepReport
+from lrdeploy.report.model import LOWER_IS_BETTER, SweepPoint, SweepReport
 
-METRICS = ("cosine_mean", "cosine_p5", "topk_agreement")
+METRICS = ("cosine_mean", "cosine_p5", "topk_agreement", "ppl_ratio", "top1_agreement", "kl")
+NEXT_TOKEN_METRICS = ("ppl_ratio", "top1_agreement", "kl")  # measured on a causal LM's logits only
 
+
+def meets_target(metric: str, value: float | None, target: float) -> bool:
+    """Whether a measured value satisfies the target: at most it for perplexity ratio and KL, at least it otherwise."""
+    if value is None:
+        return False
+    return value <= target if metric in LOWER_IS_BETTER else value >= target
 
 @dataclass
 class SweepSettings:
@@ -41,7 +48,8 @@ class SweepSettings:
 
 
 def parse_target(target_cosine: float | None, target_metric: str | None) -> tuple[str, float | None]:
-    """(metric, value) from --target-cosine X or --target-metric NAME=VALUE; every metric lies in (0, 1]."""
+    """(metric, value) from --target-cosine X or --target-metric NAME=VALUE: ppl_ratio ≥ 1, kl > 0, the others in
+    (0, 1]."""
     if target_metric is None:
         if target_cosine is not None and not 0.0 < target_cosine <= 1.0:  # false for NaN too
             raise OptionError(f"--target-cosine {target_cosine} is outside (0, 1]; pass e.g. --target-cosine 0.98")
@@ -53,8 +61,13 @@ def parse_target(target_cosine: float | None, target_metric: str | None) -> tupl
         number = None
     if not sep or name not in METRICS or number is None:
         raise OptionError(f"--target-metric {target_metric!r} is not NAME=VALUE with NAME one of {', '.join(METRICS)}; "
-                          "write it like topk_agreement=0.85")
-    if not 0.0 < number <= 1.0:
+                          "write it like topk_agreement=0.85 or ppl_ratio=1.1")
+    if name == "ppl_ratio" and not number >= 1.0:
+        raise OptionError(f"--target-metric {target_metric!r}: a perplexity ratio below 1 would be better than the "
+                          "dense model; write it like ppl_ratio=1.1")
+    if name == "kl" and not number > 0.0:
+        raise OptionError(f"--target-metric {target_metric!r}: KL is positive; write it like kl=0.1 (nats per token)")
+    if name not in LOWER_IS_BETTER and not 0.0 < number <= 1.0:
         raise OptionError(f"--target-metric {target_metric!r}: {number} is outside (0, 1]; write it like "
                           f"{name}=0.85")
     return name, number
@@ -68,6 +81,13 @@ def output_ranks(prepared: PreparedBuild) -> dict[str, int | None]:
     """Each model output's rank as the graph declares it (None where it declares no shape)."""
     return {o.name: len(o.type.tensor_type.shape.dim) if o.type.tensor_type.HasField("shape") else None
             for o in prepared.inspection.model.proto.graph.output}
+
+
+def next_token_logits(prepared: PreparedBuild, output: str) -> bool:
+    """`output` is declared [batch, T, vocabulary] of a model that reads input_ids: what `stages.next_token`
+    scores (the measurement itself checks the vocabulary covers the ids fed)."""
+    inputs = {i.name for i in prepared.inspection.model.proto.graph.input}
+    return output_ranks(prepared).get(output) == 3 and "input_ids" in inputs
 
 
 class Sweep:
@@ -111,6 +131,8 @@ class Sweep:
         point = self.points[budget]
         self.progress.note(f"ρ={budget:.3f}: cosine {point.cosine_mean:.4f}"
                            + (f", top-k {point.topk_agreement:.3f}" if point.topk_agreement is not None else "")
+                           + (f", perplexity ×{point.ppl_ratio:.3f}, top-1 {point.top1_agreement:.3f}"
+                              if point.ppl_ratio is not None else "")
                            + (f", latency ratio {point.latency_ratio:.3f}" if point.latency_ratio is not None else ""))
         return point
 
@@ -150,8 +172,7 @@ def bisect_budget(sweep: Sweep, metric: str, target: float, low: float, toleranc
                   max_builds: int = 8) -> float | None:
     """Smallest evaluated budget in [low, 1] whose metric meets `target`, narrowed to `tolerance`."""
     def meets(budget: float) -> bool:
-        value = getattr(sweep.evaluate(budget), metric)
-        return value is not None and value >= target
+        return meets_target(metric, getattr(sweep.evaluate(budget), metric), target)
 
     if not meets(1.0):
         return None
@@ -182,6 +203,12 @@ def _sweep(config: BuildConfig, settings: SweepSettings, progress: Progress, fin
     if settings.output is not None and settings.output not in output_names(prepared):
         raise OptionError(f"--output {settings.output!r} is not a model output ({', '.join(output_names(prepared))}); "
                           "pass one of those")
+    if settings.target is not None and settings.metric in NEXT_TOKEN_METRICS:
+        output = settings.output or output_names(prepared)[0]
+        if not next_token_logits(prepared, output):
+            raise OptionError(f"{settings.metric} is measured on a causal LM's logits ([batch, T, vocabulary] over the "
+                              f"input_ids fed); {output!r} is not such an output: target cosine_mean, or pick the "
+                              "logits with --output")
     if settings.target is not None and settings.metric == "topk_agreement":
         output = settings.output or output_names(prepared)[0]
         rank = output_ranks(prepared).get(output)

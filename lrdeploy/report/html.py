@@ -6,7 +6,7 @@ import base64
 import html
 
 from lrdeploy.bench.measure import result_from_dict
-from lrdeploy.report.model import BuildReport, SweepReport
+from lrdeploy.report.model import BuildReport, SweepReport, sweep_table, target_sign
 from lrdeploy.report.plots import (budget_plot, distillation_plot, latency_plot, pareto_plot, ranks_plot,
                                    spectra_plot)
 
@@ -75,7 +75,13 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
     top = headline(report)
     cards = [(f"{p.model_ratio:.2f}×", f"model parameters kept ({p.model_after:,} of {p.model_before:,})"),
              (f"{p.linear_ratio:.2f}×", f"linear-layer parameters kept (budget {c.rank_budget})")]
-    if top["cosine"] is not None:
+    language_model = report.accuracy.language_model() if report.accuracy is not None else None
+    if language_model is not None:
+        lm = language_model[1]
+        cards.append((f"×{lm.ppl_ratio:.3f}", f"perplexity ({lm.ppl_dense:.2f} → {lm.ppl:.2f}, "
+                                                      "held-out)"))
+        cards.append((f"{lm.top1_agreement:.3f}", "next-token top-1 agreement with the original"))
+    elif top["cosine"] is not None:
         cards.append((f"{top['cosine']:.3f}", "mean cosine to the original (held-out)"))
     if top["speedup"] is not None:
         shape = report.bench["shapes"][-1]
@@ -83,6 +89,10 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
     parts = [_cards(cards)]
     if report.warnings:
         parts.append("".join(f'<p class="warn">Warning: {html.escape(w)}</p>' for w in report.warnings))
+    if language_model is not None:
+        name, lm = language_model
+        parts.append(f"<h2>Next-token figures of {html.escape(name)} on {lm.positions:,} held-out positions</h2>")
+        parts.append(_table(list(lm.HEADERS), [lm.cells()]))
     if report.accuracy is not None:
         a = report.accuracy
         parts.append(f"<h2>Accuracy on {a.samples} held-out samples</h2>")
@@ -138,19 +148,19 @@ def sweep_sections(sweep: SweepReport) -> str:
     """Per-budget table, accuracy-per-budget and Pareto plots of a sweep."""
     points = sorted(sweep.points, key=lambda p: p.budget)
     parts = ["<h2>Accuracy per budget</h2>", '<div class="row">']
-    parts.append(_figure(budget_plot(points, ["cosine_mean", "cosine_p5", "topk_agreement"]), "accuracy per budget",
+    language_model = any(p.top1_agreement is not None for p in points)
+    metrics = ["top1_agreement", "cosine_mean"] if language_model else ["cosine_mean", "cosine_p5", "topk_agreement"]
+    shown = "ppl_ratio" if language_model and sweep.metric == "cosine_mean" else sweep.metric
+    parts.append(_figure(budget_plot(points, metrics), "accuracy per budget",
                          f"Output '{sweep.output}', held-out samples; one calibration for every budget."))
-    parts.append(_figure(pareto_plot(points, sweep.metric, sweep.chosen), "pareto",
+    parts.append(_figure(pareto_plot(points, shown, sweep.chosen), "pareto",
                          "Accuracy against cost; the star marks the budget kept."))
     parts.append("</div>")
-    parts.append(_table(
-        ["ρ", "linear kept", "model kept", "cosine mean", "cosine p5", "top-k agreement", "latency ratio", "model"],
-        [[f"{p.budget:.3f}", _fmt(p.linear_ratio, 3), _fmt(p.model_ratio, 3), _fmt(p.cosine_mean), _fmt(p.cosine_p5),
-          _fmt(p.topk_agreement, 3), _fmt(p.latency_ratio, 3), p.output_model or "(not kept)"] for p in points]))
+    parts.append(_table(*sweep_table(points)))
     if sweep.target is not None:
         verdict = (f"smallest budget meeting it: ρ={sweep.chosen:.3f}" if sweep.chosen is not None
                    else "not met at any budget tried")
-        parts.append(f"<p>Target {html.escape(sweep.metric)} ≥ {sweep.target}: {verdict}.</p>")
+        parts.append(f"<p>Target {html.escape(sweep.metric)} {target_sign(sweep.metric)} {sweep.target}: {verdict}.</p>")
     return "".join(parts)
 
 

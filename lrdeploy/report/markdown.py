@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from lrdeploy.bench.measure import BenchResult, result_from_dict
-from lrdeploy.report.model import BuildReport, SweepReport
+from lrdeploy.report.model import BuildReport, SweepReport, sweep_table, target_sign
 
 
 def cell(text: object) -> str:
@@ -37,6 +37,11 @@ def render_markdown(report: BuildReport) -> str:
                         f"{f['initial_cosine']:.4f} → {f['best_cosine']:.4f} (best at step {f['best_step']})"]
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
+    if report.accuracy is not None and report.accuracy.language_model():
+        name, lm = report.accuracy.language_model()
+        lines += [f"## Next-token figures of {cell(name)} on {lm.positions:,} held-out positions", "",
+                  "| " + " | ".join(lm.HEADERS) + " |", "|" + "---|" * len(lm.HEADERS),
+                  "| " + " | ".join(lm.cells()) + " |", ""]
     if report.accuracy is not None:
         a = report.accuracy
         lines += [
@@ -122,15 +127,11 @@ def bench_markdown(result: BenchResult) -> str:
 
 
 def sweep_markdown(report: SweepReport) -> str:
+    headers, rows = sweep_table(report.points)
     lines = [f"# lrdeploy sweep: {report.model}", "", f"output `{report.output}`", "",
-             "| ρ | linear kept | model kept | cosine mean | cosine p5 | top-k agreement | latency ratio | model |",
-             "|---|---|---|---|---|---|---|---|"]
-    for p in report.points:
-        cells = [f"{p.budget:.3f}", f"{p.linear_ratio:.3f}", f"{p.model_ratio:.3f}", f"{p.cosine_mean:.4f}",
-                 f"{p.cosine_p5:.4f}", "" if p.topk_agreement is None else f"{p.topk_agreement:.3f}",
-                 "" if p.latency_ratio is None else f"{p.latency_ratio:.3f}", cell(p.output_model or "(not kept)")]
-        lines.append("| " + " | ".join(cells) + " |")
+             "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
     if report.target is not None:
-        lines += ["", f"Target {report.metric} ≥ {report.target}: " + (
+        lines += ["", f"Target {report.metric} {target_sign(report.metric)} {report.target}: " + (
             f"smallest budget meeting it ρ={report.chosen:.3f}" if report.chosen is not None else "not met")]
     return "\n".join(lines) + "\n"

@@ -8,7 +8,9 @@ report.json schema (all keys always present):
              predicted_speedup|null, measured_speedup|null}],
     params {linear_before, linear_after, linear_ratio, model_before, model_after, model_ratio},
     accuracy {samples, passed, atol, rtol, neighbours,
-              outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs, topk_agreement|null}}},
+              outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs, topk_agreement|null,
+                              next_token {positions, ppl_dense, ppl, ppl_ratio,
+                                          top1_agreement, kl} | null   (a causal LM's logits)}}},
     timings {stage: seconds}, warnings [str], bench (see bench.json) | null,
     spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}},
     finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, initial_cosine, best_cosine, best_step,
@@ -56,6 +58,25 @@ class ParamSummary:
     model_ratio: float
 
 
+@dataclass(kw_only=True)
+class NextTokenAccuracy:
+    """A causal LM's figures on held-out windows (`stages.next_token`): what a user judges a language model by."""
+
+    HEADERS = ("perplexity dense", "perplexity", "ratio", "top-1 agreement", "KL (nats)")
+
+    positions: int  # scored positions (a real token and a real next token)
+    ppl_dense: float
+    ppl: float  # perplexity of the compressed model
+    ppl_ratio: float  # compressed / dense
+    top1_agreement: float  # fraction of positions where both models' most likely next token is the same
+    kl: float  # mean KL(dense ‖ compressed) in nats per position
+
+    def cells(self) -> list[str]:
+        """The figures as report cells, in HEADERS' order."""
+        return [f"{self.ppl_dense:.3f}", f"{self.ppl:.3f}", f"×{self.ppl_ratio:.3f}",
+                f"{self.top1_agreement:.3f}", f"{self.kl:.4f}"]
+
+
 @dataclass
 class OutputAccuracy:
     cosine_mean: float
@@ -63,6 +84,7 @@ class OutputAccuracy:
     rel_l2: float
     max_abs: float
     topk_agreement: float | None = None  # per-sample vector outputs: nearest-neighbour agreement
+    next_token: NextTokenAccuracy | None = None  # a causal LM's logits: perplexity, top-1 agreement, KL
 
 
 @dataclass
@@ -73,6 +95,11 @@ class AccuracyReport:
     rtol: float
     outputs: dict[str, OutputAccuracy]
     neighbours: int = 10
+
+    def language_model(self) -> tuple[str, NextTokenAccuracy] | None:
+        """(output name, figures) of the first output scored as a causal LM's logits, if any: the task's metric,
+        which reports show before cosine."""
+        return next(((name, o.next_token) for name, o in self.outputs.items() if o.next_token is not None), None)
 
 
 @dataclass(kw_only=True)
@@ -117,7 +144,8 @@ class BuildReport:
 
 @dataclass
 class SweepPoint:
-    """One budget of a sweep: its size, accuracy on the chosen output and (optionally) latency ratio."""
+    """One budget of a sweep: its size, accuracy on the chosen output (next-token figures for a causal LM's logits)
+    and (optionally) latency ratio."""
 
     budget: float
     linear_ratio: float
@@ -127,13 +155,41 @@ class SweepPoint:
     topk_agreement: float | None
     latency_ratio: float | None
     output_model: str | None
+    ppl_ratio: float | None = None
+    top1_agreement: float | None = None
+    kl: float | None = None
 
     @classmethod
     def from_report(cls, budget: float, report: BuildReport, output: str, latency_ratio: float | None) -> "SweepPoint":
         """The point of one budget's build, read from its report (accuracy of `output`)."""
         params, accuracy = report.params, report.accuracy.outputs[output]
+        lm = accuracy.next_token
         return cls(budget, params.linear_ratio, params.model_ratio, accuracy.cosine_mean, accuracy.cosine_p5,
-                   accuracy.topk_agreement, latency_ratio, report.output_model)
+                   accuracy.topk_agreement, latency_ratio, report.output_model,
+                   lm.ppl_ratio if lm else None, lm.top1_agreement if lm else None, lm.kl if lm else None)
+
+
+LOWER_IS_BETTER = ("ppl_ratio", "kl")  # sweep metrics whose target is a ceiling; on the others a floor
+
+
+def target_sign(metric: str) -> str:
+    """How a target on `metric` is met: "≤" for perplexity ratio and KL, "≥" for the rest."""
+    return "≤" if metric in LOWER_IS_BETTER else "≥"
+
+
+def sweep_table(points: list[SweepPoint]) -> tuple[list[str], list[list[str]]]:
+    """(headers, rows) of a sweep's per-budget table, shared by the console, sweep.md and report.html: the
+    next-token figures when the output is a causal LM's logits, else top-k agreement."""
+    fmt = lambda v, d=4: "" if v is None else f"{v:.{d}f}"  # noqa: E731
+    language_model = any(p.ppl_ratio is not None for p in points)
+    headers = ["ρ", "linear kept", "model kept", "cosine mean", "cosine p5",
+               *(["perplexity ratio", "top-1 agreement", "KL"] if language_model else ["top-k agreement"]),
+               "latency ratio", "model"]
+    rows = [[f"{p.budget:.3f}", fmt(p.linear_ratio, 3), fmt(p.model_ratio, 3), fmt(p.cosine_mean), fmt(p.cosine_p5),
+             *([fmt(p.ppl_ratio, 3), fmt(p.top1_agreement, 3), fmt(p.kl)] if language_model
+               else [fmt(p.topk_agreement, 3)]),
+             fmt(p.latency_ratio, 3), p.output_model or "(not kept)"] for p in points]
+    return headers, rows
 
 
 @dataclass

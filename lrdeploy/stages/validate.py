@@ -2,8 +2,10 @@
 
 Polygraphy runs both models (ONNX Runtime, CPU) on the same feeds and checks its elementwise
 tolerances (`atol`, `rtol`); on top of that we compute the figures that matter for compression, per
-output: cosine similarity per sample (mean and 5th percentile), relative L2 error and max abs error, and
-for embedding-like outputs the top-k nearest-neighbour agreement over the evaluation samples.
+output: cosine similarity per sample (mean and 5th percentile), relative L2 error and max abs error, for
+embedding-like outputs the top-k nearest-neighbour agreement over the evaluation samples, and for a causal LM's
+logits perplexity, next-token agreement and KL (`stages.next_token`). Batches are compared one at a time, so
+memory does not grow with the evaluation set (an LM's logits are vocabulary-wide).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import numpy as np
 
 from lrdeploy.report.model import AccuracyReport, OutputAccuracy
 from lrdeploy.runtime.onnxruntime import refusals_named
+from lrdeploy.stages.next_token import NextTokenScores, is_next_token_output
 
 
 def per_sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -40,52 +43,76 @@ def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, k: int) ->
     return float(np.mean([len(set(a) & set(b)) / k for a, b in zip(ref, cand)]))
 
 
-def output_accuracy(reference: list[np.ndarray], candidate: list[np.ndarray], neighbours: int = 10) -> OutputAccuracy:
-    """Compression metrics of one output over batches (arrays of each batch paired in order).
+class OutputComparison:
+    """Running comparison of one output over batches: per-sample cosines, error sums, the samples of per-sample
+    vector outputs (for neighbour agreement) and, for a causal LM's logits, the next-token figures. Nothing
+    vocabulary-wide is kept past its batch."""
 
-    For per-sample vectors (2-D outputs such as sentence embeddings) with more than `neighbours` samples,
-    the top-k nearest-neighbour agreement is computed too.
-    """
-    cosines = np.concatenate([per_sample_cosine(r, c) for r, c in zip(reference, candidate)])
-    err_sq = sum(float(np.sum((r.astype(np.float64) - c) ** 2)) for r, c in zip(reference, candidate))
-    ref_sq = sum(float(np.sum(r.astype(np.float64) ** 2)) for r in reference)
-    max_abs = max(float(np.max(np.abs(r.astype(np.float64) - c))) for r, c in zip(reference, candidate))
-    agreement = None
-    if all(r.ndim == 2 for r in reference) and sum(r.shape[0] for r in reference) > neighbours > 0:
-        agreement = neighbour_agreement(np.concatenate(reference), np.concatenate(candidate), neighbours)
-    return OutputAccuracy(
-        cosine_mean=float(np.mean(cosines)),
-        cosine_p5=float(np.percentile(cosines, 5)),
-        rel_l2=float(np.sqrt(err_sq / ref_sq)) if ref_sq > 0 else float(np.sqrt(err_sq)),
-        max_abs=max_abs,
-        topk_agreement=agreement,
-    )
+    def __init__(self) -> None:
+        self.cosines: list[np.ndarray] = []
+        self.err_sq = self.ref_sq = self.max_abs = 0.0
+        self.vectors: tuple[list[np.ndarray], list[np.ndarray]] | None = ([], [])
+        self.next_token: NextTokenScores | None = None
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, feed: dict[str, np.ndarray],
+            mask_name: str | None) -> None:
+        self.cosines.append(per_sample_cosine(reference, candidate))
+        difference = reference.astype(np.float64) - candidate
+        self.err_sq += float(np.sum(difference ** 2))
+        self.ref_sq += float(np.sum(reference.astype(np.float64) ** 2))
+        self.max_abs = max(self.max_abs, float(np.max(np.abs(difference))) if difference.size else 0.0)
+        if self.vectors is not None and reference.ndim == 2:
+            self.vectors[0].append(reference)
+            self.vectors[1].append(candidate)
+        else:
+            self.vectors = None
+        if is_next_token_output(reference, feed):
+            self.next_token = self.next_token or NextTokenScores()
+            self.next_token.add(reference, candidate, feed["input_ids"], feed.get(mask_name) if mask_name else None)
+
+    def result(self, neighbours: int) -> OutputAccuracy:
+        """The output's figures; neighbour agreement for per-sample vectors (2-D, e.g. sentence embeddings) over
+        more than `neighbours` samples."""
+        cosines = np.concatenate(self.cosines)
+        agreement = None
+        if self.vectors is not None and sum(r.shape[0] for r in self.vectors[0]) > neighbours > 0:
+            agreement = neighbour_agreement(np.concatenate(self.vectors[0]), np.concatenate(self.vectors[1]), neighbours)
+        return OutputAccuracy(
+            cosine_mean=float(np.mean(cosines)),
+            cosine_p5=float(np.percentile(cosines, 5)),
+            rel_l2=float(np.sqrt(self.err_sq / self.ref_sq)) if self.ref_sq > 0 else float(np.sqrt(self.err_sq)),
+            max_abs=self.max_abs,
+            topk_agreement=agreement,
+            next_token=self.next_token.result() if self.next_token else None,
+        )
 
 
 def compare_models(
     original: Path, compressed: Path, feeds: Iterable[dict[str, np.ndarray]], atol: float, rtol: float,
-    neighbours: int = 10,
+    neighbours: int = 10, mask_name: str | None = None,
 ) -> AccuracyReport:
-    """Run both models on `feeds` with Polygraphy and summarise the differences per output."""
+    """Run both models on `feeds` with Polygraphy, batch by batch, and summarise the differences per output:
+    Polygraphy's elementwise check (`atol`, `rtol`) on every batch, and our figures (`OutputComparison`;
+    `mask_name` is the attention mask input, for next-token figures over real tokens only)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
-    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
-    feeds = list(feeds)
-    runners = [
-        OnnxrtRunner(SessionFromOnnx(str(original)), name="original"),
-        OnnxrtRunner(SessionFromOnnx(str(compressed)), name="compressed"),
-    ]
+    compare = SimpleCompareFunc(atol=atol, rtol=rtol)
+    comparisons: dict[str, OutputComparison] = {}
+    passed, samples = True, 0
     G_LOGGER.colors = False  # avoids Polygraphy's notice about the optional 'colored' package
-    with G_LOGGER.verbosity(G_LOGGER.CRITICAL), refusals_named():  # our own table reports the outcome
-        results = Comparator.run(runners, data_loader=feeds)
-        passed = bool(Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=rtol)))
-    (_, reference), (_, candidate) = results[0], results[1]
-    names = list(reference[0].keys())
-    outputs = {
-        name: output_accuracy([np.asarray(it[name]) for it in reference], [np.asarray(it[name]) for it in candidate],
-                              neighbours)
-        for name in names
-    }
-    samples = sum(next(iter(feed.values())).shape[0] for feed in feeds)
+    with G_LOGGER.verbosity(G_LOGGER.CRITICAL), refusals_named(), \
+            OnnxrtRunner(SessionFromOnnx(str(original)), name="original") as dense, \
+            OnnxrtRunner(SessionFromOnnx(str(compressed)), name="compressed") as candidate:
+        for feed in feeds:
+            reference, outputs = dense.infer(feed), candidate.infer(feed)
+            results = RunResults([(runner.name, [IterationResult(dict(result), runner_name=runner.name)])
+                                  for runner, result in ((dense, reference), (candidate, outputs))])
+            passed &= bool(Comparator.compare_accuracy(results, compare_func=compare))
+            for name in reference:
+                comparisons.setdefault(name, OutputComparison()).add(
+                    np.asarray(reference[name]), np.asarray(outputs[name]), feed, mask_name)
+            samples += next(iter(feed.values())).shape[0]
+    outputs = {name: comparison.result(neighbours) for name, comparison in comparisons.items()}
     return AccuracyReport(samples=samples, passed=passed, atol=atol, rtol=rtol, outputs=outputs, neighbours=neighbours)

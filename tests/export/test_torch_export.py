@@ -124,3 +124,30 @@ def test_export_hf_of_a_small_vocabulary_and_of_a_vision_model(tmp_path):
     vision = CliRunner().invoke(main, ["export", "--hf", str(tmp_path / "vit"), "-o", str(tmp_path / "vit.onnx")])
     assert vision.exit_code == 1 and not (tmp_path / "vit.onnx").exists()
     assert vision.stderr.startswith("Error: ") and "holds a ViTModel, which reads 'pixel_values'" in vision.stderr
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_causal_lm_export_keeps_logits_and_a_tied_head_tied(tmp_path, tie):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.factories import tiny_llama_dir
+
+    folder = tiny_llama_dir(tmp_path / "llama", tie=tie)
+    result = export_hf(folder, tmp_path / "lm.onnx", task="text-generation")
+    assert result.input_names == ["input_ids", "attention_mask"] and result.output_names == ["logits"]
+    model = onnx.load(str(tmp_path / "lm.onnx"))
+    embedding_shaped = [i for i in model.graph.initializer if sorted(i.dims) == [64, 512]]
+    assert len(embedding_shaped) == (1 if tie else 2)  # a tied head is the embedding table, not a second copy
+    reference = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+    ids = torch.randint(0, 512, (3, 11))
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        expected = reference(input_ids=ids, attention_mask=mask).logits.numpy()
+    (actual,) = run_model(tmp_path / "lm.onnx", {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    np.testing.assert_allclose(actual, expected, atol=1e-4 * max(1.0, np.abs(expected).max()))
+
+
+def test_export_task_is_checked(tmp_path):
+    with pytest.raises(ExportError, match="--task 'translation' is not one of feature-extraction, text-generation"):
+        export_hf(tmp_path, tmp_path / "m.onnx", task="translation")

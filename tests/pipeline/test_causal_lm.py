@@ -1,0 +1,74 @@
+"""A causal LM exported by `export --hf --task text-generation` builds end to end, and its report carries the
+figures a language model is judged by: perplexity of both models (equal to PyTorch's), their ratio, next-token
+agreement and KL, in report.json, report.md and the console."""
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from lrdeploy.cli import main  # noqa: E402
+from tests.factories import tiny_llama_dir  # noqa: E402
+
+
+def _windows(count, seq=16, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"input_ids": rng.integers(0, 512, size=(count, seq)), "attention_mask": np.ones((count, seq), np.int64)}
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    from lrdeploy.export.torch_onnx import export_hf
+
+    folder = tmp_path_factory.mktemp("llama")
+    export_hf(tiny_llama_dir(folder / "hf"), folder / "lm.onnx", task="text-generation")
+    np.savez(folder / "calib.npz", **_windows(96))
+    evaluation = _windows(12, seed=1)
+    evaluation["attention_mask"][3, 9:] = 0  # one right-padded window: its padding is not scored
+    np.savez(folder / "eval.npz", **evaluation)
+    return folder
+
+
+def _torch_perplexity(folder, evaluation):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(folder / "hf")).eval()
+    ids, mask = (torch.from_numpy(evaluation[k]) for k in ("input_ids", "attention_mask"))
+    with torch.no_grad():
+        log_p = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), -1)
+    scored = (mask[:, :-1] * mask[:, 1:]).bool()
+    nll = -log_p[:, :-1].gather(-1, ids[:, 1:, None])[..., 0][scored]
+    return float(torch.exp(nll.mean())), int(scored.sum())
+
+
+def test_report_leads_with_perplexity_equal_to_pytorchs(llama, tmp_path):
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, ["build", str(llama / "lm.onnx"), "--calib", str(llama / "calib.npz"),
+                                       "--eval", str(llama / "eval.npz"), "--rank-budget", "0.5", "--plan", "lowrank",
+                                       "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    figures = report["accuracy"]["outputs"]["logits"]["next_token"]
+    perplexity, positions = _torch_perplexity(llama, dict(np.load(llama / "eval.npz")))
+    assert figures["positions"] == positions == 11 * 15 + 8
+    np.testing.assert_allclose(figures["ppl_dense"], perplexity, rtol=1e-4)
+    assert figures["ppl"] > figures["ppl_dense"]  # half the parameters cost something
+    np.testing.assert_allclose(figures["ppl_ratio"], figures["ppl"] / figures["ppl_dense"])
+    assert 0 < figures["top1_agreement"] < 1 and figures["kl"] > 0
+    assert "Next-token figures of 'logits'" in result.output
+    assert f"×{figures['ppl_ratio']:.3f}" in (out / "report.md").read_text()
+    assert "perplexity (" in (out / "report.html").read_text()
+
+
+def test_full_rank_is_the_dense_model(llama, tmp_path):
+    out = tmp_path / "full"
+    result = CliRunner().invoke(main, ["build", str(llama / "lm.onnx"), "--calib", str(llama / "calib.npz"),
+                                       "--eval", str(llama / "eval.npz"), "--rank-budget", "1", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    figures = json.loads((out / "report.json").read_text())["accuracy"]["outputs"]["logits"]["next_token"]
+    assert figures["top1_agreement"] == 1.0 and abs(figures["ppl_ratio"] - 1) < 1e-5 and figures["kl"] < 1e-8
