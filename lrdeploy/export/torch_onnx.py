@@ -171,11 +171,11 @@ def _dynamic_axes(example_inputs: dict, output_names: list[str], output_ranks: l
 
 
 def export_module(module, example_inputs: dict, output: Path, output_name: str = "output",
-                  tolerance: float = 1e-4, constant_folding: bool = True) -> ExportResult:
+                  tolerance: float = 1e-4, retie: bool = False) -> ExportResult:
     """Export `module(**example_inputs)` to `output` (atomically) and check ONNX Runtime parity: the max abs
     difference within `tolerance` × the outputs' largest magnitude (at least 1), so that logits in the tens
-    are held to the same float32 precision as unit embeddings. `constant_folding=False` keeps a weight tied to
-    another as one initializer (folding would store the transposed copy an LM head reads as a second weight)."""
+    are held to the same float32 precision as unit embeddings. `retie`: an LM head tied to the embedding reads
+    the table again instead of the transposed copy the exporter folds it into (`passes.tie_weights`)."""
     torch = require_torch()
     from lrdeploy.files import atomic_path
     from lrdeploy.runtime.onnxruntime import create_session
@@ -191,13 +191,14 @@ def export_module(module, example_inputs: dict, output: Path, output_name: str =
         try:
             torch.onnx.export(
                 module, (), str(tmp), kwargs=dict(example_inputs), dynamo=False, opset_version=OPSET,
-                do_constant_folding=constant_folding,
                 input_names=input_names, output_names=output_names,
                 dynamic_axes=_dynamic_axes(example_inputs, output_names, [e.ndim for e in expected]),
             )
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                               "make the module traceable or export it yourself") from None
+        if retie:
+            _retie(tmp)
         session = create_session(tmp)
         feed = {name: t.numpy() for name, t in example_inputs.items()}
         actual = session.run(output_names, feed)
@@ -210,6 +211,19 @@ def export_module(module, example_inputs: dict, output: Path, output_name: str =
     return ExportResult(output, diff, input_names, output_names)
 
 
+def _retie(path: Path) -> None:
+    """Rewrite the exported file with its tied LM head reading the embedding table (one copy of the weight)."""
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from lrdeploy.onnx_io import save_model
+    from lrdeploy.passes.tie_weights import retie_transposed_copies
+
+    graph = gs.import_onnx(onnx.load(str(path)))
+    if retie_transposed_copies(graph).changed:
+        save_model(gs.export_onnx(graph), path)
+
+
 def export_hf(model_dir: Path, output: Path, pooling: str = "mean", normalize: bool = True,
               tolerance: float = 1e-4, task: str = "feature-extraction") -> ExportResult:
     """Export the folder for `task` (one of TASKS): a sentence embedder, or a causal LM's logits."""
@@ -218,7 +232,7 @@ def export_hf(model_dir: Path, output: Path, pooling: str = "mean", normalize: b
     if task == "text-generation":
         module, inputs = causal_lm(model_dir)
         tied = bool(getattr(module.model.config, "tie_word_embeddings", False))
-        return export_module(module, inputs, output, "logits", tolerance, constant_folding=not tied)
+        return export_module(module, inputs, output, "logits", tolerance, retie=tied)
     module, inputs = sentence_embedder(model_dir, pooling, normalize)
     return export_module(module, inputs, output, "last_hidden_state" if pooling == "none" else "embedding", tolerance)
 

@@ -88,7 +88,8 @@ class StructuredCuts:
         for block, cut in self.ffn:
             kept = len(cut.keep)
             why = f"{kept} of {block.width} FFN neurons kept ({self.source or '--ffn-keep'})"
-            result[block.up.name] = (why, block.up.d_in * kept)
+            for layer in block.widening:
+                result[layer.name] = (why, layer.d_in * kept)
             result[block.down.name] = (why, kept * block.down.d_out)
         for attention, heads, cut in self.heads:
             width = len(cut.keep)

@@ -3,10 +3,17 @@
     X ─MatMul(W_up[d,f])─Add(b_up)─ act ─► H[…,f] ─MatMul(W_down[f,d])─Add(b_down)─► Y
         ⇒  X ─MatMul(W_up[:,S])─Add(b_up[S])─ act ─► H_S[…,k] ─MatMul(W′[k,d])─Add(b′)─► Y
 
-`act` is any chain of per-neuron ops (GELU as Div/Erf/Add/Mul, ReLU, tanh, …, or ONNX Runtime's BiasGelu,
-which then carries b_up) whose other inputs are scalars, so slicing neurons commutes with it. W′ and b′ come
-from `lowrank.neurons.cut_neurons` (the refit that reproduces Y from the kept neurons). Matching only reads the
-graph; a block that does not fit says why.
+`act` is any chain of per-neuron ops (GELU as Div/Erf/Add/Mul or tanh's spelled-out form, ReLU, SiLU as
+x·Sigmoid(x), …, or ONNX Runtime's BiasGelu, which then carries b_up) whose other inputs are scalars, so slicing
+neurons commutes with it. A gated MLP (SwiGLU, GeGLU: Llama, Qwen, Mistral) has two projections of X whose
+per-neuron paths meet in a Mul; both keep the same neurons:
+
+    X ─gate(W_g[d,f])─ act ─┐
+                            Mul ─► H[…,f] ─down─► Y      ⇒  W_g[:,S], W_up[:,S], down refit from H_S
+    X ─up(W_up[d,f])────────┘
+
+W′ and b′ come from `lowrank.neurons.cut_neurons` (the refit that reproduces Y from the kept neurons). Matching
+only reads the graph; a block that does not fit says why.
 """
 
 from __future__ import annotations
@@ -27,14 +34,30 @@ PER_NEURON_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", 
 
 @dataclass
 class FfnBlock:
-    """An up projection, the per-neuron activation after it, and the down projection reading its output."""
+    """An up projection, the per-neuron activation after it, and the down projection reading its output; in a
+    gated MLP also the gate projection, whose activation multiplies the up projection's output."""
 
     up: LinearLayer
     down: LinearLayer
+    gate: LinearLayer | None = None
 
     @property
     def width(self) -> int:
         return self.up.d_out
+
+    @property
+    def widening(self) -> list[LinearLayer]:
+        """The projections whose output columns are the neurons (gate and up)."""
+        return [self.gate, self.up] if self.gate is not None else [self.up]
+
+    @property
+    def layers(self) -> list[LinearLayer]:
+        return [*self.widening, self.down]
+
+    @property
+    def params_per_neuron(self) -> int:
+        """Weights one neuron holds: a column of each widening projection and a row of the down projection."""
+        return sum(layer.d_in for layer in self.widening) + self.down.d_out
 
 
 def _is_scalar(tensor: gs.Tensor) -> bool:
@@ -43,11 +66,12 @@ def _is_scalar(tensor: gs.Tensor) -> bool:
     return found is not None and found[0].size == 1
 
 
-def _activation_path(start: gs.Tensor, target: str, width: int, graph_outputs: set[str]) -> str | None:
-    """Why the way from `start` to the tensor named `target` is not a per-neuron activation (None when it is:
-    per-neuron ops whose other inputs are scalars, or BiasGelu's [width] bias, with no other way out)."""
+def _activation_path(starts: list[gs.Tensor], target: str, width: int, graph_outputs: set[str]) -> str | None:
+    """Why the way from the `starts` (one projection's output, or a gated MLP's gate and up outputs) to the tensor
+    named `target` is not a per-neuron activation (None when it is: per-neuron ops whose other inputs are
+    scalars, BiasGelu's [width] bias or another start, with no other way out)."""
     nodes: dict[int, gs.Node] = {}
-    frontier = [start]
+    frontier = list(starts)
     while frontier:
         tensor = frontier.pop()
         if tensor.name == target:
@@ -62,35 +86,56 @@ def _activation_path(start: gs.Tensor, target: str, width: int, graph_outputs: s
             if id(node) not in nodes:
                 nodes[id(node)] = node
                 frontier += list(node.outputs)
-    produced = {start.name} | {out.name for node in nodes.values() for out in node.outputs}
+    produced = {start.name for start in starts} | {out.name for node in nodes.values() for out in node.outputs}
     for node in nodes.values():
         for tensor in node.inputs:
             bias = node.op == "BiasGelu" and isinstance(tensor, gs.Constant) and list(tensor.shape) == [width]
             if tensor.name not in produced and not _is_scalar(tensor) and not bias:
                 if isinstance(tensor, gs.Constant):
                     return f"{node.op} ({node.name}) also takes a constant of more than one value"
-                gated = ": a gated MLP, not cut yet" if node.op == "Mul" else ""
-                return f"{node.op} ({node.name}) also takes another activation, {tensor.name!r}{gated}"
+                return f"{node.op} ({node.name}) also takes another activation, {tensor.name!r}"
     return None if target in produced else "the down projection does not read what the activation makes"
 
 
+def _gate_partner(up: LinearLayer, plain: list[LinearLayer]) -> LinearLayer | None:
+    """The other projection of a gated MLP: a plain layer reading the same input at the same width."""
+    return next((other for other in plain if other is not up and other.input_name == up.input_name
+                 and other.d_out == up.d_out and other.d_in == up.d_in), None)
+
+
+def _gate_first(tensors: dict[str, gs.Tensor], first: LinearLayer, second: LinearLayer) -> tuple[LinearLayer, LinearLayer]:
+    """(gate, up): the gate is the projection whose output goes through a nonlinearity before the Mul that joins
+    them; the up projection's output feeds that Mul directly."""
+    direct = {node.op for node in tensors[second.output_name].outputs}
+    return (first, second) if direct == {"Mul"} else (second, first)
+
+
 def match_ffn_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> Matches[FfnBlock]:
-    """(up, down) pairs of plain MatMul layers with constant weights joined by a per-neuron activation, in model
-    order (low-rank eligibility does not matter: a layer too small to split can still be narrowed). The plain
-    layers that widen their input and are not taken say why."""
+    """(up, down) pairs of plain MatMul layers with constant weights joined by a per-neuron activation, or gated
+    MLPs (gate, up, down), in model order (low-rank eligibility does not matter: a layer too small to split can
+    still be narrowed). The plain layers that widen their input and are not taken say why."""
     tensors, graph_outputs = graph.tensors(), {t.name for t in graph.outputs}
-    downs = {layer.input_name: layer for layer in layers if is_plain(layer)}
+    plain = [layer for layer in layers if is_plain(layer)]
+    downs = {layer.input_name: layer for layer in plain}
     matches: Matches[FfnBlock] = Matches()
-    for up in layers:
-        if not is_plain(up):
+    taken: set[str] = set()
+    for up in plain:
+        if up.name in taken:
             continue
         reasons = []
+        partner = _gate_partner(up, plain)
         for hidden, down in downs.items():
             if down.d_in != up.d_out or down is up:
                 continue
-            reason = _activation_path(tensors[up.output_name], hidden, up.d_out, graph_outputs)
+            reason = _activation_path([tensors[up.output_name]], hidden, up.d_out, graph_outputs)
             if reason is None:
                 matches.found.append(FfnBlock(up, down))
+                break
+            if partner is not None and _activation_path([tensors[up.output_name], tensors[partner.output_name]],
+                                                         hidden, up.d_out, graph_outputs) is None:
+                gate, gated_up = _gate_first(tensors, up, partner)
+                matches.found.append(FfnBlock(gated_up, down, gate))
+                taken.add(partner.name)
                 break
             reasons.append(reason)
         else:
@@ -106,18 +151,21 @@ def find_ffn_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> list[FfnBlock
 
 
 def prune_block(graph: gs.Graph, block: FfnBlock, cut: NeuronCut) -> PassResult:
-    """Keep `cut.keep` neurons of `block` (in place): slice W_up's columns and b_up, write W′ and b′ (into the
-    bias Add, or the fused BiasGelu / SkipLayerNormalization that adds the bias)."""
+    """Keep `cut.keep` neurons of `block` (in place): slice the columns and biases of the up projection (and of the
+    gate), write W′ and b′ (into the bias Add, or the fused BiasGelu / SkipLayerNormalization that adds the bias)."""
     tensors = graph.tensors()
     keep, dtype = cut.keep, block.up.dtype
-    scope = Scope(graph, f"{block.up.name}/pruned")
-    up_matmul, _ = matmul_and_add(tensors, block.up)
-    up_matmul.inputs[1] = scope.constant("weight", np.asarray(block.up.weight)[:, keep].astype(dtype))
-    if block.up.bias is not None:
-        set_bias(graph, block.up, scope.constant("bias", np.asarray(block.up.bias)[keep].astype(dtype)))
+    widened = []
+    for layer in block.widening:
+        scope = Scope(graph, f"{layer.name}/pruned")
+        matmul, _ = matmul_and_add(tensors, layer)
+        matmul.inputs[1] = scope.constant("weight", np.asarray(layer.weight)[:, keep].astype(dtype))
+        if layer.bias is not None:
+            set_bias(graph, layer, scope.constant("bias", np.asarray(layer.bias)[keep].astype(dtype)))
+        widened += list(matmul.outputs)
     down_scope = Scope(graph, f"{block.down.name}/refit")
     down_matmul, _ = matmul_and_add(tensors, block.down)
     down_matmul.inputs[1] = down_scope.constant("weight", cut.weight.astype(dtype))
     set_bias(graph, block.down, down_scope.constant("bias", cut.bias.astype(dtype)))
-    forget_shapes(graph, list(up_matmul.outputs), {block.down.output_name})
+    forget_shapes(graph, widened, {block.down.output_name})
     return committed(graph, neurons_removed=block.width - len(keep))

@@ -45,7 +45,7 @@ def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLa
     ffn = find_ffn_blocks(graph, layers)
     attention = self_attentions(config, graph, layers) or []
     if not attention:  # no self-attention matched: the FFNs are the only blocks
-        return [BlockParts(None, block, None, [block.up, block.down]) for block in ffn]
+        return [BlockParts(None, block, None, block.layers) for block in ffn]
     dropped = {block.input_name: block for block in find_transformer_blocks(graph, attention, ffn)}
     order = [layer.name for layer in layers]
     starts = [order.index(block.projections[0].name) for block in attention] + [len(order)]

@@ -36,7 +36,7 @@ def splittable(config: BuildConfig, inspection: Inspection, eligible: list[Linea
     if config.splits == "any":
         return eligible
     blocks = find_ffn_blocks(inspection.graph, inspection.layers)
-    ffn = {layer.name for block in blocks for layer in (block.up, block.down)}
+    ffn = {layer.name for block in blocks for layer in block.layers}
     return [layer for layer in eligible if layer.name in ffn]
 
 
@@ -99,7 +99,7 @@ class StructuredBlocks:
 
     @property
     def layer_names(self) -> set[str]:
-        names = {layer.name for block in self.ffn for layer in (block.up, block.down)}
+        names = {layer.name for block in self.ffn for layer in block.layers}
         names |= {layer.name for _, layers, _ in self.dropped for layer in layers}
         names |= {layer.name for block in self.values for layer in (block.projections[-1], block.output)}
         return names | {layer.name for block in self.attention for layer in (*block.projections, block.output)}
@@ -127,7 +127,7 @@ class StructuredBlocks:
         """The cuts of the blocks that stay, from calibration `moments` (blocks to drop are chosen before)."""
         cuts = StructuredCuts(dropped=self.dropped)
         attention_layers = lambda block: (*block.projections, block.output)  # noqa: E731
-        for block in self._kept(self.ffn, lambda block: (block.up, block.down)):
+        for block in self._kept(self.ffn, lambda block: block.layers):
             count = kept_count(block.width, config.ffn_keep, config.rank_multiple)
             cuts.ffn.append((block, cut_neurons(moments[block.down.input_name], block.down.weight, block.down.bias,
                                                 count)))

@@ -90,7 +90,7 @@ def cut_options(parts: list[BlockParts], moments: dict[str, Moments], multiple: 
             widths = {kept_count(ffn.width, f, multiple) for f in FFN_LEVELS} - {ffn.width}
             by_width = neuron_cuts(moment, ffn.down.weight, ffn.down.bias, list(widths))
             for kept, cut in sorted(by_width.items(), reverse=True):
-                saved = (ffn.width - kept) * (ffn.up.d_in + ffn.down.d_out)
+                saved = (ffn.width - kept) * ffn.params_per_neuron
                 options.append(CutOption("ffn", index, kept, StructuredCuts(ffn=[(ffn, cut)]), saved))
         if part.attention is not None:
             attention, moment = part.attention, moments[part.attention.output.input_name]
@@ -140,9 +140,9 @@ def gemm_saving_ms(option: CutOption, parts: list[BlockParts], timer: Timer) -> 
         before = [(layer.d_in, layer.d_out) for layer in part.layers if layer.weight is not None]
         after = []
     elif option.kind == "ffn":
-        up, down = part.ffn.up, part.ffn.down
-        before = [(up.d_in, up.d_out), (down.d_in, down.d_out)]
-        after = [(up.d_in, option.kept), (option.kept, down.d_out)]
+        widening, down = part.ffn.widening, part.ffn.down
+        before = [(layer.d_in, layer.d_out) for layer in part.ffn.layers]
+        after = [(layer.d_in, option.kept) for layer in widening] + [(option.kept, down.d_out)]
     else:
         attention = part.attention
         width = option.kept * attention.head_dim

@@ -144,4 +144,4 @@ def _attention_layers(part: BlockParts) -> list[LinearLayer]:
 
 
 def _ffn_layers(part: BlockParts) -> list[LinearLayer]:
-    return [] if part.ffn is None else [part.ffn.up, part.ffn.down]
+    return [] if part.ffn is None else part.ffn.layers

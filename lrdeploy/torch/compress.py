@@ -169,15 +169,17 @@ def _linear(weight: np.ndarray, bias: np.ndarray | None, dtype) -> torch.nn.Line
 
 def apply_neuron_cuts(model: torch.nn.Module, cuts) -> list[str]:
     """Narrow FFN blocks (in place) as the ONNX path chose: each `(block, cut)` of `passes.compose.StructuredCuts`
-    keeps `cut.keep` neurons of its up projection and gets the refit down projection; modules are found by weight.
+    keeps `cut.keep` neurons of its up projection (and gate) and gets the refit down projection; modules are found
+    by weight.
     Returns the up projections' module names."""
     find = module_by_weight(model)
     narrowed = []
     for block, cut in cuts:
         up_name, down_name = find(block.up.name, block.up.weight), find(block.down.name, block.down.weight)
         dtype = model.get_submodule(up_name).weight.dtype
-        bias = None if block.up.bias is None else np.asarray(block.up.bias)[cut.keep]
-        _replace(model, up_name, _linear(np.asarray(block.up.weight)[:, cut.keep], bias, dtype))
+        for layer in block.widening:  # the up projection, and a gated MLP's gate
+            bias = None if layer.bias is None else np.asarray(layer.bias)[cut.keep]
+            _replace(model, find(layer.name, layer.weight), _linear(np.asarray(layer.weight)[:, cut.keep], bias, dtype))
         _replace(model, down_name, _linear(cut.weight, cut.bias, dtype))
         narrowed.append(up_name)
     return narrowed

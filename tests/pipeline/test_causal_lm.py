@@ -72,3 +72,39 @@ def test_full_rank_is_the_dense_model(llama, tmp_path):
     assert result.exit_code == 0, result.output
     figures = json.loads((out / "report.json").read_text())["accuracy"]["outputs"]["logits"]["next_token"]
     assert figures["top1_agreement"] == 1.0 and abs(figures["ppl_ratio"] - 1) < 1e-5 and figures["kl"] < 1e-8
+
+
+def test_gated_mlp_neurons_that_contribute_nothing_are_removed_exactly(tmp_path):
+    """SwiGLU: down(silu(gate(x)) ⊙ up(x)). With half the neurons' down rows zero, --ffn-keep 0.5 keeps the other
+    half in gate and up alike and the logits stay the dense model's to float error."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lrdeploy.export.torch_onnx import export_hf
+    from tests.conftest import run_model
+
+    folder = tiny_llama_dir(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, 1::2] = 0  # every odd neuron contributes nothing
+    model.save_pretrained(str(folder))
+    export_hf(folder, tmp_path / "lm.onnx", task="text-generation")
+    np.savez(tmp_path / "calib.npz", **_windows(96))
+    np.savez(tmp_path / "eval.npz", **_windows(8, seed=1))
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "lm.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                                       "--eval", str(tmp_path / "eval.npz"), "--rank-budget", "1", "--ffn-keep", "0.5",
+                                       "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    narrowed = {layer["name"].split("/")[-2]: layer for layer in report["layers"] if layer["status"] == "narrowed"}
+    assert set(narrowed) == {"gate_proj", "up_proj", "down_proj"}
+    built = onnx.load(str(tmp_path / "out" / "lm.lowrank.onnx"))
+    mlp = [tuple(i.dims) for i in built.graph.initializer if "mlp" in i.name and len(i.dims) == 2]
+    assert len(mlp) == 6 and set(mlp) == {(64, 64)}  # gate, up [64, 64 kept] and down [64 kept, 64] of 2 blocks
+    feed = {k: v for k, v in _windows(4, seed=2).items()}
+    (dense,) = run_model(tmp_path / "lm.onnx", feed)
+    (compressed,) = run_model(tmp_path / "out" / "lm.lowrank.onnx", feed)
+    np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
+    assert report["params"]["linear_ratio"] < 0.8
