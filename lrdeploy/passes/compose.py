@@ -93,7 +93,7 @@ class StructuredCuts:
             result[block.down.name] = (why, kept * block.down.d_out)
         for attention, heads, cut in self.heads:
             width = len(cut.keep)
-            why = f"{len(heads)} of {attention.heads} heads kept ({self.source or '--heads-keep'})"
+            why = f"{attention.describe(len(heads))} kept ({self.source or '--heads-keep'})"
             for layer, kept_width in zip(attention.projections, attention.projection_widths(width)):
                 result[layer.name] = (why, layer.d_in * kept_width)
             result[attention.output.name] = (why, width * attention.output.d_out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.passes.linear_layers import FUSED_BIAS_INPUTS, LinearLayer, constant_value
@@ -77,3 +78,19 @@ def forget_shapes(graph: gs.Graph, starts: list[gs.Tensor], until: set[str]) -> 
         seen.add(tensor.name)
         tensor.shape = None
         frontier += [out for node in tensor.outputs for out in node.outputs]
+
+
+def reshape_target_dims(node: gs.Node) -> list[int | None] | None:
+    """The target shape of a Reshape as far as constants say (None for computed entries)."""
+    shape = node.inputs[1] if len(node.inputs) > 1 else None
+    if isinstance(shape, gs.Constant):
+        return [int(v) for v in np.asarray(shape.values).reshape(-1)]
+    producer = shape.inputs[0] if shape is not None and shape.inputs else None
+    if producer is None or producer.op != "Concat":
+        return None
+    dims: list[int | None] = []
+    for part in producer.inputs:
+        value = part.values if isinstance(part, gs.Constant) else (
+            part.inputs[0].attrs.get("value").values if part.inputs and part.inputs[0].op == "Constant" else None)
+        dims += [None] if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
+    return dims

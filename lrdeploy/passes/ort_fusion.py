@@ -14,30 +14,14 @@ from __future__ import annotations
 
 from collections import Counter
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import OptionError
+from lrdeploy.passes.layer_nodes import reshape_target_dims
 
 FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "SkipLayerNormalization",
              "SkipSimplifiedLayerNormalization", "BiasGelu", "FastGelu", "Gelu", "GemmFastGelu")
-
-
-def _reshape_dims(node: gs.Node) -> list[int | None] | None:
-    """The target shape of a Reshape as far as constants say (None for computed entries)."""
-    shape = node.inputs[1] if len(node.inputs) > 1 else None
-    if isinstance(shape, gs.Constant):
-        return [int(v) for v in np.asarray(shape.values).reshape(-1)]
-    producer = shape.inputs[0] if shape is not None and shape.inputs else None
-    if producer is None or producer.op != "Concat":
-        return None
-    dims: list[int | None] = []
-    for part in producer.inputs:
-        value = part.values if isinstance(part, gs.Constant) else (
-            part.inputs[0].attrs.get("value").values if part.inputs and part.inputs[0].op == "Constant" else None)
-        dims += [None] if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
-    return dims
 
 
 def attention_geometry(graph: gs.Graph) -> tuple[int, int] | None:
@@ -51,7 +35,7 @@ def attention_geometry(graph: gs.Graph) -> tuple[int, int] | None:
     hidden = int(norms[0].inputs[1].values.shape[-1])
     votes: Counter[int] = Counter()
     for node in graph.nodes:
-        dims = _reshape_dims(node) if node.op == "Reshape" else None
+        dims = reshape_target_dims(node) if node.op == "Reshape" else None
         if dims is None or len(dims) != 4:
             continue
         heads, dim = dims[2], dims[3]

@@ -28,7 +28,7 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
 from lrdeploy.passes.contract import Matches, PassResult, committed
-from lrdeploy.passes.layer_nodes import forget_shapes, is_plain, matmul_and_add, set_bias
+from lrdeploy.passes.layer_nodes import forget_shapes, is_plain, matmul_and_add, reshape_target_dims, set_bias
 from lrdeploy.passes.linear_layers import LinearLayer, constant_value
 from lrdeploy.passes.naming import Scope
 
@@ -39,11 +39,17 @@ PACKED_PARTS = 3  # Q, K and V in a fused Attention's packed weight
 @dataclass
 class AttentionBlock:
     """One self-attention: its input projections (Q, K and V as three layers, or a fused Attention's one packed
-    layer), its output projection, and its head count."""
+    layer), its output projection, its query head count and its key/value head count (fewer with grouped-query
+    attention: each key/value head serves `heads // kv_heads` query heads). A cut removes whole units: a key/value
+    head with the query heads it serves (one head each without grouping)."""
 
     projections: list[LinearLayer]
     output: LinearLayer
     heads: int
+    kv_heads: int = 0  # 0: as many as query heads
+
+    def __post_init__(self) -> None:
+        self.kv_heads = self.kv_heads or self.heads
 
     @property
     def packed(self) -> bool:
@@ -67,41 +73,84 @@ class AttentionBlock:
     def head_dim(self) -> int:
         return self.width // self.heads
 
+    @property
+    def units(self) -> int:
+        """What a head cut counts and removes: key/value heads, each with its query heads."""
+        return self.kv_heads
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per key/value head."""
+        return self.heads // self.kv_heads
+
+    @property
+    def params_per_unit(self) -> int:
+        """Weights one unit holds: its query heads' Q columns and output rows, its key and value head's columns."""
+        return self.head_dim * (self.group_size * (self.d_in + self.output.d_out) + 2 * self.d_in)
+
     def projection_widths(self, kept_width: int) -> list[int]:
         """Each input projection's output width when the context is `kept_width` wide."""
-        return [kept_width * (layer.d_out // self.width) for layer in self.projections]
+        if self.packed:
+            return [kept_width * PACKED_PARTS]
+        return [kept_width, kept_width // self.group_size, kept_width // self.group_size]
+
+    def kept_columns(self, kept_units: list[int], features: np.ndarray) -> list[np.ndarray]:
+        """The columns Q, K and V keep for `kept_units`: Q the context `features` of their query heads, K and V the
+        columns of their key/value heads (the same as Q's without grouping)."""
+        if self.kv_heads == self.heads:
+            return [features] * 3
+        kv = np.concatenate([unit * self.head_dim + np.arange(self.head_dim) for unit in kept_units])
+        return [features, kv, kv]
+
+    def describe(self, kept_units: int) -> str:
+        """How many heads a cut to `kept_units` keeps, in the block's own terms."""
+        if self.kv_heads == self.heads:
+            return f"{kept_units} of {self.heads} heads"
+        return (f"{kept_units} of {self.kv_heads} key/value heads ({kept_units * self.group_size} of {self.heads} "
+                "query heads)")
 
 
 def find_qkv_triples(layers: list[LinearLayer]) -> list[tuple[list[LinearLayer], LinearLayer]]:
-    """([Q, K, V], output projection) of every plain self-attention: three plain layers reading one tensor with
-    equal widths, followed (in model order) by the layer reading a tensor of that width."""
+    """([Q, K, V], output projection) of every plain self-attention: three consecutive plain layers reading one
+    tensor, K and V equally wide and Q as wide or a whole multiple wider (grouped-query attention), followed (in
+    model order) by the layer reading a tensor of Q's width."""
     plain = [layer for layer in layers if is_plain(layer)]
     triples: list[tuple[list[LinearLayer], LinearLayer]] = []
     for index, layer in enumerate(plain):
         readers = [other for other in plain[index:index + 3] if other.input_name == layer.input_name]
-        if len(readers) != 3 or any(r.d_out != layer.d_out for r in readers):
+        if len(readers) != 3:
+            continue
+        query, key, value = readers
+        if key.d_out != value.d_out or query.d_out % key.d_out:
             continue
         if triples and layer in triples[-1][0]:
             continue
         following = plain[index + 3] if index + 3 < len(plain) else None
-        if following is not None and following.d_in == layer.d_out and following.input_name != layer.input_name:
+        if following is not None and following.d_in == query.d_out and following.input_name != layer.input_name:
             triples.append((readers, following))
     return triples
 
 
-def match_attention_blocks(layers: list[LinearLayer], heads: int) -> Matches[AttentionBlock]:
-    """The plain self-attentions (`find_qkv_triples`) of a model whose uncut blocks have `heads` heads. The head
-    size d / heads is the same in every block, so a block narrowed by an earlier head cut is read with its own
-    count (its width / head size), not the model's. Shapes of attention that are not taken say why."""
+def match_attention_blocks(layers: list[LinearLayer], heads: int | None = None,
+                           head_dims: dict[str, int] | None = None) -> Matches[AttentionBlock]:
+    """The plain self-attentions (`find_qkv_triples`). The head size is the one the graph reshapes each block's Q
+    into (`head_dims`, by Q's name), else d / `heads` (the model's count, e.g. --num-heads); the same in every
+    block, so a block narrowed by an earlier head cut is read with its own count. Key/value heads are K's width /
+    head size. Shapes of attention that are not taken say why."""
     matches: Matches[AttentionBlock] = Matches()
     triples = find_qkv_triples(layers)
     for projections, output in triples:
-        head_dim, rest = divmod(projections[0].d_in, heads)
-        if not rest and head_dim and output.d_in % head_dim == 0:
-            matches.found.append(AttentionBlock(projections, output, output.d_in // head_dim))
-        else:
-            matches.refuse(projections[0].name, f"{heads} heads do not divide the width {projections[0].d_in} "
-                                                f"or the context {output.d_in}; give the head count with --num-heads")
+        query, key, _ = projections
+        head_dim = (head_dims or {}).get(query.name)
+        if head_dim is None and heads:
+            head_dim, rest = divmod(query.d_in, heads)
+            head_dim = head_dim if not rest else None
+        if not head_dim or output.d_in % head_dim or key.d_out % head_dim:
+            told = f"{heads} heads do not divide the width {query.d_in} or the context {output.d_in}" if heads else \
+                "the head size cannot be read from the graph"
+            matches.refuse(query.name, f"{told}; give the head count with --num-heads")
+            continue
+        matches.found.append(AttentionBlock(projections, output, output.d_in // head_dim, key.d_out // head_dim))
     taken = {layer.name for projections, _ in triples for layer in projections}
     plain = [layer for layer in layers if is_plain(layer) and layer.name not in taken]
     readers: dict[str, list[LinearLayer]] = {}
@@ -112,16 +161,30 @@ def match_attention_blocks(layers: list[LinearLayer], heads: int) -> Matches[Att
         if len(group) == 1 and first.d_out == PACKED_PARTS * first.d_in:
             matches.refuse(first.name, "one fused Q|K|V projection (3× its input wide, as GPT-2's c_attn): "
                                        "heads are not cut in it yet")
-        elif len(group) == 3 and len({layer.d_out for layer in group}) > 1:
-            widths = "/".join(str(layer.d_out) for layer in group)
-            matches.refuse(first.name, f"Q, K and V of different widths ({widths}: grouped-query attention): "
-                                       "heads are not cut in it yet")
     return matches
 
 
-def find_attention_blocks(layers: list[LinearLayer], heads: int) -> list[AttentionBlock]:
+def find_attention_blocks(layers: list[LinearLayer], heads: int | None = None,
+                          head_dims: dict[str, int] | None = None) -> list[AttentionBlock]:
     """The self-attentions `match_attention_blocks` finds."""
-    return match_attention_blocks(layers, heads).found
+    return match_attention_blocks(layers, heads, head_dims).found
+
+
+def reshaped_head_dims(graph: gs.Graph, layers: list[LinearLayer]) -> dict[str, int]:
+    """The head size each layer's output is reshaped into ([b, s, heads, head size] with a constant head size, as
+    torch's exporters write `view(b, s, -1, head_dim)`), by layer name; layers without such a Reshape are left out."""
+    tensors = graph.tensors()
+    found = {}
+    for layer in layers:
+        for consumer in tensors[layer.output_name].outputs if layer.output_name in tensors else []:
+            dims = reshape_target_dims(consumer) if consumer.op == "Reshape" else None
+            if dims and len(dims) == 4:
+                heads, dim = dims[2], dims[3]
+                if dim is not None and dim > 0 and layer.d_out % dim == 0:
+                    found[layer.name] = dim
+                elif heads is not None and heads > 0 and layer.d_out % heads == 0:
+                    found[layer.name] = layer.d_out // heads
+    return found
 
 
 def find_fused_attention_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> list[AttentionBlock]:
@@ -165,35 +228,41 @@ def resize_shape_axis(scope: Scope, name: str, node: gs.Node, old: int, new: int
     node.inputs[1] = scope.op("Concat", f"{name}/concat", pieces, dict(concat.attrs))  # its own: others keep theirs
 
 
-def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_heads: list[int], cut: NeuronCut) -> PassResult:
-    """Keep the heads `kept_heads` of `block` (in place); `cut` holds their context features and W_o's refit."""
+def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_units: list[int], cut: NeuronCut) -> PassResult:
+    """Keep the units `kept_units` of `block` (in place; key/value heads with their query heads, or heads); `cut`
+    holds their context features and W_o's refit."""
     tensors = graph.tensors()
     scope = Scope(graph, f"{block.output.name}/heads")
     if block.packed:
-        narrowed = [_narrow_packed(scope, tensors, block, len(kept_heads), cut.keep)]
+        narrowed = [_narrow_packed(scope, tensors, block, len(kept_units), cut.keep)]
     else:
-        narrowed = _narrow_projections(scope, graph, block, len(kept_heads), cut.keep)
+        narrowed = _narrow_projections(scope, graph, block, kept_units, cut.keep)
     dtype = block.output.dtype
     matmul, _ = matmul_and_add(tensors, block.output)
     matmul.inputs[1] = scope.constant("output/weight", cut.weight.astype(dtype))
     set_bias(graph, block.output, scope.constant("output/bias", cut.bias.astype(dtype)))
     forget_shapes(graph, narrowed, {block.output.output_name})
-    return committed(graph, heads_removed=block.heads - len(kept_heads))
+    return committed(graph, heads_removed=(block.units - len(kept_units)) * block.group_size)
 
 
-def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept: int,
+def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept_units: list[int],
                         features: np.ndarray) -> list[gs.Tensor]:
-    """Q, K and V keep the columns `features`; the Reshapes that split and merge heads say `kept` heads."""
+    """Q keeps the columns `features` (the kept units' query heads); K and V keep the kept key/value heads'
+    columns; the Reshapes that split and merge heads say how many are kept where they state a count."""
     tensors = graph.tensors()
     narrowed = [matmul_and_add(tensors, layer)[0].outputs[0] for layer in block.projections]
-    for tag, layer in zip(("query", "key", "value"), block.projections):
+    kept = len(kept_units)
+    for tag, layer, columns, heads in zip(("query", "key", "value"), block.projections,
+                                          block.kept_columns(kept_units, features),
+                                          ((block.heads, kept * block.group_size), (block.kv_heads, kept),
+                                           (block.kv_heads, kept))):
         matmul, _ = matmul_and_add(tensors, layer)
-        matmul.inputs[1] = scope.constant(f"{tag}/weight", np.asarray(layer.weight)[:, features].astype(layer.dtype))
+        matmul.inputs[1] = scope.constant(f"{tag}/weight", np.asarray(layer.weight)[:, columns].astype(layer.dtype))
         if layer.bias is not None:
-            set_bias(graph, layer, scope.constant(f"{tag}/bias", np.asarray(layer.bias)[features].astype(layer.dtype)))
+            set_bias(graph, layer, scope.constant(f"{tag}/bias", np.asarray(layer.bias)[columns].astype(layer.dtype)))
         for consumer in tensors[layer.output_name].outputs:
             if consumer.op == "Reshape":
-                resize_shape_axis(scope, f"{tag}/shape", consumer, block.heads, kept, 2)
+                resize_shape_axis(scope, f"{tag}/shape", consumer, *heads, 2)
     context = tensors[block.output.input_name]
     if context.inputs and context.inputs[0].op == "Reshape":
         resize_shape_axis(scope, "context/shape", context.inputs[0], block.width, len(features), -1)

@@ -14,19 +14,22 @@ from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_block
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.ort_fusion import attention_geometry
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
-from lrdeploy.passes.prune_heads import AttentionBlock, find_attention_blocks, find_fused_attention_blocks
+from lrdeploy.passes.prune_heads import (AttentionBlock, find_attention_blocks, find_fused_attention_blocks,
+                                         reshaped_head_dims)
 from lrdeploy.settings.build import BuildConfig
 
 
 def self_attentions(config: BuildConfig, graph: gs.Graph, layers: list[LinearLayer]) -> list[AttentionBlock] | None:
     """The self-attentions of the graph the build cuts: ONNX Runtime's fused ones with `--optimize ort` (their node
-    says the head count), else the plain projections with the head count read from the graph or `--num-heads`;
-    None when that count cannot be told."""
+    says the head count), else the plain projections with the head size each block's Q is reshaped into (grouped-
+    query attention: K's width / head size key/value heads), the model's head count read from the graph, or
+    `--num-heads`; None when none of those can be told."""
     if config.optimize == "ort":
         return find_fused_attention_blocks(graph, layers)
-    geometry = attention_geometry(graph)
+    head_dims = {} if config.num_heads else reshaped_head_dims(graph, layers)
+    geometry = None if config.num_heads or head_dims else attention_geometry(graph)
     heads = config.num_heads or (geometry[0] if geometry else 0)
-    return find_attention_blocks(layers, heads) if heads else None
+    return find_attention_blocks(layers, heads, head_dims) if heads or head_dims else None
 
 
 @dataclass

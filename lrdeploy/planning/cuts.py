@@ -70,6 +70,11 @@ class StructuredBlocks:
                         "Q, K, V and output projections as plain MatMuls")
                 raise NoEligibleLayersError(f"{config.model} has no self-attention block ({form}) for {option}; "
                                             "leave the option out")
+        grouped = [block for block in attention if block.kv_heads != block.heads]
+        if config.values_keep and grouped:
+            raise OptionError(f"--values-keep cannot narrow grouped-query attention ({grouped[0].heads} query heads "
+                              f"share {grouped[0].kv_heads} value heads: a value head's width serves several query "
+                              "heads); leave it out, or cut whole key/value heads with --heads-keep")
         return cls(ffn, attention if config.heads_keep else [], [], attention if config.drop_blocks else [],
                    attention if config.values_keep else [])
 
@@ -133,7 +138,7 @@ class StructuredBlocks:
                                                 count)))
         for block in self._kept(self.attention, attention_layers):
             heads, cut = cut_groups(moments[block.output.input_name], block.output.weight, block.output.bias,
-                                    block.heads, kept_count(block.heads, config.heads_keep, 1))
+                                    block.units, kept_count(block.units, config.heads_keep, 1))
             cuts.heads.append((block, heads, cut))
         for block in self._kept(self.values, attention_layers):
             value = block.projections[-1]

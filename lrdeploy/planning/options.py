@@ -94,10 +94,10 @@ def cut_options(parts: list[BlockParts], moments: dict[str, Moments], multiple: 
                 options.append(CutOption("ffn", index, kept, StructuredCuts(ffn=[(ffn, cut)]), saved))
         if part.attention is not None:
             attention, moment = part.attention, moments[part.attention.output.input_name]
-            counts = {kept_count(attention.heads, f, 1) for f in HEAD_LEVELS} - {attention.heads}
-            by_count = group_cuts(moment, attention.output.weight, attention.output.bias, attention.heads, list(counts))
+            counts = {kept_count(attention.units, f, 1) for f in HEAD_LEVELS} - {attention.units}
+            by_count = group_cuts(moment, attention.output.weight, attention.output.bias, attention.units, list(counts))
             for kept, (heads, cut) in sorted(by_count.items(), reverse=True):
-                saved = (attention.heads - kept) * attention.head_dim * (3 * attention.d_in + attention.output.d_out)
+                saved = (attention.units - kept) * attention.params_per_unit
                 options.append(CutOption("heads", index, kept, StructuredCuts(heads=[(attention, heads, cut)]), saved))
         if part.block is not None:
             weighted = [layer for layer in part.layers if layer.weight is not None]
@@ -145,7 +145,7 @@ def gemm_saving_ms(option: CutOption, parts: list[BlockParts], timer: Timer) -> 
         after = [(layer.d_in, option.kept) for layer in widening] + [(option.kept, down.d_out)]
     else:
         attention = part.attention
-        width = option.kept * attention.head_dim
+        width = option.kept * attention.group_size * attention.head_dim
         before = [(layer.d_in, layer.d_out) for layer in (*attention.projections, attention.output)]
         after = [(attention.d_in, kept) for kept in attention.projection_widths(width)] + [(width, attention.output.d_out)]
     times = [[_linear_ms(timer, *shape) for shape in shapes] for shapes in (before, after)]

@@ -10,12 +10,11 @@ import onnx_graphsurgeon as gs
 from lrdeploy.errors import NoEligibleLayersError
 from lrdeploy.onnx_io import LoadedModel, count_parameters, load_model
 from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
-from lrdeploy.passes.contract import Matches
 from lrdeploy.passes.drop_blocks import match_transformer_blocks
 from lrdeploy.passes.merge_qkv import merged_qkv_model
 from lrdeploy.passes.ort_fusion import attention_geometry, fuse_for_onnxruntime
 from lrdeploy.passes.prune_ffn import match_ffn_blocks
-from lrdeploy.passes.prune_heads import match_attention_blocks
+from lrdeploy.passes.prune_heads import match_attention_blocks, reshaped_head_dims
 
 
 @dataclass
@@ -46,11 +45,9 @@ class Inspection:
         """The transformer blocks the structured cuts find (FFNs, self-attentions, blocks that can be dropped) and
         every candidate they refused, with the reason."""
         ffn = match_ffn_blocks(self.graph, self.layers)
-        geometry = attention_geometry(self.graph)
-        attention = match_attention_blocks(self.layers, geometry[0]) if geometry else Matches()
-        if not geometry:
-            attention.refuse("self-attention", "the head count cannot be read from the graph (give --num-heads to "
-                                               "build)")
+        head_dims = reshaped_head_dims(self.graph, self.layers)
+        geometry = None if head_dims else attention_geometry(self.graph)
+        attention = match_attention_blocks(self.layers, geometry[0] if geometry else None, head_dims)
         depth = match_transformer_blocks(self.graph, attention.found, ffn.found)
         return {"ffn": len(ffn.found), "attention": len(attention.found), "droppable": len(depth.found),
                 "refused": [{"part": part, "candidate": r.candidate, "reason": r.reason}

@@ -195,13 +195,13 @@ def apply_head_cuts(model: torch.nn.Module, cuts) -> list[str]:
         parts = _projection_parts(block)
         names = [find(name, weight) for name, weight, _ in parts] + [find(block.output.name, block.output.weight)]
         dtype = model.get_submodule(names[0]).weight.dtype
-        for name, (_, weight, bias) in zip(names, parts):
-            _replace(model, name, _linear(np.asarray(weight)[:, cut.keep],
-                                          None if bias is None else np.asarray(bias)[cut.keep], dtype))
+        for name, (_, weight, bias), columns in zip(names, parts, block.kept_columns(heads, cut.keep)):
+            _replace(model, name, _linear(np.asarray(weight)[:, columns],
+                                          None if bias is None else np.asarray(bias)[columns], dtype))
         _replace(model, names[-1], _linear(cut.weight, cut.bias, dtype))
         attention = model.get_submodule(names[0].rpartition(".")[0])
-        attention.num_attention_heads = len(heads)
-        attention.all_head_size = len(heads) * block.head_dim
+        attention.num_attention_heads = len(heads) * block.group_size  # BERT's module reads these; Llama's
+        attention.all_head_size = len(heads) * block.group_size * block.head_dim  # views by head size
         narrowed.append(names[0].rpartition(".")[0])
     return narrowed
 

@@ -108,3 +108,40 @@ def test_gated_mlp_neurons_that_contribute_nothing_are_removed_exactly(tmp_path)
     (compressed,) = run_model(tmp_path / "out" / "lm.lowrank.onnx", feed)
     np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
     assert report["params"]["linear_ratio"] < 0.8
+
+
+def test_grouped_query_heads_that_contribute_nothing_are_removed_exactly(tmp_path):
+    """Llama with 4 query heads sharing 2 key/value heads: with the second key/value head's query heads writing
+    nothing (their output rows zero), --heads-keep 0.5 removes that key/value head with its 2 query heads (Q, K, V
+    columns and O rows) and the logits stay the dense model's; rotary positions and repeat_kv still fit."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from lrdeploy.export.torch_onnx import export_hf
+    from tests.conftest import run_model
+
+    folder = tiny_llama_dir(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight[:, 32:] = 0  # query heads 2 and 3 (key/value head 1) write nothing
+    model.save_pretrained(str(folder))
+    export_hf(folder, tmp_path / "lm.onnx", task="text-generation")
+    np.savez(tmp_path / "calib.npz", **_windows(96))
+    np.savez(tmp_path / "eval.npz", **_windows(8, seed=1))
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "lm.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                                       "--eval", str(tmp_path / "eval.npz"), "--rank-budget", "1",
+                                       "--heads-keep", "0.5", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
+    assert len(narrowed) == 8 and all("1 of 2 key/value heads (2 of 4 query heads) kept" in layer["reason"]
+                                      for layer in narrowed)
+    built = onnx.load(str(tmp_path / "out" / "lm.lowrank.onnx"))
+    attention = sorted(tuple(i.dims) for i in built.graph.initializer if "heads" in i.name and len(i.dims) == 2)
+    assert attention == sorted([(64, 32), (64, 16), (64, 16), (32, 64)] * 2)  # Q, K, V [64, kept], O [32, 64]
+    feed = _windows(4, seed=2)
+    (dense,) = run_model(tmp_path / "lm.onnx", feed)
+    (compressed,) = run_model(tmp_path / "out" / "lm.lowrank.onnx", feed)
+    np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())

@@ -215,6 +215,7 @@ def test_head_cuts_reach_hugging_face_attention_exactly(tmp_path):
     from transformers import BertModel
 
     from lrdeploy.lowrank.neurons import NeuronCut
+    from lrdeploy.passes.prune_heads import AttentionBlock
     from lrdeploy.torch.compress import apply_head_cuts
     from tests.factories import tiny_bert_dir
 
@@ -232,13 +233,14 @@ def test_head_cuts_reach_hugging_face_attention_exactly(tmp_path):
 
     def layer(module, name):
         return SimpleNamespace(name=name, weight=module.weight.detach().numpy().T.copy(),
-                               bias=module.bias.detach().numpy().copy())
+                               bias=module.bias.detach().numpy().copy(), d_in=module.in_features,
+                               d_out=module.out_features)
 
     query, key, value = (layer(getattr(attention.self, n), n) for n in ("query", "key", "value"))
     output = layer(attention.output.dense, "output")
     kept = [0, 1, 3]
     keep = np.concatenate([np.arange(h * head_dim, (h + 1) * head_dim) for h in kept])
-    block = SimpleNamespace(projections=[query, key, value], output=output, head_dim=head_dim)
+    block = AttentionBlock([query, key, value], output, heads=output.d_in // head_dim)
     names = apply_head_cuts(model, [(block, kept, NeuronCut(keep, output.weight[keep], output.bias, 0.0))])
     assert names == ["encoder.layer.0.attention.self"] and attention.self.query.out_features == 48
     with torch.no_grad():
