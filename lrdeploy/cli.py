@@ -262,6 +262,10 @@ def build_options(command):
         click.option("--allocation", type=click.Choice(ALLOCATIONS),
                      help="How the low-rank plan shares the budget (default uniform; giving one chooses --plan "
                           "lowrank under --plan auto): sensitivity measures each layer's effect on the outputs."),
+        click.option("--sensitivity-samples", default=d.sensitivity_samples, show_default=True,
+                     type=click.IntRange(min=1),
+                     help="Calibration samples each measured option runs on (sensitivity allocation, the unified plan, "
+                          "--drop-blocks): fewer is faster, e.g. 4 windows of 128 tokens for an LLM."),
         click.option("--rank-multiple", type=click.IntRange(min=1),
                      help="Ranks are multiples of this (default: 64 for GPU targets, --profile or --backend ort-cuda; "
                           "else 16)."),

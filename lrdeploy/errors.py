@@ -11,6 +11,7 @@
     │   ├── OutputError            the output directory cannot be written, or would overwrite an input
     │   ├── ExportError            a PyTorch model cannot be exported, or its ONNX export disagrees with it
     │   ├── EngineConfigError      engine options that cannot become a TensorRT configuration
+    │   ├── MemoryLimitError       the build's statistics would not fit in the memory available
     │   └── MissingDependencyError an optional package (torch, TensorRT, ...) is not installed
     └── InternalError              a bug in lrdeploy; keeps its traceback
 
@@ -56,6 +57,10 @@ class ExportError(LrdeployError):
 
 class EngineConfigError(LrdeployError):
     """An engine option that cannot be turned into a TensorRT configuration."""
+
+
+class MemoryLimitError(LrdeployError):
+    """The build would need more memory than the machine has available (estimated before the work starts)."""
 
 
 class MissingDependencyError(LrdeployError):

@@ -44,6 +44,7 @@ from lrdeploy.stages.outputs import input_files, output_files
 from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.stages.refit import RefitPlan, RefitSettings, refit_plan, refit_stages
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
+from lrdeploy.stages.memory import check_statistics_fit
 from lrdeploy.stages.samples import BuildSamples, prepare_samples
 from lrdeploy.planning.blocks import find_block_parts, structure_requests
 from lrdeploy.planning.options import ShapeOptions, shape_options
@@ -132,6 +133,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         with timer.stage("calibrate"):
             requests = [TensorRequest(layer.input_name, layer.d_in) for layer in eligible]
             requests += blocks.requests() + structure_requests(parts)
+            check_statistics_fit(requests, eligible)
             moments, cached = calibrate(inspection.model, requests, samples.calib, feeds, cache, config.threads,
                                         progress)
         if cached:

@@ -93,7 +93,7 @@ class StructuredBlocks:
         if config.drop_blocks > len(blocks):
             raise OptionError(f"--drop-blocks {config.drop_blocks}: only {len(blocks)} of the "
                               f"{len(blocks) + len(matches.refused)} blocks can be dropped ({refused}); drop fewer")
-        measure = DistortionProbe(inspection.model.proto, feeds.batches(probe), config.threads)
+        measure = DistortionProbe(inspection.model.proto, feeds.batches(probe), config.threads, feeds.mask_name)
         distortion = {block.name: measure.of_model(StructuredCuts(dropped=[(block, [], 0.0)]).applied_to(
             inspection.model.proto)) for block in blocks}
         order = [layer.name for layer in inspection.layers]

@@ -110,7 +110,7 @@ def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: 
                        config: BuildConfig, cache: StatisticsCache, progress: Progress) -> None:
     """Each option's output distortion alone on the probe batches (cached like the sensitivity table)."""
     def measure() -> dict[str, dict[int, float]]:
-        distortion = DistortionProbe(model, feeds.batches(probe), config.threads)
+        distortion = DistortionProbe(model, feeds.batches(probe), config.threads, feeds.mask_name)
         on_step = progress.steps("measuring structured cuts", len(options))
         table: dict[str, dict[int, float]] = {}
         for option in options:

@@ -2,7 +2,12 @@
 plan's structured options and `--drop-blocks`' choice.
 
     probe batches ─dense model─► reference outputs (once)
-    probe batches ─variant─────► outputs ─► mean over outputs of mean over samples of (1 − cosine) to the reference
+    probe batches ─variant─────► outputs ─► mean over outputs of: mean over samples of (1 − cosine) to the
+                                            reference, or for a causal LM's logits the mean KL(dense ‖ variant)
+                                            per next-token position (`stages.next_token`)
+
+KL is what a language model's perplexity and agreement follow; cosine of logits is not (0.92 for a model whose
+perplexity doubled).
 
 A variant is a whole model (a structured cut applied) or a session of the error-injected model fed extra inputs
 (`passes.inject_error`: one session serves many layers and ranks)."""
@@ -16,31 +21,46 @@ import onnx
 import onnxruntime as ort
 
 from lrdeploy.runtime.onnxruntime import create_session
+from lrdeploy.stages.next_token import NextTokenScores, is_next_token_output
 from lrdeploy.stages.validate import per_sample_cosine
 
 
-def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]]) -> float:
-    """Mean over outputs of mean over samples of 1 − cosine."""
+def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
+                feeds: list[dict[str, np.ndarray]] | None = None, mask_name: str | None = None) -> float:
+    """Mean over outputs of mean over samples of 1 − cosine; an output that is a causal LM's logits over the
+    `feeds`' input_ids counts its mean KL instead."""
     losses = []
-    for ref_batches, out_batches in zip(zip(*reference), zip(*outputs)):
+    for index, (ref_batches, out_batches) in enumerate(zip(zip(*reference), zip(*outputs))):
+        if feeds and all(is_next_token_output(r, feed) for r, feed in zip(ref_batches, feeds)):
+            scores = NextTokenScores()
+            for r, o, feed in zip(ref_batches, out_batches, feeds):
+                scores.add(r, o, feed["input_ids"], feed.get(mask_name) if mask_name else None)
+            result = scores.result()
+            if result is not None:
+                losses.append(result.kl)
+                continue
         cosines = np.concatenate([per_sample_cosine(r, o) for r, o in zip(ref_batches, out_batches)])
         losses.append(1.0 - float(np.mean(cosines)))
     return float(np.mean(losses))
 
 
 class DistortionProbe:
-    """The dense model's outputs on a few probe batches, computed once, and the distortion of variants against them."""
+    """The dense model's outputs on a few probe batches, computed once, and the distortion of variants against them
+    (`mask_name`: the attention mask input, so that padding is not scored)."""
 
-    def __init__(self, model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], threads: int = 0):
+    def __init__(self, model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], threads: int = 0,
+                 mask_name: str | None = None):
         self.batches = list(batches)
         self.threads = threads
+        self.mask_name = mask_name
         dense = create_session(model, threads)
         self.reference = [dense.run(None, feed) for feed in self.batches]
 
     def of_session(self, session: ort.InferenceSession, extra: Mapping[str, np.ndarray] | None = None) -> float:
         """Distortion of a session's outputs, each batch fed with `extra` inputs too."""
         extra = dict(extra or {})
-        return degradation(self.reference, [session.run(None, {**feed, **extra}) for feed in self.batches])
+        return degradation(self.reference, [session.run(None, {**feed, **extra}) for feed in self.batches],
+                           self.batches, self.mask_name)
 
     def of_model(self, variant: onnx.ModelProto) -> float:
         """Distortion of a whole variant model."""

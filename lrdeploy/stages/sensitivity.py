@@ -3,8 +3,9 @@
 One error-injected model (`passes.inject_error`) serves the measurements of a group of layers: each layer L
 gets a weight error D_L and a bias error e_L fed at run time, so that its output becomes Y_L + X_L·D_L + e_L.
 Cutting L alone to rank k is exactly D_L = A_k·B_k − W, e_L = c_k − b (its input is unchanged, since only L
-is cut); every other layer gets zeros. Degradation is 1 − cosine per sample against the dense outputs,
-averaged over samples and outputs, on a few calibration batches. Layers are measured at a few ranks and
+is cut); every other layer gets zeros. Degradation is 1 − cosine per sample against the dense outputs (KL per
+next-token position for a causal LM's logits: `stages.distortion`), averaged over samples and outputs, on a few
+calibration batches. Layers are measured at a few ranks and
 interpolated along their spectrum (linearly in discarded energy); the allocation is the greedy knapsack of
 `lowrank.allocate.greedy_ranks` on those curves.
 """
@@ -40,14 +41,14 @@ def candidate_ranks(shape: LayerShape, multiple: int, count: int = 3) -> list[in
 def measure_sensitivity(
     model: onnx.ModelProto, layers: list[LinearLayer], decompositions: dict[str, Decomposition], multiple: int,
     batches: Iterable[dict[str, np.ndarray]], threads: int = 0, on_step: Callable[[], None] | None = None,
-    group_size: int = GROUP_SIZE,
+    group_size: int = GROUP_SIZE, mask_name: str | None = None,
 ) -> SensitivityTable:
     """Degradation of the outputs when each layer alone is cut to each of its candidate ranks.
 
     Layers are injected `group_size` at a time: each injection adds one dense-sized MatMul to every run, so
     small groups keep runs cheap while few groups keep session creation cheap.
     """
-    probe = DistortionProbe(model, batches, threads)
+    probe = DistortionProbe(model, batches, threads, mask_name)
     table: SensitivityTable = {}
     for start in range(0, len(layers), group_size):
         group = layers[start:start + group_size]
@@ -97,7 +98,7 @@ def measured_sensitivity(model: onnx.ModelProto, layers: list[LinearLayer], deco
     def measure() -> SensitivityTable:
         on_step = progress.steps("measuring sensitivity", count_measurements(layers, config.rank_multiple))
         return measure_sensitivity(model, layers, decompositions, config.rank_multiple, feeds.batches(probe),
-                                   config.threads, on_step)
+                                   config.threads, on_step, mask_name=feeds.mask_name)
 
-    settings = f"{feeds.mask_name}|{config.method}|{config.rank_multiple}"
+    settings = f"{feeds.mask_name}|{config.method}|{config.rank_multiple}|kl-for-logits"  # the distortion measured
     return cache.sensitivity(probe, settings, {layer.name for layer in layers}, measure)
