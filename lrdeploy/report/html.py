@@ -7,8 +7,8 @@ import html
 
 from lrdeploy.bench.measure import result_from_dict
 from lrdeploy.report.model import BuildReport, SweepReport, sweep_table, target_sign
-from lrdeploy.report.plots import (budget_plot, distillation_plot, latency_plot, pareto_plot, ranks_plot,
-                                   spectra_plot)
+from lrdeploy.report.plots import (MANY_LAYERS, budget_plot, distillation_plot, kept_heatmap, latency_plot, pareto_plot,
+                                   ranks_plot, spectra_plot)
 
 STYLE = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;
@@ -101,10 +101,17 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
                               _fmt(o.topk_agreement, 3)] for n, o in a.outputs.items()]))
     if sweep is not None:
         parts.append(sweep_sections(sweep))
-    parts.append("<h2>Ranks</h2>")
-    parts.append(_figure(ranks_plot(report.layers), "rank kept per layer",
-                         "Rank kept per linear layer in model order; the red line is the rank above which a split "
-                         "would not save parameters."))
+    heatmap = kept_heatmap(report.layers) if sum(l.status != "skipped" for l in report.layers) >= MANY_LAYERS else None
+    if heatmap is not None:
+        parts.append("<h2>What each block keeps</h2>")
+        parts.append(_figure(heatmap, "weights kept per block and projection",
+                             "Fraction of each linear layer's weights kept (rank, neurons or heads), blocks left to "
+                             "right; 1 is dense."))
+    else:
+        parts.append("<h2>Ranks</h2>")
+        parts.append(_figure(ranks_plot(report.layers), "rank kept per layer",
+                             "Rank kept per linear layer in model order; the red line is the rank above which a split "
+                             "would not save parameters."))
     if report.spectra:
         parts.append("<h2>Why features, not weights</h2>")
         parts.append(_figure(spectra_plot(report.spectra), "eigen-spectra",
@@ -118,13 +125,15 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
         rows = [[f"{s.batch}×{s.seq}", *(f"{s.latency[m].p50_ms:.2f}" for m in result.models), _fmt(s.ratio_p50, 3)]
                 for s in result.shapes]
         parts.append(_table(["batch × seq", *(f"{m} p50 ms" for m in result.models), "ratio"], rows))
-    parts.append("<h2>Layers</h2>")
+    parts.append(f"<h2>Layers</h2><details{' open' if len(report.layers) < MANY_LAYERS else ''}>"
+                 f"<summary>{len(report.layers)} layers</summary>")
     parts.append(_table(
         ["layer", "pattern", "d_in", "d_out", "rank", "params before", "params after", "status", "FLOP speed-up",
          "measured speed-up", "reason"],
         [[l.name, l.pattern, l.d_in or "", l.d_out or "", "" if l.rank is None else l.rank, f"{l.params_before:,}",
           f"{l.params_after:,}", l.status, _fmt(l.predicted_speedup, 2), _fmt(l.measured_speedup, 2), l.reason]
          for l in report.layers], text_columns=(0, 1, 7, 10)))
+    parts.append("</details>")
     parts.append("<h2>Run</h2>")
     parts.append(_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in report.timings.items()]))
     parts.append(f"<p class='cap'>lrdeploy {html.escape(report.lrdeploy_version)}; method {c.method}, allocation "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 
 from lrdeploy.bench.measure import BenchResult
 
@@ -73,6 +74,49 @@ def ranks_plot(layers) -> bytes:
     ax.set_xticks(x, short_names([l.name for l in shown]), rotation=90, fontsize=6)
     ax.set_ylabel("rank kept (grey: dense)")
     ax.legend(fontsize=8)
+    return _png(plt, fig)
+
+
+MANY_LAYERS = 48  # from here one bar per layer is unreadable: blocks × projections instead
+BLOCK_INDEX = re.compile(r"(?:^|[/._])(?:layers?|h|blocks?|block)[._/]?(\d+)(?=[/._])")
+
+
+def block_grid(layers) -> tuple[list[int], list[str], dict[tuple[int, str], object]] | None:
+    """(block indices, projection names, {(block, projection): layer}) when the layers' names say their block
+    (`layers.12/mlp/up_proj`, `h.3/attn/c_attn`, `layer.0/attention/self/query`) for at least 4 blocks; None when
+    they do not."""
+    cells: dict[tuple[int, str], object] = {}
+    for layer in layers:
+        found = BLOCK_INDEX.search(layer.name)
+        if found is None:
+            continue
+        rest = layer.name[found.end():].removesuffix("/MatMul").removesuffix("/Gemm").strip("/._")
+        cells[(int(found.group(1)), rest or "(block)")] = layer
+    blocks = sorted({block for block, _ in cells})
+    if len(blocks) < 4:
+        return None
+    projections = list(dict.fromkeys(name for _, name in sorted(cells, key=lambda key: key[0])))
+    return blocks, projections, cells
+
+
+def kept_heatmap(layers) -> bytes | None:
+    """Fraction of each layer's weights kept, blocks (columns) × projections (rows): the readable view of a model
+    with hundreds of layers. None when the names do not say the blocks."""
+    import numpy as np
+
+    grid = block_grid([l for l in layers if l.status != "skipped" and l.params_before])
+    if grid is None:
+        return None
+    blocks, projections, cells = grid
+    values = np.full((len(projections), len(blocks)), np.nan)
+    for (block, name), layer in cells.items():
+        values[projections.index(name), blocks.index(block)] = layer.params_after / layer.params_before
+    plt, fig, ax = _figure(max(6.0, 0.22 * len(blocks) + 2.5), 0.35 * len(projections) + 1.6)
+    image = ax.imshow(values, aspect="auto", cmap="viridis", vmin=0.0, vmax=1.0)
+    ax.set_xticks(range(len(blocks)), [str(b) for b in blocks], fontsize=6)
+    ax.set_yticks(range(len(projections)), projections, fontsize=7)
+    ax.set_xlabel("block")
+    fig.colorbar(image, ax=ax, label="weights kept")
     return _png(plt, fig)
 
 

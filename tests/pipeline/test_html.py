@@ -33,3 +33,19 @@ def test_build_report_html_structure(transformer_files, tmp_path):
     assert not re.search(r"https?://", page)
     assert parser.tags.count("table") >= 3  # accuracy, latency, layers (and run)
     assert "layer0/intermediate/MatMul" in page and "Why features, not weights" in page
+
+
+def test_a_model_of_many_layers_is_shown_as_blocks_by_projections():
+    """At 48+ layers one bar per layer is a smear: the page shows a blocks × projections heatmap of the weights
+    kept (read from the names) and folds the layer table."""
+    from lrdeploy.report.model import LayerRecord
+    from lrdeploy.report.plots import block_grid
+
+    layers = [LayerRecord(f"/model/layers.{b}/{p}/MatMul", "MatMul", 64, 64, 32, 4096, 4096 // (1 + b % 2), "factorized",
+                          "") for b in range(12) for p in ("self_attn/q_proj", "self_attn/o_proj", "mlp/up_proj",
+                                                           "mlp/down_proj")]
+    blocks, projections, cells = block_grid(layers)
+    assert blocks == list(range(12)) and projections == ["self_attn/q_proj", "self_attn/o_proj", "mlp/up_proj",
+                                                         "mlp/down_proj"]
+    assert cells[(3, "mlp/up_proj")].name == "/model/layers.3/mlp/up_proj/MatMul"
+    assert block_grid(layers[:12]) is None  # three blocks say too little for a grid
