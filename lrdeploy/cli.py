@@ -542,9 +542,11 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
 @click.option("--hf", "hf_dir", type=click.Path(file_okay=False, path_type=Path),
               help="A local Hugging Face / sentence-transformers model folder.")
 @click.option("--factory", help="package.module:function returning (module, {input name: example tensor}).")
-@click.option("--task", type=click.Choice(["feature-extraction", "text-generation"]), default="feature-extraction",
-              show_default=True, help="For --hf: a sentence embedder (pooled hidden states), or a causal LM "
-              "(input_ids, attention_mask → logits over the vocabulary).")
+@click.option("--task", type=click.Choice(["feature-extraction", "text-generation", "text-generation-with-past"]),
+              default="feature-extraction", show_default=True,
+              help="For --hf: a sentence embedder (pooled hidden states), a causal LM (input_ids, attention_mask → "
+                   "logits over the vocabulary), or one with its KV cache (past_key_values.N.key/value → present.N.*, "
+                   "as Optimum names them).")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
               help="For --hf feature-extraction: pool token states into one vector per sample inside the graph.")
 @click.option("--normalize/--no-normalize", default=True, show_default=True,

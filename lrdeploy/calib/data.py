@@ -170,6 +170,32 @@ def random_samples(
     return SampleSet({spec.name: np.concatenate([f[spec.name] for f in feeds], axis=0) for spec in specs})
 
 
+def is_past_input(spec: InputSpec) -> bool:
+    """A KV-cache input of a decoder exported with its past (`past_key_values.N.key`, Optimum's naming; `past.*`):
+    rank 4 [batch, heads, past length, head size], the past length dynamic."""
+    return (spec.name.startswith(("past_key_values", "past.")) and len(spec.shape) == 4 and spec.is_dynamic(2)
+            and all(isinstance(dim, int) for dim in (spec.shape[1], spec.shape[3])))
+
+
+def with_prefill_inputs(samples: SampleSet, specs: Sequence[InputSpec]) -> SampleSet:
+    """Text windows (input_ids, attention_mask) completed for a decoder exported with its KV cache, as a prefill:
+    each past input empty ([n, heads, 0, head size]) and, when the model reads them and the file has none,
+    position_ids counting the real tokens (0, 1, 2, … under the attention mask). Inputs the file has are kept."""
+    arrays = dict(samples.arrays)
+    names = {spec.name for spec in specs}
+    past = [spec for spec in specs if is_past_input(spec) and spec.name not in arrays]
+    if not past or "input_ids" not in arrays:
+        return samples
+    count = samples.count
+    for spec in past:
+        arrays[spec.name] = np.zeros((count, spec.shape[1], 0, spec.shape[3]), spec.dtype)
+    if "position_ids" in names and "position_ids" not in arrays:
+        ids = arrays["input_ids"]
+        mask = arrays.get("attention_mask", np.ones_like(ids))
+        arrays["position_ids"] = np.maximum(np.cumsum(mask != 0, axis=1) - 1, 0).astype(np.int64)
+    return SampleSet(arrays)
+
+
 def validate_samples(samples: SampleSet, specs: Sequence[InputSpec], label: str) -> SampleSet:
     """Check that `samples` has every model input with the model's dtype and compatible static dims;
     return the samples restricted to the model's inputs."""

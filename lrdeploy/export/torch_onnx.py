@@ -3,7 +3,8 @@
 Two sources:
 - a local Hugging Face / sentence-transformers folder (`--hf DIR`): the encoder, with mean or CLS pooling
   and L2 normalisation inside the graph so that the output is the sentence embedding (`--task
-  feature-extraction`), or a causal LM's logits over its vocabulary (`--task text-generation`);
+  feature-extraction`), or a causal LM's logits over its vocabulary (`--task text-generation`), with its KV
+  cache as inputs and outputs named as Optimum names them (`--task text-generation-with-past`);
 - a factory (`--factory package.module:function`) returning (module, {input name: example tensor}).
 
 Graphs get dynamic batch (axis 0) and sequence (axis 1 of rank-2 and rank-3 inputs) axes, opset 17,
@@ -15,6 +16,7 @@ torch and transformers are imported lazily (`pip install torch==2.13.0`, then th
 from __future__ import annotations
 
 import importlib
+import inspect
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +27,8 @@ from lrdeploy.errors import ExportError, MissingDependencyError
 
 OPSET = 17
 POOLINGS = ("mean", "cls", "none")
-TASKS = ("feature-extraction", "text-generation")  # Optimum's task names: a sentence embedder, a causal LM's logits
+TASKS = ("feature-extraction", "text-generation", "text-generation-with-past")  # Optimum's task names: a sentence
+# embedder, a causal LM's logits, and the same with its KV cache as inputs and outputs (for a generation loop)
 
 
 @dataclass
@@ -102,6 +105,53 @@ def causal_lm(model_dir: Path, seq_len: int = 16):
     return CausalLM().eval(), _example_text_inputs(int(getattr(model.config, "vocab_size", 0) or 0), seq_len)
 
 
+def causal_lm_with_past(model_dir: Path, past: int = 3, new: int = 2):
+    """(module, example inputs, dynamic axes) for the causal LM in `model_dir` with its KV cache as tensors, named
+    as Optimum's `text-generation-with-past` export names them: input_ids, attention_mask (past and new tokens),
+    position_ids, past_key_values.N.key / .value [batch, kv heads, past, head size] → logits, present.N.key /
+    .value. A generation loop feeds each step's presents back as the next step's past; an empty past (length 0)
+    is a prefill."""
+    torch = require_torch()
+    from transformers import DynamicCache
+
+    model = _load_hf(model_dir, "AutoModelForCausalLM")
+    config = model.config
+    layers = int(config.num_hidden_layers)
+    kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+    cache_argument = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+    class CausalLMWithPast(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, attention_mask, position_ids, *past):
+            cache = DynamicCache(config=config)
+            for layer in range(layers):
+                cache.update(past[2 * layer], past[2 * layer + 1], layer)
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=True, **{cache_argument: cache})
+            presents = {}
+            for layer, cached in enumerate(out.past_key_values.layers):
+                presents[f"present.{layer}.key"], presents[f"present.{layer}.value"] = cached.keys, cached.values
+            return {"logits": out.logits, **presents}
+
+    inputs = _example_text_inputs(int(getattr(config, "vocab_size", 0) or 0), new)
+    batch = inputs["input_ids"].shape[0]
+    inputs["attention_mask"] = torch.ones((batch, past + new), dtype=torch.int64)
+    inputs["position_ids"] = torch.arange(past, past + new).repeat(batch, 1)
+    generator = torch.Generator().manual_seed(1)
+    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
+    for layer in range(layers):
+        for part in ("key", "value"):
+            inputs[f"past_key_values.{layer}.{part}"] = torch.randn(batch, kv_heads, past, head_dim, generator=generator)
+            axes[f"past_key_values.{layer}.{part}"] = {0: "batch", 2: "past_sequence"}
+            axes[f"present.{layer}.{part}"] = {0: "batch", 2: "total_sequence"}
+    return CausalLMWithPast().eval(), inputs, axes
+
+
 def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = True, seq_len: int = 16):
     """(module, example inputs) for the Hugging Face encoder in `model_dir` with pooling in the graph."""
     torch = require_torch()
@@ -151,10 +201,15 @@ def _outputs(output) -> list:
     return [output]
 
 
-def _output_names(module, example_inputs: dict, default: str) -> list[str]:
+def _call(module, example_inputs: dict, positional: bool):
+    """The module's output on the example inputs, passed by name or, with `positional`, in the dict's order."""
     torch = require_torch()
     with torch.no_grad():
-        output = module(**example_inputs)
+        return module(*example_inputs.values()) if positional else module(**example_inputs)
+
+
+def _output_names(module, example_inputs: dict, default: str, positional: bool = False) -> list[str]:
+    output = _call(module, example_inputs, positional)
     if isinstance(output, dict):
         return list(output)
     count = len(_outputs(output))
@@ -171,28 +226,31 @@ def _dynamic_axes(example_inputs: dict, output_names: list[str], output_ranks: l
 
 
 def export_module(module, example_inputs: dict, output: Path, output_name: str = "output",
-                  tolerance: float = 1e-4, retie: bool = False) -> ExportResult:
+                  tolerance: float = 1e-4, retie: bool = False, positional: bool = False,
+                  dynamic_axes: dict | None = None) -> ExportResult:
     """Export `module(**example_inputs)` to `output` (atomically) and check ONNX Runtime parity: the max abs
     difference within `tolerance` × the outputs' largest magnitude (at least 1), so that logits in the tens
     are held to the same float32 precision as unit embeddings. `retie`: an LM head tied to the embedding reads
-    the table again instead of the transposed copy the exporter folds it into (`passes.tie_weights`)."""
+    the table again instead of the transposed copy the exporter folds it into (`passes.tie_weights`).
+    `positional`: the module takes the inputs in `example_inputs`' order (a variable number of them, e.g. a KV
+    cache per layer); `dynamic_axes`: the module's own (default: batch and sequence on every input and output)."""
     torch = require_torch()
     from lrdeploy.files import atomic_path
     from lrdeploy.runtime.onnxruntime import create_session
 
     module = module.eval()
     output = Path(output)
-    output_names = _output_names(module, example_inputs, output_name)
-    with torch.no_grad():
-        expected = [t.detach().float().numpy() for t in _outputs(module(**example_inputs))]
+    output_names = _output_names(module, example_inputs, output_name, positional)
+    expected = [t.detach().float().numpy() for t in _outputs(_call(module, example_inputs, positional))]
     input_names = list(example_inputs)
     with atomic_path(output) as tmp, torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer chatter about Python control flow; parity is checked below
         try:
             torch.onnx.export(
-                module, (), str(tmp), kwargs=dict(example_inputs), dynamo=False, opset_version=OPSET,
+                module, tuple(example_inputs.values()) if positional else (), str(tmp),
+                kwargs=None if positional else dict(example_inputs), dynamo=False, opset_version=OPSET,
                 input_names=input_names, output_names=output_names,
-                dynamic_axes=_dynamic_axes(example_inputs, output_names, [e.ndim for e in expected]),
+                dynamic_axes=dynamic_axes or _dynamic_axes(example_inputs, output_names, [e.ndim for e in expected]),
             )
         except Exception as exc:
             raise ExportError(f"torch.onnx.export failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
@@ -233,6 +291,11 @@ def export_hf(model_dir: Path, output: Path, pooling: str = "mean", normalize: b
         module, inputs = causal_lm(model_dir)
         tied = bool(getattr(module.model.config, "tie_word_embeddings", False))
         return export_module(module, inputs, output, "logits", tolerance, retie=tied)
+    if task == "text-generation-with-past":
+        module, inputs, axes = causal_lm_with_past(model_dir)
+        tied = bool(getattr(module.model.config, "tie_word_embeddings", False))
+        return export_module(module, inputs, output, "logits", tolerance, retie=tied, positional=True,
+                             dynamic_axes=axes)
     module, inputs = sentence_embedder(model_dir, pooling, normalize)
     return export_module(module, inputs, output, "last_hidden_state" if pooling == "none" else "embedding", tolerance)
 

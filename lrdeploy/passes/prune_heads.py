@@ -47,6 +47,7 @@ class AttentionBlock:
     output: LinearLayer
     heads: int
     kv_heads: int = 0  # 0: as many as query heads
+    feeds_cache: bool = False  # its keys and values are a KV cache's outputs: their head count is an interface
 
     def __post_init__(self) -> None:
         self.kv_heads = self.kv_heads or self.heads

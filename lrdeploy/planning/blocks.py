@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import onnx_graphsurgeon as gs
 
+from lrdeploy.calib.data import InputSpec, is_past_input
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
@@ -29,7 +31,19 @@ def self_attentions(config: BuildConfig, graph: gs.Graph, layers: list[LinearLay
     head_dims = {} if config.num_heads else reshaped_head_dims(graph, layers)
     geometry = None if config.num_heads or head_dims else attention_geometry(graph)
     heads = config.num_heads or (geometry[0] if geometry else 0)
-    return find_attention_blocks(layers, heads, head_dims) if heads or head_dims else None
+    if not heads and not head_dims:
+        return None
+    blocks = find_attention_blocks(layers, heads, head_dims)
+    if has_kv_cache(graph):
+        for block in blocks:
+            block.feeds_cache = True
+    return blocks
+
+
+def has_kv_cache(graph: gs.Graph) -> bool:
+    """The model takes a KV cache (`past_key_values.N.*` inputs): its attention's key/value head counts are part of
+    its interface, which a generation loop feeds back step after step."""
+    return any(is_past_input(InputSpec(t.name, np.dtype(np.float32), tuple(t.shape or ()))) for t in graph.inputs)
 
 
 @dataclass

@@ -70,6 +70,10 @@ class StructuredBlocks:
                         "Q, K, V and output projections as plain MatMuls")
                 raise NoEligibleLayersError(f"{config.model} has no self-attention block ({form}) for {option}; "
                                             "leave the option out")
+        if config.heads_keep and any(block.feeds_cache for block in attention):
+            raise OptionError("--heads-keep would change the head count of the model's KV cache (its past_key_values "
+                              "inputs and present outputs), which a generation loop feeds back; build the model "
+                              "exported without its cache (export --task text-generation) or leave --heads-keep out")
         grouped = [block for block in attention if block.kv_heads != block.heads]
         if config.values_keep and grouped:
             raise OptionError(f"--values-keep cannot narrow grouped-query attention ({grouped[0].heads} query heads "

@@ -92,7 +92,7 @@ def cut_options(parts: list[BlockParts], moments: dict[str, Moments], multiple: 
             for kept, cut in sorted(by_width.items(), reverse=True):
                 saved = (ffn.width - kept) * ffn.params_per_neuron
                 options.append(CutOption("ffn", index, kept, StructuredCuts(ffn=[(ffn, cut)]), saved))
-        if part.attention is not None:
+        if part.attention is not None and not part.attention.feeds_cache:  # a KV cache keeps its head count
             attention, moment = part.attention, moments[part.attention.output.input_name]
             counts = {kept_count(attention.units, f, 1) for f in HEAD_LEVELS} - {attention.units}
             by_count = group_cuts(moment, attention.output.weight, attention.output.bias, attention.units, list(counts))

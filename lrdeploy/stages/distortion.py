@@ -27,21 +27,21 @@ from lrdeploy.stages.validate import per_sample_cosine
 
 def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
                 feeds: list[dict[str, np.ndarray]] | None = None, mask_name: str | None = None) -> float:
-    """Mean over outputs of mean over samples of 1 − cosine; an output that is a causal LM's logits over the
-    `feeds`' input_ids counts its mean KL instead."""
-    losses = []
-    for index, (ref_batches, out_batches) in enumerate(zip(zip(*reference), zip(*outputs))):
+    """Mean over outputs of mean over samples of 1 − cosine; when an output is a causal LM's logits over the
+    `feeds`' input_ids, its mean KL alone (a decoder's KV-cache outputs are state the logits already answer for)."""
+    losses, next_token = [], []
+    for ref_batches, out_batches in zip(zip(*reference), zip(*outputs)):
         if feeds and all(is_next_token_output(r, feed) for r, feed in zip(ref_batches, feeds)):
             scores = NextTokenScores()
             for r, o, feed in zip(ref_batches, out_batches, feeds):
                 scores.add(r, o, feed["input_ids"], feed.get(mask_name) if mask_name else None)
             result = scores.result()
             if result is not None:
-                losses.append(result.kl)
+                next_token.append(result.kl)
                 continue
         cosines = np.concatenate([per_sample_cosine(r, o) for r, o in zip(ref_batches, out_batches)])
         losses.append(1.0 - float(np.mean(cosines)))
-    return float(np.mean(losses))
+    return float(np.mean(next_token or losses))
 
 
 class DistortionProbe:

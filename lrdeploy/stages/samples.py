@@ -19,6 +19,7 @@ from lrdeploy.calib.data import (
     load_sample_file,
     random_samples,
     validate_samples,
+    with_prefill_inputs,
 )
 from lrdeploy.errors import CalibrationDataError, OptionError
 from lrdeploy.settings.build import BuildConfig
@@ -81,11 +82,11 @@ def prepare_samples(config: BuildConfig, specs: list[InputSpec], mask_name: str 
         label = "random data"
     else:
         label = f"calibration file {calib}"
-        source = validate_samples(load_sample_file(Path(calib)), specs, label)
+        source = validate_samples(with_prefill_inputs(load_sample_file(Path(calib)), specs), specs, label)
         check_masks(source, mask_name, label)
     if eval_path is not None:
         eval_label = f"evaluation file {eval_path}"
-        eval_set = validate_samples(load_sample_file(eval_path), specs, eval_label)
+        eval_set = validate_samples(with_prefill_inputs(load_sample_file(eval_path), specs), specs, eval_label)
         check_masks(eval_set, mask_name, eval_label)
         if calib != RANDOM_SOURCE and Path(eval_path).resolve() == Path(calib).resolve():
             warnings.append(SAME_FILE_WARNING)

@@ -145,3 +145,68 @@ def test_grouped_query_heads_that_contribute_nothing_are_removed_exactly(tmp_pat
     (dense,) = run_model(tmp_path / "lm.onnx", feed)
     (compressed,) = run_model(tmp_path / "out" / "lm.lowrank.onnx", feed)
     np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
+
+
+def _greedy(path, prompt, steps, layers):
+    """Greedy generation with a with-past model in a plain ONNX Runtime loop: the prompt as a prefill (empty past),
+    then one token at a time, each step's presents fed back as the next step's past."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    specs = {i.name: i.shape for i in session.get_inputs()}
+    kv, head = specs["past_key_values.0.key"][1], specs["past_key_values.0.key"][3]
+    past = {f"past_key_values.{n}.{p}": np.zeros((1, kv, 0, head), np.float32) for n in range(layers)
+            for p in ("key", "value")}
+    ids, tokens, logits_seen = np.asarray([prompt]), list(prompt), []
+    for _ in range(steps):
+        length = len(tokens)
+        feed = {"input_ids": ids, "attention_mask": np.ones((1, length), np.int64),
+                "position_ids": np.arange(length - ids.shape[1], length)[None], **past}
+        logits, *presents = session.run(None, feed)
+        logits_seen.append(logits[0, -1])
+        tokens.append(int(logits[0, -1].argmax()))
+        past = {name.replace("present", "past_key_values"): value
+                for name, value in zip([o.name for o in session.get_outputs()][1:], presents)}
+        ids = np.asarray([[tokens[-1]]])
+    return tokens, np.stack(logits_seen)
+
+
+def test_a_model_exported_with_its_kv_cache_builds_and_runs_in_a_generation_loop(tmp_path):
+    """export --task text-generation-with-past (Optimum's names) builds on prefill windows (an empty past, position
+    ids counted), keeps its interface (the KV cache's head count too: no head cut is offered), and the compressed
+    model runs in the same greedy loop: exactly the dense one at full rank."""
+    import onnx
+
+    from lrdeploy.export.torch_onnx import export_hf
+
+    export_hf(tiny_llama_dir(tmp_path / "hf"), tmp_path / "lm.onnx", task="text-generation-with-past")
+    np.savez(tmp_path / "calib.npz", **_windows(96))
+    names = [i.name for i in onnx.load(str(tmp_path / "lm.onnx")).graph.input]
+    assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_values.0.key"
+    dense_tokens, dense_logits = _greedy(tmp_path / "lm.onnx", [5, 9, 200], 5, 2)
+    for budget, out in (("1", "full"), ("0.7", "cut")):
+        result = CliRunner().invoke(main, ["build", str(tmp_path / "lm.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                                           "--rank-budget", budget, "-o", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        built = onnx.load(str(tmp_path / out / "lm.lowrank.onnx"))
+        assert [i.name for i in built.graph.input] == names
+        tokens, logits = _greedy(tmp_path / out / "lm.lowrank.onnx", [5, 9, 200], 5, 2)
+        assert len(tokens) == 8
+        if budget == "1":
+            assert tokens == dense_tokens
+            np.testing.assert_allclose(logits, dense_logits, atol=1e-4 * np.abs(dense_logits).max())
+    report = json.loads((tmp_path / "cut" / "report.json").read_text())
+    assert report["params"]["linear_ratio"] <= 0.7
+    assert not any("heads kept" in layer["reason"] for layer in report["layers"])
+
+
+def test_heads_keep_refuses_a_model_with_a_kv_cache(tmp_path):
+    from lrdeploy.export.torch_onnx import export_hf
+
+    export_hf(tiny_llama_dir(tmp_path / "hf"), tmp_path / "lm.onnx", task="text-generation-with-past")
+    np.savez(tmp_path / "calib.npz", **_windows(96))
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "lm.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                                       "--heads-keep", "0.5", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("Error: --heads-keep would change the head count of the model's KV cache")
+    assert not (tmp_path / "out").exists()
