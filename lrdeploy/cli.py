@@ -399,6 +399,9 @@ def engine(model: Path, engine_path: Path, precision: str, shapes, old_shapes, t
 @click.option("--backend", type=click.Choice(BACKENDS), default="ort-cpu", show_default=True)
 @click.option("--batch", "batches", default="1,8,32", show_default=True, help="Batch sizes, comma-separated.")
 @click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens per sample.")
+@click.option("--past", default=256, show_default=True, type=click.IntRange(min=1),
+              help="For a decoder with a KV cache (past_key_values inputs): the past each decode step reads; such a "
+                   "model is timed in two phases, a prefill of --seq tokens and a decode step of one token.")
 @click.option("--warmup", default=3, show_default=True, type=click.IntRange(min=0))
 @click.option("--iterations", type=click.IntRange(min=1), help="Timed runs per model and shape (default 20).")
 @click.option("--duration", type=click.FloatRange(min=0, min_open=True), help="Seconds of timed runs per shape.")
@@ -413,7 +416,7 @@ def engine(model: Path, engine_path: Path, precision: str, shapes, old_shapes, t
               show_default=True, help="Where bench.json, bench.md and bench_latency.png go.")
 @click.option("--json", "as_json", is_flag=True, help="Print bench.json to stdout.")
 @user_errors
-def bench(models, backend, batches, seq, warmup, iterations, duration, precision, threads, optimize, output_dir,
+def bench(models, backend, batches, seq, past, warmup, iterations, duration, precision, threads, optimize, output_dir,
           as_json) -> None:
     """Time MODEL, or MODEL and MODEL_B alternately run by run, like trtexec: warm-up, then timed runs.
 
@@ -430,8 +433,8 @@ def bench(models, backend, batches, seq, warmup, iterations, duration, precision
     if iterations and duration:
         raise click.BadParameter("give --iterations or --duration, not both")
     settings = BenchSettings(warmup, iterations if iterations or duration else 20, duration)
-    config = BenchConfig(list(models), backend, batches=_int_list(batches), seq=seq, settings=settings, threads=threads,
-                         precision=precision, optimize=optimize)
+    config = BenchConfig(list(models), backend, batches=_int_list(batches), seq=seq, past=past, settings=settings,
+                         threads=threads, precision=precision, optimize=optimize)
     check_output_dir(output_dir)
     refuse_overwriting_inputs([output_dir / name for name in BENCH_FILES],
                               [path for model in models if ":" not in model for path in model_files(Path(model))])

@@ -55,8 +55,8 @@ def gemm_rows(torch, runner_cls, device, precision, settings, tokens, shapes, ra
                 continue
             runners = [runner_cls(dense, "dense", device, precision),
                        runner_cls(factorized_linear(torch, dense, rank), "split", device, precision)]
-            result = benchmark(runners, lambda b, s: {"input": np.random.default_rng(0).standard_normal(
-                (b * s, d_in)).astype(np.float32)}, [tokens // 128], 128, settings)
+            result = benchmark(runners, lambda b, s, _: {"input": np.random.default_rng(0).standard_normal(
+                (b * s, d_in)).astype(np.float32)}, [(tokens // 128, 128, None)], settings)
             shape = result.shapes[0]
             rows.append({"d_in": d_in, "d_out": d_out, "rank": rank, "tokens": tokens,
                          "dense_p50_ms": shape.latency["dense"].p50_ms, "split_p50_ms": shape.latency["split"].p50_ms,
@@ -87,11 +87,11 @@ def encoder_rows(torch, runner_cls, device, precision, settings, configs, budget
             split = split_all_linears(torch, Encoder(BertModel(config).eval()), budget)
             runners = [runner_cls(dense, "dense", device, precision), runner_cls(split, "split", device, precision)]
 
-            def feed(batch, seq):
+            def feed(batch, seq, _):
                 return {"input_ids": np.random.default_rng(0).integers(1, 1000, (batch, seq)),
                         "attention_mask": np.ones((batch, seq), np.int64)}
 
-            for shape in benchmark(runners, feed, batches, 128, settings).shapes:
+            for shape in benchmark(runners, feed, [(batch, 128, None) for batch in batches], settings).shapes:
                 rows.append({"model": label, "budget": budget, "batch": shape.batch, "seq": shape.seq,
                              "dense_p50_ms": shape.latency["dense"].p50_ms,
                              "split_p50_ms": shape.latency["split"].p50_ms, "ratio_p50": shape.ratio_p50})

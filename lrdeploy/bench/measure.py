@@ -48,6 +48,16 @@ class ShapeResult:
     latency: dict[str, LatencyStats]
     ratio_p50: float | None = None  # second runner over first
     ratio_mean: float | None = None
+    past: int | None = None  # a model with a KV cache: the past length fed (0: prefill; else a decode step)
+
+    @property
+    def label(self) -> str:
+        """The shape as reports name it: batch × sequence, and for a decoder with a KV cache its phase."""
+        if self.past is None:
+            return f"{self.batch} × {self.seq}"
+        if self.past == 0:
+            return f"prefill {self.batch} × {self.seq}"
+        return f"decode {self.batch} × {self.seq} over {self.past} past"
 
 
 @dataclass
@@ -102,18 +112,22 @@ def time_shape(runners: list[Runner], feed: dict[str, np.ndarray], settings: Ben
     return times
 
 
-def benchmark(runners: list[Runner], make_feed: Callable[[int, int], dict[str, np.ndarray]], batches: list[int],
-              seq: int, settings: BenchSettings, on_shape: Callable[[ShapeResult], None] | None = None) -> BenchResult:
-    """Latency of each runner at each batch size (× `seq` tokens); the ratio compares runner 2 to runner 1."""
+Shape = tuple[int, int, "int | None"]  # (batch, new tokens per sample, past length or None without a KV cache)
+
+
+def benchmark(runners: list[Runner], make_feed: Callable[[int, int, "int | None"], dict[str, np.ndarray]],
+              shapes: list[Shape], settings: BenchSettings,
+              on_shape: Callable[[ShapeResult], None] | None = None) -> BenchResult:
+    """Latency of each runner at each shape; the ratio compares runner 2 to runner 1."""
     for runner in runners:
         runner.activate()
     try:
         first = runners[0]
         result = BenchResult(first.backend, first.precision, first.device, first.versions(), [r.name for r in runners])
-        for batch in batches:
-            times = time_shape(runners, make_feed(batch, seq), settings)
+        for batch, seq, past in shapes:
+            times = time_shape(runners, make_feed(batch, seq, past), settings)
             stats = {name: LatencyStats.from_times(t, batch, seq) for name, t in times.items()}
-            shape = ShapeResult(batch, seq, stats)
+            shape = ShapeResult(batch, seq, stats, past=past)
             if len(runners) == 2:
                 a, b = (stats[r.name] for r in runners)
                 shape.ratio_p50, shape.ratio_mean = b.p50_ms / a.p50_ms, b.mean_ms / a.mean_ms
@@ -130,7 +144,7 @@ def result_from_dict(data: dict) -> BenchResult:
     """Rebuild a BenchResult from its dataclasses.asdict form (as stored in report.json and bench.json)."""
     shapes = [
         ShapeResult(s["batch"], s["seq"], {n: LatencyStats(**v) for n, v in s["latency"].items()}, s["ratio_p50"],
-                    s["ratio_mean"])
+                    s["ratio_mean"], s.get("past"))
         for s in data["shapes"]
     ]
     return BenchResult(data["backend"], data["precision"], data["device"], data["versions"], data["models"], shapes,

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from lrdeploy.bench.feeds import check_input_memory, timing_feed
-from lrdeploy.bench.measure import BenchResult, BenchSettings, ShapeResult, benchmark
-from lrdeploy.calib.data import InputSpec, model_input_specs
+from lrdeploy.bench.measure import BenchResult, BenchSettings, Shape, ShapeResult, benchmark
+from lrdeploy.calib.data import InputSpec, is_past_input, model_input_specs
 from lrdeploy.errors import ModelLoadError, OptionError
 from lrdeploy.onnx_io import load_model
 from lrdeploy.passes.precision import HALF_PRECISIONS, check_half_precision
@@ -32,6 +32,7 @@ class BenchConfig:
     _: KW_ONLY  # the rest by name: wide records built positionally hide their mistakes
     batches: tuple[int, ...] = (1, 8, 32)
     seq: int = 128
+    past: int = 256  # a decoder with a KV cache: the past length its decode step is timed over
     settings: BenchSettings = field(default_factory=BenchSettings)
     threads: int = 0
     precision: str | None = None  # None: fp16 on GPU backends, fp32 on CPU ones
@@ -146,9 +147,20 @@ def check_feeds(config: BenchConfig, specs_per_model: list[list[InputSpec]]) -> 
         if fixed is not None and any(batch != fixed for batch in config.batches):
             raise OptionError(f"input {spec.name!r} has a fixed batch of {fixed}; bench it with --batch {fixed}")
     largest = max(config.batches)
+    cached = any(is_past_input(s) for s in specs)
+    longest = config.seq + config.past if cached else config.seq  # a cache's inputs and mask span the past too
     feed_bytes = sum(np.dtype(s.dtype).itemsize * largest * math.prod(
-        d if isinstance(d, int) else config.seq for d in s.shape[1:]) for s in specs)
-    check_input_memory(feed_bytes, f"--batch {largest} × --seq {config.seq}", "lower --batch or --seq")
+        d if isinstance(d, int) else longest for d in s.shape[1:]) for s in specs)
+    check_input_memory(feed_bytes, f"--batch {largest} × --seq {config.seq}" + (f" over --past {config.past}" if cached
+                       else ""), "lower --batch or --seq" + (" or --past" if cached else ""))
+
+
+def bench_shapes(config: BenchConfig, specs: list[InputSpec]) -> list[Shape]:
+    """Each batch × --seq; for a decoder with a KV cache two phases per batch: the prefill of --seq tokens (empty
+    past) and one decode step (one new token over a past of --past tokens), the step generation repeats."""
+    if not any(is_past_input(spec) for spec in specs):
+        return [(batch, config.seq, None) for batch in config.batches]
+    return [shape for batch in config.batches for shape in ((batch, config.seq, 0), (batch, 1, config.past))]
 
 
 def run_bench(config: BenchConfig, on_shape=None) -> BenchResult:
@@ -158,8 +170,8 @@ def run_bench(config: BenchConfig, on_shape=None) -> BenchResult:
         runners = [runner for runner, _ in made]
         check_feeds(config, [model_specs for _, model_specs in made])
         specs = made[0][1]
-        make_feed = lambda batch, seq: timing_feed(specs, batch, seq)  # noqa: E731
-        result = benchmark(runners, make_feed, list(config.batches), config.seq, config.settings, on_shape)
+        make_feed = lambda batch, seq, past: timing_feed(specs, batch, seq, past=past)  # noqa: E731
+        result = benchmark(runners, make_feed, bench_shapes(config, specs), config.settings, on_shape)
         if config.optimize == "ort":
             from lrdeploy.passes.ort_fusion import fused_op_counts
 
@@ -171,4 +183,4 @@ def run_bench(config: BenchConfig, on_shape=None) -> BenchResult:
 def describe_shape(shape: ShapeResult) -> str:
     parts = [f"{name} p50 {s.p50_ms:.2f} ms" for name, s in shape.latency.items()]
     ratio = f", ratio {shape.ratio_p50:.3f}" if shape.ratio_p50 is not None else ""
-    return f"batch {shape.batch}×{shape.seq}: " + ", ".join(parts) + ratio
+    return f"{shape.label}: " + ", ".join(parts) + ratio

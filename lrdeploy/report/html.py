@@ -122,7 +122,7 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
         parts.append("<h2>Latency</h2>")
         parts.append(_figure(latency_plot(result), "latency dense vs compressed",
                              f"p50 latency (whiskers to p90), runs alternated; {result.device}."))
-        rows = [[f"{s.batch}×{s.seq}", *(f"{s.latency[m].p50_ms:.2f}" for m in result.models), _fmt(s.ratio_p50, 3)]
+        rows = [[s.label, *(f"{s.latency[m].p50_ms:.2f}" for m in result.models), _fmt(s.ratio_p50, 3)]
                 for s in result.shapes]
         parts.append(_table(["batch × seq", *(f"{m} p50 ms" for m in result.models), "ratio"], rows))
     parts.append(f"<h2>Layers</h2><details{' open' if len(report.layers) < MANY_LAYERS else ''}>"

@@ -116,13 +116,13 @@ def bench_markdown(result: BenchResult) -> str:
     ]
     for shape in result.shapes:
         for name, s in shape.latency.items():
-            lines.append(f"| {cell(name)} | {shape.batch} × {shape.seq} | {s.mean_ms:.2f} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | "
+            lines.append(f"| {cell(name)} | {shape.label} | {s.mean_ms:.2f} | {s.p50_ms:.2f} | {s.p90_ms:.2f} | "
                          f"{s.p95_ms:.2f} | {s.p99_ms:.2f} | {s.inferences_per_s:.1f} | {s.tokens_per_s:.0f} |")
     ratios = [s for s in result.shapes if s.ratio_p50 is not None]
     if ratios:
         lines += ["", f"Latency ratio {result.models[1]} / {result.models[0]} (runs alternated):", "",
                   "| batch × seq | p50 ratio | mean ratio |", "|---|---|---|"]
-        lines += [f"| {s.batch} × {s.seq} | {s.ratio_p50:.3f} | {s.ratio_mean:.3f} |" for s in ratios]
+        lines += [f"| {s.label} | {s.ratio_p50:.3f} | {s.ratio_mean:.3f} |" for s in ratios]
     return "\n".join(lines) + "\n"
 
 

@@ -28,27 +28,37 @@ def _png(plt, fig) -> bytes:
 
 
 def latency_plot(result: BenchResult) -> bytes:
-    """p50 latency (with p90 whiskers) against batch size, one line per model; ratios annotated."""
+    """p50 latency (with p90 whiskers) against batch size, one line per model (and per phase, prefill and decode,
+    for a decoder with a KV cache); ratios annotated."""
     plt, fig, ax = _figure()
-    batches = [s.batch for s in result.shapes]
+    phases = list(dict.fromkeys(_phase(s) for s in result.shapes))
     for name in result.models:
-        p50 = [s.latency[name].p50_ms for s in result.shapes]
-        p90 = [s.latency[name].p90_ms for s in result.shapes]
-        ax.errorbar(batches, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]], marker="o", capsize=3,
-                    label=name)
+        for phase, style in zip(phases, ("-", "--", ":")):
+            shapes = [s for s in result.shapes if _phase(s) == phase]
+            p50 = [s.latency[name].p50_ms for s in shapes]
+            p90 = [s.latency[name].p90_ms for s in shapes]
+            ax.errorbar([s.batch for s in shapes], p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]],
+                        marker="o", capsize=3, linestyle=style, label=f"{name} ({phase})" if phase else name)
     for shape in result.shapes:
         if shape.ratio_p50 is not None:
             top = max(stats.p50_ms for stats in shape.latency.values())
             ax.annotate(f"×{shape.ratio_p50:.2f}", (shape.batch, top), textcoords="offset points", xytext=(0, 8),
                         ha="center", fontsize=8)
+    batches = sorted({s.batch for s in result.shapes})
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xticks(batches, [str(b) for b in batches])
-    ax.set_xlabel(f"batch size (× {result.shapes[0].seq if result.shapes else '?'} tokens)")
+    tokens = f"× {result.shapes[0].seq} tokens" if result.shapes and result.shapes[0].past is None else "per sample"
+    ax.set_xlabel(f"batch size ({tokens})")
     ax.set_ylabel("latency p50 (ms)")
     ax.set_title(f"{result.backend}, {result.precision}")
     ax.legend(fontsize=8)
     return _png(plt, fig)
+
+
+def _phase(shape) -> str:
+    """"prefill" or "decode" for a decoder with a KV cache, "" otherwise."""
+    return "" if shape.past is None else ("prefill" if shape.past == 0 else "decode")
 
 
 def short_names(names: list[str]) -> list[str]:

@@ -60,7 +60,7 @@ def test_benchmark_reports_ratio_of_second_to_first(monkeypatch):
     monkeypatch.setattr(measure.time, "perf_counter", clock)
     log = []
     runners = [FakeRunner("dense", 0.004, log, clock), FakeRunner("lowrank", 0.003, log, clock)]
-    result = benchmark(runners, lambda b, s: {}, [1, 8], 128, BenchSettings(warmup=1, iterations=4))
+    result = benchmark(runners, lambda b, s, p: {}, [(1, 128, None), (8, 128, None)], BenchSettings(warmup=1, iterations=4))
     assert [s.batch for s in result.shapes] == [1, 8]
     assert result.shapes[0].ratio_p50 == pytest.approx(0.75)
     assert result_from_dict(json.loads(json.dumps(__import__("dataclasses").asdict(result)))) == result
@@ -172,3 +172,26 @@ def test_precision_defaults_and_refusals(backend, precision, message):
         return
     with pytest.raises(OptionError, match=message):
         BenchConfig(["m.onnx"], backend, precision=precision)
+
+
+def test_a_decoder_with_a_kv_cache_is_timed_in_prefill_and_decode(tmp_path):
+    """bench on a with-past export: per batch a prefill of --seq tokens (empty past) and one decode step over
+    --past cached tokens, fed as a generation loop feeds it (mask over past and new, positions after the past)."""
+    pytest.importorskip("transformers")
+    from lrdeploy.bench.run import BenchConfig, bench_shapes
+    from lrdeploy.export.torch_onnx import export_hf
+    from tests.factories import tiny_llama_dir
+
+    export_hf(tiny_llama_dir(tmp_path / "hf"), tmp_path / "lm.onnx", task="text-generation-with-past")
+    specs = model_input_specs(onnx.load(str(tmp_path / "lm.onnx")))
+    assert bench_shapes(BenchConfig([str(tmp_path / "lm.onnx")], batches=(1, 4), seq=32, past=100), specs) == [
+        (1, 32, 0), (1, 1, 100), (4, 32, 0), (4, 1, 100)]
+    feed = timing_feed(specs, batch=2, seq=1, past=100)
+    assert feed["past_key_values.1.value"].shape == (2, 2, 100, 16) and feed["attention_mask"].shape == (2, 101)
+    assert feed["input_ids"].shape == (2, 1) and feed["position_ids"].tolist() == [[100], [100]]
+    result = CliRunner().invoke(main, ["bench", str(tmp_path / "lm.onnx"), "--batch", "1", "--seq", "8", "--past", "20",
+                                       "--iterations", "2", "-o", str(tmp_path / "b")])
+    assert result.exit_code == 0, result.output
+    assert "decode 1 × 1 over 20 past" in result.output
+    shapes = json.loads((tmp_path / "b" / "bench.json").read_text())["shapes"]
+    assert [(s["seq"], s["past"]) for s in shapes] == [(8, 0), (1, 20)]

@@ -1,7 +1,6 @@
 """The memory estimate made before calibration: what the statistics hold, and one Error line when it cannot fit."""
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from lrdeploy.calib.stats import TensorRequest
