@@ -187,8 +187,15 @@ def _print_build_summary(console, result) -> None:
         table = Table(title=f"Accuracy on {report.accuracy.samples} held-out samples")
         for column in ("output", "cosine mean", "cosine p5", "rel. L2", "max abs"):
             table.add_column(column, justify="left" if column == "output" else "right")
-        for name, o in report.accuracy.outputs.items():
+        outputs = list(report.accuracy.outputs.items())
+        shown = outputs if len(outputs) <= 8 else outputs[:2]  # a KV cache adds two outputs per layer
+        for name, o in shown:
             table.add_row(name, f"{o.cosine_mean:.4f}", f"{o.cosine_p5:.4f}", f"{o.rel_l2:.4f}", f"{o.max_abs:.4g}")
+        if len(shown) < len(outputs):
+            rest = [o for _, o in outputs[len(shown):]]
+            table.add_row(f"… {len(rest)} more (report.md)", f"≥ {min(o.cosine_mean for o in rest):.4f}",
+                          f"≥ {min(o.cosine_p5 for o in rest):.4f}", f"≤ {max(o.rel_l2 for o in rest):.4f}",
+                          f"≤ {max(o.max_abs for o in rest):.4g}")
         console.print(table)
     console.print(f"Reports: {result.report_json}, {result.report_md}, {result.report_html}")
 
@@ -568,8 +575,11 @@ def export(hf_dir, factory, task, pooling, normalize, output_path, tolerance) ->
     check_output_file(output_path, [path for path in Path(hf_dir).rglob("*") if path.is_file()] if hf_dir else [])
     result = (export_hf(hf_dir, output_path, pooling, normalize, tolerance, task) if hf_dir
               else export_factory(factory, output_path, tolerance))
-    click.echo(f"Exported {result.path} (inputs {', '.join(result.input_names)}; outputs "
-               f"{', '.join(result.output_names)}); ONNX Runtime vs PyTorch max abs difference {result.max_abs_diff:.3g}")
+    def names(listed: list[str]) -> str:  # a KV cache adds two names per layer: say how many instead
+        return ", ".join(listed) if len(listed) <= 6 else f"{', '.join(listed[:4])}, … ({len(listed)} in all)"
+
+    click.echo(f"Exported {result.path} (inputs {names(result.input_names)}; outputs {names(result.output_names)}); "
+               f"ONNX Runtime vs PyTorch max abs difference {result.max_abs_diff:.3g}")
 
 
 @main.command()
