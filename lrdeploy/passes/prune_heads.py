@@ -208,7 +208,7 @@ def find_fused_attention_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> l
 
 
 def resize_shape_axis(scope: Scope, name: str, node: gs.Node, old: int, new: int, axis: int) -> None:
-    """Give the Reshape `node` a target shape with `old` → `new` at `axis`: a constant shape gets its own copy; a
+    """Give the Reshape (or Expand) `node` a target shape with `old` → `new` at `axis`: a constant shape gets its own copy; a
     shape concatenated from one-element pieces (torch's exporter: Concat(batch, seq, [-1], [32])) gets its own
     piece there. A computed entry (e.g. -1) is left as it is."""
     found = constant_value(node.inputs[1])
@@ -264,10 +264,35 @@ def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, ke
         for consumer in tensors[layer.output_name].outputs:
             if consumer.op == "Reshape":
                 resize_shape_axis(scope, f"{tag}/shape", consumer, *heads, 2)
+        if tag != "query" and block.group_size > 1:
+            _resize_repeated_heads(scope, tag, tensors[layer.output_name], block, kept)
     context = tensors[block.output.input_name]
     if context.inputs and context.inputs[0].op == "Reshape":
         resize_shape_axis(scope, "context/shape", context.inputs[0], block.width, len(features), -1)
     return narrowed
+
+
+HEAD_LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Mul", "Add", "Sub", "Neg", "Slice",
+                   "Concat", "Cast", "Identity"}  # what a key or value passes through before attention reads it
+
+
+def _resize_repeated_heads(scope: Scope, tag: str, start: gs.Tensor, block: AttentionBlock, kept: int) -> None:
+    """Grouped-query attention repeats each key/value head for its query heads (transformers' `repeat_kv`):
+    Expand to [b, kv heads, group, s, d] then Reshape to [b, heads, s, d]. Where those counts are constants (torch's
+    dynamo exporter writes them so), they say the kept counts: followed from the key or value projection through
+    rotary and layout ops (never into attention's MatMul)."""
+    frontier, seen = [start], set()
+    while frontier:
+        tensor = frontier.pop()
+        for node in tensor.outputs:
+            if node.name in seen or node.op not in HEAD_LAYOUT_OPS:
+                continue
+            seen.add(node.name)
+            if node.op == "Expand":
+                resize_shape_axis(scope, f"{tag}/repeat", node, block.kv_heads, kept, 1)
+            elif node.op == "Reshape":
+                resize_shape_axis(scope, f"{tag}/repeated", node, block.heads, kept * block.group_size, 1)
+            frontier += list(node.outputs)
 
 
 def _narrow_packed(scope: Scope, tensors, block: AttentionBlock, kept: int, features: np.ndarray) -> gs.Tensor:
