@@ -174,8 +174,10 @@ def decompose(
         out = input_moments.through_linear(w, b)
         eigvals, eigvecs = np.linalg.eigh(out.covariance)
         order = np.argsort(eigvals)[::-1]
-        # the layer's own weight is kept (not its float64 copy: half the memory on FP32 models; the same numbers)
-        return FeaturePca(np.asarray(weight), b, out.mean, eigvecs[:, order], np.clip(eigvals[order], 0.0, None))
+        # the layer's own weight is kept (not its float64 copy: half the memory on FP32 models; the same numbers),
+        # and only the eigenvectors a rank can use (at most min(d_in, d_out): 576 of an FFN up projection's 1536)
+        return FeaturePca(np.asarray(weight), b, out.mean, eigvecs[:, order[:min(w.shape)]],
+                          np.clip(eigvals[order], 0.0, None))
     if method == "whiten":
         whitener = _damped_cholesky(input_moments.covariance, damping)
         left, sv, right = np.linalg.svd(whitener.T @ w, full_matrices=False)
