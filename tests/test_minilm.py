@@ -48,10 +48,10 @@ def test_demo_on_a_reduced_setting(assets, tmp_path):
     top = result.headline
     assert 0.45 <= top["linear_ratio"] <= 0.5 and 0.7 < top["size_ratio"] < 0.8
     assert 0.6 < top["cosine"] < 0.95
-    largest = result.main.report.bench["shapes"][-1]  # the headline speed-up is the largest batch's measured p50 ratio
-    assert largest["batch"] == 4 and top["speedup"] == pytest.approx(1 / largest["ratio_p50"])
-    p50 = {name: stats["p50_ms"] for name, stats in largest["latency"].items()}
-    assert largest["ratio_p50"] == pytest.approx(p50["minilm.lowrank.onnx"] / p50["minilm.onnx"])
+    largest = result.main.report.bench.shapes[-1]  # the headline speed-up is the largest batch's measured p50 ratio
+    assert largest.batch == 4 and top["speedup"] == pytest.approx(1 / largest.ratio_p50)
+    p50 = {name: stats.p50_ms for name, stats in largest.latency.items()}
+    assert largest.ratio_p50 == pytest.approx(p50["minilm.lowrank.onnx"] / p50["minilm.onnx"])
     embedding = result.main.report.accuracy.outputs["embedding"]
     assert result.main.report.accuracy.samples == 120 and 0.2 < embedding.topk_agreement <= 1.0
     assert [p.budget for p in result.sweep.points] == [0.9, 0.5]

@@ -101,7 +101,7 @@ def run_demo(settings: DemoSettings, progress: Progress = SILENT) -> DemoResult:
             if abs(budget - settings.rank_budget) >= 1e-9:
                 sweep.evaluate(budget)
         sweep.keep_only(None)  # the curve needs the other budgets' figures, not their models
-        sweep.add(settings.rank_budget, main, main.report.bench["shapes"][-1]["ratio_p50"])
+        sweep.add(settings.rank_budget, main, main.report.bench.shapes[-1].ratio_p50)
         report = SweepReport(str(model), EMBEDDING, "cosine_mean", None, settings.rank_budget,
                              sorted(sweep.points.values(), key=lambda p: -p.budget))
         write_sweep(report, main.report, stage, "lrdeploy demo: all-MiniLM-L6-v2")

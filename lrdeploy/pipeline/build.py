@@ -14,7 +14,6 @@ written atomically and never over the input.
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import contextmanager
@@ -262,7 +261,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
         outcome = BuildOutcome(
             budget=budget, plan=chosen.plan, latency=chosen.latency, output_model=str(published_model),
             external_data=external, model_params_after=model_after, accuracy=accuracy,
-            bench=None if latency_bench is None else dataclasses.asdict(latency_bench), finetune=finetune_record,
+            bench=latency_bench, finetune=finetune_record,
             timings=timer.timings, fused_ops=fused_ops,
             latency_plan=chosen.shape_plan if chosen.latency is None else chosen.latency.to_dict(prepared.shapes),
             structured=chosen.structured)

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from lrdeploy import __version__
+from lrdeploy.bench.measure import BenchResult
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, realized_ratio
 from lrdeploy.lowrank.decompose import output_spectrum
 from lrdeploy.lowrank.moments import Moments
@@ -130,7 +131,7 @@ class BuildOutcome:
     external_data: bool
     model_params_after: int
     accuracy: AccuracyReport | None
-    bench: dict | None
+    bench: BenchResult | None
     finetune: dict | None
     timings: dict[str, float]
     fused_ops: dict[str, dict[str, int]]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import html
 
-from lrdeploy.bench.measure import result_from_dict
 from lrdeploy.report.model import BuildReport, SweepReport, sweep_table, target_sign
 from lrdeploy.report.plots import (MANY_LAYERS, budget_plot, distillation_plot, kept_heatmap, latency_plot, pareto_plot,
                                    ranks_plot, spectra_plot)
@@ -63,8 +62,8 @@ def headline(report: BuildReport) -> dict[str, float | None]:
     if report.accuracy is not None and report.accuracy.outputs:
         accuracy = next(iter(report.accuracy.outputs.values())).cosine_mean
     speedup = None
-    if report.bench and report.bench["shapes"] and report.bench["shapes"][-1]["ratio_p50"]:
-        speedup = 1.0 / report.bench["shapes"][-1]["ratio_p50"]
+    if report.bench and report.bench.shapes and report.bench.shapes[-1].ratio_p50:
+        speedup = 1.0 / report.bench.shapes[-1].ratio_p50
     return {"size_ratio": report.params.model_ratio, "linear_ratio": report.params.linear_ratio,
             "cosine": accuracy, "speedup": speedup}
 
@@ -84,8 +83,8 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
     elif top["cosine"] is not None:
         cards.append((f"{top['cosine']:.3f}", "mean cosine to the original (held-out)"))
     if top["speedup"] is not None:
-        shape = report.bench["shapes"][-1]
-        cards.append((f"{top['speedup']:.2f}×", f"faster at batch {shape['batch']}×{shape['seq']} ({report.bench['backend']})"))
+        shape = report.bench.shapes[-1]
+        cards.append((f"{top['speedup']:.2f}×", f"faster at {shape.label} ({report.bench.backend})"))
     parts = [_cards(cards)]
     if report.warnings:
         parts.append("".join(f'<p class="warn">Warning: {html.escape(w)}</p>' for w in report.warnings))
@@ -118,7 +117,7 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
                              "Cumulative energy against rank: the layer's output features (solid, calibrated "
                              "eigenvalues) concentrate in few directions; its weight (dashed, singular values²) does not."))
     if report.bench:
-        result = result_from_dict(report.bench)
+        result = report.bench
         parts.append("<h2>Latency</h2>")
         parts.append(_figure(latency_plot(result), "latency dense vs compressed",
                              f"p50 latency (whiskers to p90), runs alternated; {result.device}."))

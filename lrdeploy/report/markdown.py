@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from lrdeploy.bench.measure import BenchResult, result_from_dict
+from lrdeploy.bench.measure import BenchResult
 from lrdeploy.report.model import BuildReport, SweepReport, sweep_table, target_sign
 
 
@@ -71,7 +71,7 @@ def render_markdown(report: BuildReport) -> str:
     ]
     lines += plan_markdown(report.latency_plan)
     if report.bench is not None:
-        lines += ["## Latency", ""] + bench_markdown(result_from_dict(report.bench)).splitlines()[2:] + [""]
+        lines += ["## Latency", ""] + bench_markdown(report.bench).splitlines()[2:] + [""]
     lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in report.timings.items()]
     return "\n".join(lines) + "\n"

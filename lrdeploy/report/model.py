@@ -32,6 +32,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from lrdeploy.bench.measure import BenchResult
+
 
 @dataclass
 class LayerRecord:
@@ -132,7 +134,7 @@ class BuildReport:
     accuracy: AccuracyReport | None
     timings: dict[str, float] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
-    bench: dict | None = None  # BenchResult of dense vs compressed (with --bench)
+    bench: BenchResult | None = None  # dense vs compressed (with --bench); report.json keeps bench.json's keys
     spectra: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {layer: {weight, feature}}
     finetune: dict | None = None  # FinetuneRecord-shaped dict when the factors were fine-tuned by distillation
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # {"dense"|"compressed": {op: count}}

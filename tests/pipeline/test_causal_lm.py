@@ -114,7 +114,6 @@ def test_gated_mlp_neurons_that_contribute_nothing_are_removed_exactly(tmp_path,
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lrdeploy.export.torch_onnx import export_hf
     from tests.conftest import run_model
 
     folder = tiny_llama_dir(tmp_path / "hf")
@@ -151,7 +150,6 @@ def test_grouped_query_heads_that_contribute_nothing_are_removed_exactly(tmp_pat
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lrdeploy.export.torch_onnx import export_hf
     from tests.conftest import run_model
 
     folder = tiny_llama_dir(tmp_path / "hf")
