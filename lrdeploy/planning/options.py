@@ -34,7 +34,7 @@ from lrdeploy.calib.data import Feeds, SampleSet
 from lrdeploy.errors import OptionError
 from lrdeploy.lowrank.decompose import Decomposition, planned_factors
 from lrdeploy.lowrank.moments import Moments
-from lrdeploy.lowrank.neurons import group_cuts, neuron_cuts
+from lrdeploy.lowrank.neurons import NeuronCut, group_cuts, neuron_cuts
 from lrdeploy.passes.compose import compressed_model
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.planning.blocks import BlockParts
@@ -44,6 +44,7 @@ from lrdeploy.planning.timing import build_timer
 from lrdeploy.progress import Progress
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.distortion import DistortionProbe
+from lrdeploy.stages.sensitivity import measure_layer_errors
 
 FFN_LEVELS = (0.75, 0.5, 0.375, 0.25)  # fractions of an FFN's neurons an option keeps
 HEAD_LEVELS = (0.75, 0.5, 0.25)  # fractions of a self-attention's heads an option keeps
@@ -106,19 +107,53 @@ def cut_options(parts: list[BlockParts], moments: dict[str, Moments], multiple: 
     return options
 
 
+def refit_layer(option: CutOption) -> tuple[LinearLayer, NeuronCut]:
+    """The projection an FFN or head option refits (down, or the attention's output) and its cut."""
+    if option.kind == "ffn":
+        block, cut = option.cut.ffn[0]
+        return block.down, cut
+    attention, _, cut = option.cut.heads[0]
+    return attention.output, cut
+
+
+def cut_error(layer: LinearLayer, cut: NeuronCut):
+    """The cut as an error on the refit layer: its kept input rows carry the refit weight, the others nothing."""
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        weight = np.zeros((layer.d_in, layer.d_out))
+        weight[cut.keep] = cut.weight
+        bias = np.zeros(layer.d_out) if layer.bias is None else np.asarray(layer.bias, np.float64)
+        return weight - np.asarray(layer.weight, np.float64), np.asarray(cut.bias, np.float64) - bias
+    return make
+
+
 def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: SampleSet, feeds: Feeds,
                        config: BuildConfig, cache: StatisticsCache, progress: Progress) -> None:
-    """Each option's output distortion alone on the probe batches (cached like the sensitivity table)."""
+    """Each option's output distortion alone on the probe batches (cached like the sensitivity table). An FFN or
+    head cut changes its block's output only through the projection it refits (the dropped neurons or heads feed
+    nothing else), so it is measured as that layer's weight error in the sensitivity graph, one session for many
+    options; a dropped block is measured as a whole variant model."""
     def measure() -> dict[str, dict[int, float]]:
-        distortion = DistortionProbe(model, feeds.batches(probe), config.threads, feeds.mask_name)
         on_step = progress.steps("measuring structured cuts", len(options))
-        table: dict[str, dict[int, float]] = {}
+        by_layer: dict[str, tuple[LinearLayer, list]] = {}
         for option in options:
-            table.setdefault(option.key, {})[option.kept] = distortion.of_model(option.cut.applied_to(model))
-            on_step()
+            if option.kind != "drop":
+                layer, cut = refit_layer(option)
+                by_layer.setdefault(layer.name, (layer, []))[1].append(((option.key, option.kept),
+                                                                       cut_error(layer, cut)))
+        measured = measure_layer_errors(model, list(by_layer.values()), feeds.batches(probe), config.threads,
+                                        on_step, mask_name=feeds.mask_name)
+        drops = [option for option in options if option.kind == "drop"]
+        if drops:
+            distortion = DistortionProbe(model, feeds.batches(probe), config.threads, feeds.mask_name)
+            for option in drops:
+                measured[(option.key, option.kept)] = distortion.of_model(option.cut.applied_to(model))
+                on_step()
+        table: dict[str, dict[int, float]] = {}
+        for (key, kept), loss in measured.items():
+            table.setdefault(key, {})[kept] = loss
         return table
 
-    settings = f"{feeds.mask_name}|{config.rank_multiple}|{FFN_LEVELS}|{HEAD_LEVELS}|structured-v1"
+    settings = f"{feeds.mask_name}|{config.rank_multiple}|{FFN_LEVELS}|{HEAD_LEVELS}|structured-v2"
     table = cache.sensitivity(probe, settings, {option.key for option in options}, measure)
     for option in options:
         option.loss = table[option.key][option.kept]

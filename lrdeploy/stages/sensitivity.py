@@ -12,7 +12,7 @@ interpolated along their spectrum (linearly in discarded energy); the allocation
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Hashable, Iterable
 
 import numpy as np
 import onnx
@@ -38,34 +38,60 @@ def candidate_ranks(shape: LayerShape, multiple: int, count: int = 3) -> list[in
     return sorted(k for k in ranks if shape.saves(k))
 
 
+LayerError = tuple[Hashable, Callable[[], tuple[np.ndarray, np.ndarray]]]  # (key, () -> (weight error, bias error))
+
+
+def measure_layer_errors(
+    model: onnx.ModelProto, variants: list[tuple[LinearLayer, list[LayerError]]],
+    batches: Iterable[dict[str, np.ndarray]], threads: int = 0, on_step: Callable[[], None] | None = None,
+    group_size: int = GROUP_SIZE, mask_name: str | None = None,
+) -> dict[Hashable, float]:
+    """Degradation of the outputs for each variant: one layer's weight and bias changed by the errors its
+    callable makes (made when measured, so that only one is held at a time), every other layer as it is.
+
+    Layers are injected `group_size` at a time (`passes.inject_error`): each injection adds one dense-sized MatMul
+    to every run, so small groups keep runs cheap while few groups keep session creation cheap. One session serves
+    every variant of its group: no model is copied per variant."""
+    probe = DistortionProbe(model, batches, threads, mask_name)
+    measured: dict[Hashable, float] = {}
+    for start in range(0, len(variants), group_size):
+        group = variants[start:start + group_size]
+        injected, error_inputs = error_injected_model(model, [layer for layer, _ in group])
+        session = create_session(injected, threads)
+        zeros = {name: value for (layer, _), inputs in zip(group, error_inputs)
+                 for name, value in inputs.zeros(layer).items()}
+        for (layer, errors), inputs in zip(group, error_inputs):
+            for key, make in errors:
+                delta_w, delta_b = make()
+                measured[key] = probe.of_session(session, {**zeros, inputs.weight: delta_w.astype(layer.dtype),
+                                                           inputs.bias: delta_b.astype(layer.dtype)})
+                if on_step is not None:
+                    on_step()
+    return measured
+
+
+def rank_error(layer: LinearLayer, decomposition: Decomposition, rank: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    """The error that cutting `layer` alone to `rank` makes: D = A·B − W, e = c − b."""
+    def make() -> tuple[np.ndarray, np.ndarray]:
+        factors = decomposition.factors(rank)
+        bias = np.zeros(layer.d_out) if layer.bias is None else np.asarray(layer.bias, np.float64)
+        return (factors.dense_weight() - np.asarray(layer.weight, np.float64),
+                (0 if factors.bias is None else factors.bias) - bias)
+    return make
+
+
 def measure_sensitivity(
     model: onnx.ModelProto, layers: list[LinearLayer], decompositions: dict[str, Decomposition], multiple: int,
     batches: Iterable[dict[str, np.ndarray]], threads: int = 0, on_step: Callable[[], None] | None = None,
     group_size: int = GROUP_SIZE, mask_name: str | None = None,
 ) -> SensitivityTable:
-    """Degradation of the outputs when each layer alone is cut to each of its candidate ranks.
-
-    Layers are injected `group_size` at a time: each injection adds one dense-sized MatMul to every run, so
-    small groups keep runs cheap while few groups keep session creation cheap.
-    """
-    probe = DistortionProbe(model, batches, threads, mask_name)
-    table: SensitivityTable = {}
-    for start in range(0, len(layers), group_size):
-        group = layers[start:start + group_size]
-        injected, error_inputs = error_injected_model(model, group)
-        session = create_session(injected, threads)
-        zeros = {name: value for layer, inputs in zip(group, error_inputs) for name, value in inputs.zeros(layer).items()}
-        for layer, inputs in zip(group, error_inputs):
-            table[layer.name] = {}
-            bias = np.zeros(layer.d_out) if layer.bias is None else np.asarray(layer.bias, np.float64)
-            for rank in candidate_ranks(layer.shape, multiple):
-                factors = decompositions[layer.name].factors(rank)
-                delta_w = (factors.dense_weight() - np.asarray(layer.weight, np.float64)).astype(layer.dtype)
-                delta_b = ((0 if factors.bias is None else factors.bias) - bias).astype(layer.dtype)
-                extra = {inputs.weight: delta_w, inputs.bias: delta_b}
-                table[layer.name][rank] = probe.of_session(session, {**zeros, **extra})
-                if on_step is not None:
-                    on_step()
+    """Degradation of the outputs when each layer alone is cut to each of its candidate ranks."""
+    variants = [(layer, [((layer.name, rank), rank_error(layer, decompositions[layer.name], rank))
+                         for rank in candidate_ranks(layer.shape, multiple)]) for layer in layers]
+    measured = measure_layer_errors(model, variants, batches, threads, on_step, group_size, mask_name)
+    table: SensitivityTable = {layer.name: {} for layer in layers}
+    for (name, rank), loss in measured.items():
+        table[name][rank] = loss
     return table
 
 

@@ -126,3 +126,37 @@ def test_one_elimination_serves_every_head_count():
         heads, cut = cut_groups(moments, weight, None, 8, count)
         assert together[count][0] == heads
         np.testing.assert_allclose(together[count][1].weight, cut.weight)
+
+
+def test_cut_options_measured_as_layer_errors_equal_the_cut_models(tmp_path):
+    """An FFN or head option changes its block only through the projection it refits, so the sensitivity graph's
+    weight error on that projection gives the distortion of the whole cut model, without copying the model."""
+    import onnx_graphsurgeon as gs
+
+    from lrdeploy.calib.cache import StatisticsCache
+    from lrdeploy.calib.data import Feeds, SampleSet, model_input_specs
+    from lrdeploy.calib.stats import collect_moments
+    from lrdeploy.passes.linear_layers import find_linear_layers
+    from lrdeploy.planning.blocks import find_block_parts, structure_requests
+    from lrdeploy.planning.options import cut_options, measure_cut_losses
+    from lrdeploy.progress import SILENT
+    from lrdeploy.settings.build import BuildConfig
+    from lrdeploy.stages.distortion import DistortionProbe
+
+    model = models.transformer()
+    config = BuildConfig(model=tmp_path / "t.onnx", plan="unified", cache_dir=None)
+    graph = gs.import_onnx(model)
+    layers = find_linear_layers(graph)
+    parts = find_block_parts(config, graph, layers)
+    inputs = models.transformer_inputs(48)
+    feeds = Feeds(model_input_specs(model), 16, "attention_mask")
+    requests = structure_requests(parts)
+    moments = collect_moments(model, requests, lambda: feeds.batches(SampleSet(inputs)), "attention_mask")
+    options = [option for option in cut_options(parts, moments, 16) if option.kind != "drop"]
+    assert {option.kind for option in options} == {"ffn", "heads"}
+    probe = SampleSet({name: array[:16] for name, array in inputs.items()})
+    measure_cut_losses(model, options, probe, feeds, config, StatisticsCache(None, [], ""), SILENT)
+    whole = DistortionProbe(model, feeds.batches(probe), 0, "attention_mask")
+    for option in options:
+        assert option.loss == pytest.approx(whole.of_model(option.cut.applied_to(model)), rel=1e-3, abs=1e-6)
+    assert max(option.loss for option in options) > 1e-3  # the cuts do cost something
