@@ -39,28 +39,18 @@ def _export(folder, path, exporter):
     import warnings
 
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from lrdeploy.export.torch_onnx import export_hf
+    from lrdeploy.export.torch_onnx import causal_lm, export_hf
 
     if exporter == "legacy":
         export_hf(folder, path, task="text-generation")
         return
-    model = AutoModelForCausalLM.from_pretrained(str(folder), attn_implementation="eager").eval()
-
-    class Logits(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = model
-
-        def forward(self, input_ids, attention_mask):
-            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-
+    module, _ = causal_lm(folder)
     ids, mask = torch.randint(0, 512, (2, 16)), torch.ones(2, 16, dtype=torch.int64)
     batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(Logits(), (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
+        torch.onnx.export(module, (ids, mask), str(path), dynamo=True, input_names=["input_ids", "attention_mask"],
                           output_names=["logits"], verbose=False,
                           dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}})
 
