@@ -21,12 +21,15 @@ from lrdeploy.stages.next_token import NextTokenScores, is_next_token_output
 
 
 def per_sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each sample (axis 0) of `a` and `b`, flattened, in float64; 1 where a norm is 0."""
-    a = a.reshape(a.shape[0], -1).astype(np.float64)
-    b = b.reshape(b.shape[0], -1).astype(np.float64)
-    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    dots = np.sum(a * b, axis=1)
-    return np.where(denom > 0, dots / np.where(denom > 0, denom, 1.0), 1.0)
+    """Cosine similarity of each sample (axis 0) of `a` and `b`, flattened, in float64; 1 where a norm is 0. One
+    sample is copied to float64 at a time (a batch of an LM's logits would be gigabytes)."""
+    cosines = np.ones(a.shape[0])
+    for index, (x, y) in enumerate(zip(a, b)):
+        x, y = np.asarray(x, np.float64).reshape(-1), np.asarray(y, np.float64).reshape(-1)
+        denom = float(np.linalg.norm(x) * np.linalg.norm(y))
+        if denom > 0:
+            cosines[index] = float(x @ y) / denom
+    return cosines
 
 
 def neighbour_agreement(reference: np.ndarray, candidate: np.ndarray, k: int) -> float:
@@ -57,10 +60,11 @@ class OutputComparison:
     def add(self, reference: np.ndarray, candidate: np.ndarray, feed: dict[str, np.ndarray],
             mask_name: str | None) -> None:
         self.cosines.append(per_sample_cosine(reference, candidate))
-        difference = reference.astype(np.float64) - candidate
-        self.err_sq += float(np.sum(difference ** 2))
-        self.ref_sq += float(np.sum(reference.astype(np.float64) ** 2))
-        self.max_abs = max(self.max_abs, float(np.max(np.abs(difference))) if difference.size else 0.0)
+        for ref, cand in zip(reference, candidate):  # one sample's float64 copies at a time (logits are wide)
+            difference = ref.astype(np.float64) - cand
+            self.err_sq += float(np.sum(difference ** 2))
+            self.ref_sq += float(np.sum(ref.astype(np.float64) ** 2))
+            self.max_abs = max(self.max_abs, float(np.max(np.abs(difference))) if difference.size else 0.0)
         if self.vectors is not None and reference.ndim == 2:
             self.vectors[0].append(reference)
             self.vectors[1].append(candidate)
