@@ -26,12 +26,13 @@ from lrdeploy.stages.validate import per_sample_cosine
 
 
 def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
-                feeds: list[dict[str, np.ndarray]] | None = None, mask_name: str | None = None) -> float:
-    """Mean over outputs of mean over samples of 1 − cosine; when an output is a causal LM's logits over the
-    `feeds`' input_ids, its mean KL alone (a decoder's KV-cache outputs are state the logits already answer for)."""
+                feeds: list[dict[str, np.ndarray]] | None = None, mask_name: str | None = None,
+                names: list[str] | None = None) -> float:
+    """Mean over outputs of mean over samples of 1 − cosine; when an output (`names`, in order) is a causal LM's
+    logits over the `feeds`' input_ids, its mean KL alone (a decoder's KV-cache outputs are state the logits already answer for)."""
     losses, next_token = [], []
-    for ref_batches, out_batches in zip(zip(*reference), zip(*outputs)):
-        if feeds and all(is_next_token_output(r, feed) for r, feed in zip(ref_batches, feeds)):
+    for name, ref_batches, out_batches in zip(names or [""] * len(reference[0]), zip(*reference), zip(*outputs)):
+        if feeds and all(is_next_token_output(name, r, feed) for r, feed in zip(ref_batches, feeds)):
             scores = NextTokenScores()
             for r, o, feed in zip(ref_batches, out_batches, feeds):
                 scores.add(r, o, feed["input_ids"], feed.get(mask_name) if mask_name else None)
@@ -54,13 +55,14 @@ class DistortionProbe:
         self.threads = threads
         self.mask_name = mask_name
         dense = create_session(model, threads)
+        self.names = [output.name for output in dense.get_outputs()]
         self.reference = [dense.run(None, feed) for feed in self.batches]
 
     def of_session(self, session: ort.InferenceSession, extra: Mapping[str, np.ndarray] | None = None) -> float:
         """Distortion of a session's outputs, each batch fed with `extra` inputs too."""
         extra = dict(extra or {})
-        return degradation(self.reference, [session.run(None, {**feed, **extra}) for feed in self.batches],
-                           self.batches, self.mask_name)
+        return degradation(self.reference, [session.run(self.names, {**feed, **extra}) for feed in self.batches],
+                           self.batches, self.mask_name, self.names)
 
     def of_model(self, variant: onnx.ModelProto) -> float:
         """Distortion of a whole variant model."""

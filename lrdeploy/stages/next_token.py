@@ -19,12 +19,13 @@ import numpy as np
 from lrdeploy.report.model import NextTokenAccuracy
 
 
-def is_next_token_output(logits: np.ndarray, feed: dict[str, np.ndarray]) -> bool:
-    """A causal LM's logits: [batch, T, vocab] over the `input_ids` fed ([batch, T]), with every token id fed a
-    valid index of the last axis (a token classifier's few labels are not a vocabulary)."""
+def is_next_token_output(name: str, logits: np.ndarray, feed: dict[str, np.ndarray]) -> bool:
+    """A causal LM's logits: an output named as exporters name them ("logits"), [batch, T, vocab] over the
+    `input_ids` fed ([batch, T]), with every token id fed a valid index of the last axis (a token classifier's few
+    labels are not a vocabulary; hidden states [batch, T, d] are not logits, whatever their width)."""
     ids = feed.get("input_ids")
-    return (ids is not None and logits.ndim == 3 and ids.ndim == 2 and logits.shape[:2] == ids.shape
-            and ids.size > 0 and int(ids.max()) < logits.shape[2])
+    return ("logit" in name.lower() and ids is not None and logits.ndim == 3 and ids.ndim == 2
+            and logits.shape[:2] == ids.shape and ids.size > 0 and int(ids.max()) < logits.shape[2])
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -57,7 +57,7 @@ class OutputComparison:
         self.vectors: tuple[list[np.ndarray], list[np.ndarray]] | None = ([], [])
         self.next_token: NextTokenScores | None = None
 
-    def add(self, reference: np.ndarray, candidate: np.ndarray, feed: dict[str, np.ndarray],
+    def add(self, name: str, reference: np.ndarray, candidate: np.ndarray, feed: dict[str, np.ndarray],
             mask_name: str | None) -> None:
         self.cosines.append(per_sample_cosine(reference, candidate))
         for ref, cand in zip(reference, candidate):  # one sample's float64 copies at a time (logits are wide)
@@ -70,7 +70,7 @@ class OutputComparison:
             self.vectors[1].append(candidate)
         else:
             self.vectors = None
-        if is_next_token_output(reference, feed):
+        if is_next_token_output(name, reference, feed):
             self.next_token = self.next_token or NextTokenScores()
             self.next_token.add(reference, candidate, feed["input_ids"], feed.get(mask_name) if mask_name else None)
 
@@ -116,7 +116,7 @@ def compare_models(
             passed &= bool(Comparator.compare_accuracy(results, compare_func=compare))
             for name in reference:
                 comparisons.setdefault(name, OutputComparison()).add(
-                    np.asarray(reference[name]), np.asarray(outputs[name]), feed, mask_name)
+                    name, np.asarray(reference[name]), np.asarray(outputs[name]), feed, mask_name)
             samples += next(iter(feed.values())).shape[0]
     outputs = {name: comparison.result(neighbours) for name, comparison in comparisons.items()}
     return AccuracyReport(samples=samples, passed=passed, atol=atol, rtol=rtol, outputs=outputs, neighbours=neighbours)

@@ -54,7 +54,8 @@ def test_identical_and_uniform_logits():
 
 def test_what_counts_as_next_token_logits():
     ids = np.array([[1, 7, 3]])
-    assert is_next_token_output(np.zeros((1, 3, 8)), {"input_ids": ids})
-    assert not is_next_token_output(np.zeros((1, 3, 5)), {"input_ids": ids})  # 5 labels: id 7 is no index
-    assert not is_next_token_output(np.zeros((1, 8)), {"input_ids": ids})  # pooled
-    assert not is_next_token_output(np.zeros((1, 3, 8)), {"tokens": ids})  # no input_ids fed
+    assert is_next_token_output("logits", np.zeros((1, 3, 8)), {"input_ids": ids})
+    assert not is_next_token_output("logits", np.zeros((1, 3, 5)), {"input_ids": ids})  # 5 labels: 7 is no index
+    assert not is_next_token_output("logits", np.zeros((1, 8)), {"input_ids": ids})  # pooled
+    assert not is_next_token_output("logits", np.zeros((1, 3, 8)), {"tokens": ids})  # no input_ids fed
+    assert not is_next_token_output("last_hidden_state", np.zeros((1, 3, 8)), {"input_ids": ids})  # states
