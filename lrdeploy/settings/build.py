@@ -114,8 +114,15 @@ class BuildConfig:
         return self.profile is not None or self.backend == "ort-cuda"
 
     def check(self) -> None:
-        """Every option value is one the build can use (before any work is done)."""
-        check_budget_range(self.rank_budget)
+        """Every option value is one the build can use (before any work is done), group by group."""
+        self._check_choices()
+        self._check_factorization()
+        self._check_cuts()
+        self._check_plan()
+        self._check_validation()
+
+    def _check_choices(self) -> None:
+        """Every option with a fixed set of values has one of them."""
         for option, value, choices in (("--method", self.method, METHODS), ("--allocation", self.allocation, ALLOCATIONS),
                                        ("--refit-mode", self.refit_mode, REFIT_MODES),
                                        ("--backend", self.backend, LATENCY_BACKENDS),
@@ -125,7 +132,16 @@ class BuildConfig:
                                        ("--objective", self.objective or OBJECTIVES[0], OBJECTIVES)):
             if value not in choices:
                 raise OptionError(f"{option} {value!r} is not one of {', '.join(choices)}; pick one of those")
+
+    def _check_factorization(self) -> None:
+        """The budget and rank grid of the low-rank splits, and how Q, K and V are split."""
+        check_budget_range(self.rank_budget)
+        if self.rank_multiple < 1:
+            raise OptionError(f"--rank-multiple {self.rank_multiple} must be at least 1; 16 or 64 suit tensor cores")
         self._check_qkv()
+
+    def _check_cuts(self) -> None:
+        """The fixed structured cuts: fractions in (0, 1], a non-negative block count, values cuts that fit."""
         if self.drop_blocks < 0:
             raise OptionError(f"--drop-blocks {self.drop_blocks} is negative; pass how many blocks to drop")
         for option, keep in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep),
@@ -135,6 +151,10 @@ class BuildConfig:
             if not 0.0 < keep <= 1.0:
                 raise OptionError(f"{option} {keep} is outside (0, 1]; pass e.g. {option} 0.5")
         self._check_values()
+
+    def _check_plan(self) -> None:
+        """A latency target in (0, 1), measured where --check-tokens asks; the unified plan chooses every shape
+        itself, so no fixed cut goes with it."""
         check_token_options(self.check_tokens, self.target_latency, self.profile)
         if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
             raise OptionError(f"--target-latency {self.target_latency} is outside (0, 1); pass the fraction of dense "
@@ -148,11 +168,12 @@ class BuildConfig:
             if fixed:
                 raise OptionError(f"{', '.join(fixed)} cannot be combined with --plan unified or --target-latency "
                                   "(the plan chooses every shape and rank itself); leave those out")
+
+    def _check_validation(self) -> None:
+        """Polygraphy's tolerances are finite and non-negative."""
         for option, value in (("--atol", self.atol), ("--rtol", self.rtol)):
             if not math.isfinite(value) or value < 0:
                 raise OptionError(f"{option} {value} is not a tolerance; give a finite number ≥ 0, e.g. {option} 0.01")
-        if self.rank_multiple < 1:
-            raise OptionError(f"--rank-multiple {self.rank_multiple} must be at least 1; 16 or 64 suit tensor cores")
 
     def _check_values(self) -> None:
         """--values-keep narrows plain V/O pairs of whole blocks: not the fused Attention, nor blocks cut otherwise."""
