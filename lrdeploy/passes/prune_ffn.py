@@ -119,6 +119,10 @@ def match_ffn_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> Matches[FfnB
     downs = {layer.input_name: layer for layer in plain}
     matches: Matches[FfnBlock] = Matches()
     taken: set[str] = set()
+    for layer in layers:  # a Gemm (GPT-2's Conv1D, as torch's legacy exporter writes it) is split, never cut
+        if layer.pattern.startswith("Gemm") and layer.weight is not None and layer.d_out > layer.d_in:
+            matches.refuse(layer.name, f"not an FFN up projection: a {layer.pattern} layer; structured cuts slice "
+                                       "MatMul(+Add) layers only (low-rank splits still apply)")
     for up in plain:
         if up.name in taken:
             continue

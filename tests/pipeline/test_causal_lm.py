@@ -231,3 +231,29 @@ def test_heads_keep_refuses_a_model_with_a_kv_cache(tmp_path):
     assert result.exit_code == 1
     assert result.stderr.startswith("Error: --heads-keep would change the head count of the model's KV cache")
     assert not (tmp_path / "out").exists()
+
+
+def test_gpt2_gemm_layers_are_split_and_inspect_says_why_they_are_not_cut(tmp_path):
+    """GPT-2's Conv1D layers leave torch's legacy exporter as Gemm on a flattened input: inspect says why its
+    up projections are not FFN blocks (and its fused c_attn no self-attention), and a build still splits them."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lrdeploy.export.torch_onnx import export_hf
+
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
+                               eos_token_id=0)).save_pretrained(str(tmp_path / "gpt2"))
+    export_hf(tmp_path / "gpt2", tmp_path / "gpt2.onnx", task="text-generation")
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "gpt2.onnx"), "--json"])
+    assert result.exit_code == 0, result.output
+    refused = json.loads(result.stdout)["blocks"]["refused"]
+    gemm = [r for r in refused if r["part"] == "ffn" and "a Gemm layer" in r["reason"]]
+    assert {r["candidate"].split("/")[-2] for r in gemm} == {"c_fc", "c_attn"} and len(gemm) == 4
+    np.savez(tmp_path / "calib.npz", **_windows(96))
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "gpt2.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                                       "--rank-budget", "0.6", "--json", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert any(layer["status"] == "factorized" and layer["pattern"].startswith("Gemm") for layer in report["layers"])
+    assert report["params"]["linear_ratio"] <= 0.6
