@@ -31,6 +31,7 @@ from lrdeploy.passes.contract import Matches, PassResult, committed
 from lrdeploy.passes.layer_nodes import forget_shapes, is_plain, matmul_and_add, reshape_target_dims, set_bias
 from lrdeploy.passes.linear_layers import LinearLayer, constant_value
 from lrdeploy.passes.naming import Scope
+from lrdeploy.passes.ort_fusion import attention_geometry
 
 
 PACKED_PARTS = 3  # Q, K and V in a fused Attention's packed weight
@@ -169,6 +170,15 @@ def find_attention_blocks(layers: list[LinearLayer], heads: int | None = None,
                           head_dims: dict[str, int] | None = None) -> list[AttentionBlock]:
     """The self-attentions `match_attention_blocks` finds."""
     return match_attention_blocks(layers, heads, head_dims).found
+
+
+def match_plain_attention(graph: gs.Graph, layers: list[LinearLayer], num_heads: int = 0) -> Matches[AttentionBlock] | None:
+    """`match_attention_blocks` with the head size each block's Q is reshaped into, else the model's head count
+    (`num_heads`, e.g. --num-heads, which overrides both; or read from the graph); None when none can be told."""
+    head_dims = {} if num_heads else reshaped_head_dims(graph, layers)
+    geometry = None if num_heads or head_dims else attention_geometry(graph)
+    heads = num_heads or (geometry[0] if geometry else 0)
+    return match_attention_blocks(layers, heads or None, head_dims) if heads or head_dims else None
 
 
 def reshaped_head_dims(graph: gs.Graph, layers: list[LinearLayer]) -> dict[str, int]:

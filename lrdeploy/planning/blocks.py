@@ -14,10 +14,8 @@ from lrdeploy.calib.data import InputSpec, is_past_input
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
-from lrdeploy.passes.ort_fusion import attention_geometry
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
-from lrdeploy.passes.prune_heads import (AttentionBlock, find_attention_blocks, find_fused_attention_blocks,
-                                         reshaped_head_dims)
+from lrdeploy.passes.prune_heads import AttentionBlock, find_fused_attention_blocks, match_plain_attention
 from lrdeploy.settings.build import BuildConfig
 
 
@@ -28,12 +26,10 @@ def self_attentions(config: BuildConfig, graph: gs.Graph, layers: list[LinearLay
     `--num-heads`; None when none of those can be told."""
     if config.optimize == "ort":
         return find_fused_attention_blocks(graph, layers)
-    head_dims = {} if config.num_heads else reshaped_head_dims(graph, layers)
-    geometry = None if config.num_heads or head_dims else attention_geometry(graph)
-    heads = config.num_heads or (geometry[0] if geometry else 0)
-    if not heads and not head_dims:
+    matches = match_plain_attention(graph, layers, config.num_heads)
+    if matches is None:
         return None
-    blocks = find_attention_blocks(layers, heads, head_dims)
+    blocks = matches.found
     if has_kv_cache(graph):
         for block in blocks:
             block.feeds_cache = True

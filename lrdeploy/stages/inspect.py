@@ -12,9 +12,9 @@ from lrdeploy.onnx_io import LoadedModel, count_parameters, load_model
 from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
 from lrdeploy.passes.drop_blocks import match_transformer_blocks
 from lrdeploy.passes.merge_qkv import merged_qkv_model
-from lrdeploy.passes.ort_fusion import attention_geometry, fuse_for_onnxruntime
+from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime
 from lrdeploy.passes.prune_ffn import match_ffn_blocks
-from lrdeploy.passes.prune_heads import match_attention_blocks, reshaped_head_dims
+from lrdeploy.passes.prune_heads import match_attention_blocks, match_plain_attention
 
 
 @dataclass
@@ -45,9 +45,7 @@ class Inspection:
         """The transformer blocks the structured cuts find (FFNs, self-attentions, blocks that can be dropped) and
         every candidate they refused, with the reason."""
         ffn = match_ffn_blocks(self.graph, self.layers)
-        head_dims = reshaped_head_dims(self.graph, self.layers)
-        geometry = None if head_dims else attention_geometry(self.graph)
-        attention = match_attention_blocks(self.layers, geometry[0] if geometry else None, head_dims)
+        attention = match_plain_attention(self.graph, self.layers) or match_attention_blocks(self.layers)
         depth = match_transformer_blocks(self.graph, attention.found, ffn.found)
         return {"ffn": len(ffn.found), "attention": len(attention.found), "droppable": len(depth.found),
                 "refused": [{"part": part, "candidate": r.candidate, "reason": r.reason}
