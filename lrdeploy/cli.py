@@ -26,7 +26,7 @@ from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
 from lrdeploy.settings.build import (LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, PROFILE_BACKENDS, QKV_FORMS,
                                       BuildConfig)
-from lrdeploy.settings.distill import TRAIN_TEXTS, DistillSettings
+from lrdeploy.settings.distill import DISTILL_TASKS, EMBEDDER_BATCH, LM_BATCH, TRAIN_TEXTS, DistillSettings
 from lrdeploy.runtime.base import BACKENDS, PRECISIONS
 from lrdeploy.torch.distill_config import DistillConfig
 
@@ -650,7 +650,11 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
 
 @main.command()
 @click.option("--hf", "hf_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="A local Hugging Face sentence-embedder folder (mean pooling + L2 norm are added).")
+              help="A local Hugging Face folder: a sentence embedder (mean pooling + L2 norm are added) or a causal LM.")
+@click.option("--task", type=click.Choice(DISTILL_TASKS), default=DISTILL_DEFAULTS.task, show_default=True,
+              help="auto: a causal LM (distilled on next-token KL, exported like `export --task text-generation`) "
+                   "where config.json names a …ForCausalLM, else a sentence embedder; text-generation-with-past "
+                   "exports the student with its KV cache.")
 @click.option("--rank-budget", default=DISTILL_DEFAULTS.rank_budget, show_default=True, type=float)
 @click.option("--target-cosine", type=float, default=None,
               help="Instead of --rank-budget: the smallest budget whose distilled model keeps this held-out cosine.")
@@ -664,7 +668,16 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               "--profile, else 16).")
 @click.option("--lr", default=DISTILL_DEFAULTS.training.lr, show_default=True, type=float,
               help="AdamW peak learning rate.")
-@click.option("--batch-size", default=DISTILL_DEFAULTS.batch_size, show_default=True, type=click.IntRange(min=1))
+@click.option("--batch-size", type=click.IntRange(min=1),
+              help=f"Training batch (default {EMBEDDER_BATCH} sentences, or {LM_BATCH} windows for a causal LM).")
+@click.option("--window-tokens", default=DISTILL_DEFAULTS.window_tokens, show_default=True,
+              type=click.IntRange(min=8), help="A causal LM's text windows (tokens).")
+@click.option("--calib-windows", default=DISTILL_DEFAULTS.calib_windows, show_default=True,
+              type=click.IntRange(min=1), help="A causal LM's calibration windows.")
+@click.option("--eval-windows", default=DISTILL_DEFAULTS.eval_windows, show_default=True,
+              type=click.IntRange(min=1), help="A causal LM's held-out windows (from documents never trained on).")
+@click.option("--sensitivity-samples", default=DISTILL_DEFAULTS.sensitivity_samples, show_default=True,
+              type=click.IntRange(min=1), help="Calibration samples each measured option runs on (as `build`).")
 @click.option("--hidden-weight", default=DISTILL_DEFAULTS.training.hidden_weight, show_default=True,
               type=click.FloatRange(min=0), help="Weight of the per-block hidden-state loss (0: final embedding only).")
 @click.option("--freeze-embeddings", is_flag=True,
@@ -681,8 +694,8 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path))
 @user_errors
 def distill(hf_dir, steps, lr, hidden_weight, freeze_embeddings, output_dir, **options) -> None:
-    """Compress a Hugging Face embedder (ONNX build pipeline), fine-tune it label-free toward the original in
-    PyTorch, export ONNX and report."""
+    """Compress a Hugging Face embedder or causal LM (ONNX build pipeline), fine-tune it label-free toward the
+    original in PyTorch, export ONNX and report."""
     from lrdeploy.commands.distill import run_distill
 
     training = DistillConfig(steps=steps, lr=lr, hidden_weight=hidden_weight, freeze_embeddings=freeze_embeddings)
@@ -700,8 +713,9 @@ def distill(hf_dir, steps, lr, hidden_weight, freeze_embeddings, output_dir, **o
         console.print(f"Sweep: {output_dir}/sweep.md; report: {output_dir}/report.html")
         return
     o = next(iter(result.report.accuracy.outputs.values()))
-    f = result.report.finetune
-    console.print(f"held-out cosine {o.cosine_mean:.4f}, top-{result.report.accuracy.neighbours} neighbours "
-                  f"{o.topk_agreement:.3f} after {f['steps']} distillation steps (check cosine "
-                  f"{f['initial_cosine']:.4f} → {f['best_cosine']:.4f})")
+    lm = o.next_token
+    held_out = (f"perplexity ×{lm.ppl_ratio:.3f} of dense ({lm.ppl_dense:.2f} → {lm.ppl:.2f}), next-token top-1 "
+                f"agreement {lm.top1_agreement:.3f}, KL {lm.kl:.4f}" if lm is not None else
+                f"cosine {o.cosine_mean:.4f}, top-{result.report.accuracy.neighbours} neighbours {o.topk_agreement:.3f}")
+    console.print(f"held-out {held_out}; {result.report.finetune.summary()}")
     console.print(f"Compressed model: {result.output_model}; reports in {output_dir}")

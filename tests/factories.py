@@ -57,3 +57,21 @@ def tiny_llama_dir(path, tie: bool = True):
                          tie_word_embeddings=tie, initializer_range=0.2)
     LlamaForCausalLM(config).save_pretrained(str(path))
     return path
+
+
+def tiny_llama_with_tokenizer_dir(path):
+    """`tiny_llama_dir` with a 512-word byte-level BPE tokenizer trained on Python's pydoc text (end-of-text token
+    `</s>`), so that `lrdeploy distill` and `data` can tokenize real text for it."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tiny_llama_dir(path)
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator([topics[key] for key in sorted(topics)][:60], trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>").save_pretrained(str(path))
+    return path

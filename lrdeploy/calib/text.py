@@ -41,12 +41,12 @@ def pydoc_sentences(min_words: int = 5, max_words: int = 80) -> list[str]:
                             min_words, max_words)
 
 
-def docstring_sentences(min_words: int = 5, max_words: int = 80) -> list[str]:
-    """Distinct prose sentences from the docstrings of Python's standard library (read with `ast`, nothing is
-    imported), in a fixed order: ~12,000 sentences of unlabeled English for distillation, about ten times the
-    pydoc prose. Tests and IDLE are left out."""
+def docstring_documents() -> list[str]:
+    """The docstrings of each module of Python's standard library (read with `ast`, nothing is imported), one
+    document per file in a fixed order, paragraphs kept: unlabeled English for distillation. Tests and IDLE are
+    left out."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    paragraphs = []
+    documents = []
     for path in sorted(root.rglob("*.py")):
         if {"test", "tests", "idlelib", "site-packages"} & set(path.relative_to(root).parts):
             continue
@@ -54,9 +54,16 @@ def docstring_sentences(min_words: int = 5, max_words: int = 80) -> list[str]:
             tree = ast.parse(path.read_text(encoding="utf-8"))
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue  # a few stdlib files are templates or other encodings
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                paragraphs.extend(re.split(r"\n\s*\n", ast.get_docstring(node) or ""))
+        docstrings = [ast.get_docstring(node) or "" for node in ast.walk(tree)
+                      if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))]
+        documents.append("\n\n".join(d for d in docstrings if d.strip()))
+    return [document for document in documents if document.strip()]
+
+
+def docstring_sentences(min_words: int = 5, max_words: int = 80) -> list[str]:
+    """Distinct prose sentences from the standard library's docstrings (`docstring_documents`), in a fixed order:
+    ~12,000 sentences of unlabeled English for distillation, about ten times the pydoc prose."""
+    paragraphs = [p for document in docstring_documents() for p in re.split(r"\n\s*\n", document)]
     return _prose_sentences(paragraphs, min_words, max_words)
 
 

@@ -50,10 +50,16 @@ def _windows(token_lists: list[list[int]], separator: int | None, tokens: int) -
     return np.asarray(stream[: count * tokens], np.int64).reshape(count, tokens)
 
 
+def _as_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:
+    return {"input_ids": windows, "attention_mask": np.ones_like(windows)}
+
+
 def text_windows(documents: list[str], tokenizer_dir: Path, tokens: int, calib_windows: int, eval_windows: int,
-                 seed: int = 0) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+                 seed: int = 0, rest: bool = False) -> tuple[dict[str, np.ndarray], ...]:
     """(calibration, evaluation) inputs: `input_ids` and an all-ones `attention_mask`, [windows, tokens] int64,
-    from disjoint documents (the evaluation side is filled first, from a seeded shuffle of the documents)."""
+    from disjoint documents (the evaluation side is filled first, from a seeded shuffle of the documents). With
+    `rest`, a third: every window of the calibration side past the calibration ones (text to train on that the
+    evaluation never sees)."""
     tokenizer = _tokenizer(tokenizer_dir)
     separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     order = np.random.default_rng(seed).permutation(len(documents))
@@ -63,13 +69,21 @@ def text_windows(documents: list[str], tokenizer_dir: Path, tokens: int, calib_w
         held_out += len(encoded[cut]) + 1
         cut += 1
     evaluation = _windows(encoded[:cut], separator, tokens)[:eval_windows]
-    calibration = _windows(encoded[cut:], separator, tokens)[:calib_windows]
+    calibration_side = _windows(encoded[cut:], separator, tokens)
+    calibration = calibration_side[:calib_windows]
     if len(evaluation) < eval_windows or len(calibration) < calib_windows:
         total = sum(len(ids) + 1 for ids in encoded) // tokens
         raise CalibrationDataError(
             f"{calib_windows} calibration + {eval_windows} evaluation windows of {tokens} tokens were asked for, but "
             f"the text gives about {total} ({len(calibration)} + {len(evaluation)} from separate documents); give "
             "more text (--text, --pydoc) or fewer or shorter windows")
-    return ({"input_ids": calibration, "attention_mask": np.ones_like(calibration)},
-            {"input_ids": evaluation, "attention_mask": np.ones_like(evaluation)})
+    splits = (_as_inputs(calibration), _as_inputs(evaluation))
+    return splits + (_as_inputs(calibration_side[calib_windows:]),) if rest else splits
 
+
+def document_windows(documents: list[str], tokenizer_dir: Path, tokens: int) -> dict[str, np.ndarray]:
+    """Every window of `tokens` tokens of `documents` in order (an end-of-text token between two)."""
+    tokenizer = _tokenizer(tokenizer_dir)
+    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    encoded = [tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"] for document in documents]
+    return _as_inputs(_windows(encoded, separator, tokens))

@@ -23,6 +23,12 @@ target (every probed budget is distilled for the same number of steps).
 Text: the demo's pydoc split (512 calibration / 1000 evaluation sentences) plus, for training, every other
 pydoc sentence and the standard library's docstrings. The evaluation sentences are never trained on or used
 to pick the checkpoint: a separate check split of the training pool does that.
+
+A causal LM (`--task text-generation[-with-past]`, or a …ForCausalLM folder) is distilled on its next-token
+distribution (KL(teacher ‖ student) per position) and block outputs, on windows of N tokens: calibration and
+held-out windows from pydoc documents kept apart (as `lrdeploy data` makes them), training windows from the
+rest of pydoc and the standard library's docstrings. The student is exported with the teacher's interface
+(logits, or Optimum's KV-cache inputs and outputs) and its LM head tied like the teacher's.
 """
 
 from __future__ import annotations
@@ -44,7 +50,7 @@ from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, p
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.sweep import SweepSettings, run_sweep
-from lrdeploy.report.model import SweepReport
+from lrdeploy.report.model import FinetuneRecord, SweepReport
 from lrdeploy.settings.distill import DistillSettings
 from lrdeploy.torch.distill_config import DistillConfig
 
@@ -52,6 +58,7 @@ SPECS = [InputSpec("input_ids", np.dtype(np.int64), ("batch", "sequence")),
          InputSpec("attention_mask", np.dtype(np.int64), ("batch", "sequence"))]
 MASK = "attention_mask"
 CHECK_SENTENCES = 256
+CHECK_WINDOWS = 16  # a causal LM's check split (each scored on every next-token position)
 
 
 @dataclass
@@ -104,36 +111,38 @@ def student_from_plan(teacher, prepared: PreparedBuild, chosen: ChosenFactors) -
 
 
 class Distiller:
-    """The Finetuner of `realize_build`: the teacher's copy gets the chosen factors, is distilled toward the
-    teacher, and comes back as an ONNX model with the two-MatMul structure."""
+    """The Finetuner of `realize_build`: the teacher's copy gets the chosen factors and cuts, is distilled toward
+    the teacher on `objective` (an embedding's cosine, or a causal LM's next-token KL), and comes back as an ONNX
+    model written by `export(student, path)` (the teacher's interface)."""
 
-    def __init__(self, teacher, examples: dict, train_batches: list[dict], check_batches: list[dict],
-                 config: DistillConfig, progress: Progress):
-        self.teacher, self.examples = teacher, examples
-        self.train_batches, self.check_batches = train_batches, check_batches
-        self.config, self.progress = config, progress
+    def __init__(self, teacher, export, batches: tuple[list[dict], list[dict]], config: DistillConfig,
+                 objective, progress: Progress):
+        self.teacher, self.export = teacher, export
+        self.train_batches, self.check_batches = batches
+        self.config, self.objective, self.progress = config, objective, progress
 
-    def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
-        from lrdeploy.export.torch_onnx import export_module
+    def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, FinetuneRecord]:
         from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime
         from lrdeploy.torch.distill import distill
 
         config = self.config
         student, hidden, removed = student_from_plan(self.teacher, prepared, chosen)
-        record = {"steps": config.steps, "lr": config.lr, "hidden_weight": config.hidden_weight,
-                  "freeze_embeddings": config.freeze_embeddings,
-                  "train_samples": sum(int(b["input_ids"].shape[0]) for b in self.train_batches)}
+        record = FinetuneRecord(config.steps, config.lr, config.hidden_weight, config.freeze_embeddings,
+                                sum(int(b["input_ids"].shape[0]) for b in self.train_batches), self.objective.metric)
         cuts = chosen.structured
         if chosen.factors or cuts.ffn or cuts.heads or cuts.values or removed:  # else nothing to recover
+            metric = record.metric
             result = distill(student, self.teacher, self.train_batches, self.check_batches, config, hidden,
-                             on_eval=lambda step, cos: self.progress.note(f"  step {step}: check cosine {cos:.4f}"))
-            record.update(initial_cosine=result.initial_cosine, best_cosine=result.best_cosine,
-                          best_step=result.best_step, history=result.history)
+                             on_eval=lambda step, v: self.progress.note(f"  step {step}: check {metric} {v:.4f}"),
+                             objective=self.objective)
+            record.initial, record.best, record.best_step = result.initial, result.best, result.best_step
+            record.history = result.history
         else:
-            record.update(steps=0, initial_cosine=1.0, best_cosine=1.0, best_step=0, history=[])
+            record.steps = 0
+            record.initial = record.best = 0.0 if record.metric == "kl" else 1.0
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / "student.onnx"
-            export_module(student, self.examples, path, "embedding")
+            self.export(student, path)
             proto = onnx.load(str(path))
         build = prepared.config
         if build.optimize == "ort":  # shipped as the dense model is: fused like it (the report compares fused ops)
@@ -180,27 +189,83 @@ def build_config(settings: DistillSettings, work: Path, out: Path) -> BuildConfi
 def _distill(settings: DistillSettings, config: BuildConfig, progress: Progress) -> BuildResult | SweepReport:
     import torch
 
-    from lrdeploy.calib.text import tokenize
-    from lrdeploy.export.torch_onnx import export_module, sentence_embedder
+    from lrdeploy.torch.distill import EMBEDDING, NEXT_TOKEN
 
-    out, timer, seed = config.resolved_output_dir, StageTimer(progress), settings.training.seed
-    torch.manual_seed(seed)
+    timer = StageTimer(progress)
+    torch.manual_seed(settings.training.seed)
     with timer.stage("export"):
-        teacher, examples = sentence_embedder(settings.hf_dir, "mean", True)
-        export_module(teacher, examples, config.model, "embedding")
+        teacher, export = (_export_causal_lm if settings.causal_lm() else _export_embedder)(settings, config.model)
     with timer.stage("tokenize"):
-        text = split_text(settings)
-        for path, sentences in ((Path(config.calib), text.calib), (config.eval, text.evaluation)):
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.savez(handle, **tokenize(sentences, settings.hf_dir))
-        train = _torch_batches(tokenize(text.train, settings.hf_dir), settings.batch_size)
-        check = _torch_batches(tokenize(text.check, settings.hf_dir), settings.batch_size)
-    progress.note(f"{len(text.train)} training, {len(text.check)} check, {len(text.evaluation)} held-out evaluation "
-                  "sentences")
-    distiller = Distiller(teacher, examples, train, check, settings.training, progress)
+        text = (_lm_text if settings.causal_lm() else _sentence_text)(settings, config, progress)
+    distiller = Distiller(teacher, export, text, settings.training,
+                          NEXT_TOKEN if settings.causal_lm() else EMBEDDING, progress)
     if settings.target_cosine is not None:  # the report lists export and tokenize too, on either path
         return run_sweep(config, SweepSettings(budgets=[], target=settings.target_cosine, bench_batch=None), progress,
                          distiller, timer.timings)
     prepared = prepare_build(config, progress, timings=timer.timings)
-    return realize_build(prepared, settings.rank_budget, out, progress, bench=False, finetune=distiller)
+    return realize_build(prepared, settings.rank_budget, config.resolved_output_dir, progress, bench=False,
+                         finetune=distiller)
+
+
+def _export_embedder(settings: DistillSettings, path: Path):
+    """The teacher (mean-pooled, normalised sentence embedder) exported to `path`, and how a student is exported."""
+    from lrdeploy.export.torch_onnx import export_module, sentence_embedder
+
+    teacher, examples = sentence_embedder(settings.hf_dir, "mean", True)
+    export_module(teacher, examples, path, "embedding")
+    return teacher, lambda student, out: export_module(student, examples, out, "embedding")
+
+
+def _export_causal_lm(settings: DistillSettings, path: Path):
+    """The teacher (a causal LM's logits) exported to `path` for the task, and how a student is exported: with the
+    same interface (logits, or the KV cache's inputs and outputs)."""
+    from lrdeploy.export.torch_onnx import causal_lm, export_causal_lm
+
+    task = settings.resolved_task()
+    teacher, _ = causal_lm(settings.hf_dir)
+    export_causal_lm(teacher.model, path, task)
+    return teacher, lambda student, out: export_causal_lm(student.model, out, task)
+
+
+def _save_inputs(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
+def _sentence_text(settings: DistillSettings, config: BuildConfig,
+                   progress: Progress) -> tuple[list[dict], list[dict]]:
+    """Calibration and held-out sentences saved for the build; (training, check) batches for distillation."""
+    from lrdeploy.calib.text import tokenize
+
+    text = split_text(settings)
+    _save_inputs(Path(config.calib), tokenize(text.calib, settings.hf_dir))
+    _save_inputs(config.eval, tokenize(text.evaluation, settings.hf_dir))
+    progress.note(f"{len(text.train)} training, {len(text.check)} check, {len(text.evaluation)} held-out evaluation "
+                  "sentences")
+    batch = settings.training_batch()
+    return (_torch_batches(tokenize(text.train, settings.hf_dir), batch),
+            _torch_batches(tokenize(text.check, settings.hf_dir), batch))
+
+
+def _lm_text(settings: DistillSettings, config: BuildConfig, progress: Progress) -> tuple[list[dict], list[dict]]:
+    """Calibration and held-out windows (pydoc documents kept apart) saved for the build; (training, check)
+    batches from the rest of pydoc and, with "pydoc+docstrings", the standard library's docstrings."""
+    from lrdeploy.calib.text import docstring_documents
+    from lrdeploy.calib.windows import document_windows, text_documents, text_windows
+
+    tokens, seed = settings.window_tokens, settings.training.seed
+    calibration, evaluation, rest = text_windows(text_documents([], pydoc=True), settings.hf_dir, tokens,
+                                                 settings.calib_windows, settings.eval_windows, seed, rest=True)
+    _save_inputs(Path(config.calib), calibration)
+    _save_inputs(config.eval, evaluation)
+    pool = rest["input_ids"]
+    if settings.train_text == "pydoc+docstrings":
+        pool = np.concatenate([pool, document_windows(docstring_documents(), settings.hf_dir, tokens)["input_ids"]])
+    pool = pool[np.random.default_rng(seed).permutation(len(pool))]
+    check, train = pool[:CHECK_WINDOWS], pool[CHECK_WINDOWS:]
+    progress.note(f"{len(train)} training, {len(check)} check, {len(evaluation['input_ids'])} held-out windows of "
+                  f"{tokens} tokens")
+    batch = settings.training_batch()
+    as_inputs = lambda ids: {"input_ids": ids, "attention_mask": np.ones_like(ids)}  # noqa: E731
+    return _torch_batches(as_inputs(train), batch), _torch_batches(as_inputs(check), batch)

@@ -29,6 +29,7 @@ OPSET = 17
 POOLINGS = ("mean", "cls", "none")
 TASKS = ("feature-extraction", "text-generation", "text-generation-with-past")  # Optimum's task names: a sentence
 # embedder, a causal LM's logits, and the same with its KV cache as inputs and outputs (for a generation loop)
+CAUSAL_LM_TASKS = TASKS[1:]
 
 
 @dataclass
@@ -90,8 +91,12 @@ def _example_text_inputs(vocabulary: int, seq_len: int) -> dict:
 def causal_lm(model_dir: Path, seq_len: int = 16):
     """(module, example inputs) for the Hugging Face causal LM in `model_dir`: input_ids, attention_mask → logits
     over the vocabulary at every position, no KV cache (prefill; what `build` calibrates and validates)."""
+    return logits_module(_load_hf(model_dir, "AutoModelForCausalLM"), seq_len)
+
+
+def logits_module(model, seq_len: int = 16):
+    """(module, example inputs) of `causal_lm` for a loaded Hugging Face causal LM (`model`, kept as `.model`)."""
     torch = require_torch()
-    model = _load_hf(model_dir, "AutoModelForCausalLM")
     model.config.use_cache = False
 
     class CausalLM(torch.nn.Module):
@@ -111,10 +116,14 @@ def causal_lm_with_past(model_dir: Path, past: int = 3, new: int = 2):
     position_ids, past_key_values.N.key / .value [batch, kv heads, past, head size] → logits, present.N.key /
     .value. A generation loop feeds each step's presents back as the next step's past; an empty past (length 0)
     is a prefill."""
+    return with_past_module(_load_hf(model_dir, "AutoModelForCausalLM"), past, new)
+
+
+def with_past_module(model, past: int = 3, new: int = 2):
+    """(module, example inputs, dynamic axes) of `causal_lm_with_past` for a loaded Hugging Face causal LM."""
     torch = require_torch()
     from transformers import DynamicCache
 
-    model = _load_hf(model_dir, "AutoModelForCausalLM")
     config = model.config
     layers = int(config.num_hidden_layers)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
@@ -287,17 +296,22 @@ def export_hf(model_dir: Path, output: Path, pooling: str = "mean", normalize: b
     """Export the folder for `task` (one of TASKS): a sentence embedder, or a causal LM's logits."""
     if task not in TASKS:
         raise ExportError(f"--task {task!r} is not one of {', '.join(TASKS)}")
-    if task == "text-generation":
-        module, inputs = causal_lm(model_dir)
-        tied = bool(getattr(module.model.config, "tie_word_embeddings", False))
-        return export_module(module, inputs, output, "logits", tolerance, retie=tied)
-    if task == "text-generation-with-past":
-        module, inputs, axes = causal_lm_with_past(model_dir)
-        tied = bool(getattr(module.model.config, "tie_word_embeddings", False))
-        return export_module(module, inputs, output, "logits", tolerance, retie=tied, positional=True,
-                             dynamic_axes=axes)
+    if task in CAUSAL_LM_TASKS:
+        return export_causal_lm(_load_hf(model_dir, "AutoModelForCausalLM"), output, task, tolerance)
     module, inputs = sentence_embedder(model_dir, pooling, normalize)
     return export_module(module, inputs, output, "last_hidden_state" if pooling == "none" else "embedding", tolerance)
+
+
+def export_causal_lm(model, output: Path, task: str, tolerance: float = 1e-4) -> ExportResult:
+    """Export a loaded Hugging Face causal LM (a teacher, or a student made from a plan) for `task`
+    ("text-generation": logits only; "text-generation-with-past": Optimum's KV-cache interface), its LM head
+    tied to the embedding where the model ties them."""
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if task == "text-generation":
+        module, inputs = logits_module(model)
+        return export_module(module, inputs, output, "logits", tolerance, retie=tied)
+    module, inputs, axes = with_past_module(model)
+    return export_module(module, inputs, output, "logits", tolerance, retie=tied, positional=True, dynamic_axes=axes)
 
 
 def export_factory(spec: str, output: Path, tolerance: float = 1e-4) -> ExportResult:

@@ -1,13 +1,17 @@
 """Drop whole transformer blocks: a dropped block becomes the identity on the residual stream.
 
-    H_in ─[attention, residual, LayerNorm, FFN, residual, LayerNorm]─► H_out ─► next block
+    post-LayerNorm (BERT):  H_in ─[attention, residual, LayerNorm, FFN, residual, LayerNorm]─► H_out
+    pre-LayerNorm (ViT, GPT, Llama, Whisper):
+                            H_in ─[Norm, attention, residual, Norm, FFN, residual]─► H_out
         ⇒  H_in ─Identity─► H_out ─► next block           (cleanup removes the block's nodes)
 
-A block is found from its self-attention (`prune_heads.find_attention_blocks`): H_in is the tensor its Q, K and
-V read; H_out is what the next block's Q, K and V read, or, for the last block, the LayerNorm after the last
-FFN's residual Add. Matching only reads the graph, and takes a block only where nothing outside it reads a
-tensor inside it: a pre-LayerNorm block's residual stream runs past the tensor the next block reads, so the
-identity there would leave the block computed and change the outputs (refused, with that reason).
+A block is found from its self-attention (`prune_heads.find_attention_blocks`). H_in is the residual stream the
+block starts from: the tensor its Q, K and V read where the block's residual Add reads it too (post-LN), else
+the input of the norm that made it (pre-LN: LayerNorm, SimplifiedLayerNormalization, or RMSNorm spelled out in
+elementwise ops). H_out is the next block's H_in; for the last block, after its FFN's residual Add: the
+LayerNorm that follows (post-LN) or the Add itself (pre-LN, whose final norm is not the block's). Matching only
+reads the graph, and takes a block only where nothing outside it reads a value inside it (a KV cache's
+`present` outputs, for one): the identity would leave such a block computed (refused, with that reason).
 """
 
 from __future__ import annotations
@@ -34,20 +38,59 @@ class TransformerBlock:
     output_name: str
     products: tuple[str, ...] = ()  # its MatMul/Gemm/Attention nodes: what a drop must remove
 
+    @property
+    def index(self) -> int:
+        """Its place among the model's self-attentions (block0 is the first)."""
+        return int(self.name.removeprefix("block"))
 
-def _after_residual(graph: gs.Graph, ffn: FfnBlock) -> str | None:
-    """The normalised residual stream after an FFN's down projection: Add(·, skip) then a LayerNorm."""
+
+def _residual_join(node: gs.Node) -> bool:
+    """A node where a block adds its branch to the residual stream: an Add of two computed tensors (an Add with
+    a constant is a bias or a norm's epsilon), or ONNX Runtime's SkipLayerNormalization."""
+    if node.op == "SkipLayerNormalization":
+        return True
+    return node.op == "Add" and not any(isinstance(t, gs.Constant) for t in node.inputs)
+
+
+def _after_residual(graph: gs.Graph, ffn: FfnBlock, pre_norm: bool) -> str | None:
+    """Where the last block's residual stream ends after its FFN's down projection: the residual Add itself
+    (pre-LN), or the LayerNorm that follows it (post-LN). A bias Add may come first."""
     tensor = graph.tensors()[ffn.down.output_name]
-    for _ in range(2):
+    for _ in range(3):
         consumers = tensor.outputs
         if len(consumers) != 1:
             return None
         node = consumers[0]
-        if node.op in NORMS:
+        if node.op in NORMS and not pre_norm:
             return node.outputs[0].name
         if node.op != "Add":
             return None
         tensor = node.outputs[0]
+        if pre_norm and _residual_join(node):
+            return tensor.name
+    return None
+
+
+NORM_STEPS = 12  # the most nodes between the residual stream and a normalised copy (RMSNorm spelled out: ~7)
+NOT_NORMS = ("MatMul", "Gemm", "Attention", "Softmax", "Gather", "Concat", "Reshape", "Transpose")
+
+
+def residual_stream(graph: gs.Graph, input_name: str) -> str | None:
+    """The residual stream a block's projections read `input_name` from: `input_name` itself where a residual
+    join reads it too (post-LN), else the nearest tensor before it, within a norm's few elementwise nodes, that
+    a residual join reads (pre-LN); None when there is none (no residual stream in sight)."""
+    tensors = graph.tensors()
+    frontier, seen = [tensors[input_name]], set()
+    for _ in range(NORM_STEPS):
+        following = []
+        for tensor in frontier:
+            if tensor.name in seen or isinstance(tensor, gs.Constant):
+                continue
+            seen.add(tensor.name)
+            if any(_residual_join(node) for node in tensor.outputs):
+                return tensor.name
+            following += [t for node in tensor.inputs if node.op not in NOT_NORMS for t in node.inputs]
+        frontier = following
     return None
 
 
@@ -74,25 +117,13 @@ def _block_nodes(graph: gs.Graph, input_name: str, output_name: str) -> list[gs.
     return [node for key, node in after.items() if key in before]
 
 
-RESIDUAL_JOINS = ("Add", "SkipLayerNormalization")  # where a block adds its branch to its input
-
-
-def _not_the_stream(graph: gs.Graph, input_name: str) -> str | None:
-    """Why the tensor a block's projections read is not the residual stream itself (None when it is: the block's
-    residual join reads it too, as in post-LayerNorm blocks); in a pre-LayerNorm block it is LayerNorm(stream)."""
-    if any(node.op in RESIDUAL_JOINS for node in graph.tensors()[input_name].outputs):
-        return None
-    return (f"its projections read {input_name!r}, a normalised copy of the residual stream, not the stream: a "
-            "pre-LayerNorm block; dropping one is not supported yet")
-
-
 PRODUCTS = ("MatMul", "Gemm", "Attention")  # where the block's values are made (shape and mask work is not)
 
 
 def _escape(graph: gs.Graph, input_name: str, output_name: str) -> str | None:
     """Why the block from `input_name` to `output_name` cannot become the identity (None when it can): something
-    outside it reads a value the block computes (a pre-LayerNorm block's residual stream, which the next block
-    adds to). Shape and mask work inside the block that later blocks share (torch's exporter derives the mask's
+    outside it reads a value the block computes (a KV cache's `present` output, a residual stream that bypasses
+    `output_name`). Shape and mask work inside the block that later blocks share (torch's exporter derives the mask's
     shape from the hidden states) is not the block's value and stays when it is dropped."""
     nodes = _block_nodes(graph, input_name, output_name)
     inside = {id(node) for node in nodes}
@@ -111,8 +142,8 @@ def _escape(graph: gs.Graph, input_name: str, output_name: str) -> str | None:
             outside = [n for n in tensor.outputs if id(n) not in inside]
             if outside or tensor.name in graph_outputs:
                 reader = outside[0].name if outside else "the graph's outputs"
-                return (f"{tensor.name!r} inside it is also read by {reader}: a pre-LayerNorm block (its residual "
-                        "stream bypasses the tensor the next block reads); dropping one is not supported yet")
+                return (f"{tensor.name!r} inside it is also read by {reader}: the block would still be computed "
+                        "(or an output lost) if it became the identity")
     return None
 
 
@@ -121,21 +152,28 @@ def match_transformer_blocks(graph: gs.Graph, attention: list[AttentionBlock],
     """The blocks in model order that can become the identity; the last one needs its FFN (to find where its
     residual stream ends). A block that cannot says why."""
     matches: Matches[TransformerBlock] = Matches()
+    streams = [residual_stream(graph, block.input_name) for block in attention]
     for index, block in enumerate(attention):
         name = f"block{index}"
+        start = streams[index]
+        if start is None:
+            matches.refuse(name, f"no residual stream found before {block.input_name!r} (no Add of the block's "
+                                 "input and its branch within a norm's reach)")
+            continue
         if index + 1 < len(attention):
-            output = attention[index + 1].input_name
+            output = streams[index + 1]
         else:
             last_ffn = next((f for f in reversed(ffn) if f.up.input_name != block.input_name), None)
-            output = _after_residual(graph, last_ffn) if last_ffn is not None else None
+            output = (_after_residual(graph, last_ffn, pre_norm=start != block.input_name)
+                      if last_ffn is not None else None)
         if output is None:
-            matches.refuse(name, "the last block's end (its FFN's residual Add, then a LayerNorm) was not found")
+            matches.refuse(name, "the block's end (its FFN's residual Add, or the next block's stream) was not found")
             continue
-        reason = _not_the_stream(graph, block.input_name) or _escape(graph, block.input_name, output)
+        reason = _escape(graph, start, output)
         if reason is None:
-            products = tuple(node.name for node in _block_nodes(graph, block.input_name, output)
+            products = tuple(node.name for node in _block_nodes(graph, start, output)
                              if node.op in PRODUCTS and node.name)  # unnamed nodes cannot be told apart
-            matches.found.append(TransformerBlock(name, block.input_name, output, products))
+            matches.found.append(TransformerBlock(name, start, output, products))
         else:
             matches.refuse(name, reason)
     return matches

@@ -52,7 +52,7 @@ from lrdeploy.planning.cuts import StructuredBlocks, splittable
 from lrdeploy.stages.sensitivity import SensitivityTable, measured_sensitivity, sensitivity_loss
 from lrdeploy.stages.validate import compare_models
 from lrdeploy.report.files import REPORT_FILES, write_bench, write_reports
-from lrdeploy.report.model import BuildReport
+from lrdeploy.report.model import BuildReport, FinetuneRecord
 
 
 @dataclass
@@ -215,7 +215,7 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
 class Finetuner(Protocol):
     """Turns the chosen factors into a fine-tuned compressed model (e.g. `lrdeploy distill`'s distillation)."""
 
-    def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, dict]:
+    def __call__(self, prepared: PreparedBuild, chosen: ChosenFactors) -> tuple[onnx.ModelProto, FinetuneRecord]:
         """The compressed model with the factors trained further, and a report record of the training."""
 
 

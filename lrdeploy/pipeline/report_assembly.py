@@ -20,7 +20,8 @@ from lrdeploy.stages.inspect import Inspection
 from lrdeploy.planning.latency_aware import LatencyPlan
 from lrdeploy.stages.samples import BuildSamples
 from lrdeploy.passes.compose import StructuredCuts
-from lrdeploy.report.model import AccuracyReport, BuildConfigRecord, BuildReport, LayerRecord, ParamSummary
+from lrdeploy.report.model import (AccuracyReport, BuildConfigRecord, BuildReport, FinetuneRecord, LayerRecord,
+                                   ParamSummary)
 
 class PreparedInputs(Protocol):
     """What a report needs of a `build.PreparedBuild` (named by shape here, as build imports this module)."""
@@ -57,7 +58,7 @@ def spectra(eligible: list[LinearLayer], moments: dict[str, Moments] | None) -> 
 
 
 def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: BuildConfig, budget: float,
-                    plan: RankPlan, finetune: dict | None) -> None:
+                    plan: RankPlan, finetune: FinetuneRecord | None) -> None:
     """`proto`'s metadata_props: the original's, plus what lrdeploy did (version, budget, method, ranks, ...)."""
     entries = {p.key: p.value for p in original.metadata_props}
     entries.update({
@@ -74,7 +75,7 @@ def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: B
         **({} if config.heads_keep is None else {"lrdeploy.heads_keep": str(config.heads_keep)}),
         **({} if config.values_keep is None else {"lrdeploy.values_keep": str(config.values_keep)}),
         **({} if not config.drop_blocks else {"lrdeploy.drop_blocks": str(config.drop_blocks)}),
-        **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune["steps"])}),
+        **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune.steps)}),
     })
     del proto.metadata_props[:]
     for key, value in entries.items():
@@ -132,7 +133,7 @@ class BuildOutcome:
     model_params_after: int
     accuracy: AccuracyReport | None
     bench: BenchResult | None
-    finetune: dict | None
+    finetune: FinetuneRecord | None
     timings: dict[str, float]
     fused_ops: dict[str, dict[str, int]]
     latency_plan: dict | None

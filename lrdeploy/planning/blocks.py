@@ -59,7 +59,7 @@ def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLa
     attention = self_attentions(config, graph, layers) or []
     if not attention:  # no self-attention matched: the FFNs are the only blocks
         return [BlockParts(None, block, None, block.layers) for block in ffn]
-    dropped = {block.input_name: block for block in find_transformer_blocks(graph, attention, ffn)}
+    dropped = {block.index: block for block in find_transformer_blocks(graph, attention, ffn)}
     order = [layer.name for layer in layers]
     starts = [order.index(block.projections[0].name) for block in attention] + [len(order)]
     parts = []
@@ -67,7 +67,7 @@ def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLa
         inside = layers[starts[index]:starts[index + 1]]
         names = {layer.name for layer in inside}
         block_ffn = next((f for f in ffn if f.up.name in names and f.down.name in names), None)
-        parts.append(BlockParts(block, block_ffn, dropped.get(block.input_name), inside))
+        parts.append(BlockParts(block, block_ffn, dropped.get(index), inside))
     return parts
 
 

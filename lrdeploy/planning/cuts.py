@@ -102,9 +102,9 @@ class StructuredBlocks:
             inspection.model.proto)) for block in blocks}
         order = [layer.name for layer in inspection.layers]
         starts = [order.index(a.projections[0].name) for a in self.depth_candidates] + [len(order)]
-        for index in sorted(range(len(blocks)), key=lambda i: distortion[blocks[i].name])[:config.drop_blocks]:
-            layers = [layer for layer in inspection.layers[starts[index]:starts[index + 1]] if layer.weight is not None]
-            self.dropped.append((blocks[index], layers, distortion[blocks[index].name]))
+        for block in sorted(blocks, key=lambda b: distortion[b.name])[:config.drop_blocks]:
+            inside = inspection.layers[starts[block.index]:starts[block.index + 1]]
+            self.dropped.append((block, [layer for layer in inside if layer.weight is not None], distortion[block.name]))
 
     @property
     def layer_names(self) -> set[str]:

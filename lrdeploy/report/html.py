@@ -141,14 +141,12 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
                  f"{html.escape(c.eval_source)}.</p>")
     if report.finetune is not None:
         f = report.finetune
-        parts.append(f"<p class='cap'>Fine-tuned by label-free distillation: {f['steps']} steps on "
-                     f"{f['train_samples']} unlabeled samples, lr {f['lr']}, hidden-state weight {f['hidden_weight']}; "
-                     f"cosine on the check split {f['initial_cosine']:.4f} → {f['best_cosine']:.4f} "
-                     f"(best at step {f['best_step']}).</p>")
-        if f["history"]:
-            parts.append(_figure(distillation_plot(f["history"]), "distillation curve",
-                                 "Cosine to the original on the check split during distillation; the starred "
-                                 "checkpoint is the one exported."))
+        parts.append(f"<p class='cap'>Fine-tuned by label-free distillation: {html.escape(f.summary())}.</p>")
+        if f.history:
+            what = "Next-token KL" if f.metric == "kl" else "Cosine to the original"
+            parts.append(_figure(distillation_plot(f), "distillation curve",
+                                 f"{what} on the check split during distillation; the starred checkpoint is the one "
+                                 "exported."))
     return "".join(parts)
 
 

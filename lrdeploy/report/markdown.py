@@ -32,9 +32,7 @@ def render_markdown(report: BuildReport) -> str:
     ]
     if report.finetune is not None:
         f = report.finetune
-        lines[-1:-1] = [f"- fine-tuned by label-free distillation: {f['steps']} steps on {f['train_samples']} samples, "
-                        f"lr {f['lr']}, hidden-state weight {f['hidden_weight']}; cosine on the check split during training "
-                        f"{f['initial_cosine']:.4f} → {f['best_cosine']:.4f} (best at step {f['best_step']})"]
+        lines[-1:-1] = [f"- fine-tuned by label-free distillation: {f.summary()}"]
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
     if report.accuracy is not None and report.accuracy.language_model():

@@ -13,8 +13,9 @@ report.json schema (all keys always present):
                                           top1_agreement, kl} | null   (a causal LM's logits)}}},
     timings {stage: seconds}, warnings [str], bench (see bench.json) | null,
     spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}},
-    finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, initial_cosine, best_cosine, best_step,
-              history [{step, eval_cosine, train_loss?}]} | null   (label-free distillation, `lrdeploy distill`),
+    finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, metric ("cosine" | "kl": next-token
+              KL of a causal LM), initial, best, best_step, history [{step, check, train_loss?}]} | null
+              (label-free distillation, `lrdeploy distill`; initial/best/check: the metric on the check split),
     fused_ops {dense: {op: count}, compressed: {op: count}}   (ONNX Runtime fused ops, e.g. Attention; equal
               counts mean compression kept every fusion),
     latency_plan {source (measured, or a profile; "seed" when not measured by lrdeploy), tokens, objective,
@@ -123,6 +124,31 @@ class BuildConfigRecord:
 
 
 @dataclass
+class FinetuneRecord:
+    """How the factors were fine-tuned by label-free distillation (`lrdeploy distill`): the training and the check
+    split's `metric` (cosine to the teacher, or next-token KL for a causal LM) before, at the kept checkpoint
+    (`best`, at `best_step`) and along the way (`history` [{step, check, train_loss?}])."""
+
+    steps: int
+    lr: float
+    hidden_weight: float
+    freeze_embeddings: bool
+    train_samples: int
+    metric: str = "cosine"
+    initial: float = 1.0
+    best: float = 1.0
+    best_step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def summary(self) -> str:
+        """One sentence for the console and the reports."""
+        what = "next-token KL (nats)" if self.metric == "kl" else "cosine to the original"
+        return (f"{self.steps} distillation steps on {self.train_samples} unlabeled samples, lr {self.lr:g}, "
+                f"hidden-state weight {self.hidden_weight:g}; {what} on the check split {self.initial:.4f} → "
+                f"{self.best:.4f} (best at step {self.best_step})")
+
+
+@dataclass
 class BuildReport:
     lrdeploy_version: str
     input_model: str
@@ -136,7 +162,7 @@ class BuildReport:
     warnings: list[str] = field(default_factory=list)
     bench: BenchResult | None = None  # dense vs compressed (with --bench); report.json keeps bench.json's keys
     spectra: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {layer: {weight, feature}}
-    finetune: dict | None = None  # FinetuneRecord-shaped dict when the factors were fine-tuned by distillation
+    finetune: FinetuneRecord | None = None  # when the factors were fine-tuned by distillation
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # {"dense"|"compressed": {op: count}}
     latency_plan: dict | None = None  # with --latency-aware / --profile: see the schema above
 

@@ -6,6 +6,7 @@ import io
 import re
 
 from lrdeploy.bench.measure import BenchResult
+from lrdeploy.report.model import FinetuneRecord
 
 
 def _figure(width: float = 6.0, height: float = 3.6):
@@ -186,15 +187,15 @@ def pareto_plot(points, metric: str, chosen: float | None = None) -> bytes:
     return _png(plt, fig)
 
 
-def distillation_plot(history: list[dict]) -> bytes:
-    """Check-split cosine against distillation step (the checkpoint kept is the best point)."""
+def distillation_plot(record: FinetuneRecord) -> bytes:
+    """The check split's metric (cosine, or next-token KL) against distillation step, the kept checkpoint starred."""
     plt, fig, ax = _figure(6.0, 3.0)
-    steps = [h["step"] for h in history]
-    cosines = [h["eval_cosine"] for h in history]
-    ax.plot(steps, cosines, marker="o", color="#2b7bba")
-    best = max(range(len(cosines)), key=cosines.__getitem__)
-    ax.plot([steps[best]], [cosines[best]], marker="*", ms=14, color="#d62728", label="kept")
+    steps = [h["step"] for h in record.history]
+    values = [h["check"] for h in record.history]
+    ax.plot(steps, values, marker="o", color="#2b7bba")
+    best = steps.index(record.best_step) if record.best_step in steps else 0
+    ax.plot([steps[best]], [values[best]], marker="*", ms=14, color="#d62728", label="kept")
     ax.set_xlabel("distillation step")
-    ax.set_ylabel("cosine to the original (check split)")
+    ax.set_ylabel("next-token KL (check split)" if record.metric == "kl" else "cosine to the original (check split)")
     ax.legend(fontsize=8)
     return _png(plt, fig)

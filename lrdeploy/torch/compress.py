@@ -267,9 +267,16 @@ def remove_blocks(model: torch.nn.Module, dropped) -> list[int]:
     stack = model.get_submodule(blocks[0].rpartition(".")[0])
     for index in sorted(removed, reverse=True):
         del stack[index]
+    for position, kept in enumerate(stack):  # a KV cache is indexed by layer: decoders know their place
+        for module in kept.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = position
     for module in model.modules():
-        if hasattr(getattr(module, "config", None), "num_hidden_layers"):
-            module.config.num_hidden_layers = len(stack)
+        config = getattr(module, "config", None)
+        if hasattr(config, "num_hidden_layers") and config.num_hidden_layers != len(stack):
+            if len(getattr(config, "layer_types", None) or []) == config.num_hidden_layers:
+                config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in removed]
+            config.num_hidden_layers = len(stack)
     return sorted(removed)
 
 

@@ -1,9 +1,10 @@
 """distill(student, teacher, ...): recover a compressed model's accuracy without labels by making it mimic
-the original: (1 − cosine) + MSE on the final output and, optionally, a per-block hidden-state loss. AdamW,
-warm-up + cosine schedule, batches reshuffled every pass.
+the original on its final output (an `Objective`: (1 − cosine) + MSE for an embedding, KL(teacher ‖ student)
+of the next-token distributions for a causal LM's logits) and, optionally, a per-block hidden-state loss.
+AdamW, warm-up + cosine schedule, batches reshuffled every pass.
 
-The held-out check runs every `eval_every` steps (and at the end); the student ends with the weights of its
-best check. Dropout stays off by default: the teacher is deterministic, and noise in the student only blurs
+The held-out check (the objective's metric: cosine, or next-token KL) runs every `eval_every` steps (and at the
+end); the student ends with the weights of its best check. Dropout stays off by default: the teacher is deterministic, and noise in the student only blurs
 the target it has to copy. Embedding tables are trained too by default; `freeze_embeddings` saves their dense
 gradients and AdamW updates (MiniLM: 11.7 M of 22.7 M parameters, ~25% of a step) but, measured on MiniLM at
 ρ=0.5, costs accuracy (check cosine 0.943 against 0.956 after 600 steps).
@@ -12,7 +13,9 @@ The hidden-state loss compares the outputs of matching blocks (e.g. each transfo
 padding excluded, each hidden dimension scaled by the teacher's spread of it over the batch: BERT-like models
 have a few dimensions with huge activations that would otherwise drown the rest. The teacher's outputs and block
 outputs are computed once before training and kept (block outputs in float16, up to TEACHER_STATES_LIMIT bytes):
-the teacher is fixed, and running it every step cost about a third of each step.
+the teacher is fixed, and running it every step cost about a third of each step. A causal LM's logits are too
+big to keep (batch × tokens × vocabulary: 200 MB per batch of 4 × 128 tokens over SmolLM2's 49,152 words), so
+its teacher runs every step.
 """
 
 from __future__ import annotations
@@ -32,8 +35,12 @@ TEACHER_STATES_LIMIT = 6 * 2**30  # bytes of the teacher's block outputs kept fo
 
 @dataclass
 class DistillResult:
-    best_cosine: float
-    initial_cosine: float
+    """The check metric (`metric`, "cosine" or "kl") before training and at the kept checkpoint, and its history
+    [{step, check, train_loss?}]."""
+
+    metric: str
+    best: float
+    initial: float
     best_step: int
     history: list[dict] = field(default_factory=list)
 
@@ -44,6 +51,53 @@ def mimic_loss(student_out: torch.Tensor, teacher_out: torch.Tensor, mse_weight:
     t = teacher_out.reshape(teacher_out.shape[0], -1)
     cosine = torch.nn.functional.cosine_similarity(s, t, dim=1)
     return (1 - cosine).mean() + mse_weight * torch.nn.functional.mse_loss(s, t)
+
+
+def next_token_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                  mask: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """(sum, count) of KL(teacher ‖ student) of the next-token distributions over the real positions (`mask`
+    [batch, seq], 1 = real; logits [batch, seq, vocabulary]), computed in float32 from log-softmaxes."""
+    student_log = torch.log_softmax(student_logits.float(), dim=-1)
+    teacher_log = torch.log_softmax(teacher_logits.float(), dim=-1)
+    per_position = (teacher_log.exp() * (teacher_log - student_log)).sum(-1)
+    if mask is not None and mask.shape == per_position.shape:
+        keep = mask.bool()
+        return per_position[keep].sum(), int(keep.sum())
+    return per_position.sum(), per_position.numel()
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What the student copies of the teacher's final output: `loss` (to minimise) and the check `metric` the best
+    checkpoint is picked by, summed per sample or position by `check_sum` (→ (sum, count)); `store_targets`: the
+    teacher's outputs are small enough to compute once and keep."""
+
+    metric: str
+    higher_is_better: bool
+    store_targets: bool
+
+    def loss(self, student_out: torch.Tensor, teacher_out: torch.Tensor, mask: torch.Tensor | None,
+             config: DistillConfig) -> torch.Tensor:
+        if self.metric == "kl":
+            total, count = next_token_kl(student_out, teacher_out, mask)
+            return total / max(count, 1)
+        return mimic_loss(student_out, teacher_out, config.mse_weight)
+
+    def check_sum(self, student_out: torch.Tensor, teacher_out: torch.Tensor,
+                  mask: torch.Tensor | None) -> tuple[float, int]:
+        if self.metric == "kl":
+            total, count = next_token_kl(student_out, teacher_out, mask)
+            return float(total), count
+        cosine = torch.nn.functional.cosine_similarity(student_out.reshape(student_out.shape[0], -1),
+                                                       teacher_out.reshape(teacher_out.shape[0], -1), dim=1)
+        return float(cosine.sum()), cosine.shape[0]
+
+    def better(self, value: float, than: float) -> bool:
+        return value > than if self.higher_is_better else value < than
+
+
+EMBEDDING = Objective("cosine", higher_is_better=True, store_targets=True)  # sentence embeddings, hidden states
+NEXT_TOKEN = Objective("kl", higher_is_better=False, store_targets=False)  # a causal LM's logits
 
 
 def hidden_state_loss(student_states: Sequence[torch.Tensor], teacher_states: Sequence[torch.Tensor],
@@ -106,18 +160,21 @@ def _outputs(model: torch.nn.Module, batches: Sequence[Batch]) -> list[torch.Ten
 @dataclass
 class TeacherTargets:
     """What the student is trained toward, per training batch: the teacher's outputs and, when stored, its block
-    outputs (float16; None: the teacher runs every step)."""
+    outputs (float16). None: not stored, the teacher runs every step."""
 
-    outputs: list[torch.Tensor]
+    outputs: list[torch.Tensor] | None
     states: list[list[torch.Tensor]] | None
 
 
 @torch.no_grad()
-def teacher_targets(teacher: torch.nn.Module, batches: Sequence[Batch], blocks: BlockOutputs | None) -> TeacherTargets:
+def teacher_targets(teacher: torch.nn.Module, batches: Sequence[Batch], blocks: BlockOutputs | None,
+                    objective: Objective = EMBEDDING) -> TeacherTargets:
     """The teacher's outputs for `batches` and, with `blocks` (hooks on the teacher), its block outputs in float16,
     so that training need not run the teacher every step (on MiniLM that forward is about a third of a step).
     The block outputs are dropped (None) once they pass TEACHER_STATES_LIMIT bytes: the teacher then runs every
-    step instead."""
+    step instead. Nothing is kept where the objective's targets are too big to store (a causal LM's logits)."""
+    if not objective.store_targets:
+        return TeacherTargets(None, None)
     teacher.eval()
     outputs, states, stored = [], [] if blocks is not None else None, 0
     for batch in batches:
@@ -132,13 +189,16 @@ def teacher_targets(teacher: torch.nn.Module, batches: Sequence[Batch], blocks: 
 
 
 @torch.no_grad()
-def mean_cosine(model: torch.nn.Module, batches: Sequence[Batch], targets: Sequence[torch.Tensor]) -> float:
+def check_score(model: torch.nn.Module, teacher: torch.nn.Module, batches: Sequence[Batch],
+                targets: Sequence[torch.Tensor] | None, objective: Objective, mask_key: str) -> float:
+    """The objective's metric of `model` against the teacher on `batches`, averaged per sample (cosine) or per
+    real position (KL); the teacher runs here when its outputs (`targets`) are not stored."""
+    model.eval()
     total, count = 0.0, 0
-    for output, target in zip(_outputs(model, batches), targets):
-        cos = torch.nn.functional.cosine_similarity(output.reshape(output.shape[0], -1),
-                                                    target.reshape(target.shape[0], -1), dim=1)
-        total += float(cos.sum())
-        count += cos.shape[0]
+    for index, batch in enumerate(batches):
+        target = targets[index] if targets is not None else teacher(**batch)
+        part, n = objective.check_sum(model(**batch), target, batch.get(mask_key))
+        total, count = total + part, count + n
     return total / max(count, 1)
 
 
@@ -160,8 +220,8 @@ def _batch_order(count: int, steps: int, seed: int) -> list[int]:
 def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_batches: Sequence[Batch],
             eval_batches: Sequence[Batch], config: DistillConfig, hidden_modules: Sequence[str | tuple[str, str]] = (),
             mask_key: str = "attention_mask", on_step: Callable[[int, float], None] | None = None,
-            on_eval: Callable[[int, float], None] | None = None) -> DistillResult:
-    """Train `student` (in place) toward `teacher`; returns the held-out cosine history.
+            on_eval: Callable[[int, float], None] | None = None, objective: Objective = EMBEDDING) -> DistillResult:
+    """Train `student` (in place) toward `teacher` on `objective`; returns the held-out check history.
 
     `hidden_modules` names submodules present in both models (e.g. `transformer_blocks(teacher)`), or pairs
     (student's, teacher's) where they differ (a student with blocks removed), whose outputs are matched when
@@ -172,10 +232,10 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_batches: S
     student_blocks = BlockOutputs(student, [mine for mine, _ in pairs]) if use_hidden else None
     teacher_blocks = BlockOutputs(teacher, [theirs for _, theirs in pairs]) if use_hidden else None
     try:
-        targets = teacher_targets(teacher, train_batches, teacher_blocks)
+        targets = teacher_targets(teacher, train_batches, teacher_blocks, objective)
         hooks = (student_blocks, teacher_blocks) if use_hidden else None
-        return _train(student, teacher, (train_batches, eval_batches), config, targets, hooks, mask_key, on_step,
-                      on_eval)
+        return _train(student, teacher, (train_batches, eval_batches), config, targets, hooks,
+                      (objective, mask_key), on_step, on_eval)
     finally:
         for blocks in (student_blocks, teacher_blocks):
             if blocks is not None:
@@ -184,12 +244,14 @@ def distill(student: torch.nn.Module, teacher: torch.nn.Module, train_batches: S
 
 def _train(student: torch.nn.Module, teacher: torch.nn.Module, batches: tuple[Sequence[Batch], Sequence[Batch]],
            config: DistillConfig, targets: TeacherTargets, hooks: tuple[BlockOutputs, BlockOutputs] | None,
-           mask_key: str, on_step: Callable[[int, float], None] | None,
+           scoring: tuple[Objective, str], on_step: Callable[[int, float], None] | None,
            on_eval: Callable[[int, float], None] | None) -> DistillResult:
-    """The training loop of `distill` (`batches`: training, check), with the block hooks (student's, teacher's) in
-    place when block outputs are matched; the teacher runs here only for block outputs not stored."""
+    """The training loop of `distill` (`batches`: training, check; `scoring`: the objective and the mask input's
+    name), with the block hooks (student's, teacher's) in place when block outputs are matched; the teacher runs
+    here for what `targets` does not store."""
     train_batches, eval_batches = batches
-    eval_targets = _outputs(teacher, eval_batches)
+    objective, mask_key = scoring
+    eval_targets = _outputs(teacher, eval_batches) if objective.store_targets else None
     if config.freeze_embeddings:  # stays so after training: the student's tables keep requires_grad False
         for module in student.modules():
             if isinstance(module, torch.nn.Embedding):
@@ -198,19 +260,22 @@ def _train(student: torch.nn.Module, teacher: torch.nn.Module, batches: tuple[Se
                                   weight_decay=config.weight_decay)
     schedule = _schedule(optimizer, config)
     eval_every = config.eval_every or len(train_batches)
-    best = initial = mean_cosine(student, eval_batches, eval_targets)
+    best = initial = check_score(student, teacher, eval_batches, eval_targets, objective, mask_key)
     best_state, best_step = copy.deepcopy(student.state_dict()), 0
-    result = DistillResult(best, initial, 0, [{"step": 0, "eval_cosine": initial}])
+    result = DistillResult(objective.metric, best, initial, 0, [{"step": 0, "check": initial}])
     for step, index in enumerate(_batch_order(len(train_batches), config.steps, config.seed), start=1):
         student.train(config.dropout)
         batch = train_batches[index]
         output = student(**batch)
-        loss = mimic_loss(output, targets.outputs[index], config.mse_weight)
+        teacher_runs = targets.outputs is None or (hooks is not None and targets.states is None)
+        if teacher_runs:
+            with torch.no_grad():
+                teacher_output = teacher(**batch)
+        wanted = targets.outputs[index] if targets.outputs is not None else teacher_output
+        loss = objective.loss(output, wanted, batch.get(mask_key), config)
         if hooks is not None:
             student_blocks, teacher_blocks = hooks
             if targets.states is None:
-                with torch.no_grad():
-                    teacher(**batch)
                 theirs = teacher_blocks.take()
             else:
                 theirs = [state.float() for state in targets.states[index]]
@@ -223,13 +288,13 @@ def _train(student: torch.nn.Module, teacher: torch.nn.Module, batches: tuple[Se
         if on_step is not None:
             on_step(step, float(loss))
         if step % eval_every == 0 or step == config.steps:
-            cosine = mean_cosine(student, eval_batches, eval_targets)
-            result.history.append({"step": step, "train_loss": float(loss), "eval_cosine": cosine})
+            score = check_score(student, teacher, eval_batches, eval_targets, objective, mask_key)
+            result.history.append({"step": step, "train_loss": float(loss), "check": score})
             if on_eval is not None:
-                on_eval(step, cosine)
-            if cosine > best:
-                best, best_step, best_state = cosine, step, copy.deepcopy(student.state_dict())
+                on_eval(step, score)
+            if objective.better(score, best):
+                best, best_step, best_state = score, step, copy.deepcopy(student.state_dict())
     student.load_state_dict(best_state)
     student.eval()
-    result.best_cosine, result.best_step = best, best_step
+    result.best, result.best_step = best, best_step
     return result

@@ -46,10 +46,11 @@ def test_distill_cli_builds_a_distilled_two_matmul_model(bert_dir, tmp_path):
     assert _matmuls(compressed) == _matmuls(model) + len(factorized)  # each split adds one MatMul
     assert report["params"]["linear_ratio"] <= 0.5
     finetune = report["finetune"]
-    history = {h["step"]: h["eval_cosine"] for h in finetune["history"]}
-    assert finetune["steps"] == 12 and list(history) == [0, 12] and history[0] == finetune["initial_cosine"]
+    history = {h["step"]: h["check"] for h in finetune["history"]}
+    assert finetune["metric"] == "cosine"
+    assert finetune["steps"] == 12 and list(history) == [0, 12] and history[0] == finetune["initial"]
     # the exported checkpoint is the best one checked (that distillation improves a model: tests/torch)
-    assert finetune["best_cosine"] == max(history.values()) == history[finetune["best_step"]]
+    assert finetune["best"] == max(history.values()) == history[finetune["best_step"]]
     assert list(report["timings"])[:3] == ["export", "tokenize", "load"] and "finetune" in report["timings"]
     meta = {p.key: p.value for p in onnx.load(str(compressed)).metadata_props}
     assert meta["lrdeploy.finetune_steps"] == "12"
@@ -154,8 +155,7 @@ def test_distill_from_narrower_value_heads(bert_dir, tmp_path):
     report, narrowed, exported = _distilled_cut(bert_dir, tmp_path / "out", "--values-keep", "0.5")
     assert len(narrowed) == 4 and all(layer["reason"].startswith("value heads 8 of 16 wide") for layer in narrowed)
     finetune = report["finetune"]
-    assert finetune["steps"] == 6 and finetune["initial_cosine"] == pytest.approx(report["finetune"]["history"][0]
-                                                                                   ["eval_cosine"])
+    assert finetune["steps"] == 6 and finetune["initial"] == pytest.approx(finetune["history"][0]["check"])
     dims = sorted(tuple(i.dims) for i in exported.graph.initializer if len(i.dims) == 2 and 32 in i.dims)
     assert dims == [(32, 64), (32, 64), (64, 32), (64, 32)]  # V [64, 4×8] and O [4×8, 64] in both blocks
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5

@@ -58,24 +58,45 @@ def test_build_drops_the_least_harmful_block(tmp_path):
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.8
 
 
-def test_pre_layernorm_blocks_are_refused_with_the_reason_not_faked(tmp_path):
-    """A pre-LN block's residual stream runs past the tensor the next block reads: making that tensor the identity
-    would leave the block computed and change the outputs (the silent no-op of ViT, DeiT and Whisper drops)."""
-    from lrdeploy.passes.drop_blocks import match_transformer_blocks
+def test_pre_layernorm_blocks_run_from_stream_to_stream():
+    """A pre-LN block (ViT, GPT, Llama, Whisper) starts at the residual stream its norm reads, not at the normalised
+    copy its projections read; the last one ends at its FFN's residual Add, before the final norm."""
+    blocks = _blocks(gs.import_onnx(models.transformer(layers=3, pre_ln=True)))
+    assert [(b.input_name, b.output_name) for b in blocks] == [
+        ("embeddings/LayerNorm", "layer0/output/residual"), ("layer0/output/residual", "layer1/output/residual"),
+        ("layer1/output/residual", "layer2/output/residual")]
 
-    model = models.transformer(layers=3, pre_ln=True)
+
+def test_a_pre_layernorm_block_that_adds_nothing_is_dropped_exactly():
+    """Dropped on the residual stream, a silent pre-LN block leaves the outputs as they were, and its MatMuls are
+    gone (the silent no-op of ViT, DeiT and Whisper drops: the identity placed on the normalised copy left the
+    block computed and changed the outputs)."""
+    model = models.silence_block(models.transformer(layers=3, pre_ln=True), 1)
     graph = gs.import_onnx(model)
-    layers = find_linear_layers(graph)
-    matches = match_transformer_blocks(graph, find_attention_blocks(layers, 4), find_ffn_blocks(graph, layers))
-    assert matches.found == [] and len(matches.refused) == 3
-    assert all("a pre-LayerNorm block" in refusal.reason for refusal in matches.refused)
-    onnx.save(model, tmp_path / "pre.onnx")
-    np.savez(tmp_path / "calib.npz", **INPUTS)
-    result = CliRunner().invoke(main, ["build", str(tmp_path / "pre.onnx"), "--calib", str(tmp_path / "calib.npz"),
-                                       "--drop-blocks", "1", "-o", str(tmp_path / "o")])
-    assert result.exit_code == 1 and not (tmp_path / "o").exists()
-    assert result.stderr.startswith("Error: ") and "has no block to drop (block0: " in result.stderr, result.stderr
-    assert "a pre-LayerNorm block" in result.stderr
+    result = drop_block(graph, _blocks(graph)[1])
+    dropped = gs.export_onnx(graph.cleanup().toposort())
+    assert result.counts["blocks_dropped"] == 1
+    assert not any(n.name.startswith("layer1/") for n in dropped.graph.node)
+    assert sum(n.op_type == "MatMul" for n in dropped.graph.node) == sum(
+        n.op_type == "MatMul" for n in model.graph.node) - 8  # 6 projections, scores and context
+    for want, got in zip(run_model(model, INPUTS), run_model(dropped, INPUTS)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_build_drops_a_pre_layernorm_block_for_real(tmp_path):
+    model = tmp_path / "pre.onnx"
+    onnx.save(models.silence_block(models.transformer(layers=3, pre_ln=True), 0), model)
+    np.savez(tmp_path / "c.npz", **models.transformer_inputs(96))
+    result = CliRunner().invoke(main, ["build", str(model), "--calib", str(tmp_path / "c.npz"), "--drop-blocks", "1",
+                                       "--rank-budget", "1", "-o", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {l["name"] for l in report["layers"] if l["status"] == "dropped"} == {
+        f"layer0/{p}/MatMul" for p in ("attention/query", "attention/key", "attention/value", "attention/output",
+                                       "intermediate", "output")}
+    written = onnx.load(str(tmp_path / "o" / "pre.lowrank.onnx"))
+    assert not any(n.name.startswith("layer0/") for n in written.graph.node)
+    assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.9999
 
 
 def test_a_drop_that_leaves_the_block_computed_is_an_internal_error():

@@ -168,6 +168,42 @@ def test_grouped_query_heads_that_contribute_nothing_are_removed_exactly(tmp_pat
     np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
 
 
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_a_llama_block_that_adds_nothing_is_dropped_exactly(tmp_path, exporter):
+    """Pre-RMSNorm blocks: with block 0's attention output and MLP down projection zero, --drop-blocks 1 drops
+    that block on the residual stream (all 7 projections gone from the written model) and the logits stay the
+    dense model's; rotary positions and the causal mask, shared by the blocks, stay."""
+    import onnx
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import run_model
+
+    folder = tiny_llama_dir(tmp_path / "hf")
+    model = AutoModelForCausalLM.from_pretrained(str(folder))
+    with torch.no_grad():
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+        model.model.layers[0].mlp.down_proj.weight.zero_()
+    model.save_pretrained(str(folder))
+    _export(folder, tmp_path / "lm.onnx", exporter)
+    np.savez(tmp_path / "calib.npz", **_windows(96))
+    np.savez(tmp_path / "eval.npz", **_windows(8, seed=1))
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "lm.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                                       "--eval", str(tmp_path / "eval.npz"), "--rank-budget", "1",
+                                       "--drop-blocks", "1", "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    dropped = [layer for layer in report["layers"] if layer["status"] == "dropped"]
+    assert len(dropped) == 7 and all(layer["reason"].startswith("block0 dropped") for layer in dropped)
+    built = onnx.load(str(tmp_path / "out" / "lm.lowrank.onnx"))
+    dense_matmuls = sum(n.op_type == "MatMul" for n in onnx.load(str(tmp_path / "lm.onnx")).graph.node)
+    assert sum(n.op_type == "MatMul" for n in built.graph.node) == dense_matmuls - 9  # 7 projections, 2 products
+    feed = _windows(4, seed=2)
+    (dense,) = run_model(tmp_path / "lm.onnx", feed)
+    (compressed,) = run_model(tmp_path / "out" / "lm.lowrank.onnx", feed)
+    np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
+
+
 def _greedy(path, prompt, steps, layers):
     """Greedy generation with a with-past model in a plain ONNX Runtime loop: the prompt as a prefill (empty past),
     then one token at a time, each step's presents fed back as the next step's past."""
