@@ -92,6 +92,10 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
         name, lm = language_model
         parts.append(f"<h2>Next-token figures of {html.escape(name)} on {lm.positions:,} held-out positions</h2>")
         parts.append(_table(list(lm.HEADERS), [lm.cells()]))
+    if report.generated:
+        parts.append("<h2>Generated text (greedy, both models)</h2>")
+        parts.append(_table(["prompt", "dense", "compressed"],
+                            [[g.prompt, g.dense, g.compressed] for g in report.generated], text_columns=(0, 1, 2)))
     if report.accuracy is not None:
         a = report.accuracy
         parts.append(f"<h2>Accuracy on {a.samples} held-out samples</h2>")

@@ -40,6 +40,9 @@ def render_markdown(report: BuildReport) -> str:
         lines += [f"## Next-token figures of {cell(name)} on {lm.positions:,} held-out positions", "",
                   "| " + " | ".join(lm.HEADERS) + " |", "|" + "---|" * len(lm.HEADERS),
                   "| " + " | ".join(lm.cells()) + " |", ""]
+    if report.generated:
+        lines += ["## Generated text (greedy, both models)", "", "| prompt | dense | compressed |", "|---|---|---|"]
+        lines += [f"| {cell(g.prompt)} | {cell(g.dense)} | {cell(g.compressed)} |" for g in report.generated] + [""]
     if report.accuracy is not None:
         a = report.accuracy
         lines += [

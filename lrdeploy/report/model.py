@@ -16,6 +16,7 @@ report.json schema (all keys always present):
     finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, metric ("cosine" | "kl": next-token
               KL of a causal LM), initial, best, best_step, history [{step, check, train_loss?}]} | null
               (label-free distillation, `lrdeploy distill`; initial/best/check: the metric on the check split),
+    generated [{prompt, dense, compressed}]   (greedy continuations of a causal LM by both models: the demo),
     fused_ops {dense: {op: count}, compressed: {op: count}}   (ONNX Runtime fused ops, e.g. Attention; equal
               counts mean compression kept every fusion),
     latency_plan {source (measured, or a profile; "seed" when not measured by lrdeploy), tokens, objective,
@@ -149,6 +150,15 @@ class FinetuneRecord:
 
 
 @dataclass
+class GeneratedText:
+    """A prompt and each model's greedy continuation of it (a causal LM with its KV cache, ONNX Runtime)."""
+
+    prompt: str
+    dense: str
+    compressed: str
+
+
+@dataclass
 class BuildReport:
     lrdeploy_version: str
     input_model: str
@@ -165,6 +175,7 @@ class BuildReport:
     finetune: FinetuneRecord | None = None  # when the factors were fine-tuned by distillation
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # {"dense"|"compressed": {op: count}}
     latency_plan: dict | None = None  # with --latency-aware / --profile: see the schema above
+    generated: list[GeneratedText] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

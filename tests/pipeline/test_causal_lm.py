@@ -12,6 +12,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from lrdeploy.cli import main  # noqa: E402
+from lrdeploy.runtime.generate import greedy_tokens  # noqa: E402
 from tests.factories import tiny_llama_dir  # noqa: E402
 
 
@@ -204,30 +205,6 @@ def test_a_llama_block_that_adds_nothing_is_dropped_exactly(tmp_path, exporter):
     np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
 
 
-def _greedy(path, prompt, steps, layers):
-    """Greedy generation with a with-past model in a plain ONNX Runtime loop: the prompt as a prefill (empty past),
-    then one token at a time, each step's presents fed back as the next step's past."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    specs = {i.name: i.shape for i in session.get_inputs()}
-    kv, head = specs["past_key_values.0.key"][1], specs["past_key_values.0.key"][3]
-    past = {f"past_key_values.{n}.{p}": np.zeros((1, kv, 0, head), np.float32) for n in range(layers)
-            for p in ("key", "value")}
-    ids, tokens, logits_seen = np.asarray([prompt]), list(prompt), []
-    for _ in range(steps):
-        length = len(tokens)
-        feed = {"input_ids": ids, "attention_mask": np.ones((1, length), np.int64),
-                "position_ids": np.arange(length - ids.shape[1], length)[None], **past}
-        logits, *presents = session.run(None, feed)
-        logits_seen.append(logits[0, -1])
-        tokens.append(int(logits[0, -1].argmax()))
-        past = {name.replace("present", "past_key_values"): value
-                for name, value in zip([o.name for o in session.get_outputs()][1:], presents)}
-        ids = np.asarray([[tokens[-1]]])
-    return tokens, np.stack(logits_seen)
-
-
 def test_a_model_exported_with_its_kv_cache_builds_and_runs_in_a_generation_loop(tmp_path):
     """export --task text-generation-with-past (Optimum's names) builds on prefill windows (an empty past, position
     ids counted), keeps its interface (the KV cache's head count too: no head cut is offered), and the compressed
@@ -240,14 +217,14 @@ def test_a_model_exported_with_its_kv_cache_builds_and_runs_in_a_generation_loop
     np.savez(tmp_path / "calib.npz", **_windows(96))
     names = [i.name for i in onnx.load(str(tmp_path / "lm.onnx")).graph.input]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"] and names[3] == "past_key_values.0.key"
-    dense_tokens, dense_logits = _greedy(tmp_path / "lm.onnx", [5, 9, 200], 5, 2)
+    dense_tokens, dense_logits = greedy_tokens(tmp_path / "lm.onnx", [5, 9, 200], 5)
     for budget, out in (("1", "full"), ("0.7", "cut")):
         result = CliRunner().invoke(main, ["build", str(tmp_path / "lm.onnx"), "--calib", str(tmp_path / "calib.npz"),
                                            "--rank-budget", budget, "-o", str(tmp_path / out)])
         assert result.exit_code == 0, result.output
         built = onnx.load(str(tmp_path / out / "lm.lowrank.onnx"))
         assert [i.name for i in built.graph.input] == names
-        tokens, logits = _greedy(tmp_path / out / "lm.lowrank.onnx", [5, 9, 200], 5, 2)
+        tokens, logits = greedy_tokens(tmp_path / out / "lm.lowrank.onnx", [5, 9, 200], 5)
         assert len(tokens) == 8
         if budget == "1":
             assert tokens == dense_tokens
