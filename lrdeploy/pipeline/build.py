@@ -121,6 +121,8 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
             blocks.choose_drops(config, inspection, samples.calib.select(slice(0, config.sensitivity_samples)), feeds)
     eligible = blocks.remaining(splittable(config, inspection, eligible), budgets or (config.rank_budget,))
     parts = find_block_parts(config, inspection.graph, inspection.layers) if config.plan == "unified" else []
+    unchanged = config.changes_nothing(budgets or (config.rank_budget,))  # nothing to calibrate, decompose, measure
+    parts = [] if unchanged else parts
     for budget in budgets or (config.rank_budget,):
         if eligible:
             check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
@@ -128,7 +130,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
                             config.graph_variant)
 
     moments = None
-    if config.method != "svd":
+    if config.method != "svd" and not unchanged:
         with timer.stage("calibrate"):
             requests = [TensorRequest(layer.input_name, layer.d_in) for layer in eligible]
             requests += blocks.requests() + structure_requests(parts)
@@ -141,16 +143,16 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     with timer.stage("decompose"):
         decompositions = {layer.name: decompose(config.method, layer.weight, layer.bias,
                                                 None if moments is None else moments[layer.input_name])
-                          for layer in eligible}
+                          for layer in ([] if unchanged else eligible)}
         layer_spectra = spectra(eligible, moments)
         structured = blocks.cut(config, moments) if moments is not None else StructuredCuts()
     sensitivity, options = None, None
     probe = samples.calib.select(slice(0, config.sensitivity_samples))
-    if config.measures_sensitivity:
+    if config.measures_sensitivity and not unchanged:
         with timer.stage("sensitivity"):
             sensitivity = measured_sensitivity(inspection.model.proto, eligible, decompositions, probe, feeds,
                                                config, cache, progress)
-    if config.plans_shapes:
+    if config.plans_shapes and not unchanged:
         with timer.stage("shape options"):
             options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions, probe,
                                     feeds, cache, progress)
@@ -187,6 +189,9 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
     latency, structured, shape_record = None, prepared.structured, None
     with timer.stage("allocate"):
         energies = {name: d.energies for name, d in prepared.decompositions.items()}
+        if config.changes_nothing((budget,)):
+            return ChosenFactors(plan={shape.name: None for shape in prepared.shapes}, factors={},
+                                 structured=structured)
         loss = None if prepared.sensitivity is None else sensitivity_loss(prepared.sensitivity, energies)
         if prepared.shape_options is not None:
             clock = wall_clock(prepared.inspection.model.proto, prepared.eligible, prepared.decompositions, config,

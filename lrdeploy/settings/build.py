@@ -222,6 +222,12 @@ class BuildConfig:
         """The knapsack over options (`planning.unified`) chooses, not the rank allocation alone."""
         return self.plan == "unified" or self.target_latency is not None
 
+    def changes_nothing(self, budgets: tuple[float, ...]) -> bool:
+        """Every budget keeps every linear parameter and no cut or latency target is asked for: the model is
+        written as it is, with nothing calibrated, decomposed or measured."""
+        return (all(budget >= 1.0 for budget in budgets) and self.target_latency is None and not self.drop_blocks
+                and not any((self.ffn_keep, self.heads_keep, self.values_keep)) and self.qkv != "joint")
+
     @property
     def measures_sensitivity(self) -> bool:
         """The plan needs each layer's measured output distortion per rank."""

@@ -88,13 +88,19 @@ def test_report_leads_with_perplexity_equal_to_pytorchs(llama, tmp_path):
     assert "perplexity (" in (out / "report.html").read_text()
 
 
-def test_full_rank_is_the_dense_model(llama, tmp_path):
+def test_full_rank_is_the_dense_model_and_measures_nothing(llama, tmp_path):
+    """--rank-budget 1 with no cut keeps every layer: nothing is calibrated, decomposed or measured (on an LLM the
+    unified plan's measurements alone take many minutes), and the model is checked like any other."""
     out = tmp_path / "full"
     result = CliRunner().invoke(main, ["build", str(llama / "lm.onnx"), "--calib", str(llama / "calib.npz"),
                                        "--eval", str(llama / "eval.npz"), "--rank-budget", "1", "-o", str(out)])
     assert result.exit_code == 0, result.output
-    figures = json.loads((out / "report.json").read_text())["accuracy"]["outputs"]["logits"]["next_token"]
+    report = json.loads((out / "report.json").read_text())
+    figures = report["accuracy"]["outputs"]["logits"]["next_token"]
     assert figures["top1_agreement"] == 1.0 and abs(figures["ppl_ratio"] - 1) < 1e-5 and figures["kl"] < 1e-8
+    assert not {"calibrate", "sensitivity", "shape options"} & set(report["timings"])
+    assert report["params"]["linear_ratio"] == 1.0 and report["params"]["linear_before"] > 0
+    assert {layer["status"] for layer in report["layers"]} <= {"dense", "skipped"}
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
