@@ -357,7 +357,7 @@ def test_a_busy_output_folder_is_refused_before_any_work(work, monkeypatch):
 
 @pytest.mark.parametrize("args, message", [
     (["--ffn-keep", "1.5"], r"--ffn-keep 1.5 is outside \(0, 1\]"),
-    (["--plan", "unified", "--ffn-keep", "0.5"], r"--ffn-keep cannot be combined with --plan unified"),
+    (["--target-latency", "0.7", "--ffn-keep", "0.5"], r"--ffn-keep cannot be combined with --target-latency"),
 ])
 def test_distill_checks_every_option_before_it_writes(work, args, message):
     """10: distill's options were checked after the export and tokenisation had written into -o."""

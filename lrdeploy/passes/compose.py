@@ -32,12 +32,22 @@ class StructuredCuts:
     dropped: list[tuple[TransformerBlock, list[LinearLayer], float]] = field(default_factory=list)
     values: list[tuple[AttentionBlock, ValueCut]] = field(default_factory=list)
     source: str = ""  # what chose them, for the report: "" = the options --ffn-keep, --heads-keep, --drop-blocks
+    sources: dict[str, str] = field(default_factory=dict)  # a kind merged from cuts chosen otherwise: its source
 
     def merge(self, other: "StructuredCuts") -> None:
+        """Add `other`'s cuts; a kind they bring keeps `other`'s source (a constrained plan: the FFN widths fixed
+        by --ffn-keep, the heads chosen by the unified plan)."""
+        for kind in ("ffn", "heads", "dropped", "values"):
+            label = other.sources.get(kind, other.source)
+            if getattr(other, kind) and label != self.source:
+                self.sources[kind] = label
         self.ffn += other.ffn
         self.heads += other.heads
         self.dropped += other.dropped
         self.values += other.values
+
+    def _source(self, kind: str, option: str) -> str:
+        return self.sources.get(kind, self.source) or option
 
     def applied_to(self, model: onnx.ModelProto) -> onnx.ModelProto:
         """A new model: `model` with these cuts (`model` itself is not changed)."""
@@ -83,28 +93,35 @@ class StructuredCuts:
         result = {}
         for block, layers, distortion in self.dropped:
             for layer in layers:
-                result[layer.name] = (f"{block.name} dropped ({self.source or '--drop-blocks'}; alone it distorts "
+                result[layer.name] = (f"{block.name} dropped ({self._source('dropped', '--drop-blocks')}; alone it distorts "
                                       f"the outputs by {distortion:.4f})", 0)
         for block, cut in self.ffn:
             kept = len(cut.keep)
-            why = f"{kept} of {block.width} FFN neurons kept ({self.source or '--ffn-keep'})"
+            why = f"{kept} of {block.width} FFN neurons kept ({self._source('ffn', '--ffn-keep')})"
             for layer in block.widening:
                 result[layer.name] = (why, layer.d_in * kept)
             result[block.down.name] = (why, kept * block.down.d_out)
         for attention, heads, cut in self.heads:
             width = len(cut.keep)
-            why = f"{attention.describe(len(heads))} kept ({self.source or '--heads-keep'})"
+            why = f"{attention.describe(len(heads))} kept ({self._source('heads', '--heads-keep')})"
             for layer, kept_width in zip(attention.projections, attention.projection_widths(width)):
                 result[layer.name] = (why, layer.d_in * kept_width)
             result[attention.output.name] = (why, width * attention.output.d_out)
         for attention, value_cut in self.values:
             width = value_cut.value_weight.shape[1]
-            why = (f"value heads {value_cut.rank} of {attention.head_dim} wide ({self.source or '--values-keep'}; "
+            why = (f"value heads {value_cut.rank} of {attention.head_dim} wide ({self._source('values', '--values-keep')}; "
                    f"{value_cut.lost_energy:.1%} of their output energy left out)")
             value = attention.projections[-1]
             result[value.name] = (why, value.d_in * width)
             result[attention.output.name] = (why, width * attention.output.d_out)
         return result
+
+
+    def params(self, layers: list[LinearLayer]) -> tuple[int, int]:
+        """Weight parameters of the layers these cuts change (among `layers`): before and after."""
+        after = self.records()
+        return (sum(layer.params for layer in layers if layer.name in after),
+                sum(kept for _, kept in after.values()))
 
 
 def compressed_model(original: onnx.ModelProto, layers: list[LinearLayer], factors: Mapping[str, LowRankFactors],

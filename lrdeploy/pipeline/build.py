@@ -155,7 +155,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     if config.plans_shapes and not unchanged:
         with timer.stage("shape options"):
             options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions, probe,
-                                    feeds, cache, progress)
+                                    feeds, cache, progress, structured, inspection.layers)
     return PreparedBuild(config=config, inspection=inspection, eligible=eligible, feeds=feeds, samples=samples,
                          decompositions=decompositions, spectra=layer_spectra, timings=timer.timings,
                          sensitivity=sensitivity, structured=structured, shape_options=options)

@@ -12,6 +12,7 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.calib.data import InputSpec, is_past_input
 from lrdeploy.calib.stats import TensorRequest
+from lrdeploy.passes.compose import StructuredCuts
 from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
@@ -69,6 +70,24 @@ def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLa
         block_ffn = next((f for f in ffn if f.up.name in names and f.down.name in names), None)
         parts.append(BlockParts(block, block_ffn, dropped.get(index), inside))
     return parts
+
+
+def constrain_parts(parts: list[BlockParts], fixed: StructuredCuts) -> list[BlockParts]:
+    """The blocks as a unified plan may still change them once fixed cuts (`--ffn-keep`, `--heads-keep`,
+    `--values-keep`, `--drop-blocks`) are decided: a cut FFN or attention offers no option, a block with a fixed
+    cut offers no drop, a dropped block nothing; the cut layers are neither split nor counted again."""
+    cut = set(fixed.records())
+    dropped = {layer.name for _, layers, _ in fixed.dropped for layer in layers}
+    kept = []
+    for part in parts:
+        if any(layer.name in dropped for layer in part.layers):
+            continue
+        ffn = None if part.ffn is None or part.ffn.down.name in cut else part.ffn
+        attention = None if part.attention is None or part.attention.output.name in cut else part.attention
+        touched = any(layer.name in cut for layer in part.layers)
+        kept.append(BlockParts(attention, ffn, None if touched or fixed.dropped else part.block,
+                               [layer for layer in part.layers if layer.name not in cut]))
+    return kept
 
 
 def structure_requests(parts: list[BlockParts]) -> list[TensorRequest]:

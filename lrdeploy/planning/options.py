@@ -22,7 +22,7 @@ Costs are summed over options (each measured alone), the assumption `--allocatio
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -35,10 +35,9 @@ from lrdeploy.errors import OptionError
 from lrdeploy.lowrank.decompose import Decomposition, planned_factors
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.lowrank.neurons import NeuronCut, group_cuts, neuron_cuts
-from lrdeploy.passes.compose import compressed_model
+from lrdeploy.passes.compose import StructuredCuts, compressed_model
 from lrdeploy.passes.linear_layers import LinearLayer
-from lrdeploy.planning.blocks import BlockParts
-from lrdeploy.passes.compose import StructuredCuts
+from lrdeploy.planning.blocks import BlockParts, constrain_parts
 from lrdeploy.planning.cuts import kept_count
 from lrdeploy.planning.timing import build_timer
 from lrdeploy.progress import Progress
@@ -80,6 +79,8 @@ class ShapeOptions:
     dense_ms: float = 0.0  # the time the latency target is a fraction of
     gemm_scale: float = 1.0  # in-model over lone-GEMM time of the low-rank savings (measured here; 1 from a profile)
     scope: str = ""  # "whole model" (measured here) or "linear layers" (from a profile)
+    fixed: StructuredCuts = field(default_factory=StructuredCuts)  # decided before the plan (a constrained plan)
+    fixed_params: tuple[int, int] = (0, 0)  # the fixed cuts' layers: weight parameters before, after
 
 
 def cut_options(parts: list[BlockParts], moments: dict[str, Moments], multiple: int) -> list[CutOption]:
@@ -252,13 +253,18 @@ def _split_saving_ms(timer: Timer, layer: LinearLayer, rank: int) -> float:
 def shape_options(config: BuildConfig, model: onnx.ModelProto, parts: list[BlockParts],
                   moments: dict[str, Moments] | None, eligible: list[LinearLayer],
                   decompositions: dict[str, Decomposition], probe: SampleSet, feeds: Feeds, cache: StatisticsCache,
-                  progress: Progress) -> ShapeOptions:
-    """Measure what the plan chooses from: the cuts' distortions and, for a latency target, every saving."""
+                  progress: Progress, fixed: StructuredCuts | None = None,
+                  model_layers: list[LinearLayer] = ()) -> ShapeOptions:
+    """Measure what the plan chooses from: the cuts' distortions and, for a latency target, every saving. `fixed`:
+    cuts decided before the plan (--ffn-keep, ...), which its blocks no longer offer and its budget counts
+    (`model_layers`: every linear layer of the model, to count them)."""
     structured = config.plan == "unified"
+    fixed = fixed or StructuredCuts()
+    parts = constrain_parts(parts, fixed)
     cuts = cut_options(parts, moments, config.rank_multiple) if structured else []
     if cuts:
         measure_cut_losses(model, cuts, probe, feeds, config, cache, progress)
-    options = ShapeOptions(parts, cuts, structured)
+    options = ShapeOptions(parts, cuts, structured, fixed=fixed, fixed_params=fixed.params(model_layers))
     if config.target_latency is None:
         return options
     options.timer = build_timer(config)

@@ -105,9 +105,11 @@ def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[Linea
         total = options.dense_ms
         target = (1.0 - target_latency) * total
     else:
-        total = float(sum(layer.params for layer in eligible) + sum(
-            layer.params for part in options.parts for layer in part.layers if layer.name not in is_eligible))
-        target = (1.0 - budget) * total
+        fixed_before, fixed_after = options.fixed_params  # a constrained plan: the fixed cuts count toward the budget
+        cuttable = [layer for part in options.parts for layer in (*_attention_layers(part), *_ffn_layers(part))]
+        total = float(sum(layer.params for layer in eligible) + fixed_before + sum(  # as the report counts them
+            layer.params for layer in cuttable if layer.name not in is_eligible))
+        target = max(0.0, (1.0 - budget) * total - (fixed_before - fixed_after))
     solution = solve(tree, target)
     if solution is None:
         best = 1.0 - max_saving(tree) / total
@@ -119,7 +121,7 @@ def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[Linea
         raise BudgetError(f"rank budget {budget} cannot be met by the plan's options (smallest ×{best:.3f}); raise it")
     distortion, choices = solution
     planned = {layer.name: None for layer in eligible}
-    cuts, labels, saved = StructuredCuts(source="unified plan"), [], 0.0
+    cuts, labels, saved = StructuredCuts(), [], 0.0
     for choice in choices:
         if isinstance(choice, CutOption):
             cuts.merge(choice.cut)
@@ -129,6 +131,10 @@ def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[Linea
             name, rank, layer_saved = choice
             planned[name] = rank
             saved += layer_saved
+    if not latency:
+        saved += options.fixed_params[0] - options.fixed_params[1]
+    cuts.source = "unified plan"
+    cuts.merge(options.fixed)  # their own source: the option that fixed them
     for name in cuts.records():
         planned[name] = None
     return ShapePlan(planned, cuts, distortion, 1.0 - saved / total, "latency" if latency else "params", labels)

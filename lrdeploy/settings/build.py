@@ -153,21 +153,22 @@ class BuildConfig:
         self._check_values()
 
     def _check_plan(self) -> None:
-        """A latency target in (0, 1), measured where --check-tokens asks; the unified plan chooses every shape
-        itself, so no fixed cut goes with it."""
+        """A latency target in (0, 1), measured where --check-tokens asks, with no fixed cut (their timing is not
+        measured); with --plan unified and a budget, fixed cuts make a constrained plan (`planning.blocks`)."""
         check_token_options(self.check_tokens, self.target_latency, self.profile)
         if self.target_latency is not None and not 0.0 < self.target_latency < 1.0:
             raise OptionError(f"--target-latency {self.target_latency} is outside (0, 1); pass the fraction of dense "
                               "latency to reach, e.g. --target-latency 0.6")
-        if self.plans_shapes:
-            fixed = [name for name, value in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep),
-                                              ("--values-keep", self.values_keep),
-                                              ("--drop-blocks", self.drop_blocks),
-                                              ("--latency-aware", self.latency_aware and self.profile is None))
-                     if value]
-            if fixed:
-                raise OptionError(f"{', '.join(fixed)} cannot be combined with --plan unified or --target-latency "
-                                  "(the plan chooses every shape and rank itself); leave those out")
+        fixed = [name for name, value in (("--ffn-keep", self.ffn_keep), ("--heads-keep", self.heads_keep),
+                                          ("--values-keep", self.values_keep), ("--drop-blocks", self.drop_blocks))
+                 if value]
+        if self.target_latency is not None and fixed:
+            raise OptionError(f"{', '.join(fixed)} cannot be combined with --target-latency (the latency plan times "
+                              "the options it chooses, not fixed cuts); leave those out, or pass --plan unified "
+                              "--rank-budget B with them (the plan chooses the rest under the parameter budget)")
+        if self.plans_shapes and self.latency_aware and self.profile is None:
+            raise OptionError("--latency-aware cannot be combined with --plan unified or --target-latency (the plan "
+                              "chooses every shape and rank itself); leave it out")
 
     def _check_validation(self) -> None:
         """Polygraphy's tolerances are finite and non-negative."""

@@ -150,7 +150,7 @@ def test_build_narrows_value_heads_and_splits_the_rest(transformer_files, tmp_pa
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5
     for options, message in ((["--optimize", "ort"], "--values-keep cannot be combined with --optimize ort"),
                              (["--heads-keep", "0.5"], "--values-keep cannot be combined with --heads-keep"),
-                             (["--plan", "unified"], "--values-keep cannot be combined with --plan unified")):
+                             (["--target-latency", "0.7"], "--values-keep cannot be combined with --target-latency")):
         refused = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--values-keep", "0.5",
                                             *options, "-o", str(tmp_path / "refused")])
         assert refused.exit_code == 1 and message in refused.output and "Traceback" not in refused.output

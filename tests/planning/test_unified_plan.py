@@ -91,7 +91,8 @@ def test_target_latency_measured_here_times_the_whole_model(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--plan", "unified", "--ffn-keep", "0.5"], "--ffn-keep cannot be combined with --plan unified"),
+    (["--target-latency", "0.7", "--ffn-keep", "0.5"], "--ffn-keep cannot be combined with --target-latency"),
+    (["--plan", "unified", "--latency-aware"], "--latency-aware cannot be combined with --plan unified"),
     (["--target-latency", "1.5"], "--target-latency 1.5 is outside (0, 1)"),
     (["--plan", "everything"], "Invalid value for '--plan'"),
 ])
@@ -160,3 +161,40 @@ def test_cut_options_measured_as_layer_errors_equal_the_cut_models(tmp_path):
     for option in options:
         assert option.loss == pytest.approx(whole.of_model(option.cut.applied_to(model)), rel=1e-3, abs=1e-6)
     assert max(option.loss for option in options) > 1e-3  # the cuts do cost something
+
+
+def test_fixed_cuts_with_the_unified_plan_make_a_constrained_plan(tmp_path):
+    """--plan unified --ffn-keep 0.5: every FFN keeps half its neurons (as --ffn-keep alone cuts them), the plan
+    chooses the attention's heads or ranks for what is left of the budget, and the budget counts both."""
+    args = _files(tmp_path, models.transformer(layers=3))
+    fixed = json.loads(_build(tmp_path, args, "--ffn-keep", "0.5", "--rank-budget", "1", "--plan", "lowrank").stdout)
+    result = _build(tmp_path, args, "--plan", "unified", "--ffn-keep", "0.5", "--rank-budget", "0.6")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    layers = {layer["name"]: layer for layer in report["layers"]}
+    ffn = [name for name in layers if name.endswith(("intermediate/MatMul", "output/MatMul"))
+           and "attention" not in name]
+    assert len(ffn) == 6 and all(layers[name]["reason"] == "128 of 256 FFN neurons kept (--ffn-keep)" for name in ffn)
+    assert all(layers[name]["params_after"] == {l["name"]: l for l in fixed["layers"]}[name]["params_after"]
+               for name in ffn)
+    attention = [layer for name, layer in layers.items() if "attention" in name and layer["status"] != "skipped"]
+    assert attention and all(layer["status"] in ("dense", "factorized", "narrowed") for layer in attention)
+    assert all("(unified plan)" in layer["reason"] for layer in attention if layer["status"] == "narrowed")
+    assert report["params"]["linear_ratio"] <= 0.6 < fixed["params"]["linear_ratio"]
+    assert report["latency_plan"]["predicted_ratio"] == pytest.approx(report["params"]["linear_ratio"], abs=1e-9)
+    assert not any(choice.endswith(("ffn", "drop")) or " ffn " in choice for choice in report["latency_plan"]["choices"])
+
+
+def test_a_fixed_drop_with_the_unified_plan_leaves_the_other_blocks_to_the_plan(tmp_path):
+    """--plan unified --drop-blocks 1: the silent block is dropped (as --drop-blocks alone chooses), the plan offers
+    no further drop and cuts the other blocks for the rest of the budget."""
+    args = _files(tmp_path, models.silence_block(models.transformer(layers=3), 2))
+    result = _build(tmp_path, args, "--plan", "unified", "--drop-blocks", "1", "--rank-budget", "0.5")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    dropped = [layer for layer in report["layers"] if layer["status"] == "dropped"]
+    assert len(dropped) == 6 and all(layer["name"].startswith("layer2/") and "(--drop-blocks;" in layer["reason"]
+                                     for layer in dropped)
+    assert not any("drop" in choice for choice in report["latency_plan"]["choices"])
+    assert report["params"]["linear_ratio"] <= 0.5
+    assert report["latency_plan"]["predicted_ratio"] == pytest.approx(report["params"]["linear_ratio"], abs=1e-9)
