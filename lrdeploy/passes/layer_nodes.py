@@ -1,6 +1,6 @@
-"""The nodes of a plain linear layer (MatMul by a constant, optional bias Add) in a graph, for passes that
-rewrite its weights in place (`prune_ffn`, `prune_heads`): finding them reads only; `replace_input` and
-`set_bias` edit."""
+"""The nodes of a plain linear layer (MatMul by a constant, optional bias Add; or a Gemm, as torch's legacy exporter
+writes GPT-2's Conv1D) in a graph, for passes that rewrite its weights in place (`prune_ffn`, `prune_heads`):
+finding them reads only; `set_weight`, `set_bias` and `replace_input` edit."""
 
 from __future__ import annotations
 
@@ -22,11 +22,31 @@ def is_plain(layer: LinearLayer) -> bool:
     return layer.weight is not None and layer.pattern in SLICEABLE
 
 
+def is_sliceable(layer: LinearLayer) -> bool:
+    """A plain layer, or a Gemm with a constant weight: the forms whose neurons an FFN cut can slice."""
+    return is_plain(layer) or (layer.pattern == "Gemm" and layer.weight is not None)
+
+
+def set_weight(node: gs.Node, weight: gs.Constant) -> None:
+    """Make `weight` ([d_in, d_out], as `LinearLayer.weight`) the weight of the layer's MatMul or Gemm, stored as
+    the node reads it: a Gemm's B transposed under transB and divided by alpha."""
+    if node.op == "Gemm":
+        alpha = float(node.attrs.get("alpha", 1.0))
+        values = np.asarray(weight.values)
+        weight.values = ((values.T if node.attrs.get("transB", 0) else values) / alpha).astype(values.dtype)
+    node.inputs[1] = weight
+
+
 def set_bias(graph: gs.Graph, layer: LinearLayer, bias: gs.Constant) -> None:
-    """Make `bias` the layer's bias wherever it lives: its Add, the fused consumer's bias input, or a new Add
-    after the MatMul (named after the layer) when it had none."""
+    """Make `bias` the layer's bias wherever it lives: its Add, a Gemm's C (divided by beta), the fused consumer's
+    bias input, or a new Add after the MatMul (named after the layer) when it had none."""
     tensors = graph.tensors()
     matmul, add = matmul_and_add(tensors, layer)
+    if matmul.op == "Gemm":
+        beta = float(matmul.attrs.get("beta", 1.0))
+        bias.values = (np.asarray(bias.values) / beta).astype(np.asarray(bias.values).dtype)
+        set_input(matmul, 2, bias)
+        return
     if add is not None:
         old = next(t for t in add.inputs if constant_value(t) is not None)
         bias.values = layer.bias_constant(bias.values)  # the graph's broadcast shape, e.g. [1, 1, n]
@@ -44,9 +64,9 @@ def set_bias(graph: gs.Graph, layer: LinearLayer, bias: gs.Constant) -> None:
 
 
 def matmul_and_add(tensors: Mapping[str, gs.Tensor], layer: LinearLayer) -> tuple[gs.Node, gs.Node | None]:
-    """The MatMul node of a plain layer, and its bias Add (None without one)."""
+    """The MatMul (or Gemm) node of a sliceable layer, and its bias Add (None without one, or in the Gemm)."""
     producer = tensors[layer.output_name].inputs[0]
-    if producer.op == "MatMul":
+    if producer.op in ("MatMul", "Gemm"):
         return producer, None
     product = next(t for t in producer.inputs if t.inputs and t.inputs[0].op == "MatMul")
     return product.inputs[0], producer
@@ -94,3 +114,25 @@ def reshape_target_dims(node: gs.Node) -> list[int | None] | None:
             part.inputs[0].attrs.get("value").values if part.inputs and part.inputs[0].op == "Constant" else None)
         dims += [None] if value is None else [int(v) for v in np.asarray(value).reshape(-1)]
     return dims
+
+
+def resize_shape_axis(scope: Scope, name: str, node: gs.Node, old: int, new: int, axis: int) -> None:
+    """Give the Reshape (or Expand) `node` a target shape with `old` → `new` at `axis`: a constant shape gets its own copy; a
+    shape concatenated from one-element pieces (torch's exporter: Concat(batch, seq, [-1], [32])) gets its own
+    piece there. A computed entry (e.g. -1) is left as it is."""
+    found = constant_value(node.inputs[1])
+    if found is not None:
+        values = np.array(found[0])
+        if values[axis] == old:
+            values[axis] = new
+            node.inputs[1] = scope.constant(name, values)
+        return
+    concat = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
+    if concat is None or concat.op != "Concat":
+        return
+    pieces = list(concat.inputs)
+    value = constant_value(pieces[axis % len(pieces)])
+    if value is None or np.asarray(value[0]).reshape(-1).tolist() != [old]:
+        return
+    pieces[axis % len(pieces)] = scope.constant(name, np.asarray([new], np.asarray(value[0]).dtype))
+    node.inputs[1] = scope.op("Concat", f"{name}/concat", pieces, dict(concat.attrs))  # its own: others keep theirs

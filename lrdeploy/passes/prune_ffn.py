@@ -5,7 +5,8 @@
 
 `act` is any chain of per-neuron ops (GELU as Div/Erf/Add/Mul or tanh's spelled-out form, ReLU, SiLU as
 x·Sigmoid(x), …, or ONNX Runtime's BiasGelu, which then carries b_up) whose other inputs are scalars, so slicing
-neurons commutes with it. A gated MLP (SwiGLU, GeGLU: Llama, Qwen, Mistral) has two projections of X whose
+neurons commutes with it; Reshapes that keep the neuron axis last may sit on it (GPT-2's Conv1D leaves torch's
+legacy exporter as Reshape → Gemm on [tokens, d] → Reshape to [b, t, f]: a constant f there becomes k). A gated MLP (SwiGLU, GeGLU: Llama, Qwen, Mistral) has two projections of X whose
 per-neuron paths meet in a Mul; both keep the same neurons:
 
     X ─gate(W_g[d,f])─ act ─┐
@@ -25,7 +26,8 @@ import onnx_graphsurgeon as gs
 from lrdeploy.lowrank.neurons import NeuronCut
 from lrdeploy.passes.contract import Matches, PassResult, committed
 from lrdeploy.passes.linear_layers import LinearLayer, constant_value
-from lrdeploy.passes.layer_nodes import forget_shapes, is_plain, matmul_and_add, set_bias
+from lrdeploy.passes.layer_nodes import (forget_shapes, is_sliceable, matmul_and_add, reshape_target_dims,
+                                         resize_shape_axis, set_bias, set_weight)
 from lrdeploy.passes.naming import Scope
 
 PER_NEURON_OPS = {"Add", "Sub", "Mul", "Div", "Erf", "Tanh", "Sigmoid", "Relu", "Gelu", "FastGelu", "BiasGelu",
@@ -66,10 +68,21 @@ def _is_scalar(tensor: gs.Tensor) -> bool:
     return found is not None and found[0].size == 1
 
 
+NEURON_LAYOUT_OPS = {"Reshape"}  # allowed on the path when the neuron axis stays last (`_keeps_neuron_axis`)
+SHAPE_READERS = {"Shape"}  # read only the path's shape (a later Reshape's target follows the cut width)
+
+
+def _keeps_neuron_axis(node: gs.Node, width: int) -> bool:
+    """A Reshape to rank ≥ 2 whose last target entry is the neuron count or computed (-1, or from a Shape)."""
+    dims = reshape_target_dims(node)
+    return dims is not None and len(dims) >= 2 and dims[-1] in (width, -1, None)
+
+
 def _activation_path(starts: list[gs.Tensor], target: str, width: int, graph_outputs: set[str]) -> str | None:
     """Why the way from the `starts` (one projection's output, or a gated MLP's gate and up outputs) to the tensor
     named `target` is not a per-neuron activation (None when it is: per-neuron ops whose other inputs are
-    scalars, BiasGelu's [width] bias or another start, with no other way out)."""
+    scalars, BiasGelu's [width] bias or another start, and Reshapes that keep the neuron axis last, with no
+    other way out than Shape reads)."""
     nodes: dict[int, gs.Node] = {}
     frontier = list(starts)
     while frontier:
@@ -81,14 +94,19 @@ def _activation_path(starts: list[gs.Tensor], target: str, width: int, graph_out
         if not tensor.outputs:
             return f"{tensor.name!r} inside the activation leads nowhere"
         for node in tensor.outputs:
-            if node.op not in PER_NEURON_OPS:
+            if node.op in SHAPE_READERS:
+                continue
+            if node.op in NEURON_LAYOUT_OPS and node.inputs[0] is tensor:
+                if not _keeps_neuron_axis(node, width):
+                    return f"{node.op} ({node.name}) between them moves the neuron axis"
+            elif node.op not in PER_NEURON_OPS:
                 return f"{node.op} ({node.name}) between them is not a per-neuron op"
             if id(node) not in nodes:
                 nodes[id(node)] = node
                 frontier += list(node.outputs)
     produced = {start.name for start in starts} | {out.name for node in nodes.values() for out in node.outputs}
     for node in nodes.values():
-        for tensor in node.inputs:
+        for tensor in node.inputs[:1] if node.op in NEURON_LAYOUT_OPS else node.inputs:
             bias = node.op == "BiasGelu" and isinstance(tensor, gs.Constant) and list(tensor.shape) == [width]
             if tensor.name not in produced and not _is_scalar(tensor) and not bias:
                 if isinstance(tensor, gs.Constant):
@@ -115,14 +133,10 @@ def match_ffn_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> Matches[FfnB
     MLPs (gate, up, down), in model order (low-rank eligibility does not matter: a layer too small to split can
     still be narrowed). The plain layers that widen their input and are not taken say why."""
     tensors, graph_outputs = graph.tensors(), {t.name for t in graph.outputs}
-    plain = [layer for layer in layers if is_plain(layer)]
+    plain = [layer for layer in layers if is_sliceable(layer)]
     downs = {layer.input_name: layer for layer in plain}
     matches: Matches[FfnBlock] = Matches()
     taken: set[str] = set()
-    for layer in layers:  # a Gemm (GPT-2's Conv1D, as torch's legacy exporter writes it) is split, never cut
-        if layer.pattern.startswith("Gemm") and layer.weight is not None and layer.d_out > layer.d_in:
-            matches.refuse(layer.name, f"not an FFN up projection: a {layer.pattern} layer; structured cuts slice "
-                                       "MatMul(+Add) layers only (low-rank splits still apply)")
     for up in plain:
         if up.name in taken:
             continue
@@ -156,20 +170,40 @@ def find_ffn_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> list[FfnBlock
 
 def prune_block(graph: gs.Graph, block: FfnBlock, cut: NeuronCut) -> PassResult:
     """Keep `cut.keep` neurons of `block` (in place): slice the columns and biases of the up projection (and of the
-    gate), write W′ and b′ (into the bias Add, or the fused BiasGelu / SkipLayerNormalization that adds the bias)."""
+    gate), write W′ and b′ (into the bias Add, a Gemm's C, or the fused BiasGelu / SkipLayerNormalization that adds
+    the bias), and say k where a Reshape on the activation's way names the neuron count."""
     tensors = graph.tensors()
     keep, dtype = cut.keep, block.up.dtype
     widened = []
     for layer in block.widening:
         scope = Scope(graph, f"{layer.name}/pruned")
         matmul, _ = matmul_and_add(tensors, layer)
-        matmul.inputs[1] = scope.constant("weight", np.asarray(layer.weight)[:, keep].astype(dtype))
+        set_weight(matmul, scope.constant("weight", np.asarray(layer.weight)[:, keep].astype(dtype)))
         if layer.bias is not None:
             set_bias(graph, layer, scope.constant("bias", np.asarray(layer.bias)[keep].astype(dtype)))
         widened += list(matmul.outputs)
     down_scope = Scope(graph, f"{block.down.name}/refit")
     down_matmul, _ = matmul_and_add(tensors, block.down)
-    down_matmul.inputs[1] = down_scope.constant("weight", cut.weight.astype(dtype))
+    set_weight(down_matmul, down_scope.constant("weight", cut.weight.astype(dtype)))
     set_bias(graph, block.down, down_scope.constant("bias", cut.bias.astype(dtype)))
+    _resize_neuron_reshapes(Scope(graph, f"{block.up.name}/pruned"), widened, block.down.input_name, block.width,
+                            len(keep))
     forget_shapes(graph, widened, {block.down.output_name})
     return committed(graph, neurons_removed=block.width - len(keep))
+
+
+def _resize_neuron_reshapes(scope: Scope, starts: list[gs.Tensor], until: str, width: int, kept: int) -> None:
+    """Each Reshape on the way from `starts` to the tensor `until` whose target names `width` neurons last now
+    names `kept` (its own copy of the shape: other layers may share the constant)."""
+    frontier, seen = list(starts), set()
+    while frontier:
+        tensor = frontier.pop()
+        if tensor.name == until:
+            continue
+        for node in tensor.outputs:
+            if node.name in seen or node.op in SHAPE_READERS:
+                continue
+            seen.add(node.name)
+            if node.op in NEURON_LAYOUT_OPS:
+                resize_shape_axis(scope, f"reshape{len(seen)}", node, width, kept, -1)
+            frontier += list(node.outputs)

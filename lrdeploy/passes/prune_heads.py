@@ -28,8 +28,9 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
 from lrdeploy.passes.contract import Matches, PassResult, committed
-from lrdeploy.passes.layer_nodes import forget_shapes, is_plain, matmul_and_add, reshape_target_dims, set_bias
-from lrdeploy.passes.linear_layers import LinearLayer, constant_value
+from lrdeploy.passes.layer_nodes import (forget_shapes, is_plain, matmul_and_add, reshape_target_dims,
+                                         resize_shape_axis, set_bias)
+from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.naming import Scope
 from lrdeploy.passes.ort_fusion import attention_geometry
 
@@ -215,28 +216,6 @@ def find_fused_attention_blocks(graph: gs.Graph, layers: list[LinearLayer]) -> l
         if output is not None and output.d_in == layer.d_out // PACKED_PARTS:
             blocks.append(AttentionBlock([layer], output, heads))
     return blocks
-
-
-def resize_shape_axis(scope: Scope, name: str, node: gs.Node, old: int, new: int, axis: int) -> None:
-    """Give the Reshape (or Expand) `node` a target shape with `old` → `new` at `axis`: a constant shape gets its own copy; a
-    shape concatenated from one-element pieces (torch's exporter: Concat(batch, seq, [-1], [32])) gets its own
-    piece there. A computed entry (e.g. -1) is left as it is."""
-    found = constant_value(node.inputs[1])
-    if found is not None:
-        values = np.array(found[0])
-        if values[axis] == old:
-            values[axis] = new
-            node.inputs[1] = scope.constant(name, values)
-        return
-    concat = node.inputs[1].inputs[0] if node.inputs[1].inputs else None
-    if concat is None or concat.op != "Concat":
-        return
-    pieces = list(concat.inputs)
-    value = constant_value(pieces[axis % len(pieces)])
-    if value is None or np.asarray(value[0]).reshape(-1).tolist() != [old]:
-        return
-    pieces[axis % len(pieces)] = scope.constant(name, np.asarray([new], np.asarray(value[0]).dtype))
-    node.inputs[1] = scope.op("Concat", f"{name}/concat", pieces, dict(concat.attrs))  # its own: others keep theirs
 
 
 def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_units: list[int], cut: NeuronCut) -> PassResult:

@@ -16,9 +16,9 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.value_heads import ValueCut
 from lrdeploy.passes.contract import PassResult, committed
-from lrdeploy.passes.layer_nodes import forget_shapes, matmul_and_add, set_bias
+from lrdeploy.passes.layer_nodes import forget_shapes, matmul_and_add, resize_shape_axis, set_bias
 from lrdeploy.passes.naming import Scope
-from lrdeploy.passes.prune_heads import AttentionBlock, resize_shape_axis
+from lrdeploy.passes.prune_heads import AttentionBlock
 
 
 def shrink_values(graph: gs.Graph, block: AttentionBlock, cut: ValueCut) -> PassResult:

@@ -252,27 +252,45 @@ def test_heads_keep_refuses_a_model_with_a_kv_cache(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_gpt2_gemm_layers_are_split_and_inspect_says_why_they_are_not_cut(tmp_path):
-    """GPT-2's Conv1D layers leave torch's legacy exporter as Gemm on a flattened input: inspect says why its
-    up projections are not FFN blocks (and its fused c_attn no self-attention), and a build still splits them."""
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_gpt2_ffn_neurons_that_contribute_nothing_are_removed_exactly(tmp_path, exporter):
+    """GPT-2's Conv1D MLP (torch's legacy exporter: Reshape → Gemm on [tokens, d] → Reshape to [b, t, f], tanh-GELU
+    spelled out in elementwise ops): with half the neurons' c_proj rows zero, --ffn-keep 0.5 keeps the other half
+    (c_fc's columns, the Reshape's neuron count, c_proj's rows) and the logits stay the dense model's; inspect
+    says why the fused c_attn is no FFN."""
+    import onnx
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from lrdeploy.export.torch_onnx import export_hf
+    from tests.conftest import run_model
 
     torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64, bos_token_id=0,
-                               eos_token_id=0)).save_pretrained(str(tmp_path / "gpt2"))
-    export_hf(tmp_path / "gpt2", tmp_path / "gpt2.onnx", task="text-generation")
-    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "gpt2.onnx"), "--json"])
-    assert result.exit_code == 0, result.output
-    refused = json.loads(result.stdout)["blocks"]["refused"]
-    gemm = [r for r in refused if r["part"] == "ffn" and "a Gemm layer" in r["reason"]]
-    assert {r["candidate"].split("/")[-2] for r in gemm} == {"c_fc", "c_attn"} and len(gemm) == 4
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0, initializer_range=0.2))  # GELU not ~linear
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.mlp.c_proj.weight[1::2, :] = 0  # Conv1D weight [f, d]: every odd neuron writes nothing
+    model.save_pretrained(str(tmp_path / "gpt2"))
+    _export(tmp_path / "gpt2", tmp_path / "gpt2.onnx", exporter)
+    inspected = CliRunner().invoke(main, ["inspect", str(tmp_path / "gpt2.onnx"), "--json"])
+    assert inspected.exit_code == 0, inspected.output
+    blocks = json.loads(inspected.stdout)["blocks"]
+    assert blocks["ffn"] == 2
     np.savez(tmp_path / "calib.npz", **_windows(96))
     result = CliRunner().invoke(main, ["build", str(tmp_path / "gpt2.onnx"), "--calib", str(tmp_path / "calib.npz"),
-                                       "--rank-budget", "0.6", "--json", "-o", str(tmp_path / "out")])
+                                       "--rank-budget", "1", "--ffn-keep", "0.5", "--json", "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert any(layer["status"] == "factorized" and layer["pattern"].startswith("Gemm") for layer in report["layers"])
-    assert report["params"]["linear_ratio"] <= 0.6
+    narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
+    assert len(narrowed) == 4 and all("128 of 256 FFN neurons kept" in layer["reason"] for layer in narrowed)
+    built = onnx.load(str(tmp_path / "out" / "gpt2.lowrank.onnx"))
+    assert not any(256 in i.dims for i in built.graph.initializer)
+    feed = _windows(4, seed=2)
+    (dense,) = run_model(tmp_path / "gpt2.onnx", feed)
+    (compressed,) = run_model(tmp_path / "out" / "gpt2.lowrank.onnx", feed)
+    np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
+    split = CliRunner().invoke(main, ["build", str(tmp_path / "gpt2.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                                      "--rank-budget", "0.6", "--plan", "lowrank", "--json", "-o", str(tmp_path / "s")])
+    assert split.exit_code == 0, split.output
+    assert json.loads(split.stdout)["params"]["linear_ratio"] <= 0.6
+
