@@ -63,6 +63,9 @@ def _after_residual(graph: gs.Graph, ffn: FfnBlock, pre_norm: bool) -> str | Non
         node = consumers[0]
         if node.op in NORMS and not pre_norm:
             return node.outputs[0].name
+        if node.op == "Reshape":  # back to [b, s, d] after a Gemm on [tokens, d] (GPT-2)
+            tensor = node.outputs[0]
+            continue
         if node.op != "Add":
             return None
         tensor = node.outputs[0]
@@ -72,7 +75,7 @@ def _after_residual(graph: gs.Graph, ffn: FfnBlock, pre_norm: bool) -> str | Non
 
 
 NORM_STEPS = 12  # the most nodes between the residual stream and a normalised copy (RMSNorm spelled out: ~7)
-NOT_NORMS = ("MatMul", "Gemm", "Attention", "Softmax", "Gather", "Concat", "Reshape", "Transpose")
+NOT_NORMS = ("MatMul", "Gemm", "Attention", "Softmax", "Gather", "Concat", "Transpose")
 
 
 def residual_stream(graph: gs.Graph, input_name: str) -> str | None:

@@ -28,9 +28,9 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.neurons import NeuronCut
 from lrdeploy.passes.contract import Matches, PassResult, committed
-from lrdeploy.passes.layer_nodes import (forget_shapes, is_plain, matmul_and_add, reshape_target_dims,
-                                         resize_shape_axis, set_bias)
-from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.passes.layer_nodes import (forget_shapes, is_plain, is_sliceable, matmul_and_add, reshape_target_dims,
+                                         resize_shape_axis, set_bias, set_weight)
+from lrdeploy.passes.linear_layers import LinearLayer, constant_value
 from lrdeploy.passes.naming import Scope
 from lrdeploy.passes.ort_fusion import attention_geometry
 
@@ -50,6 +50,7 @@ class AttentionBlock:
     heads: int
     kv_heads: int = 0  # 0: as many as query heads
     feeds_cache: bool = False  # its keys and values are a KV cache's outputs: their head count is an interface
+    split: str | None = None  # one fused Q|K|V projection cut in three by this Split node (GPT-2's c_attn)
 
     def __post_init__(self) -> None:
         self.kv_heads = self.kv_heads or self.heads
@@ -179,7 +180,15 @@ def match_plain_attention(graph: gs.Graph, layers: list[LinearLayer], num_heads:
     head_dims = {} if num_heads else reshaped_head_dims(graph, layers)
     geometry = None if num_heads or head_dims else attention_geometry(graph)
     heads = num_heads or (geometry[0] if geometry else 0)
-    return match_attention_blocks(layers, heads or None, head_dims) if heads or head_dims else None
+    split = match_split_attention(graph, layers)
+    if not (heads or head_dims or split):
+        return None
+    matches = match_attention_blocks(layers, heads or None, head_dims) if heads or head_dims else Matches()
+    fused = {block.projections[0].name for block in split}
+    matches.refused = [r for r in matches.refused if r.candidate not in fused]
+    order = {layer.name: index for index, layer in enumerate(layers)}
+    matches.found = sorted(matches.found + split, key=lambda block: order[block.projections[0].name])
+    return matches
 
 
 def reshaped_head_dims(graph: gs.Graph, layers: list[LinearLayer]) -> dict[str, int]:
@@ -223,13 +232,17 @@ def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_units: list[int], c
     holds their context features and W_o's refit."""
     tensors = graph.tensors()
     scope = Scope(graph, f"{block.output.name}/heads")
-    if block.packed:
+    if block.split is not None:
+        narrowed = [_narrow_split(scope, graph, block, len(kept_units), cut.keep)]
+    elif block.packed:
         narrowed = [_narrow_packed(scope, tensors, block, len(kept_units), cut.keep)]
     else:
         narrowed = _narrow_projections(scope, graph, block, kept_units, cut.keep)
+    if not block.packed or block.split is not None:
+        _resize_context(scope, tensors[block.output.input_name], block.width, len(cut.keep))
     dtype = block.output.dtype
     matmul, _ = matmul_and_add(tensors, block.output)
-    matmul.inputs[1] = scope.constant("output/weight", cut.weight.astype(dtype))
+    set_weight(matmul, scope.constant("output/weight", cut.weight.astype(dtype)))
     set_bias(graph, block.output, scope.constant("output/bias", cut.bias.astype(dtype)))
     forget_shapes(graph, narrowed, {block.output.output_name})
     return committed(graph, heads_removed=(block.units - len(kept_units)) * block.group_size)
@@ -247,7 +260,7 @@ def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, ke
                                           ((block.heads, kept * block.group_size), (block.kv_heads, kept),
                                            (block.kv_heads, kept))):
         matmul, _ = matmul_and_add(tensors, layer)
-        matmul.inputs[1] = scope.constant(f"{tag}/weight", np.asarray(layer.weight)[:, columns].astype(layer.dtype))
+        set_weight(matmul, scope.constant(f"{tag}/weight", np.asarray(layer.weight)[:, columns].astype(layer.dtype)))
         if layer.bias is not None:
             set_bias(graph, layer, scope.constant(f"{tag}/bias", np.asarray(layer.bias)[columns].astype(layer.dtype)))
         for consumer in tensors[layer.output_name].outputs:
@@ -255,10 +268,20 @@ def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, ke
                 resize_shape_axis(scope, f"{tag}/shape", consumer, *heads, 2)
         if tag != "query" and block.group_size > 1:
             _resize_repeated_heads(scope, tag, tensors[layer.output_name], block, kept)
-    context = tensors[block.output.input_name]
-    if context.inputs and context.inputs[0].op == "Reshape":
-        resize_shape_axis(scope, "context/shape", context.inputs[0], block.width, len(features), -1)
     return narrowed
+
+
+CONTEXT_RESHAPES = 2  # Reshapes that merge the heads before the output projection reads them (GPT-2: 3-D, then 2-D)
+
+
+def _resize_context(scope: Scope, context: gs.Tensor, width: int, kept_width: int) -> None:
+    """The Reshapes that merge the heads into the context the output projection reads say its kept width where
+    they state it."""
+    for index in range(CONTEXT_RESHAPES):
+        if not context.inputs or context.inputs[0].op != "Reshape":
+            return
+        resize_shape_axis(scope, f"context/shape{index}", context.inputs[0], width, kept_width, -1)
+        context = context.inputs[0].inputs[0]
 
 
 HEAD_LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Mul", "Add", "Sub", "Neg", "Slice",
@@ -282,6 +305,83 @@ def _resize_repeated_heads(scope: Scope, tag: str, start: gs.Tensor, block: Atte
             elif node.op == "Reshape":
                 resize_shape_axis(scope, f"{tag}/repeated", node, block.heads, kept * block.group_size, 1)
             frontier += list(node.outputs)
+
+
+def _narrow_split(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept: int, features: np.ndarray) -> gs.Tensor:
+    """A fused Q|K|V projection cut in three by a Split (GPT-2's c_attn): it keeps the columns `features` of each
+    part; the Reshapes before the Split, the Split's sizes and each part's head Reshape say the kept counts where
+    they state them."""
+    (layer,) = block.projections
+    tensors = graph.tensors()
+    node, _ = matmul_and_add(tensors, layer)
+    columns = np.concatenate([part * block.width + features for part in range(PACKED_PARTS)])
+    set_weight(node, scope.constant("qkv/weight", np.asarray(layer.weight)[:, columns].astype(layer.dtype)))
+    if layer.bias is not None:
+        set_bias(graph, layer, scope.constant("qkv/bias", np.asarray(layer.bias)[columns].astype(layer.dtype)))
+    split, reshapes = _split_of(tensors[layer.output_name], layer.d_out)
+    for index, reshape in enumerate(reshapes):
+        resize_shape_axis(scope, f"qkv/shape{index}", reshape, layer.d_out, PACKED_PARTS * len(features), -1)
+    sizes = [len(features)] * PACKED_PARTS
+    if len(split.inputs) > 1 and split.inputs[1].name:
+        split.inputs[1] = scope.constant("qkv/split", np.asarray(sizes, np.int64))
+    elif "split" in split.attrs:
+        split.attrs["split"] = sizes
+    for part in split.outputs:
+        for consumer in part.outputs:
+            if consumer.op == "Reshape":
+                resize_shape_axis(scope, "part/shape", consumer, block.heads, kept, 2)
+    return node.outputs[0]
+
+
+SPLIT_RESHAPES = 2  # Reshapes between a fused projection and its Split (GPT-2: back to [b, s, 3d] from [tokens, 3d])
+
+
+def _split_of(tensor: gs.Tensor, width: int) -> tuple[gs.Node | None, list[gs.Node]]:
+    """The Split that cuts `tensor` (a projection's output, `width` wide) in three equal parts on its last axis,
+    through Reshapes that keep that axis last, and those Reshapes; (None, []) when there is none."""
+    reshapes: list[gs.Node] = []
+    for _ in range(SPLIT_RESHAPES + 1):
+        consumers = [node for node in tensor.outputs if node.op != "Shape"]
+        if len(consumers) != 1:
+            return None, []
+        node = consumers[0]
+        if node.op == "Reshape":
+            dims = reshape_target_dims(node)
+            if dims is None or dims[-1] not in (width, -1, None):
+                return None, []
+            reshapes.append(node)
+            tensor = node.outputs[0]
+            continue
+        if node.op != "Split" or len(node.outputs) != PACKED_PARTS:
+            return None, []
+        given = constant_value(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1].name else None
+        sizes = given[0].tolist() if given is not None else node.attrs.get("split")
+        rank = len(reshape_target_dims(reshapes[-1]) or []) if reshapes else 3  # a projection of [b, s, d] tokens
+        last = node.attrs.get("axis", 0) in (-1, rank - 1)
+        equal = sizes is None or list(sizes) == [width // PACKED_PARTS] * PACKED_PARTS
+        return (node, reshapes) if last and equal and width % PACKED_PARTS == 0 else (None, [])
+    return None, []
+
+
+def match_split_attention(graph: gs.Graph, layers: list[LinearLayer]) -> list[AttentionBlock]:
+    """Self-attentions with one fused Q|K|V projection cut in three by a Split (GPT-2's c_attn, torch's exporters),
+    in model order: the head size is the one the query part is reshaped into ([b, s, heads, head size]); the output
+    projection is the next sliceable layer reading a tensor of one part's width."""
+    tensors = graph.tensors()
+    sliceable = [layer for layer in layers if is_sliceable(layer)]
+    blocks = []
+    for index, layer in enumerate(sliceable):
+        split, _ = _split_of(tensors[layer.output_name], layer.d_out)
+        if split is None:
+            continue
+        width = layer.d_out // PACKED_PARTS
+        head_dims = [dims[3] for node in split.outputs[0].outputs if node.op == "Reshape"
+                     for dims in [reshape_target_dims(node)] if dims and len(dims) == 4 and dims[3] and dims[3] > 0]
+        output = next((other for other in sliceable[index + 1:] if other.d_in == width
+                       and other.input_name != layer.input_name), None)
+        if head_dims and width % head_dims[0] == 0 and output is not None:
+            blocks.append(AttentionBlock([layer], output, width // head_dims[0], split=split.name))
+    return blocks
 
 
 def _narrow_packed(scope: Scope, tensors, block: AttentionBlock, kept: int, features: np.ndarray) -> gs.Tensor:

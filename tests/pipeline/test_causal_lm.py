@@ -294,3 +294,48 @@ def test_gpt2_ffn_neurons_that_contribute_nothing_are_removed_exactly(tmp_path, 
     assert split.exit_code == 0, split.output
     assert json.loads(split.stdout)["params"]["linear_ratio"] <= 0.6
 
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_gpt2_fused_qkv_heads_and_silent_blocks_are_removed_exactly(tmp_path, exporter):
+    """GPT-2's one c_attn projection is cut in three by a Split: with heads 2 and 3 writing nothing (their c_proj
+    rows zero), --heads-keep 0.5 keeps heads 0 and 1 in each of Q, K and V (the Split's sizes, the Reshapes' counts
+    follow) and the logits stay; with block 0 adding nothing (both c_proj weights and biases zero), --drop-blocks 1
+    drops it on the residual stream, exactly."""
+    import onnx
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.conftest import run_model
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=512, n_embd=64, n_layer=2, n_head=4, n_positions=64,
+                                       bos_token_id=0, eos_token_id=0, initializer_range=0.2))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight[32:, :] = 0  # Conv1D weight [context, d]: heads 2 and 3 write nothing
+        for projection in (model.transformer.h[0].attn.c_proj, model.transformer.h[0].mlp.c_proj):
+            projection.weight.zero_()
+            projection.bias.zero_()
+    model.save_pretrained(str(tmp_path / "gpt2"))
+    _export(tmp_path / "gpt2", tmp_path / "gpt2.onnx", exporter)
+    np.savez(tmp_path / "calib.npz", **_windows(96))
+    feed = _windows(4, seed=2)
+    (dense,) = run_model(tmp_path / "gpt2.onnx", feed)
+    for cut, out in ((["--heads-keep", "0.5"], "heads"), (["--drop-blocks", "1"], "drop")):
+        result = CliRunner().invoke(main, ["build", str(tmp_path / "gpt2.onnx"), "--calib", str(tmp_path / "calib.npz"),
+                                           "--rank-budget", "1", *cut, "--json", "-o", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.stdout)
+        (compressed,) = run_model(tmp_path / out / "gpt2.lowrank.onnx", feed)
+        np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
+        statuses = [layer["status"] for layer in report["layers"]]
+        if out == "heads":
+            assert statuses.count("narrowed") == 4
+            built = onnx.load(str(tmp_path / out / "gpt2.lowrank.onnx"))
+            qkv = sorted(tuple(i.dims) for i in built.graph.initializer if "qkv/weight" in i.name)
+            assert qkv == [(64, 96), (64, 96)]  # 2 of 4 heads × 16 for each of Q, K, V
+        else:
+            weighted = [layer for layer in report["layers"] if layer["status"] != "skipped"]
+            assert [layer["status"] for layer in weighted[:4]] == ["dropped"] * 4  # block 0, in model order
+            assert statuses.count("dropped") == 4
