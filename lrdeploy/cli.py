@@ -176,12 +176,13 @@ def _print_build_summary(console, result) -> None:
     console.print(f"Compressed model: {result.output_model}")
     console.print(f"Linear-layer parameters kept: {p.linear_ratio:.3f} ({p.linear_after:,} of {p.linear_before:,}); "
                   f"whole model: {p.model_ratio:.3f}")
-    if report.accuracy is not None and report.accuracy.language_model():
-        name, lm = report.accuracy.language_model()
-        table = Table(title=f"Next-token figures of {name!r} on {lm.positions:,} held-out positions")
-        for column in lm.HEADERS:
+    task = report.accuracy.task_table() if report.accuracy is not None else None
+    if task is not None:
+        title, headers, cells = task
+        table = Table(title=title)
+        for column in headers:
             table.add_column(column, justify="right")
-        table.add_row(*lm.cells())
+        table.add_row(*cells)
         console.print(table)
     if report.accuracy is not None:
         table = Table(title=f"Accuracy on {report.accuracy.samples} held-out samples")
@@ -552,11 +553,13 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
 @click.option("--hf", "hf_dir", type=click.Path(file_okay=False, path_type=Path),
               help="A local Hugging Face / sentence-transformers model folder.")
 @click.option("--factory", help="package.module:function returning (module, {input name: example tensor}).")
-@click.option("--task", type=click.Choice(["feature-extraction", "text-generation", "text-generation-with-past"]),
+@click.option("--task", type=click.Choice(["feature-extraction", "text-generation", "text-generation-with-past",
+                                           "text-classification", "image-classification"]),
               default="feature-extraction", show_default=True,
               help="For --hf: a sentence embedder (pooled hidden states), a causal LM (input_ids, attention_mask → "
                    "logits over the vocabulary), or one with its KV cache (past_key_values.N.key/value → present.N.*, "
-                   "as Optimum names them).")
+                   "as Optimum names them), a sequence classifier (→ logits [batch, labels]) or an image classifier "
+                   "(pixel_values → logits).")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
               help="For --hf feature-extraction: pool token states into one vector per sample inside the graph.")
 @click.option("--normalize/--no-normalize", default=True, show_default=True,
@@ -583,36 +586,57 @@ def export(hf_dir, factory, task, pooling, normalize, output_path, tolerance) ->
 
 
 @main.command()
-@click.option("--tokenizer", "tokenizer_dir", required=True,
-              type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="The model's Hugging Face folder (its tokenizer files).")
+@click.option("--tokenizer", "tokenizer_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Text: the model's Hugging Face folder (its tokenizer files).")
 @click.option("--text", "texts", multiple=True, type=FILE, help="A UTF-8 text file: one document (repeatable).")
 @click.option("--pydoc", is_flag=True, help="Also Python's own pydoc topics (the default when no --text is given).")
 @click.option("--tokens", default=128, show_default=True, type=click.IntRange(min=2), help="Tokens per window.")
 @click.option("--calib-windows", default=512, show_default=True, type=click.IntRange(min=1))
 @click.option("--eval-windows", default=256, show_default=True, type=click.IntRange(min=1))
-@click.option("--seed", default=0, show_default=True, type=int, help="Which documents are held out.")
+@click.option("--images", "image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Images instead of text: a folder of image files, made into pixel_values by --processor.")
+@click.option("--processor", "processor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="With --images: the model's Hugging Face folder (its preprocessor_config.json).")
+@click.option("--calib-count", default=256, show_default=True, type=click.IntRange(min=1),
+              help="With --images: calibration images.")
+@click.option("--eval-count", default=128, show_default=True, type=click.IntRange(min=1),
+              help="With --images: held-out images.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Which documents or images are held out.")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where calib.npz and eval.npz go.")
 @user_errors
-def data(tokenizer_dir, texts, pydoc, tokens, calib_windows, eval_windows, seed, output_dir) -> None:
-    """Turn text into calibration and held-out evaluation inputs for a language model: windows of --tokens
-    tokens (input_ids, attention_mask), the held-out windows from documents calibration never sees."""
+def data(tokenizer_dir, texts, pydoc, tokens, calib_windows, eval_windows, image_dir, processor_dir, calib_count,
+         eval_count, seed, output_dir) -> None:
+    """Turn text into calibration and held-out evaluation inputs for a language model (windows of --tokens
+    tokens: input_ids, attention_mask; the held-out windows from documents calibration never sees), or a folder
+    of images into an image model's pixel_values through its own image processor (held-out images apart)."""
     import numpy as np
 
-    from lrdeploy.calib.windows import text_documents, text_windows
     from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
 
+    if bool(image_dir) == bool(tokenizer_dir) or bool(image_dir) != bool(processor_dir):
+        raise click.UsageError("give --tokenizer DIR (text), or --images DIR with --processor DIR (images)")
     outputs = [output_dir / "calib.npz", output_dir / "eval.npz"]
     check_output_dir(output_dir)
-    refuse_overwriting_inputs(outputs, list(texts))
-    documents = text_documents(list(texts), pydoc or not texts)
-    calibration, evaluation = text_windows(documents, tokenizer_dir, tokens, calib_windows, eval_windows, seed)
+    if image_dir:
+        from lrdeploy.calib.images import image_files, image_splits
+
+        refuse_overwriting_inputs(outputs, image_files(image_dir))
+        calibration, evaluation = image_splits(image_dir, processor_dir, calib_count, eval_count, seed)
+        what = f"images ({' × '.join(map(str, calibration['pixel_values'].shape[1:]))} pixel values)"
+        count = len(calibration["pixel_values"]), len(evaluation["pixel_values"])
+    else:
+        from lrdeploy.calib.windows import text_documents, text_windows
+
+        refuse_overwriting_inputs(outputs, list(texts))
+        documents = text_documents(list(texts), pydoc or not texts)
+        calibration, evaluation = text_windows(documents, tokenizer_dir, tokens, calib_windows, eval_windows, seed)
+        what = f"windows of {tokens} tokens from {len(documents)} documents"
+        count = len(calibration["input_ids"]), len(evaluation["input_ids"])
     with output_set(output_dir) as stage:
         for name, arrays in (("calib.npz", calibration), ("eval.npz", evaluation)):
             np.savez(stage / name, **arrays)
-    click.echo(f"{len(calibration['input_ids'])} calibration and {len(evaluation['input_ids'])} held-out windows "
-               f"of {tokens} tokens from {len(documents)} documents: {outputs[0]}, {outputs[1]}")
+    click.echo(f"{count[0]} calibration and {count[1]} held-out {what}: {outputs[0]}, {outputs[1]}")
 
 
 DEMO_MODELS = ("minilm", "smollm2")

@@ -75,3 +75,29 @@ def tiny_llama_with_tokenizer_dir(path):
     tokenizer.train_from_iterator([topics[key] for key in sorted(topics)][:60], trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="</s>").save_pretrained(str(path))
     return path
+
+
+def tiny_classifier_dir(path):
+    """A 2-layer random BERT sequence classifier (hidden 64, 4 heads, 3 labels, vocabulary 300) under `path`."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=300, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, num_labels=3, initializer_range=0.2)
+    BertForSequenceClassification(config).save_pretrained(str(path))
+    return path
+
+
+def tiny_vit_classifier_dir(path):
+    """A 2-layer random ViT image classifier (32×32 images in 8×8 patches, hidden 64, 4 heads, 5 labels) with its
+    image processor under `path`."""
+    import torch
+    from transformers import ViTConfig, ViTForImageClassification, ViTImageProcessor
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=32, patch_size=8, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       intermediate_size=128, num_labels=5, initializer_range=0.2)
+    ViTForImageClassification(config).save_pretrained(str(path))
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(path))
+    return path

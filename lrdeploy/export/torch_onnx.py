@@ -27,9 +27,10 @@ from lrdeploy.errors import ExportError, MissingDependencyError
 
 OPSET = 17
 POOLINGS = ("mean", "cls", "none")
-TASKS = ("feature-extraction", "text-generation", "text-generation-with-past")  # Optimum's task names: a sentence
-# embedder, a causal LM's logits, and the same with its KV cache as inputs and outputs (for a generation loop)
-CAUSAL_LM_TASKS = TASKS[1:]
+TASKS = ("feature-extraction", "text-generation", "text-generation-with-past", "text-classification",
+         "image-classification")  # Optimum's task names: a sentence embedder, a causal LM's logits (and the same with
+# its KV cache as inputs and outputs, for a generation loop), a sequence classifier's and an image classifier's logits
+CAUSAL_LM_TASKS = ("text-generation", "text-generation-with-past")
 
 
 @dataclass
@@ -50,8 +51,9 @@ def require_torch():
     return torch
 
 
-def _load_hf(model_dir: Path, auto_class: str):
-    """The Hugging Face model in `model_dir`, loaded by transformers' `auto_class` with eager attention (traceable)."""
+def _load_hf(model_dir: Path, auto_class: str, reads: str = "input_ids"):
+    """The Hugging Face model in `model_dir`, loaded by transformers' `auto_class` with eager attention (traceable);
+    it must read `reads` (token ids, or an image classifier's pixel values)."""
     require_torch()
     try:
         import transformers
@@ -69,10 +71,11 @@ def _load_hf(model_dir: Path, auto_class: str):
         raise ExportError(f"cannot load the Hugging Face model in {model_dir} ({type(exc).__name__}: "
                           f"{first[:200]}); check its config.json and that its weights (model.safetensors or "
                           "pytorch_model.bin) are complete") from None
-    if getattr(model, "main_input_name", "input_ids") != "input_ids":
+    if getattr(model, "main_input_name", "input_ids") != reads:
         raise ExportError(f"{model_dir} holds a {type(model).__name__}, which reads {model.main_input_name!r}, not "
-                          "token ids: `export --hf` exports text models so far; export it with Hugging Face Optimum "
-                          "(optimum-cli export onnx --model DIR OUT) and build that ONNX file")
+                          f"{reads!r}: `export --hf` exports text models and image classifiers (--task "
+                          "image-classification) so far; export it with Hugging Face Optimum (optimum-cli export onnx "
+                          "--model DIR OUT) and build that ONNX file")
     return model
 
 
@@ -293,13 +296,44 @@ def _retie(path: Path) -> None:
 
 def export_hf(model_dir: Path, output: Path, pooling: str = "mean", normalize: bool = True,
               tolerance: float = 1e-4, task: str = "feature-extraction") -> ExportResult:
-    """Export the folder for `task` (one of TASKS): a sentence embedder, or a causal LM's logits."""
+    """Export the folder for `task` (one of TASKS): a sentence embedder, a causal LM's logits, or a classifier's."""
     if task not in TASKS:
         raise ExportError(f"--task {task!r} is not one of {', '.join(TASKS)}")
     if task in CAUSAL_LM_TASKS:
         return export_causal_lm(_load_hf(model_dir, "AutoModelForCausalLM"), output, task, tolerance)
+    if task in ("text-classification", "image-classification"):
+        module, inputs, axes = classifier(model_dir, task)
+        return export_module(module, inputs, output, "logits", tolerance, positional=True, dynamic_axes=axes)
     module, inputs = sentence_embedder(model_dir, pooling, normalize)
     return export_module(module, inputs, output, "last_hidden_state" if pooling == "none" else "embedding", tolerance)
+
+
+def classifier(model_dir: Path, task: str, seq_len: int = 16):
+    """(module, example inputs, dynamic axes) for a fine-tuned classifier: text-classification (input_ids,
+    attention_mask → logits [batch, labels]) or image-classification (pixel_values [batch, channels, size, size] →
+    logits; the image size is the model's, only the batch varies)."""
+    torch = require_torch()
+    image = task == "image-classification"
+    model = _load_hf(model_dir, "AutoModelForImageClassification" if image else "AutoModelForSequenceClassification",
+                     "pixel_values" if image else "input_ids")
+    config = model.config
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, *inputs):
+            names = ("pixel_values",) if image else ("input_ids", "attention_mask")
+            return self.model(**dict(zip(names, inputs))).logits
+
+    if not image:
+        inputs = _example_text_inputs(int(getattr(config, "vocab_size", 0) or 0), seq_len)
+        return Classifier().eval(), inputs, None
+    size = config.image_size if isinstance(config.image_size, int) else max(dict(config.image_size).values())
+    generator = torch.Generator().manual_seed(0)
+    pixels = torch.randn(2, int(getattr(config, "num_channels", 3)), size, size, generator=generator)
+    return Classifier().eval(), {"pixel_values": pixels}, {"pixel_values": {0: "batch"}, "logits": {0: "batch"}}
 
 
 def export_causal_lm(model, output: Path, task: str, tolerance: float = 1e-4) -> ExportResult:

@@ -22,6 +22,7 @@ import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import InternalError
 from lrdeploy.passes.contract import Matches, PassResult, committed
+from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.naming import Scope
 from lrdeploy.passes.prune_ffn import FfnBlock
 from lrdeploy.passes.prune_heads import AttentionBlock
@@ -42,6 +43,11 @@ class TransformerBlock:
     def index(self) -> int:
         """Its place among the model's self-attentions (block0 is the first)."""
         return int(self.name.removeprefix("block"))
+
+    def weighted_layers(self, layers: list[LinearLayer]) -> list[LinearLayer]:
+        """Those of `layers` (e.g. every layer from its Q projection to the next block's) that dropping it removes:
+        its own products with a weight, not a classifier or LM head after the last block."""
+        return [layer for layer in layers if layer.weight is not None and layer.name in self.products]
 
 
 def _residual_join(node: gs.Node) -> bool:

@@ -104,7 +104,7 @@ class StructuredBlocks:
         starts = [order.index(a.projections[0].name) for a in self.depth_candidates] + [len(order)]
         for block in sorted(blocks, key=lambda b: distortion[b.name])[:config.drop_blocks]:
             inside = inspection.layers[starts[block.index]:starts[block.index + 1]]
-            self.dropped.append((block, [layer for layer in inside if layer.weight is not None], distortion[block.name]))
+            self.dropped.append((block, block.weighted_layers(inside), distortion[block.name]))
 
     @property
     def layer_names(self) -> set[str]:

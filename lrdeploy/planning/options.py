@@ -102,7 +102,7 @@ def cut_options(parts: list[BlockParts], moments: dict[str, Moments], multiple: 
                 saved = (attention.units - kept) * attention.params_per_unit
                 options.append(CutOption("heads", index, kept, StructuredCuts(heads=[(attention, heads, cut)]), saved))
         if part.block is not None:
-            weighted = [layer for layer in part.layers if layer.weight is not None]
+            weighted = part.block.weighted_layers(part.layers)
             options.append(CutOption("drop", index, 0, StructuredCuts(dropped=[(part.block, weighted, 0.0)]),
                                      sum(layer.params for layer in weighted)))
     return options

@@ -75,11 +75,14 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
     cards = [(f"{p.model_ratio:.2f}×", f"model parameters kept ({p.model_after:,} of {p.model_before:,})"),
              (f"{p.linear_ratio:.2f}×", f"linear-layer parameters kept (budget {c.rank_budget})")]
     language_model = report.accuracy.language_model() if report.accuracy is not None else None
+    classifier = report.accuracy.classifier() if report.accuracy is not None else None
     if language_model is not None:
         lm = language_model[1]
         cards.append((f"×{lm.ppl_ratio:.3f}", f"perplexity ({lm.ppl_dense:.2f} → {lm.ppl:.2f}, "
                                                       "held-out)"))
         cards.append((f"{lm.top1_agreement:.3f}", "next-token top-1 agreement with the original"))
+    elif classifier is not None:
+        cards.append((f"{classifier[1].top1_agreement:.3f}", "top-1 class agreement with the original (held-out)"))
     elif top["cosine"] is not None:
         cards.append((f"{top['cosine']:.3f}", "mean cosine to the original (held-out)"))
     if top["speedup"] is not None:
@@ -88,10 +91,11 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
     parts = [_cards(cards)]
     if report.warnings:
         parts.append("".join(f'<p class="warn">Warning: {html.escape(w)}</p>' for w in report.warnings))
-    if language_model is not None:
-        name, lm = language_model
-        parts.append(f"<h2>Next-token figures of {html.escape(name)} on {lm.positions:,} held-out positions</h2>")
-        parts.append(_table(list(lm.HEADERS), [lm.cells()]))
+    task = report.accuracy.task_table() if report.accuracy is not None else None
+    if task is not None:
+        title, headers, cells = task
+        parts.append(f"<h2>{html.escape(title)}</h2>")
+        parts.append(_table(list(headers), [cells]))
     if report.generated:
         parts.append("<h2>Generated text (greedy, both models)</h2>")
         parts.append(_table(["prompt", "dense", "compressed"],
@@ -158,9 +162,11 @@ def sweep_sections(sweep: SweepReport) -> str:
     """Per-budget table, accuracy-per-budget and Pareto plots of a sweep."""
     points = sorted(sweep.points, key=lambda p: p.budget)
     parts = ["<h2>Accuracy per budget</h2>", '<div class="row">']
-    language_model = any(p.top1_agreement is not None for p in points)
-    metrics = ["top1_agreement", "cosine_mean"] if language_model else ["cosine_mean", "cosine_p5", "topk_agreement"]
-    shown = "ppl_ratio" if language_model and sweep.metric == "cosine_mean" else sweep.metric
+    labelled = any(p.top1_agreement is not None for p in points)  # a language model's or a classifier's top-1
+    language_model = any(p.ppl_ratio is not None for p in points)
+    metrics = ["top1_agreement", "cosine_mean"] if labelled else ["cosine_mean", "cosine_p5", "topk_agreement"]
+    task_metric = "ppl_ratio" if language_model else "top1_agreement"
+    shown = task_metric if labelled and sweep.metric == "cosine_mean" else sweep.metric
     parts.append(_figure(budget_plot(points, metrics), "accuracy per budget",
                          f"Output '{sweep.output}', held-out samples; one calibration for every budget."))
     parts.append(_figure(pareto_plot(points, shown, sweep.chosen), "pareto",

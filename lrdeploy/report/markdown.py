@@ -35,11 +35,11 @@ def render_markdown(report: BuildReport) -> str:
         lines[-1:-1] = [f"- fine-tuned by label-free distillation: {f.summary()}"]
     if report.warnings:
         lines += ["## Warnings", ""] + [f"- {w}" for w in report.warnings] + [""]
-    if report.accuracy is not None and report.accuracy.language_model():
-        name, lm = report.accuracy.language_model()
-        lines += [f"## Next-token figures of {cell(name)} on {lm.positions:,} held-out positions", "",
-                  "| " + " | ".join(lm.HEADERS) + " |", "|" + "---|" * len(lm.HEADERS),
-                  "| " + " | ".join(lm.cells()) + " |", ""]
+    task = report.accuracy.task_table() if report.accuracy is not None else None
+    if task is not None:
+        title, headers, cells = task
+        lines += [f"## {cell(title)}", "", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers),
+                  "| " + " | ".join(cells) + " |", ""]
     if report.generated:
         lines += ["## Generated text (greedy, both models)", "", "| prompt | dense | compressed |", "|---|---|---|"]
         lines += [f"| {cell(g.prompt)} | {cell(g.dense)} | {cell(g.compressed)} |" for g in report.generated] + [""]

@@ -10,7 +10,8 @@ report.json schema (all keys always present):
     accuracy {samples, passed, atol, rtol, neighbours,
               outputs {NAME: {cosine_mean, cosine_p5, rel_l2, max_abs, topk_agreement|null,
                               next_token {positions, ppl_dense, ppl, ppl_ratio,
-                                          top1_agreement, kl} | null   (a causal LM's logits)}}},
+                                          top1_agreement, kl} | null   (a causal LM's logits),
+                              classes {samples, top1_agreement, kl} | null   (a classifier's logits)}}},
     timings {stage: seconds}, warnings [str], bench (see bench.json) | null,
     spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}},
     finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, metric ("cosine" | "kl": next-token
@@ -81,6 +82,21 @@ class NextTokenAccuracy:
                 f"{self.top1_agreement:.3f}", f"{self.kl:.4f}"]
 
 
+@dataclass(kw_only=True)
+class ClassAccuracy:
+    """A classifier's figures on held-out samples (`stages.classes`): the label it gives, and how far its class
+    distribution moved."""
+
+    HEADERS = ("top-1 agreement", "KL (nats)")
+
+    samples: int
+    top1_agreement: float  # fraction of samples where both models' most likely class is the same
+    kl: float  # mean KL(dense ‖ compressed) of the class distributions, nats per sample
+
+    def cells(self) -> list[str]:
+        return [f"{self.top1_agreement:.3f}", f"{self.kl:.4f}"]
+
+
 @dataclass
 class OutputAccuracy:
     cosine_mean: float
@@ -89,6 +105,7 @@ class OutputAccuracy:
     max_abs: float
     topk_agreement: float | None = None  # per-sample vector outputs: nearest-neighbour agreement
     next_token: NextTokenAccuracy | None = None  # a causal LM's logits: perplexity, top-1 agreement, KL
+    classes: ClassAccuracy | None = None  # a classifier's logits: top-1 agreement, KL
 
 
 @dataclass
@@ -104,6 +121,22 @@ class AccuracyReport:
         """(output name, figures) of the first output scored as a causal LM's logits, if any: the task's metric,
         which reports show before cosine."""
         return next(((name, o.next_token) for name, o in self.outputs.items() if o.next_token is not None), None)
+
+    def classifier(self) -> tuple[str, ClassAccuracy] | None:
+        """(output name, figures) of the first output scored as a classifier's logits, if any."""
+        return next(((name, o.classes) for name, o in self.outputs.items() if o.classes is not None), None)
+
+    def task_table(self) -> tuple[str, tuple[str, ...], list[str]] | None:
+        """(title, headers, cells) of the task's figures, which reports show first: a language model's next-token
+        figures, or a classifier's top-1 agreement and KL; None for other models (cosine is their figure)."""
+        if self.language_model() is not None:
+            name, lm = self.language_model()
+            return f"Next-token figures of {name!r} on {lm.positions:,} held-out positions", lm.HEADERS, lm.cells()
+        if self.classifier() is not None:
+            name, classes = self.classifier()
+            return f"Classifier figures of {name!r} on {classes.samples:,} held-out samples", classes.HEADERS, \
+                classes.cells()
+        return None
 
 
 @dataclass(kw_only=True)
@@ -202,10 +235,10 @@ class SweepPoint:
     def from_report(cls, budget: float, report: BuildReport, output: str, latency_ratio: float | None) -> "SweepPoint":
         """The point of one budget's build, read from its report (accuracy of `output`)."""
         params, accuracy = report.params, report.accuracy.outputs[output]
-        lm = accuracy.next_token
+        lm, task = accuracy.next_token, accuracy.next_token or accuracy.classes  # top-1 and KL: an LM's or a classifier's
         return cls(budget, params.linear_ratio, params.model_ratio, accuracy.cosine_mean, accuracy.cosine_p5,
                    accuracy.topk_agreement, latency_ratio, report.output_model,
-                   lm.ppl_ratio if lm else None, lm.top1_agreement if lm else None, lm.kl if lm else None)
+                   lm.ppl_ratio if lm else None, task.top1_agreement if task else None, task.kl if task else None)
 
 
 LOWER_IS_BETTER = ("ppl_ratio", "kl")  # sweep metrics whose target is a ceiling; on the others a floor
@@ -221,12 +254,13 @@ def sweep_table(points: list[SweepPoint]) -> tuple[list[str], list[list[str]]]:
     next-token figures when the output is a causal LM's logits, else top-k agreement."""
     fmt = lambda v, d=4: "" if v is None else f"{v:.{d}f}"  # noqa: E731
     language_model = any(p.ppl_ratio is not None for p in points)
-    headers = ["ρ", "linear kept", "model kept", "cosine mean", "cosine p5",
-               *(["perplexity ratio", "top-1 agreement", "KL"] if language_model else ["top-k agreement"]),
-               "latency ratio", "model"]
+    classifier = not language_model and any(p.top1_agreement is not None for p in points)
+    task = (["perplexity ratio", "top-1 agreement", "KL"] if language_model else
+            ["top-1 agreement", "KL"] if classifier else ["top-k agreement"])
+    headers = ["ρ", "linear kept", "model kept", "cosine mean", "cosine p5", *task, "latency ratio", "model"]
     rows = [[f"{p.budget:.3f}", fmt(p.linear_ratio, 3), fmt(p.model_ratio, 3), fmt(p.cosine_mean), fmt(p.cosine_p5),
-             *([fmt(p.ppl_ratio, 3), fmt(p.top1_agreement, 3), fmt(p.kl)] if language_model
-               else [fmt(p.topk_agreement, 3)]),
+             *([fmt(p.ppl_ratio, 3), fmt(p.top1_agreement, 3), fmt(p.kl)] if language_model else
+               [fmt(p.top1_agreement, 3), fmt(p.kl)] if classifier else [fmt(p.topk_agreement, 3)]),
              fmt(p.latency_ratio, 3), p.output_model or "(not kept)"] for p in points]
     return headers, rows
 

@@ -7,7 +7,7 @@ plan's structured options and `--drop-blocks`' choice.
                                             per next-token position (`stages.next_token`)
 
 KL is what a language model's perplexity and agreement follow; cosine of logits is not (0.92 for a model whose
-perplexity doubled).
+perplexity doubled). A classifier's logits ([batch, classes]) are scored by KL of the class distributions too.
 
 A variant is a whole model (a structured cut applied) or a session of the error-injected model fed extra inputs
 (`passes.inject_error`: one session serves many layers and ranks)."""
@@ -21,6 +21,7 @@ import onnx
 import onnxruntime as ort
 
 from lrdeploy.runtime.onnxruntime import create_session
+from lrdeploy.stages.classes import ClassScores, is_class_logits
 from lrdeploy.stages.next_token import NextTokenScores, is_next_token_output
 from lrdeploy.stages.validate import per_sample_cosine
 
@@ -29,8 +30,9 @@ def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray
                 feeds: list[dict[str, np.ndarray]] | None = None, mask_name: str | None = None,
                 names: list[str] | None = None) -> float:
     """Mean over outputs of mean over samples of 1 − cosine; when an output (`names`, in order) is a causal LM's
-    logits over the `feeds`' input_ids, its mean KL alone (a decoder's KV-cache outputs are state the logits already answer for)."""
-    losses, next_token = [], []
+    logits over the `feeds`' input_ids or a classifier's logits, its mean KL alone (a decoder's KV-cache outputs,
+    a classifier's hidden states are what the logits already answer for)."""
+    losses, task_kl = [], []
     for name, ref_batches, out_batches in zip(names or [""] * len(reference[0]), zip(*reference), zip(*outputs)):
         if feeds and all(is_next_token_output(name, r, feed) for r, feed in zip(ref_batches, feeds)):
             scores = NextTokenScores()
@@ -38,11 +40,17 @@ def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray
                 scores.add(r, o, feed["input_ids"], feed.get(mask_name) if mask_name else None)
             result = scores.result()
             if result is not None:
-                next_token.append(result.kl)
+                task_kl.append(result.kl)
                 continue
+        if all(is_class_logits(name, r) for r in ref_batches):
+            classes = ClassScores()
+            for r, o in zip(ref_batches, out_batches):
+                classes.add(r, o)
+            task_kl.append(classes.result().kl)  # a classifier is judged by its labels: KL, like an LM
+            continue
         cosines = np.concatenate([per_sample_cosine(r, o) for r, o in zip(ref_batches, out_batches)])
         losses.append(1.0 - float(np.mean(cosines)))
-    return float(np.mean(next_token or losses))
+    return float(np.mean(task_kl or losses))
 
 
 class DistortionProbe:

@@ -17,6 +17,7 @@ import numpy as np
 
 from lrdeploy.report.model import AccuracyReport, OutputAccuracy
 from lrdeploy.runtime.onnxruntime import refusals_named
+from lrdeploy.stages.classes import ClassScores, is_class_logits
 from lrdeploy.stages.next_token import NextTokenScores, is_next_token_output
 
 
@@ -56,6 +57,7 @@ class OutputComparison:
         self.err_sq = self.ref_sq = self.max_abs = 0.0
         self.vectors: tuple[list[np.ndarray], list[np.ndarray]] | None = ([], [])
         self.next_token: NextTokenScores | None = None
+        self.classes: ClassScores | None = None
 
     def add(self, name: str, reference: np.ndarray, candidate: np.ndarray, feed: dict[str, np.ndarray],
             mask_name: str | None) -> None:
@@ -65,7 +67,11 @@ class OutputComparison:
             self.err_sq += float(np.sum(difference ** 2))
             self.ref_sq += float(np.sum(ref.astype(np.float64) ** 2))
             self.max_abs = max(self.max_abs, float(np.max(np.abs(difference))) if difference.size else 0.0)
-        if self.vectors is not None and reference.ndim == 2:
+        if is_class_logits(name, reference):  # a label, not a vector with neighbours
+            self.classes = self.classes or ClassScores()
+            self.classes.add(reference, candidate)
+            self.vectors = None
+        elif self.vectors is not None and reference.ndim == 2:
             self.vectors[0].append(reference)
             self.vectors[1].append(candidate)
         else:
@@ -88,6 +94,7 @@ class OutputComparison:
             max_abs=self.max_abs,
             topk_agreement=agreement,
             next_token=self.next_token.result() if self.next_token else None,
+            classes=self.classes.result() if self.classes else None,
         )
 
 
