@@ -280,7 +280,8 @@ def _resize_context(scope: Scope, context: gs.Tensor, width: int, kept_width: in
     for index in range(CONTEXT_RESHAPES):
         if not context.inputs or context.inputs[0].op != "Reshape":
             return
-        resize_shape_axis(scope, f"context/shape{index}", context.inputs[0], width, kept_width, -1)
+        resize_shape_axis(scope, "context/shape" + (str(index) if index else ""), context.inputs[0], width, kept_width,
+                          -1)
         context = context.inputs[0].inputs[0]
 
 

@@ -103,11 +103,9 @@ def test_full_rank_is_the_dense_model_and_measures_nothing(llama, tmp_path):
     assert {layer["status"] for layer in report["layers"]} <= {"dense", "skipped"}
 
 
-@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-def test_gated_mlp_neurons_that_contribute_nothing_are_removed_exactly(tmp_path, exporter):
-    """SwiGLU: down(silu(gate(x)) ⊙ up(x)). With half the neurons' down rows zero, --ffn-keep 0.5 keeps the other
-    half in gate and up alike and the logits stay the dense model's to float error."""
-    import onnx
+def _silenced_build(tmp_path, exporter, silence, *cut):
+    """The tiny Llama with `silence(model)` applied (under no_grad), exported by `exporter`, built at ρ=1 with
+    `cut`; returns (report, compressed model path) after checking the logits equal the dense model's."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -116,25 +114,36 @@ def test_gated_mlp_neurons_that_contribute_nothing_are_removed_exactly(tmp_path,
     folder = tiny_llama_dir(tmp_path / "hf")
     model = AutoModelForCausalLM.from_pretrained(str(folder))
     with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.down_proj.weight[:, 1::2] = 0  # every odd neuron contributes nothing
+        silence(model)
     model.save_pretrained(str(folder))
     _export(folder, tmp_path / "lm.onnx", exporter)
     np.savez(tmp_path / "calib.npz", **_windows(96))
     np.savez(tmp_path / "eval.npz", **_windows(8, seed=1))
     result = CliRunner().invoke(main, ["build", str(tmp_path / "lm.onnx"), "--calib", str(tmp_path / "calib.npz"),
-                                       "--eval", str(tmp_path / "eval.npz"), "--rank-budget", "1", "--ffn-keep", "0.5",
+                                       "--eval", str(tmp_path / "eval.npz"), "--rank-budget", "1", *cut,
                                        "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
-    narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
-    assert len(narrowed) == 6 and all("64 of 128 FFN neurons kept" in layer["reason"] for layer in narrowed)
-    built = onnx.load(str(tmp_path / "out" / "lm.lowrank.onnx"))
-    assert not any(128 in i.dims for i in built.graph.initializer)  # gate, up [64, 64 kept], down [64 kept, 64]
-    feed = {k: v for k, v in _windows(4, seed=2).items()}
+    feed = _windows(4, seed=2)
     (dense,) = run_model(tmp_path / "lm.onnx", feed)
     (compressed,) = run_model(tmp_path / "out" / "lm.lowrank.onnx", feed)
     np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
+    return json.loads((tmp_path / "out" / "report.json").read_text()), tmp_path / "out" / "lm.lowrank.onnx"
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_gated_mlp_neurons_that_contribute_nothing_are_removed_exactly(tmp_path, exporter):
+    """SwiGLU: down(silu(gate(x)) ⊙ up(x)). With half the neurons' down rows zero, --ffn-keep 0.5 keeps the other
+    half in gate and up alike and the logits stay the dense model's to float error."""
+    import onnx
+
+    def silence(model):
+        for layer in model.model.layers:
+            layer.mlp.down_proj.weight[:, 1::2] = 0  # every odd neuron contributes nothing
+
+    report, built = _silenced_build(tmp_path, exporter, silence, "--ffn-keep", "0.5")
+    narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
+    assert len(narrowed) == 6 and all("64 of 128 FFN neurons kept" in layer["reason"] for layer in narrowed)
+    assert not any(128 in i.dims for i in onnx.load(str(built)).graph.initializer)  # gate, up [64, 64], down [64, 64]
     assert report["params"]["linear_ratio"] < 0.8
 
 
@@ -144,35 +153,18 @@ def test_grouped_query_heads_that_contribute_nothing_are_removed_exactly(tmp_pat
     nothing (their output rows zero), --heads-keep 0.5 removes that key/value head with its 2 query heads (Q, K, V
     columns and O rows) and the logits stay the dense model's; rotary positions and repeat_kv still fit."""
     import onnx
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from tests.conftest import run_model
-
-    folder = tiny_llama_dir(tmp_path / "hf")
-    model = AutoModelForCausalLM.from_pretrained(str(folder))
-    with torch.no_grad():
+    def silence(model):
         for layer in model.model.layers:
             layer.self_attn.o_proj.weight[:, 32:] = 0  # query heads 2 and 3 (key/value head 1) write nothing
-    model.save_pretrained(str(folder))
-    _export(folder, tmp_path / "lm.onnx", exporter)
-    np.savez(tmp_path / "calib.npz", **_windows(96))
-    np.savez(tmp_path / "eval.npz", **_windows(8, seed=1))
-    result = CliRunner().invoke(main, ["build", str(tmp_path / "lm.onnx"), "--calib", str(tmp_path / "calib.npz"),
-                                       "--eval", str(tmp_path / "eval.npz"), "--rank-budget", "1",
-                                       "--heads-keep", "0.5", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+
+    report, built = _silenced_build(tmp_path, exporter, silence, "--heads-keep", "0.5")
     narrowed = [layer for layer in report["layers"] if layer["status"] == "narrowed"]
     assert len(narrowed) == 8 and all("1 of 2 key/value heads (2 of 4 query heads) kept" in layer["reason"]
                                       for layer in narrowed)
-    built = onnx.load(str(tmp_path / "out" / "lm.lowrank.onnx"))
-    attention = sorted(tuple(i.dims) for i in built.graph.initializer if "heads" in i.name and len(i.dims) == 2)
+    attention = sorted(tuple(i.dims) for i in onnx.load(str(built)).graph.initializer
+                       if "heads" in i.name and len(i.dims) == 2)
     assert attention == sorted([(64, 32), (64, 16), (64, 16), (32, 64)] * 2)  # Q, K, V [64, kept], O [32, 64]
-    feed = _windows(4, seed=2)
-    (dense,) = run_model(tmp_path / "lm.onnx", feed)
-    (compressed,) = run_model(tmp_path / "out" / "lm.lowrank.onnx", feed)
-    np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
 
 
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
@@ -181,34 +173,16 @@ def test_a_llama_block_that_adds_nothing_is_dropped_exactly(tmp_path, exporter):
     that block on the residual stream (all 7 projections gone from the written model) and the logits stay the
     dense model's; rotary positions and the causal mask, shared by the blocks, stay."""
     import onnx
-    import torch
-    from transformers import AutoModelForCausalLM
 
-    from tests.conftest import run_model
-
-    folder = tiny_llama_dir(tmp_path / "hf")
-    model = AutoModelForCausalLM.from_pretrained(str(folder))
-    with torch.no_grad():
+    def silence(model):
         model.model.layers[0].self_attn.o_proj.weight.zero_()
         model.model.layers[0].mlp.down_proj.weight.zero_()
-    model.save_pretrained(str(folder))
-    _export(folder, tmp_path / "lm.onnx", exporter)
-    np.savez(tmp_path / "calib.npz", **_windows(96))
-    np.savez(tmp_path / "eval.npz", **_windows(8, seed=1))
-    result = CliRunner().invoke(main, ["build", str(tmp_path / "lm.onnx"), "--calib", str(tmp_path / "calib.npz"),
-                                       "--eval", str(tmp_path / "eval.npz"), "--rank-budget", "1",
-                                       "--drop-blocks", "1", "-o", str(tmp_path / "out")])
-    assert result.exit_code == 0, result.output
-    report = json.loads((tmp_path / "out" / "report.json").read_text())
+
+    report, built = _silenced_build(tmp_path, exporter, silence, "--drop-blocks", "1")
     dropped = [layer for layer in report["layers"] if layer["status"] == "dropped"]
     assert len(dropped) == 7 and all(layer["reason"].startswith("block0 dropped") for layer in dropped)
-    built = onnx.load(str(tmp_path / "out" / "lm.lowrank.onnx"))
     dense_matmuls = sum(n.op_type == "MatMul" for n in onnx.load(str(tmp_path / "lm.onnx")).graph.node)
-    assert sum(n.op_type == "MatMul" for n in built.graph.node) == dense_matmuls - 9  # 7 projections, 2 products
-    feed = _windows(4, seed=2)
-    (dense,) = run_model(tmp_path / "lm.onnx", feed)
-    (compressed,) = run_model(tmp_path / "out" / "lm.lowrank.onnx", feed)
-    np.testing.assert_allclose(compressed, dense, atol=2e-4 * np.abs(dense).max())
+    assert sum(n.op_type == "MatMul" for n in onnx.load(str(built)).graph.node) == dense_matmuls - 9  # 7 + 2 products
 
 
 def test_a_model_exported_with_its_kv_cache_builds_and_runs_in_a_generation_loop(tmp_path):
