@@ -1,7 +1,7 @@
 """Calibration and evaluation data from a folder of images, as an image model reads them: `pixel_values` made
 by the model's own image processor (transformers' AutoImageProcessor: resize, crop, rescale, normalise).
 
-    folder of images ─seeded shuffle─► held-out images │ calibration images ─processor─► eval.npz │ calib.npz
+    folder of images ─seeded shuffle─► held-out │ calibration images ─processor─► eval.npz │ calib.npz
 
 Files, not crops, are split, so no held-out image is calibrated on."""
 

@@ -6,8 +6,9 @@
 `act` is any chain of per-neuron ops (GELU as Div/Erf/Add/Mul or tanh's spelled-out form, ReLU, SiLU as
 x·Sigmoid(x), …, or ONNX Runtime's BiasGelu, which then carries b_up) whose other inputs are scalars, so slicing
 neurons commutes with it; Reshapes that keep the neuron axis last may sit on it (GPT-2's Conv1D leaves torch's
-legacy exporter as Reshape → Gemm on [tokens, d] → Reshape to [b, t, f]: a constant f there becomes k). A gated MLP (SwiGLU, GeGLU: Llama, Qwen, Mistral) has two projections of X whose
-per-neuron paths meet in a Mul; both keep the same neurons:
+legacy exporter as Reshape → Gemm on [tokens, d] → Reshape to [b, t, f]: a constant f there becomes k). A gated
+MLP (SwiGLU, GeGLU: Llama, Qwen, Mistral) has two projections of X whose per-neuron paths meet in a Mul; both
+keep the same neurons:
 
     X ─gate(W_g[d,f])─ act ─┐
                             Mul ─► H[…,f] ─down─► Y      ⇒  W_g[:,S], W_up[:,S], down refit from H_S
