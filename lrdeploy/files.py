@@ -77,6 +77,13 @@ def atomic_write_text(target: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def atomic_write_npz(target: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write `arrays` as an .npz file at `target`, atomically (what `load_npz` reads back)."""
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as handle:
+            np.savez(handle, **arrays)
+
+
 def _cannot_write(directory: Path, exc: OSError) -> OutputError:
     reason = exc.strerror or type(exc).__name__
     return OutputError(f"cannot write to output directory {directory} ({reason}); choose another with -o/--output-dir")

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from lrdeploy.calib.data import SampleSet
-from lrdeploy.files import atomic_path, atomic_write_text
+from lrdeploy.files import atomic_write_npz, atomic_write_text
 from lrdeploy.lowrank.moments import Moments
 
 CACHE_FORMAT = "moments-v2"  # v2: entries carry a checksum of their content
@@ -77,9 +77,7 @@ def _write_moments(path: Path, moments: dict[str, Moments]) -> None:
         arrays[f"total_{i}"] = moments[name].total
         arrays[f"gram_{i}"] = moments[name].gram
     arrays["checksum"] = np.array(_checksum(arrays))
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
+    atomic_write_npz(path, arrays)
 
 
 def _table_text(table: SensitivityTable) -> str:

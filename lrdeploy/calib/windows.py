@@ -33,11 +33,13 @@ def text_documents(paths: list[Path], pydoc: bool) -> list[str]:
 
 
 def _tokenizer(tokenizer_dir: Path):
+    """The model's tokenizer and the token put between two documents (end of text, else the separator)."""
     try:
         from transformers import AutoTokenizer
     except ImportError:
         raise MissingDependencyError("tokenizing needs transformers; install lrdeploy's torch extra") from None
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    return tokenizer, tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
 
 
 def _windows(token_lists: list[list[int]], separator: int | None, tokens: int) -> np.ndarray:
@@ -50,7 +52,8 @@ def _windows(token_lists: list[list[int]], separator: int | None, tokens: int) -
     return np.asarray(stream[: count * tokens], np.int64).reshape(count, tokens)
 
 
-def _as_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:
+def window_inputs(windows: np.ndarray) -> dict[str, np.ndarray]:
+    """A language model's inputs for token windows [n, tokens]: the ids and an all-ones attention mask."""
     return {"input_ids": windows, "attention_mask": np.ones_like(windows)}
 
 
@@ -60,8 +63,7 @@ def text_windows(documents: list[str], tokenizer_dir: Path, tokens: int, calib_w
     from disjoint documents (the evaluation side is filled first, from a seeded shuffle of the documents). With
     `rest`, a third: every window of the calibration side past the calibration ones (text to train on that the
     evaluation never sees)."""
-    tokenizer = _tokenizer(tokenizer_dir)
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    tokenizer, separator = _tokenizer(tokenizer_dir)
     order = np.random.default_rng(seed).permutation(len(documents))
     encoded = [tokenizer(documents[i], add_special_tokens=False, verbose=False)["input_ids"] for i in order]
     held_out, cut = 0, 0
@@ -77,13 +79,12 @@ def text_windows(documents: list[str], tokenizer_dir: Path, tokens: int, calib_w
             f"{calib_windows} calibration + {eval_windows} evaluation windows of {tokens} tokens were asked for, but "
             f"the text gives about {total} ({len(calibration)} + {len(evaluation)} from separate documents); give "
             "more text (--text, --pydoc) or fewer or shorter windows")
-    splits = (_as_inputs(calibration), _as_inputs(evaluation))
-    return splits + (_as_inputs(calibration_side[calib_windows:]),) if rest else splits
+    splits = (window_inputs(calibration), window_inputs(evaluation))
+    return splits + (window_inputs(calibration_side[calib_windows:]),) if rest else splits
 
 
 def document_windows(documents: list[str], tokenizer_dir: Path, tokens: int) -> dict[str, np.ndarray]:
     """Every window of `tokens` tokens of `documents` in order (an end-of-text token between two)."""
-    tokenizer = _tokenizer(tokenizer_dir)
-    separator = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    tokenizer, separator = _tokenizer(tokenizer_dir)
     encoded = [tokenizer(document, add_special_tokens=False, verbose=False)["input_ids"] for document in documents]
-    return _as_inputs(_windows(encoded, separator, tokens))
+    return window_inputs(_windows(encoded, separator, tokens))

@@ -13,10 +13,8 @@ from __future__ import annotations
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
-import numpy as np
-
 from lrdeploy.errors import MissingDependencyError
-from lrdeploy.files import atomic_path, check_output_dir, output_set
+from lrdeploy.files import atomic_write_npz, check_output_dir, output_set
 from lrdeploy.lowrank.allocate import check_budget_range
 from lrdeploy.pipeline.build import BuildResult, prepare_build, realize_build
 from lrdeploy.settings.build import BuildConfig
@@ -75,9 +73,7 @@ def prepare_assets(settings: DemoSettings, timer: StageTimer) -> tuple[Path, Pat
             export_hf(model_dir, model, pooling="mean", normalize=True)
     with timer.stage("tokenize pydoc sentences"):
         for path, sentences in ((calib, calib_text), (evaluation, eval_text)):
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.savez(handle, **tokenize(sentences, model_dir))
+            atomic_write_npz(path, tokenize(sentences, model_dir))
     return model, calib, evaluation
 
 

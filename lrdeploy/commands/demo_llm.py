@@ -20,9 +20,7 @@ import tempfile
 from dataclasses import KW_ONLY, dataclass
 from pathlib import Path
 
-import numpy as np
-
-from lrdeploy.files import atomic_path, check_output_dir, output_set
+from lrdeploy.files import atomic_write_npz, check_output_dir, output_set
 from lrdeploy.lowrank.allocate import check_budget_range
 from lrdeploy.pipeline.build import BuildResult, prepare_build, realize_build
 from lrdeploy.pipeline.sweep import Sweep, SweepSettings
@@ -95,9 +93,7 @@ def prepare_assets(settings: LanguageDemoSettings, gguf_dir: Path | None,
         windows = text_windows(text_documents([], pydoc=True), folder, settings.window_tokens,
                                settings.calib_windows, settings.eval_windows)
         for path, arrays in zip((calib, evaluation), windows):
-            with atomic_path(path) as tmp:
-                with open(tmp, "wb") as handle:
-                    np.savez(handle, **arrays)
+            atomic_write_npz(path, arrays)
     return folder, model, calib, evaluation
 
 
@@ -154,9 +150,10 @@ def run_language_demo(settings: LanguageDemoSettings, progress: Progress = SILEN
             if abs(budget - settings.rank_budget) >= 1e-9:
                 sweep.evaluate(budget)
         sweep.keep_only(None)  # the table needs the other budgets' figures, not their models
-        sweep.add(settings.rank_budget, main, decode_ratio(main))
+        decode = decode_ratio(main)
+        sweep.add(settings.rank_budget, main, decode)
         report = SweepReport(str(model), LOGITS, "ppl_ratio", None, settings.rank_budget,
                              sorted(sweep.points.values(), key=lambda p: -p.budget))
         write_reports(main.report, stage)
         write_sweep(report, main.report, stage, f"lrdeploy demo: {model.stem}")
-    return LanguageDemoResult(main, report, out / "report.html", decode_ratio(main))
+    return LanguageDemoResult(main, report, out / "report.html", decode)

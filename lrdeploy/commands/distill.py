@@ -45,7 +45,7 @@ import onnx
 
 from lrdeploy.calib.data import Feeds, InputSpec, SampleSet
 from lrdeploy.errors import ModelLoadError
-from lrdeploy.files import atomic_path, check_output_dir, output_lock, publish
+from lrdeploy.files import atomic_write_npz, check_output_dir, output_lock, publish
 from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.progress import SILENT, Progress, StageTimer
@@ -227,20 +227,14 @@ def _export_causal_lm(settings: DistillSettings, path: Path):
     return teacher, lambda student, out: export_causal_lm(student.model, out, task)
 
 
-def _save_inputs(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as handle:
-            np.savez(handle, **arrays)
-
-
 def _sentence_text(settings: DistillSettings, config: BuildConfig,
                    progress: Progress) -> tuple[list[dict], list[dict]]:
     """Calibration and held-out sentences saved for the build; (training, check) batches for distillation."""
     from lrdeploy.calib.text import tokenize
 
     text = split_text(settings)
-    _save_inputs(Path(config.calib), tokenize(text.calib, settings.hf_dir))
-    _save_inputs(config.eval, tokenize(text.evaluation, settings.hf_dir))
+    atomic_write_npz(Path(config.calib), tokenize(text.calib, settings.hf_dir))
+    atomic_write_npz(config.eval, tokenize(text.evaluation, settings.hf_dir))
     progress.note(f"{len(text.train)} training, {len(text.check)} check, {len(text.evaluation)} held-out evaluation "
                   "sentences")
     batch = settings.training_batch()
@@ -252,13 +246,13 @@ def _lm_text(settings: DistillSettings, config: BuildConfig, progress: Progress)
     """Calibration and held-out windows (pydoc documents kept apart) saved for the build; (training, check)
     batches from the rest of pydoc and, with "pydoc+docstrings", the standard library's docstrings."""
     from lrdeploy.calib.text import docstring_documents
-    from lrdeploy.calib.windows import document_windows, text_documents, text_windows
+    from lrdeploy.calib.windows import document_windows, text_documents, text_windows, window_inputs
 
     tokens, seed = settings.window_tokens, settings.training.seed
     calibration, evaluation, rest = text_windows(text_documents([], pydoc=True), settings.hf_dir, tokens,
                                                  settings.calib_windows, settings.eval_windows, seed, rest=True)
-    _save_inputs(Path(config.calib), calibration)
-    _save_inputs(config.eval, evaluation)
+    atomic_write_npz(Path(config.calib), calibration)
+    atomic_write_npz(config.eval, evaluation)
     pool = rest["input_ids"]
     if settings.train_text == "pydoc+docstrings":
         pool = np.concatenate([pool, document_windows(docstring_documents(), settings.hf_dir, tokens)["input_ids"]])
@@ -267,5 +261,4 @@ def _lm_text(settings: DistillSettings, config: BuildConfig, progress: Progress)
     progress.note(f"{len(train)} training, {len(check)} check, {len(evaluation['input_ids'])} held-out windows of "
                   f"{tokens} tokens")
     batch = settings.training_batch()
-    as_inputs = lambda ids: {"input_ids": ids, "attention_mask": np.ones_like(ids)}  # noqa: E731
-    return _torch_batches(as_inputs(train), batch), _torch_batches(as_inputs(check), batch)
+    return _torch_batches(window_inputs(train), batch), _torch_batches(window_inputs(check), batch)

@@ -308,6 +308,11 @@ def _resize_repeated_heads(scope: Scope, tag: str, start: gs.Tensor, block: Atte
             frontier += list(node.outputs)
 
 
+def _packed_columns(block: AttentionBlock, features: np.ndarray) -> np.ndarray:
+    """The columns of a packed Q|K|V weight that keep the context `features` in each of its three parts."""
+    return np.concatenate([part * block.width + features for part in range(PACKED_PARTS)])
+
+
 def _narrow_split(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept: int, features: np.ndarray) -> gs.Tensor:
     """A fused Q|K|V projection cut in three by a Split (GPT-2's c_attn): it keeps the columns `features` of each
     part; the Reshapes before the Split, the Split's sizes and each part's head Reshape say the kept counts where
@@ -315,7 +320,7 @@ def _narrow_split(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept: in
     (layer,) = block.projections
     tensors = graph.tensors()
     node, _ = matmul_and_add(tensors, layer)
-    columns = np.concatenate([part * block.width + features for part in range(PACKED_PARTS)])
+    columns = _packed_columns(block, features)
     set_weight(node, scope.constant("qkv/weight", np.asarray(layer.weight)[:, columns].astype(layer.dtype)))
     if layer.bias is not None:
         set_bias(graph, layer, scope.constant("qkv/bias", np.asarray(layer.bias)[columns].astype(layer.dtype)))
@@ -389,7 +394,7 @@ def _narrow_packed(scope: Scope, tensors, block: AttentionBlock, kept: int, feat
     """The fused Attention keeps the columns `features` of each of its packed parts and says `kept` heads."""
     (layer,) = block.projections
     node = tensors[layer.output_name].inputs[0]
-    columns = np.concatenate([part * block.width + features for part in range(PACKED_PARTS)])
+    columns = _packed_columns(block, features)
     node.inputs[1] = scope.constant("qkv/weight", np.asarray(layer.weight)[:, columns].astype(layer.dtype))
     if layer.bias is not None:
         node.inputs[2] = scope.constant("qkv/bias", np.asarray(layer.bias)[columns].astype(layer.dtype))
