@@ -25,7 +25,7 @@ from lrdeploy.lowrank.allocate import ALLOCATIONS
 from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
 from lrdeploy.settings.build import (LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, PROFILE_BACKENDS, QKV_FORMS,
-                                      BuildConfig)
+                                      BuildConfig, FactorizationSettings, PlanSettings)
 from lrdeploy.settings.distill import DISTILL_TASKS, EMBEDDER_BATCH, LM_BATCH, TRAIN_TEXTS, DistillSettings
 from lrdeploy.runtime.base import BACKENDS, PRECISIONS
 from lrdeploy.torch.distill_config import DistillConfig
@@ -202,47 +202,12 @@ def _print_build_summary(console, result) -> None:
 
 
 BUILD_DEFAULTS = BuildConfig(model=Path("model.onnx"))
+DISTILL_DEFAULTS = DistillSettings(hf_dir=Path("model"), output_dir=Path("out"))
 
 
 def _shape_option():
     return click.option("--shape", "shapes", multiple=True, metavar="NAME:DIMS",
                         help="Shape of a dynamic input for random data, e.g. input_ids:1x128 (repeatable).")
-
-
-def cut_options() -> list:
-    """The fixed structured cuts, shared by `build`, `sweep` and `distill` (BuildConfig's and DistillSettings'
-    field names)."""
-    return [
-        click.option("--ffn-keep", type=float, metavar="FRACTION",
-                     help="Narrow every FFN block to this fraction of its neurons (chosen from calibration, the down "
-                          "projection refit); --rank-budget then applies to the other layers."),
-        click.option("--heads-keep", type=float, metavar="FRACTION",
-                     help="Keep this fraction of every self-attention's heads (chosen from calibration, the output "
-                          "projection refit); --rank-budget then applies to the other layers."),
-        click.option("--values-keep", type=float, metavar="FRACTION",
-                     help="Narrow every head's value/output width to this fraction of the head size (W_v·W_o per head "
-                          "replaced by its best lower-rank product on calibration data; Q and K keep theirs)."),
-    ]
-
-
-
-
-def target_options(tokens: int) -> list:
-    """A latency target and where its timings come from, shared by `build`, `sweep` and `distill`."""
-    return [
-        click.option("--target-latency", type=float, metavar="FRACTION",
-                     help="Plan for at most this fraction of the dense model's latency at --tokens (measured here, "
-                          "or from --profile); --rank-budget is then not used."),
-        click.option("--tokens", default=tokens, show_default=True, type=click.IntRange(min=1),
-                     help="Rows (batch × sequence) the latency timings are made at (--target-latency, and "
-                          "--latency-aware where there is one)."),
-        click.option("--check-tokens", callback=_optional_int_list, metavar="N[,N]",
-                     help="Hold a --target-latency measured here at these rows too (e.g. 128: batch 1)."),
-        click.option("--profile", metavar="NAME|FILE",
-                     help="Plan for a device from its profile instead of timing here: a shipped profile (h200-fp16, "
-                          "a seed from the H200 reference grid) or a file from `lrdeploy profile`; without "
-                          "--target-latency, build keeps dense the layers whose split is slower there."),
-    ]
 
 
 def _apply(options: list):
@@ -254,59 +219,104 @@ def _apply(options: list):
     return apply
 
 
+def factorization_options(d: FactorizationSettings) -> list:
+    """How the low-rank splits are made, shared by `build`, `sweep` and `distill` (FactorizationSettings' field
+    names; defaults from `d`, the command's settings)."""
+    return [
+        click.option("--method", type=click.Choice(METHODS), default=d.method, show_default=True),
+        click.option("--allocation", type=click.Choice(ALLOCATIONS), default=d.allocation,
+                     show_default=d.allocation is not None,
+                     help="How the low-rank plan shares the budget: sensitivity measures each layer's effect on the "
+                          "outputs (giving one chooses --plan lowrank under --plan auto)."),
+        click.option("--rank-multiple", type=click.IntRange(min=1),
+                     help="Ranks are multiples of this (default: 64 for GPU targets, --profile or --backend ort-cuda; "
+                          "else 16)."),
+        click.option("--refit", is_flag=True,
+                     help="Refit every changed layer (splits and structured cuts) in model order toward the "
+                          "original model's outputs."),
+    ]
+
+
+def cut_options() -> list:
+    """The fixed structured cuts, shared by `build`, `sweep` and `distill` (CutSettings' field names)."""
+    return [
+        click.option("--ffn-keep", type=float, metavar="FRACTION",
+                     help="Narrow every FFN block to this fraction of its neurons (chosen from calibration, the down "
+                          "projection refit); --rank-budget then applies to the other layers."),
+        click.option("--heads-keep", type=float, metavar="FRACTION",
+                     help="Keep this fraction of every self-attention's heads (chosen from calibration, the output "
+                          "projection refit); --rank-budget then applies to the other layers."),
+        click.option("--values-keep", type=float, metavar="FRACTION",
+                     help="Narrow every head's value/output width to this fraction of the head size (W_v·W_o per head "
+                          "replaced by its best lower-rank product on calibration data; Q and K keep theirs)."),
+        click.option("--drop-blocks", type=click.IntRange(min=0), default=0, metavar="N",
+                     help="Drop N whole transformer blocks: those whose removal alone distorts the outputs least on "
+                          "a few calibration batches."),
+    ]
+
+
+def plan_options(d: PlanSettings) -> list:
+    """Which plan chooses, toward what target, timed where: shared by `build`, `sweep` and `distill`
+    (PlanSettings' field names; defaults from `d`)."""
+    return [
+        click.option("--plan", type=click.Choice(PLANS), default=d.plan, show_default=True,
+                     help="unified: per block choose low-rank ranks, a narrower FFN, fewer heads or dropping the block "
+                          "(each option's output distortion measured) for the least distortion under --rank-budget or "
+                          "--target-latency; lowrank: splits only (faster to build); auto: unified unless a fixed cut, "
+                          "--qkv joint, --latency-aware, --method svd or --allocation asks for lowrank."),
+        click.option("--sensitivity-samples", default=d.sensitivity_samples, show_default=True,
+                     type=click.IntRange(min=1),
+                     help="Calibration samples each measured option runs on (sensitivity allocation, the unified plan, "
+                          "--drop-blocks): fewer is faster, e.g. 4 windows of 128 tokens for an LLM."),
+        click.option("--target-latency", type=float, metavar="FRACTION",
+                     help="Plan for at most this fraction of the dense model's latency at --tokens (measured here, "
+                          "or from --profile); --rank-budget is then not used."),
+        click.option("--tokens", default=d.tokens, show_default=True, type=click.IntRange(min=1),
+                     help="Rows (batch × sequence) the latency timings are made at (--target-latency, and "
+                          "--latency-aware where there is one)."),
+        click.option("--check-tokens", callback=_optional_int_list, metavar="N[,N]",
+                     help="Hold a --target-latency measured here at these rows too (e.g. 128: batch 1)."),
+        click.option("--profile", metavar="NAME|FILE",
+                     help="Plan for a device from its profile instead of timing here: a shipped profile (h200-fp16, "
+                          "a seed from the H200 reference grid) or a file from `lrdeploy profile`; without "
+                          "--target-latency, build keeps dense the layers whose split is slower there."),
+    ]
+
+
 def build_options(command):
-    """The options `build` and `sweep` share (calibration, method, allocation, outputs); their names are
-    BuildConfig's fields."""
+    """The options `build` and `sweep` share: calibration, the factorization, cuts and plan groups, outputs and
+    the graph's preparation; their names are BuildConfig's (and its groups') fields."""
     d = BUILD_DEFAULTS
     options = [
-        click.option("--calib", default=d.calib, show_default=True,
+        click.option("--calib", default=d.calibration.calib, show_default=True,
                      help="Calibration inputs: an .npz (one array per input, axis 0 = samples), a Polygraphy inputs "
                           "JSON (polygraphy run --save-inputs), or 'random'."),
         click.option("--calib-samples", type=click.IntRange(min=1), help="Use the first N samples for calibration."),
         click.option("--eval", type=FILE,
                      help="Held-out inputs for validation (default: the tail of --calib not used for calibration)."),
         click.option("--eval-samples", type=click.IntRange(min=1), help="Validate on at most N samples."),
-        click.option("--method", type=click.Choice(METHODS), default=d.method, show_default=True),
-        click.option("--allocation", type=click.Choice(ALLOCATIONS),
-                     help="How the low-rank plan shares the budget (default uniform; giving one chooses --plan "
-                          "lowrank under --plan auto): sensitivity measures each layer's effect on the outputs."),
-        click.option("--sensitivity-samples", default=d.sensitivity_samples, show_default=True,
-                     type=click.IntRange(min=1),
-                     help="Calibration samples each measured option runs on (sensitivity allocation, the unified plan, "
-                          "--drop-blocks): fewer is faster, e.g. 4 windows of 128 tokens for an LLM."),
-        click.option("--rank-multiple", type=click.IntRange(min=1),
-                     help="Ranks are multiples of this (default: 64 for GPU targets, --profile or --backend ort-cuda; "
-                          "else 16)."),
+        *factorization_options(FactorizationSettings()),
+        click.option("--refit-mode", type=click.Choice(REFIT_MODES), default=d.factorization.refit_mode,
+                     show_default=True,
+                     help="With --refit: refit the second factor and bias, or both factors (reduced-rank regression)."),
+        click.option("--qkv", type=click.Choice(QKV_FORMS),
+                     help="joint: one low-rank basis for each self-attention's Q, K and V (their layers merged into "
+                          "one: one thin GEMM instead of three); separate: a basis each (default on the plain graph; "
+                          "--optimize ort is always joint)."),
+        *cut_options(),
+        *plan_options(PlanSettings()),
         _shape_option(),
         click.option("-o", "--output-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Where to write NAME.lowrank.onnx and the reports (default: beside the input)."),
-        click.option("--batch-size", default=d.batch_size, show_default=True, type=click.IntRange(min=1)),
+        click.option("--batch-size", default=d.calibration.batch_size, show_default=True, type=click.IntRange(min=1)),
         click.option("--mask-input", help="Attention-mask input whose zeros mark padding (default: by name; 'none': "
                                           "count every position)."),
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Calibration statistics cache (default: ~/.cache/lrdeploy)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache."),
-        click.option("--refit", is_flag=True,
-                     help="Refit every changed layer (splits and structured cuts) in model order toward the "
-                          "original model's outputs."),
-        click.option("--refit-mode", type=click.Choice(REFIT_MODES), default=d.refit_mode, show_default=True,
-                     help="With --refit: refit the second factor and bias, or both factors (reduced-rank regression)."),
-        *cut_options(),
-        click.option("--drop-blocks", type=click.IntRange(min=0), default=0, metavar="N",
-                     help="Drop N whole transformer blocks: those whose removal alone distorts the outputs least on "
-                          "a few calibration batches."),
-        click.option("--plan", type=click.Choice(PLANS), default="auto", show_default=True,
-                     help="unified: per block choose low-rank ranks, a narrower FFN, fewer heads or dropping the block "
-                          "(each option's output distortion measured) for the least distortion under --rank-budget or "
-                          "--target-latency; lowrank: splits only (faster to build); auto: unified unless a fixed cut, "
-                          "--qkv joint, --latency-aware, --method svd or --allocation asks for lowrank."),
         click.option("--optimize", type=click.Choice(OPTIMIZERS), default=d.optimize, show_default=True,
                      help="ort: fuse the model with ONNX Runtime's transformer optimizer first and compress inside the "
                           "fused graph, so the output keeps every fusion (Attention, SkipLayerNormalization, BiasGelu)."),
-        click.option("--qkv", type=click.Choice(QKV_FORMS),
-                     help="joint: one low-rank basis for each self-attention's Q, K and V (their layers merged into "
-                          "one: one thin GEMM instead of three); separate: a basis each (default on the plain graph; "
-                          "--optimize ort is always joint)."),
         click.option("--num-heads", type=click.IntRange(min=0), default=0, help="For --optimize ort: attention heads "
                      "(default: read from the graph)."),
         click.option("--hidden-size", type=click.IntRange(min=0), default=0, help="For --optimize ort: hidden size "
@@ -316,13 +326,13 @@ def build_options(command):
 
 
 def _build_config(model: Path, shapes: tuple[str, ...], cache_dir: Path | None, no_cache: bool,
-                  **fields) -> BuildConfig:
+                  **options) -> BuildConfig:
     """A BuildConfig from the command's options (named as its fields, but for the shape texts and the cache)."""
     from lrdeploy.calib.data import parse_shape_overrides
     from lrdeploy.settings.build import default_cache_dir
 
-    return BuildConfig(model=model, shapes=parse_shape_overrides(shapes),
-                       cache_dir=None if no_cache else (cache_dir or default_cache_dir()), **fields)
+    return BuildConfig.from_options(model=model, shapes=parse_shape_overrides(shapes),
+                                    cache_dir=None if no_cache else (cache_dir or default_cache_dir()), **options)
 
 
 def _optional_int_list(ctx: click.Context, param: click.Parameter, text: str | None) -> tuple[int, ...]:
@@ -332,18 +342,17 @@ def _optional_int_list(ctx: click.Context, param: click.Parameter, text: str | N
 
 @main.command()
 @click.argument("model", type=FILE)
-@click.option("--rank-budget", default=BUILD_DEFAULTS.rank_budget, show_default=True, type=float,
+@click.option("--rank-budget", default=BUILD_DEFAULTS.factorization.rank_budget, show_default=True, type=float,
               help="Fraction of the eligible linear layers' weight parameters to keep, in (0, 1].")
 @build_options
-@click.option("--atol", default=BUILD_DEFAULTS.atol, show_default=True, type=float,
+@click.option("--atol", default=BUILD_DEFAULTS.validation.atol, show_default=True, type=float,
               help="Polygraphy comparison absolute tolerance.")
-@click.option("--rtol", default=BUILD_DEFAULTS.rtol, show_default=True, type=float,
+@click.option("--rtol", default=BUILD_DEFAULTS.validation.rtol, show_default=True, type=float,
               help="Polygraphy comparison relative tolerance.")
 @click.option("--latency-aware", is_flag=True,
               help="Time each layer shape dense vs split on --backend and keep dense wherever the split does not pay.")
-@click.option("--backend", type=click.Choice(LATENCY_BACKENDS), default=BUILD_DEFAULTS.backend, show_default=True,
-              help="Where --latency-aware times layers.")
-@_apply(target_options(BUILD_DEFAULTS.tokens))
+@click.option("--backend", type=click.Choice(LATENCY_BACKENDS), default=BUILD_DEFAULTS.planning.backend,
+              show_default=True, help="Where --latency-aware times layers.")
 @click.option("--objective", type=click.Choice(OBJECTIVES),
               help="When splits that pay cannot meet --rank-budget: size keeps the budget (slower), latency keeps "
                    "the slower layers dense (larger).")
@@ -514,7 +523,7 @@ def _float_list(text: str) -> list[float]:
 @click.option("--seq", default=128, show_default=True, type=click.IntRange(min=1), help="Tokens per sample for latency.")
 @click.option("--bench-iterations", default=10, show_default=True, type=click.IntRange(min=1),
               help="Timed runs per budget (dense and compressed alternated).")
-@click.option("--rank-budget", default=BUILD_DEFAULTS.rank_budget, show_default=True, type=float,
+@click.option("--rank-budget", default=BUILD_DEFAULTS.factorization.rank_budget, show_default=True, type=float,
               help="Budget whose report heads report.html.")
 @build_options
 @user_errors
@@ -708,9 +717,6 @@ def _language_demo(output_dir, rank_budget, budgets, bench_iterations) -> None:
     console.print(f"Report: {result.report_html}")
 
 
-DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
-
-
 @main.command()
 @click.option("--hf", "hf_dir", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="A local Hugging Face folder: a sentence embedder (mean pooling + L2 norm are added) or a causal LM.")
@@ -718,17 +724,12 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               help="auto: a causal LM (distilled on next-token KL, exported like `export --task text-generation`) "
                    "where config.json names a …ForCausalLM, else a sentence embedder; text-generation-with-past "
                    "exports the student with its KV cache.")
-@click.option("--rank-budget", default=DISTILL_DEFAULTS.rank_budget, show_default=True, type=float)
+@click.option("--rank-budget", default=DISTILL_DEFAULTS.factorization.rank_budget, show_default=True, type=float)
 @click.option("--target-cosine", type=float, default=None,
               help="Instead of --rank-budget: the smallest budget whose distilled model keeps this held-out cosine.")
 @click.option("--steps", default=DISTILL_DEFAULTS.training.steps, show_default=True, type=click.IntRange(min=1),
               help="Distillation steps.")
-@click.option("--method", type=click.Choice(METHODS), default=DISTILL_DEFAULTS.method, show_default=True)
-@click.option("--allocation", type=click.Choice(ALLOCATIONS), default=DISTILL_DEFAULTS.allocation, show_default=True)
-@click.option("--refit", is_flag=True, help="Refit the factors toward the original before distilling (on MiniLM "
-              "a better one-shot start that distills to a worse end; off by default).")
-@click.option("--rank-multiple", type=click.IntRange(min=1), help="Ranks are multiples of this (default: 64 with "
-              "--profile, else 16).")
+@_apply(factorization_options(DISTILL_DEFAULTS.factorization))
 @click.option("--lr", default=DISTILL_DEFAULTS.training.lr, show_default=True, type=float,
               help="AdamW peak learning rate.")
 @click.option("--batch-size", type=click.IntRange(min=1),
@@ -739,16 +740,12 @@ DISTILL_DEFAULTS = DistillSettings(Path("model"), Path("out"))
               type=click.IntRange(min=1), help="A causal LM's calibration windows.")
 @click.option("--eval-windows", default=DISTILL_DEFAULTS.eval_windows, show_default=True,
               type=click.IntRange(min=1), help="A causal LM's held-out windows (from documents never trained on).")
-@click.option("--sensitivity-samples", default=DISTILL_DEFAULTS.sensitivity_samples, show_default=True,
-              type=click.IntRange(min=1), help="Calibration samples each measured option runs on (as `build`).")
 @click.option("--hidden-weight", default=DISTILL_DEFAULTS.training.hidden_weight, show_default=True,
               type=click.FloatRange(min=0), help="Weight of the per-block hidden-state loss (0: final embedding only).")
 @click.option("--freeze-embeddings", is_flag=True,
               help="Do not train the embedding tables: ~25% faster steps, less accuracy per step.")
 @_apply(cut_options())
-@click.option("--plan", type=click.Choice(PLANS), default=DISTILL_DEFAULTS.plan, show_default=True,
-              help="unified: distill from `build --plan unified`'s choice (ranks, FFN widths, heads).")
-@_apply(target_options(DISTILL_DEFAULTS.tokens))
+@_apply(plan_options(DISTILL_DEFAULTS.planning))
 @click.option("--optimize", type=click.Choice(OPTIMIZERS), default=DISTILL_DEFAULTS.optimize, show_default=True,
               help="ort: plan on ONNX Runtime's fused graph (timed against the fused dense model), distill, and "
                    "write the student fused again; only FFN layers are split, so every fusion is kept.")
@@ -762,7 +759,7 @@ def distill(hf_dir, steps, lr, hidden_weight, freeze_embeddings, output_dir, **o
     from lrdeploy.commands.distill import run_distill
 
     training = DistillConfig(steps=steps, lr=lr, hidden_weight=hidden_weight, freeze_embeddings=freeze_embeddings)
-    settings = DistillSettings(hf_dir, output_dir, training=training, **options)
+    settings = DistillSettings.from_options(hf_dir=hf_dir, output_dir=output_dir, training=training, **options)
     console = _console()
     result = run_distill(settings, _progress(console))
     if settings.target_cosine is not None:

@@ -24,7 +24,7 @@ def assets(tmp_path_factory):
 @pytest.mark.parametrize("budget, min_cosine", [(0.9, 0.95), (0.7, 0.90)])
 def test_minilm_accuracy_at_budget(assets, tmp_path, budget, min_cosine):
     model, calib, evaluation = assets
-    result = build(BuildConfig(model=model, calib=str(calib), eval=evaluation, rank_budget=budget,
+    result = build(BuildConfig.from_options(model=model, calib=str(calib), eval=evaluation, rank_budget=budget,
                                output_dir=tmp_path, plan="lowrank"))
     report = result.report
     assert report.accuracy.samples == 1000 and report.config.calib_samples == 512
@@ -65,7 +65,7 @@ def test_minilm_optimized_for_onnxruntime_keeps_every_fusion(assets, tmp_path):
     """build --optimize ort: the same fused ops as the dense model through ORT's optimizer, and held-out cosine
     within 0.01 of the per-layer split at the same budget."""
     model, calib, evaluation = assets
-    reports = {optimize: build(BuildConfig(model=model, calib=str(calib), eval=evaluation, rank_budget=0.5,
+    reports = {optimize: build(BuildConfig.from_options(model=model, calib=str(calib), eval=evaluation, rank_budget=0.5,
                                            optimize=optimize, output_dir=tmp_path / optimize, plan="lowrank")).report
                for optimize in ("none", "ort")}
     fused = reports["ort"].fused_ops

@@ -86,7 +86,7 @@ def run_demo(settings: DemoSettings, progress: Progress = SILENT) -> DemoResult:
     out.mkdir(parents=True, exist_ok=True)  # the exported model and the tokenized text are reused by later runs
     timer = StageTimer(progress)
     model, calib, evaluation = prepare_assets(settings, timer)
-    config = BuildConfig(model=model, rank_budget=settings.rank_budget, calib=str(calib), eval=evaluation,
+    config = BuildConfig.from_options(model=model, rank_budget=settings.rank_budget, calib=str(calib), eval=evaluation,
                          output_dir=out, bench_batches=settings.bench_batches, bench_seq=settings.bench_seq,
                          bench_iterations=settings.bench_iterations, plan=settings.plan)
     prepared = prepare_build(config, progress, tuple(settings.budgets) + (settings.rank_budget,), timer.timings)

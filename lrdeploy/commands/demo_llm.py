@@ -136,7 +136,7 @@ def run_language_demo(settings: LanguageDemoSettings, progress: Progress = SILEN
     out.mkdir(parents=True, exist_ok=True)  # the model folder, export and windows are reused by later runs
     timer = StageTimer(progress)
     folder, model, calib, evaluation = prepare_assets(settings, gguf_dir, timer)
-    config = BuildConfig(model=model, rank_budget=settings.rank_budget, calib=str(calib), eval=evaluation,
+    config = BuildConfig.from_options(model=model, rank_budget=settings.rank_budget, calib=str(calib), eval=evaluation,
                          output_dir=out, bench_batches=(1,), bench_seq=settings.window_tokens,
                          bench_iterations=settings.bench_iterations, plan="unified",
                          sensitivity_samples=settings.sensitivity_samples)

@@ -47,7 +47,7 @@ from lrdeploy.calib.data import Feeds, InputSpec, SampleSet
 from lrdeploy.errors import ModelLoadError
 from lrdeploy.files import atomic_write_npz, check_output_dir, output_lock, publish
 from lrdeploy.pipeline.build import BuildResult, ChosenFactors, PreparedBuild, prepare_build, realize_build
-from lrdeploy.settings.build import BuildConfig
+from lrdeploy.settings.build import BuildConfig, CalibrationSettings, ValidationSettings
 from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.pipeline.sweep import SweepSettings, run_sweep
 from lrdeploy.report.model import FinetuneRecord, SweepReport
@@ -170,20 +170,17 @@ def run_distill(settings: DistillSettings, progress: Progress = SILENT) -> Build
             shutil.rmtree(work, ignore_errors=True)
 
 
-NOT_BUILD_SETTINGS = {"batch_size"}  # named like a build setting, but distill's own (the training batch)
-
-
 def build_config(settings: DistillSettings, work: Path, out: Path) -> BuildConfig:
     """The build a distillation starts from: the teacher exported into `work` (a staging folder inside the output
-    folder `out`, published beside the outputs when the run succeeds), its tokenized text, and every distill
-    setting that is a build setting of the same name (budget, method, cuts, plan, latency target, ...)."""
+    folder `out`, published beside the outputs when the run succeeds), its tokenized text, and distill's
+    factorization, cuts and plan groups (copied: the build resolves its defaults in them)."""
     name = f"{Path(settings.hf_dir).name or 'model'}.onnx"
-    shared = ({f.name for f in dataclasses.fields(BuildConfig)} & {f.name for f in dataclasses.fields(settings)}
-              ) - NOT_BUILD_SETTINGS
-    return BuildConfig(**{key: getattr(settings, key) for key in shared} | {
-        "model": work / name, "reported_model": out / name, "calib": str(work / "calib.npz"),
-        "eval": work / "eval.npz", "output_dir": out, "seed": settings.training.seed,
-        "splits": "ffn" if settings.optimize == "ort" else "any"})
+    splits = "ffn" if settings.optimize == "ort" else "any"
+    return BuildConfig(model=work / name, reported_model=out / name, output_dir=out, optimize=settings.optimize,
+                       calibration=CalibrationSettings(calib=str(work / "calib.npz"), seed=settings.training.seed),
+                       factorization=dataclasses.replace(settings.factorization, splits=splits),
+                       cuts=dataclasses.replace(settings.cuts), planning=dataclasses.replace(settings.planning),
+                       validation=ValidationSettings(eval=work / "eval.npz"))
 
 
 def _distill(settings: DistillSettings, config: BuildConfig, progress: Progress) -> BuildResult | SweepReport:
@@ -203,7 +200,7 @@ def _distill(settings: DistillSettings, config: BuildConfig, progress: Progress)
         return run_sweep(config, SweepSettings(budgets=[], target=settings.target_cosine, bench_batch=None), progress,
                          distiller, timer.timings)
     prepared = prepare_build(config, progress, timings=timer.timings)
-    return realize_build(prepared, settings.rank_budget, config.resolved_output_dir, progress, bench=False,
+    return realize_build(prepared, settings.factorization.rank_budget, config.resolved_output_dir, progress, bench=False,
                          finetune=distiller)
 
 
@@ -233,8 +230,8 @@ def _sentence_text(settings: DistillSettings, config: BuildConfig,
     from lrdeploy.calib.text import tokenize
 
     text = split_text(settings)
-    atomic_write_npz(Path(config.calib), tokenize(text.calib, settings.hf_dir))
-    atomic_write_npz(config.eval, tokenize(text.evaluation, settings.hf_dir))
+    atomic_write_npz(Path(config.calibration.calib), tokenize(text.calib, settings.hf_dir))
+    atomic_write_npz(config.validation.eval, tokenize(text.evaluation, settings.hf_dir))
     progress.note(f"{len(text.train)} training, {len(text.check)} check, {len(text.evaluation)} held-out evaluation "
                   "sentences")
     batch = settings.training_batch()
@@ -251,8 +248,8 @@ def _lm_text(settings: DistillSettings, config: BuildConfig, progress: Progress)
     tokens, seed = settings.window_tokens, settings.training.seed
     calibration, evaluation, rest = text_windows(text_documents([], pydoc=True), settings.hf_dir, tokens,
                                                  settings.calib_windows, settings.eval_windows, seed, rest=True)
-    atomic_write_npz(Path(config.calib), calibration)
-    atomic_write_npz(config.eval, evaluation)
+    atomic_write_npz(Path(config.calibration.calib), calibration)
+    atomic_write_npz(config.validation.eval, evaluation)
     pool = rest["input_ids"]
     if settings.train_text == "pydoc+docstrings":
         pool = np.concatenate([pool, document_windows(docstring_documents(), settings.hf_dir, tokens)["input_ids"]])

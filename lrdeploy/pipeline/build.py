@@ -39,6 +39,7 @@ from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection, inspect_fused, inspect_merged_qkv, inspect_model
 from lrdeploy.planning.latency_aware import LatencyPlan, plan_for_latency
 from lrdeploy.planning.clock_check import checked_shape_plan, wall_clock
+from lrdeploy.report.plan_records import ShapePlanRecord
 from lrdeploy.stages.outputs import input_files, output_files
 from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.stages.refit import RefitPlan, RefitSettings, refit_plan, refit_stages
@@ -93,7 +94,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     config.check()
     timer = StageTimer(progress, timings)
     with timer.stage("load"):
-        inspection = inspect_model(config.model, config.rank_multiple)
+        inspection = inspect_model(config.model, config.factorization.rank_multiple)
         eligible = inspection.require_eligible()
         check_output_dir(config.resolved_output_dir)
         for output in output_files(config.output_model):
@@ -101,36 +102,36 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         refuse_overwriting_inputs(output_files(config.output_model), input_files(config, inspection.model))
         require_batch_axes(inspection.model.proto)
         specs = model_input_specs(inspection.model.proto)
-        feeds = Feeds(specs, config.batch_size, detect_mask_input(specs, config.mask_input))
+        feeds = Feeds(specs, config.calibration.batch_size, detect_mask_input(specs, config.calibration.mask_input))
         samples = prepare_samples(config, specs, feeds.mask_name, index_limits(inspection.graph))
     for warning in samples.warnings:
         progress.warn(warning)
     if config.optimize == "ort":
         with timer.stage("optimize"):
-            inspection = inspect_fused(inspection, config.rank_multiple, config.num_heads, config.hidden_size)
+            inspection = inspect_fused(inspection, config.factorization.rank_multiple, config.num_heads, config.hidden_size)
             eligible = inspection.require_eligible()
-            feeds = Feeds(model_input_specs(inspection.model.proto), config.batch_size, feeds.mask_name)
+            feeds = Feeds(model_input_specs(inspection.model.proto), config.calibration.batch_size, feeds.mask_name)
         say_what_was_fused(fused_op_counts(inspection.model.proto), progress)
     if config.merges_qkv:
         with timer.stage("merge qkv"):
-            inspection = inspect_merged_qkv(inspection, config.rank_multiple)
+            inspection = inspect_merged_qkv(inspection, config.factorization.rank_multiple)
             eligible = inspection.require_eligible()
     blocks = StructuredBlocks.find(config, inspection)
-    if config.drop_blocks:
+    if config.cuts.drop_blocks:
         with timer.stage("depth"):
-            blocks.choose_drops(config, inspection, samples.calib.select(slice(0, config.sensitivity_samples)), feeds)
-    eligible = blocks.remaining(splittable(config, inspection, eligible), budgets or (config.rank_budget,))
-    parts = find_block_parts(config, inspection.graph, inspection.layers) if config.plan == "unified" else []
-    unchanged = config.changes_nothing(budgets or (config.rank_budget,))  # nothing to calibrate, decompose, measure
+            blocks.choose_drops(config, inspection, samples.calib.select(slice(0, config.planning.sensitivity_samples)), feeds)
+    eligible = blocks.remaining(splittable(config, inspection, eligible), budgets or (config.factorization.rank_budget,))
+    parts = find_block_parts(config, inspection.graph, inspection.layers) if config.planning.plan == "unified" else []
+    unchanged = config.changes_nothing(budgets or (config.factorization.rank_budget,))  # nothing to calibrate, decompose, measure
     parts = [] if unchanged else parts
-    for budget in budgets or (config.rank_budget,):
+    for budget in budgets or (config.factorization.rank_budget,):
         if eligible:
-            check_budget([layer.shape for layer in eligible], budget, config.rank_multiple)
+            check_budget([layer.shape for layer in eligible], budget, config.factorization.rank_multiple)
     cache = StatisticsCache(config.cache_dir, [inspection.model.path, *inspection.model.external_files],
                             config.graph_variant)
 
     moments = None
-    if config.method != "svd" and not unchanged:
+    if config.factorization.method != "svd" and not unchanged:
         with timer.stage("calibrate"):
             requests = [TensorRequest(layer.input_name, layer.d_in) for layer in eligible]
             requests += blocks.requests() + structure_requests(parts)
@@ -141,18 +142,18 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
             progress.note("  (statistics from cache)")
         eligible = keep_thin_layers_dense(eligible, moments, feeds.mask_name, progress)
     with timer.stage("decompose"):
-        decompositions = {layer.name: decompose(config.method, layer.weight, layer.bias,
+        decompositions = {layer.name: decompose(config.factorization.method, layer.weight, layer.bias,
                                                 None if moments is None else moments[layer.input_name])
                           for layer in ([] if unchanged else eligible)}
         layer_spectra = spectra(eligible, moments)
         structured = blocks.cut(config, moments) if moments is not None else StructuredCuts()
     sensitivity, options = None, None
-    probe = samples.calib.select(slice(0, config.sensitivity_samples))
+    probe = samples.calib.select(slice(0, config.planning.sensitivity_samples))
     if config.measures_sensitivity and not unchanged:
         with timer.stage("sensitivity"):
             sensitivity = measured_sensitivity(inspection.model.proto, eligible, decompositions, probe, feeds,
                                                config, cache, progress)
-    if config.plans_shapes and not unchanged:
+    if config.planning.plans_shapes and not unchanged:
         with timer.stage("shape options"):
             options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions, probe,
                                     feeds, cache, progress, structured, inspection.layers)
@@ -180,7 +181,7 @@ class ChosenFactors:
     factors: dict[str, LowRankFactors]
     structured: StructuredCuts
     latency: LatencyPlan | None = None
-    shape_plan: dict | None = None  # the unified plan's record (--plan unified / --target-latency)
+    shape_plan: ShapePlanRecord | None = None  # the unified plan's record (--plan unified / --target-latency)
 
 
 def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | None = None) -> ChosenFactors:
@@ -199,20 +200,20 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
             checked = checked_shape_plan(config, prepared.shape_options, prepared.eligible, budget, loss, clock,
                                          timer.progress)
             plan, structured = checked.plan.ranks, checked.plan.cuts
-            shape_record = checked.plan.to_dict(prepared.shape_options, config) | checked.record()
-        elif config.latency_aware:
+            shape_record = checked.record(prepared.shape_options, config)
+        elif config.planning.latency_aware:
             latency = plan_for_latency(config, prepared.shapes, budget, energies, loss, timer.progress)
             plan = latency.plan
         else:
-            plan = allocate(config.allocation, prepared.shapes, budget, config.rank_multiple, energies, loss)
+            plan = allocate(config.factorization.allocation, prepared.shapes, budget, config.factorization.rank_multiple, energies, loss)
     factors = planned_factors(prepared.decompositions, plan)
-    if config.refit:
+    if config.factorization.refit:
         with timer.stage("refit"):
             layers = prepared.inspection.layers
             on_stage = timer.progress.steps("refitting", len(refit_stages(layers, factors, structured)))
             refit = refit_plan(prepared.inspection.model.proto, layers, RefitPlan(factors, structured),
-                               prepared.samples.calib.select(slice(0, config.refit_samples)), prepared.feeds,
-                               RefitSettings(config.refit_mode, threads=config.threads), on_stage)
+                               prepared.samples.calib.select(slice(0, config.factorization.refit_samples)), prepared.feeds,
+                               RefitSettings(config.factorization.refit_mode, threads=config.threads), on_stage)
             factors, structured = refit.factors, refit.cuts
     return ChosenFactors(plan=plan, factors=factors, structured=structured, latency=latency, shape_plan=shape_record)
 
@@ -254,13 +255,13 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
             check_model(staged_model)
         with timer.stage("validate"):
             accuracy = compare_models(config.model, staged_model, prepared.feeds.batches(prepared.samples.eval),
-                                      config.atol, config.rtol, config.neighbours, prepared.feeds.mask_name)
+                                      config.validation.atol, config.validation.rtol, config.validation.neighbours, prepared.feeds.mask_name)
         latency_bench = None
-        if config.bench if bench is None else bench:
+        if config.validation.bench if bench is None else bench:
             with timer.stage("bench"):
                 latency_bench = run_bench(BenchConfig([str(config.model), str(staged_model)], "ort-cpu",
-                                                      batches=config.bench_batches, seq=config.bench_seq,
-                                                      settings=BenchSettings(iterations=config.bench_iterations),
+                                                      batches=config.validation.bench_batches, seq=config.validation.bench_seq,
+                                                      settings=BenchSettings(iterations=config.validation.bench_iterations),
                                                       threads=config.threads))
                 write_bench(latency_bench, stage, f"lrdeploy bench {config.model} {published_model} --backend ort-cpu")
         outcome = BuildOutcome(
@@ -268,7 +269,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
             external_data=external, model_params_after=model_after, accuracy=accuracy,
             bench=latency_bench, finetune=finetune_record,
             timings=timer.timings, fused_ops=fused_ops,
-            latency_plan=chosen.shape_plan if chosen.latency is None else chosen.latency.to_dict(prepared.shapes),
+            latency_plan=chosen.shape_plan if chosen.latency is None else chosen.latency.record(prepared.shapes),
             structured=chosen.structured)
         report = assemble_report(prepared, outcome)
         write_reports(report, stage)
@@ -276,10 +277,10 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
 
 
 def build(config: BuildConfig, progress: Progress = SILENT) -> BuildResult:
-    """Compress `config.model` under `config.rank_budget`; write the model and reports. The output folder is
+    """Compress `config.model` under `config.factorization.rank_budget`; write the model and reports. The output folder is
     held from the first step (after the options are checked), so a busy one is refused before any work."""
     with held_output_dir(config):
-        return realize_build(prepare_build(config, progress), config.rank_budget, config.resolved_output_dir, progress)
+        return realize_build(prepare_build(config, progress), config.factorization.rank_budget, config.resolved_output_dir, progress)
 
 
 @contextmanager

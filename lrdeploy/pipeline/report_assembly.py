@@ -18,6 +18,7 @@ from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection
 from lrdeploy.planning.latency_aware import LatencyPlan
+from lrdeploy.report.plan_records import LatencyPlanRecord
 from lrdeploy.stages.samples import BuildSamples
 from lrdeploy.passes.compose import StructuredCuts
 from lrdeploy.report.model import (AccuracyReport, BuildConfigRecord, BuildReport, FinetuneRecord, LayerRecord,
@@ -64,17 +65,17 @@ def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: B
     entries.update({
         "lrdeploy.version": __version__,
         "lrdeploy.rank_budget": str(budget),
-        "lrdeploy.method": config.method,
-        "lrdeploy.allocation": config.allocation,
-        "lrdeploy.rank_multiple": str(config.rank_multiple),
+        "lrdeploy.method": config.factorization.method,
+        "lrdeploy.allocation": config.factorization.allocation,
+        "lrdeploy.rank_multiple": str(config.factorization.rank_multiple),
         "lrdeploy.ranks": json.dumps(plan),
-        "lrdeploy.refit": str(config.refit).lower(),
+        "lrdeploy.refit": str(config.factorization.refit).lower(),
         "lrdeploy.optimize": config.optimize,
         "lrdeploy.qkv": config.qkv_form,
-        **({} if config.ffn_keep is None else {"lrdeploy.ffn_keep": str(config.ffn_keep)}),
-        **({} if config.heads_keep is None else {"lrdeploy.heads_keep": str(config.heads_keep)}),
-        **({} if config.values_keep is None else {"lrdeploy.values_keep": str(config.values_keep)}),
-        **({} if not config.drop_blocks else {"lrdeploy.drop_blocks": str(config.drop_blocks)}),
+        **({} if config.cuts.ffn_keep is None else {"lrdeploy.ffn_keep": str(config.cuts.ffn_keep)}),
+        **({} if config.cuts.heads_keep is None else {"lrdeploy.heads_keep": str(config.cuts.heads_keep)}),
+        **({} if config.cuts.values_keep is None else {"lrdeploy.values_keep": str(config.cuts.values_keep)}),
+        **({} if not config.cuts.drop_blocks else {"lrdeploy.drop_blocks": str(config.cuts.drop_blocks)}),
         **({} if finetune is None else {"lrdeploy.finetune_steps": str(finetune.steps)}),
     })
     del proto.metadata_props[:]
@@ -136,7 +137,7 @@ class BuildOutcome:
     finetune: FinetuneRecord | None
     timings: dict[str, float]
     fused_ops: dict[str, dict[str, int]]
-    latency_plan: dict | None
+    latency_plan: LatencyPlanRecord | None
     structured: StructuredCuts
 
 
@@ -156,12 +157,12 @@ def assemble_report(prepared: PreparedInputs, outcome: BuildOutcome) -> BuildRep
         input_model=str(config.reported_model or config.model),
         output_model=outcome.output_model,
         external_data=outcome.external_data,
-        config=BuildConfigRecord(rank_budget=outcome.budget, method=config.method, allocation=config.allocation,
-                                 rank_multiple=config.rank_multiple, calib_samples=samples.calib.count,
+        config=BuildConfigRecord(rank_budget=outcome.budget, method=config.factorization.method, allocation=config.factorization.allocation,
+                                 rank_multiple=config.factorization.rank_multiple, calib_samples=samples.calib.count,
                                  calib_source=samples.calib_source, eval_source=samples.eval_source,
-                                 refit=config.refit, optimize=config.optimize, ffn_keep=config.ffn_keep,
-                                 heads_keep=config.heads_keep, drop_blocks=config.drop_blocks, qkv=config.qkv_form,
-                                 values_keep=config.values_keep),
+                                 refit=config.factorization.refit, optimize=config.optimize, ffn_keep=config.cuts.ffn_keep,
+                                 heads_keep=config.cuts.heads_keep, drop_blocks=config.cuts.drop_blocks, qkv=config.qkv_form,
+                                 values_keep=config.cuts.values_keep),
         layers=layer_records(inspection.layers, outcome.plan, outcome.latency, narrowed),
         params=ParamSummary(linear_before, round(linear_after), linear_after / linear_before, model_params,
                             outcome.model_params_after, outcome.model_params_after / max(model_params, 1)),

@@ -224,13 +224,13 @@ def _sweep(config: BuildConfig, settings: SweepSettings, progress: Progress, fin
             for budget in settings.budgets:
                 sweep.evaluate(budget)
         else:
-            low = max(0.05, minimum_ratio(prepared.shapes, config.rank_multiple))
+            low = max(0.05, minimum_ratio(prepared.shapes, config.factorization.rank_multiple))
             chosen = bisect_budget(sweep, settings.metric, settings.target, round(low + 1e-4, 4))
             sweep.keep_only(chosen)
         report = SweepReport(str(config.reported_model or config.model), sweep.output, settings.metric, settings.target, chosen,
                              sorted(sweep.points.values(), key=lambda p: -p.budget))
         main = sweep.results[chosen] if chosen is not None else sweep.results[
-            min(sweep.results, key=lambda b: abs(b - config.rank_budget))]
+            min(sweep.results, key=lambda b: abs(b - config.factorization.rank_budget))]
         write_sweep(report, main.report, stage)
     sweep.published_paths()
     return report

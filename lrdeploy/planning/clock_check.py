@@ -33,6 +33,7 @@ from lrdeploy.lowrank.decompose import Decomposition, planned_factors
 from lrdeploy.passes.compose import compressed_model
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.planning.options import ShapeOptions, timed_against_dense
+from lrdeploy.report.plan_records import PlanAttempt, ShapePlanRecord
 from lrdeploy.planning.unified import ShapePlan, plan_shapes
 from lrdeploy.progress import Progress
 from lrdeploy.settings.build import BuildConfig
@@ -50,20 +51,21 @@ class CheckedPlan:
 
     plan: ShapePlan
     measured_ratio: float | None = None
-    attempts: list[dict] = field(default_factory=list)  # {planned_for, predicted, measured, by_tokens, distortion}
+    attempts: list[PlanAttempt] = field(default_factory=list)
 
-    def record(self) -> dict:
-        return {"measured_ratio": self.measured_ratio, "attempts": self.attempts}
+    def record(self, options: ShapeOptions, config: BuildConfig) -> ShapePlanRecord:
+        """The report's record of the plan kept, with what the clock measured."""
+        return self.plan.record(options, config, self.measured_ratio, self.attempts)
 
 
 def measured_ratios(dense: onnx.ModelProto, planned: onnx.ModelProto, config: BuildConfig,
                     progress: Progress) -> dict[int, float]:
-    """Median time of `planned` over the dense model's, timed alternately, at `config.tokens` rows and at each
-    of `config.check_tokens`."""
+    """Median time of `planned` over the dense model's, timed alternately, at `config.planning.tokens` rows and at each
+    of `config.planning.check_tokens`."""
     ratios = {}
-    for tokens in dict.fromkeys((config.tokens, *config.check_tokens)):
-        scaled = config.bench_iterations * config.tokens // tokens
-        iterations = min(MAX_CHECK_ITERATIONS, max(config.bench_iterations, scaled))
+    for tokens in dict.fromkeys((config.planning.tokens, *config.planning.check_tokens)):
+        scaled = config.validation.bench_iterations * config.planning.tokens // tokens
+        iterations = min(MAX_CHECK_ITERATIONS, max(config.validation.bench_iterations, scaled))
         times = timed_against_dense(dense, {"planned": planned}, config, progress, iterations, tokens)
         ratios[tokens] = float(np.median(times["planned"]) / np.median(times["dense"]))
     return ratios
@@ -86,13 +88,13 @@ def wall_clock(model: onnx.ModelProto, eligible: list[LinearLayer], decompositio
 
 def checked_shape_plan(config: BuildConfig, options: ShapeOptions, eligible: list[LinearLayer], budget: float,
                        loss: LossCurve, clock: PlanClock, progress: Progress) -> CheckedPlan:
-    """Plan for `config.target_latency`; when the plan's latency was measured here, time each plan with `clock`
+    """Plan for `config.planning.target_latency`; when the plan's latency was measured here, time each plan with `clock`
     against the dense model and plan again (module docstring) until the clock agrees with the target."""
     plan = plan_shapes(options, config, eligible, budget, loss)
     progress.note(plan.summary(options, config))
     if plan.resource != "latency" or options.timer.profile is not None:
         return CheckedPlan(plan)
-    target, planned_for = config.target_latency, config.target_latency
+    target, planned_for = config.planning.target_latency, config.planning.target_latency
     tried: list[tuple[ShapePlan, float]] = []
     attempts = []
     for round_ in range(MAX_PLANS):
@@ -107,9 +109,9 @@ def checked_shape_plan(config: BuildConfig, options: ShapeOptions, eligible: lis
         progress.note("  measured " + ", ".join(f"×{ratio:.3f} at {tokens}" for tokens, ratio in by_tokens.items())
                       + f" tokens (target ×{target})")
         tried.append((plan, measured))
-        attempts.append({"planned_for": planned_for, "predicted": plan.predicted_ratio, "measured": measured,
-                         "by_tokens": {str(tokens): ratio for tokens, ratio in by_tokens.items()},
-                         "distortion": plan.loss})
+        attempts.append(PlanAttempt(planned_for=planned_for, predicted=plan.predicted_ratio, measured=measured,
+                                    by_tokens={str(tokens): ratio for tokens, ratio in by_tokens.items()},
+                                    distortion=plan.loss))
         if target * (1 - TOLERANCE) <= measured <= target:
             break
         planned_for = next_target(target, plan.predicted_ratio, measured)
@@ -119,6 +121,6 @@ def checked_shape_plan(config: BuildConfig, options: ShapeOptions, eligible: lis
     else:
         plan, measured = min(tried, key=lambda item: item[1])
         progress.warn(f"--target-latency {target} missed: the fastest of {len(tried)} plans measured ×{measured:.3f} "
-                      f"of dense at {'/'.join(map(str, (config.tokens, *config.check_tokens)))} tokens; lower the "
+                      f"of dense at {'/'.join(map(str, (config.planning.tokens, *config.planning.check_tokens)))} tokens; lower the "
                       "target or allow more cuts (--plan unified)")
     return CheckedPlan(plan, measured, attempts)

@@ -31,9 +31,9 @@ def kept_count(total: int, keep: float, step: int) -> int:
 
 
 def splittable(config: BuildConfig, inspection: Inspection, eligible: list[LinearLayer]) -> list[LinearLayer]:
-    """The eligible layers that may be split: all of them, or with `config.splits == "ffn"` the FFN blocks' up and
+    """The eligible layers that may be split: all of them, or with `config.factorization.splits == "ffn"` the FFN blocks' up and
     down projections only (a student exported plain and fused again keeps every Attention fusion)."""
-    if config.splits == "any":
+    if config.factorization.splits == "any":
         return eligible
     blocks = find_ffn_blocks(inspection.graph, inspection.layers)
     ffn = {layer.name for block in blocks for layer in block.layers}
@@ -52,38 +52,38 @@ class StructuredBlocks:
 
     @classmethod
     def find(cls, config: BuildConfig, inspection: Inspection) -> "StructuredBlocks":
-        ffn = find_ffn_blocks(inspection.graph, inspection.layers) if config.ffn_keep else []
-        if config.ffn_keep and not ffn:
+        ffn = find_ffn_blocks(inspection.graph, inspection.layers) if config.cuts.ffn_keep else []
+        if config.cuts.ffn_keep and not ffn:
             raise NoEligibleLayersError(f"{config.model} has no FFN block (MatMul, per-neuron activation, MatMul) "
                                         "for --ffn-keep; leave the option out")
         attention = []
-        if config.heads_keep or config.drop_blocks or config.values_keep:
+        if config.cuts.heads_keep or config.cuts.drop_blocks or config.cuts.values_keep:
             attention = self_attentions(config, inspection.graph, inspection.layers)
             if attention is None and not find_qkv_triples(inspection.layers):
                 attention = []  # no self-attention at all: said below, not a question of the head count
             if attention is None:
                 raise OptionError("cannot tell the attention head count from the graph; give it with --num-heads")
             if not attention:
-                option = ("--heads-keep" if config.heads_keep else "--drop-blocks" if config.drop_blocks
+                option = ("--heads-keep" if config.cuts.heads_keep else "--drop-blocks" if config.cuts.drop_blocks
                           else "--values-keep")
                 form = ("a fused Attention followed by its output MatMul" if config.optimize == "ort" else
                         "Q, K, V and output projections as plain MatMuls")
                 raise NoEligibleLayersError(f"{config.model} has no self-attention block ({form}) for {option}; "
                                             "leave the option out")
-        if config.heads_keep and any(block.feeds_cache for block in attention):
+        if config.cuts.heads_keep and any(block.feeds_cache for block in attention):
             raise OptionError("--heads-keep would change the head count of the model's KV cache (its past_key_values "
                               "inputs and present outputs), which a generation loop feeds back; build the model "
                               "exported without its cache (export --task text-generation) or leave --heads-keep out")
         grouped = [block for block in attention if block.kv_heads != block.heads]
-        if config.values_keep and grouped:
+        if config.cuts.values_keep and grouped:
             raise OptionError(f"--values-keep cannot narrow grouped-query attention ({grouped[0].heads} query heads "
                               f"share {grouped[0].kv_heads} value heads: a value head's width serves several query "
                               "heads); leave it out, or cut whole key/value heads with --heads-keep")
-        return cls(ffn, attention if config.heads_keep else [], [], attention if config.drop_blocks else [],
-                   attention if config.values_keep else [])
+        return cls(ffn, attention if config.cuts.heads_keep else [], [], attention if config.cuts.drop_blocks else [],
+                   attention if config.cuts.values_keep else [])
 
     def choose_drops(self, config: BuildConfig, inspection: Inspection, probe: SampleSet, feeds: Feeds) -> None:
-        """Measure each block dropped alone on `probe` and keep the `config.drop_blocks` least harmful drops."""
+        """Measure each block dropped alone on `probe` and keep the `config.cuts.drop_blocks` least harmful drops."""
         graph = inspection.graph
         ffn = find_ffn_blocks(graph, inspection.layers)
         matches = match_transformer_blocks(graph, self.depth_candidates, ffn)
@@ -91,18 +91,18 @@ class StructuredBlocks:
         refused = "; ".join(f"{r.candidate}: {r.reason}" for r in matches.refused[:2])
         if not blocks:
             raise NoEligibleLayersError(f"{config.model} has no block to drop ({refused}); leave --drop-blocks out")
-        if config.drop_blocks >= len(blocks) + len(matches.refused):
-            raise OptionError(f"--drop-blocks {config.drop_blocks} would drop all {len(blocks)} blocks found; "
+        if config.cuts.drop_blocks >= len(blocks) + len(matches.refused):
+            raise OptionError(f"--drop-blocks {config.cuts.drop_blocks} would drop all {len(blocks)} blocks found; "
                               "drop fewer")
-        if config.drop_blocks > len(blocks):
-            raise OptionError(f"--drop-blocks {config.drop_blocks}: only {len(blocks)} of the "
+        if config.cuts.drop_blocks > len(blocks):
+            raise OptionError(f"--drop-blocks {config.cuts.drop_blocks}: only {len(blocks)} of the "
                               f"{len(blocks) + len(matches.refused)} blocks can be dropped ({refused}); drop fewer")
         measure = DistortionProbe(inspection.model.proto, feeds.batches(probe), config.threads, feeds.mask_name)
         distortion = {block.name: measure.of_model(StructuredCuts(dropped=[(block, [], 0.0)]).applied_to(
             inspection.model.proto)) for block in blocks}
         order = [layer.name for layer in inspection.layers]
         starts = [order.index(a.projections[0].name) for a in self.depth_candidates] + [len(order)]
-        for block in sorted(blocks, key=lambda b: distortion[b.name])[:config.drop_blocks]:
+        for block in sorted(blocks, key=lambda b: distortion[b.name])[:config.cuts.drop_blocks]:
             inside = inspection.layers[starts[block.index]:starts[block.index + 1]]
             self.dropped.append((block, block.weighted_layers(inside), distortion[block.name]))
 
@@ -137,16 +137,16 @@ class StructuredBlocks:
         cuts = StructuredCuts(dropped=self.dropped)
         attention_layers = lambda block: (*block.projections, block.output)  # noqa: E731
         for block in self._kept(self.ffn, lambda block: block.layers):
-            count = kept_count(block.width, config.ffn_keep, config.rank_multiple)
+            count = kept_count(block.width, config.cuts.ffn_keep, config.factorization.rank_multiple)
             cuts.ffn.append((block, cut_neurons(moments[block.down.input_name], block.down.weight, block.down.bias,
                                                 count)))
         for block in self._kept(self.attention, attention_layers):
             heads, cut = cut_groups(moments[block.output.input_name], block.output.weight, block.output.bias,
-                                    block.units, kept_count(block.units, config.heads_keep, 1))
+                                    block.units, kept_count(block.units, config.cuts.heads_keep, 1))
             cuts.heads.append((block, heads, cut))
         for block in self._kept(self.values, attention_layers):
             value = block.projections[-1]
             cuts.values.append((block, shrink_value_heads(moments[block.output.input_name], value.weight, value.bias,
                                                           block.output.weight, block.output.bias, block.heads,
-                                                          kept_count(block.head_dim, config.values_keep, 1))))
+                                                          kept_count(block.head_dim, config.cuts.values_keep, 1))))
         return cuts

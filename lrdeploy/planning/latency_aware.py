@@ -21,6 +21,7 @@ import numpy as np
 from lrdeploy.bench.layer_latency import Shape, ShapeTiming
 from lrdeploy.bench.timer import Timer
 from lrdeploy.planning.timing import build_timer
+from lrdeploy.report.plan_records import LatencyAwareRecord
 from lrdeploy.errors import BudgetError
 from lrdeploy.lowrank.allocate import LayerShape, LossCurve, RankPlan, allocate, allocate_around_dense, realized_ratio
 from lrdeploy.settings.build import BuildConfig
@@ -54,10 +55,11 @@ class LatencyPlan:
                       for s in shapes)
         return planned / dense
 
-    def to_dict(self, shapes: list[LayerShape]) -> dict:
-        return {"source": self.source, "tokens": self.tokens, "objective": self.objective,
-                "predicted_linear_ratio": self.predicted_ratio(shapes), "note": self.note,
-                "kept_dense": sorted(self.slower) if self.objective != "size" else []}
+    def record(self, shapes: list[LayerShape]) -> LatencyAwareRecord:
+        """The report's record of this plan."""
+        return LatencyAwareRecord(source=self.source, tokens=self.tokens, objective=self.objective,
+                                  predicted_linear_ratio=self.predicted_ratio(shapes), note=self.note,
+                                  kept_dense=sorted(self.slower) if self.objective != "size" else [])
 
 
 def _losers(speedups: dict[str, float]) -> dict[str, float]:
@@ -113,12 +115,12 @@ def latency_aware_plan(
 
 def plan_for_latency(config: BuildConfig, shapes: list[LayerShape], budget: float,
                      energies: Mapping[str, np.ndarray] | None, loss: LossCurve | None, progress: Progress) -> LatencyPlan:
-    """The build's latency-aware plan: timed here on `config.backend`, or read from `config.profile`; the predicted
+    """The build's latency-aware plan: timed here on `config.planning.backend`, or read from `config.planning.profile`; the predicted
     linear-layer latency and what the plan gave up are told to `progress`."""
     timer = build_timer(config)
-    plan = latency_aware_plan(config.allocation, shapes, budget, config.rank_multiple, energies, timer, loss,
-                              config.objective)
+    plan = latency_aware_plan(config.factorization.allocation, shapes, budget, config.factorization.rank_multiple, energies, timer, loss,
+                              config.planning.objective)
     ratio = plan.predicted_ratio(shapes)
-    progress.note(f"  latency at {config.tokens} tokens ({plan.source}): linear layers predicted at "
+    progress.note(f"  latency at {config.planning.tokens} tokens ({plan.source}): linear layers predicted at "
                   + ("?" if ratio is None else f"×{ratio:.2f}") + " of dense time" + (f"; {plan.note}" if plan.note else ""))
     return plan

@@ -154,7 +154,7 @@ def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: 
             table.setdefault(key, {})[kept] = loss
         return table
 
-    settings = f"{feeds.mask_name}|{config.rank_multiple}|{FFN_LEVELS}|{HEAD_LEVELS}|structured-v2"
+    settings = f"{feeds.mask_name}|{config.factorization.rank_multiple}|{FFN_LEVELS}|{HEAD_LEVELS}|structured-v2"
     table = cache.sensitivity(probe, settings, {option.key for option in options}, measure)
     for option in options:
         option.loss = table[option.key][option.kept]
@@ -225,7 +225,7 @@ def measure_savings(options: ShapeOptions, model: onnx.ModelProto, eligible: lis
     what the lone GEMMs predict for it: ONNX Runtime runs a layer inside the model faster than alone)."""
     variants = cut_variants(model, options.cuts)
     middle = {layer.name: ranks[len(ranks) // 2] for layer in eligible
-              if (ranks := rank_grid(layer, config.rank_multiple, LATENCY_RANKS))}
+              if (ranks := rank_grid(layer, config.factorization.rank_multiple, LATENCY_RANKS))}
     if middle:
         variants["lowrank"] = compressed_model(model, eligible, planned_factors(decompositions, middle))
     fastest = time_variants(model, variants, config, progress)
@@ -258,14 +258,14 @@ def shape_options(config: BuildConfig, model: onnx.ModelProto, parts: list[Block
     """Measure what the plan chooses from: the cuts' distortions and, for a latency target, every saving. `fixed`:
     cuts decided before the plan (--ffn-keep, ...), which its blocks no longer offer and its budget counts
     (`model_layers`: every linear layer of the model, to count them)."""
-    structured = config.plan == "unified"
+    structured = config.planning.plan == "unified"
     fixed = fixed or StructuredCuts()
     parts = constrain_parts(parts, fixed)
-    cuts = cut_options(parts, moments, config.rank_multiple) if structured else []
+    cuts = cut_options(parts, moments, config.factorization.rank_multiple) if structured else []
     if cuts:
         measure_cut_losses(model, cuts, probe, feeds, config, cache, progress)
     options = ShapeOptions(parts, cuts, structured, fixed=fixed, fixed_params=fixed.params(model_layers))
-    if config.target_latency is None:
+    if config.planning.target_latency is None:
         return options
     options.timer = build_timer(config)
     if options.timer.profile is None:
@@ -302,11 +302,11 @@ def rank_grid(layer: LinearLayer, multiple: int, limit: int | None) -> list[int]
 def timed_against_dense(model: onnx.ModelProto, variants: dict[str, onnx.ModelProto], config: BuildConfig,
                         progress: Progress, iterations: int, tokens: int | None = None) -> dict[str, list[float]]:
     """Milliseconds per run (`iterations` each) of the dense model ("dense") and of each variant, run alternately
-    and bound (`bench.alternate`), at `tokens` rows (default `config.tokens`; batch × `config.bench_seq`) on
-    `config.backend`."""
-    tokens = tokens or config.tokens
-    seq = min(config.bench_seq, tokens)
+    and bound (`bench.alternate`), at `tokens` rows (default `config.planning.tokens`; batch × `config.validation.bench_seq`) on
+    `config.planning.backend`."""
+    tokens = tokens or config.planning.tokens
+    seq = min(config.validation.bench_seq, tokens)
     batch = max(1, tokens // seq)
     progress.note(f"  timing the dense model and {len(variants)} variant{'s' * (len(variants) != 1)} at {batch}×{seq} tokens")
-    return alternated_times({"dense": model, **variants}, config.backend.removeprefix("ort-"), config.threads, batch,
+    return alternated_times({"dense": model, **variants}, config.planning.backend.removeprefix("ort-"), config.threads, batch,
                             seq, iterations)

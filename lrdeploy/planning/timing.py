@@ -9,5 +9,5 @@ from lrdeploy.settings.build import BuildConfig
 
 
 def build_timer(config: BuildConfig) -> Timer:
-    profile = None if config.profile is None else DeviceProfile.load(config.profile)
-    return Timer(config.tokens, config.backend.removeprefix("ort-"), config.threads, profile)
+    profile = None if config.planning.profile is None else DeviceProfile.load(config.planning.profile)
+    return Timer(config.planning.tokens, config.planning.backend.removeprefix("ort-"), config.threads, profile)

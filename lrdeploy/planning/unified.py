@@ -20,6 +20,7 @@ from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.planning.blocks import BlockParts
 from lrdeploy.passes.compose import StructuredCuts
 from lrdeploy.planning.options import LATENCY_RANKS, CutOption, ShapeOptions, rank_grid
+from lrdeploy.report.plan_records import PlanAttempt, ShapePlanRecord
 from lrdeploy.settings.build import BuildConfig
 
 
@@ -38,16 +39,20 @@ class ShapePlan:
         """One console line: the predicted ratio, where it comes from, and the cuts chosen."""
         split = sum(rank is not None for rank in self.ranks.values())
         what = ("latency at {} tokens ({}, {}): predicted ×{:.2f} of dense".format(
-                    config.tokens, options.scope, options.timer.source, self.predicted_ratio)
+                    config.planning.tokens, options.scope, options.timer.source, self.predicted_ratio)
                 if self.resource == "latency" else f"linear parameters: ×{self.predicted_ratio:.3f} of dense")
         cuts = ", ".join(self.choices) or "no structured cut"
-        return f"  {config.plan} plan, {what}; {split} layers split; {cuts}; predicted distortion {self.loss:.4f}"
+        return f"  {config.planning.plan} plan, {what}; {split} layers split; {cuts}; predicted distortion {self.loss:.4f}"
 
-    def to_dict(self, options: ShapeOptions, config: BuildConfig) -> dict:
-        return {"plan": config.plan, "resource": self.resource, "predicted_ratio": self.predicted_ratio,
-                "scope": options.scope or "linear-layer parameters", "tokens": config.tokens if options.timer else None,
-                "source": options.timer.source if options.timer else None, "target_latency": config.target_latency,
-                "predicted_distortion": self.loss, "choices": self.choices}
+    def record(self, options: ShapeOptions, config: BuildConfig, measured_ratio: float | None = None,
+               attempts: list[PlanAttempt] | None = None) -> ShapePlanRecord:
+        """The report's record of this plan (and of what the clock check measured of it)."""
+        timer = options.timer
+        return ShapePlanRecord(plan=config.planning.plan, resource=self.resource, predicted_ratio=self.predicted_ratio,
+                               scope=options.scope or "linear-layer parameters",
+                               tokens=config.planning.tokens if timer else None, source=timer.source if timer else None,
+                               target_latency=config.planning.target_latency, predicted_distortion=self.loss,
+                               choices=self.choices, measured_ratio=measured_ratio, attempts=attempts or [])
 
 
 def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[LinearLayer], budget: float,
@@ -55,10 +60,10 @@ def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[Linea
     """The least-distortion plan reaching the latency target (`target_latency`, else the config's, if set) or
     keeping at most `budget` of the linear parameters."""
     latency = options.timer is not None
-    target_latency = target_latency or config.target_latency
+    target_latency = target_latency or config.planning.target_latency
     timer = options.timer
     limit = LATENCY_RANKS if latency else None
-    ranks = {layer.name: rank_grid(layer, config.rank_multiple, limit) for layer in eligible}
+    ranks = {layer.name: rank_grid(layer, config.factorization.rank_multiple, limit) for layer in eligible}
     if latency:
         timer.ensure({(layer.d_in, layer.d_out): set(ranks[layer.name]) for layer in eligible})
 
@@ -114,7 +119,7 @@ def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[Linea
     if solution is None:
         best = 1.0 - max_saving(tree) / total
         if latency:
-            raise BudgetError(f"--target-latency {target_latency:.3g} cannot be reached at {config.tokens} tokens "
+            raise BudgetError(f"--target-latency {target_latency:.3g} cannot be reached at {config.planning.tokens} tokens "
                               f"({timer.source}): the fastest plan is predicted at ×{best:.2f} of dense "
                               f"({options.scope}); raise the target" + ("" if options.structured else
                                                                          ", or pass --plan unified"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from lrdeploy.bench.measure import BenchResult
+from lrdeploy.report.plan_records import LatencyPlanRecord, ShapePlanRecord
 from lrdeploy.report.model import BuildReport, SweepReport, sweep_table, target_sign
 
 
@@ -78,27 +79,28 @@ def render_markdown(report: BuildReport) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plan_markdown(plan: dict | None) -> list[str]:
+def plan_markdown(plan: LatencyPlanRecord | None) -> list[str]:
     """The plan's section: what it planned for, its predicted ratio next to the one measured here, and every
     plan tried on the way (`--target-latency` measured here plans again until the clock meets the target)."""
-    if not plan or "resource" not in plan:  # --latency-aware plans are summarised in the layer table
+    if not isinstance(plan, ShapePlanRecord):  # --latency-aware plans are summarised in the layer table
         return []
-    if plan["resource"] == "params":
-        return ["## Plan", "", f"- {plan['plan']} plan under the parameter budget: ×{plan['predicted_ratio']:.3f} of the "
-                f"linear parameters; cuts: {', '.join(plan['choices']) or 'none'}", ""]
-    measured = plan.get("measured_ratio")
+    cuts = f"cuts: {', '.join(plan.choices) or 'none'}"
+    if plan.resource == "params":
+        return ["## Plan", "", f"- {plan.plan} plan under the parameter budget: ×{plan.predicted_ratio:.3f} of the "
+                f"linear parameters; {cuts}", ""]
+    measured = plan.measured_ratio
     lines = ["## Plan", "",
-             f"- {plan['plan']} plan for ×{plan['target_latency']} of dense latency at {plan['tokens']} tokens "
-             f"({plan['scope']}, {plan['source']}): predicted ×{plan['predicted_ratio']:.3f}, measured "
+             f"- {plan.plan} plan for ×{plan.target_latency} of dense latency at {plan.tokens} tokens "
+             f"({plan.scope}, {plan.source}): predicted ×{plan.predicted_ratio:.3f}, measured "
              + ("not here (a device profile's plan)" if measured is None else f"×{measured:.3f}"),
-             f"- cuts: {', '.join(plan['choices']) or 'none'}", ""]
-    attempts = plan.get("attempts") or []
-    if len(attempts) > 1 or any(len(attempt["by_tokens"]) > 1 for attempt in attempts):
+             f"- {cuts}", ""]
+    attempts = plan.attempts
+    if len(attempts) > 1 or any(len(attempt.by_tokens) > 1 for attempt in attempts):
         lines += ["| planned for | predicted | measured (worst) | by tokens | predicted distortion |",
                   "|---|---|---|---|---|"]
-        lines += [f"| ×{a['planned_for']:.3f} | ×{a['predicted']:.3f} | ×{a['measured']:.3f} | "
-                  + ", ".join(f"{tokens}: ×{ratio:.3f}" for tokens, ratio in a["by_tokens"].items())
-                  + f" | {a['distortion']:.4f} |" for a in attempts] + [""]
+        lines += [f"| ×{a.planned_for:.3f} | ×{a.predicted:.3f} | ×{a.measured:.3f} | "
+                  + ", ".join(f"{tokens}: ×{ratio:.3f}" for tokens, ratio in a.by_tokens.items())
+                  + f" | {a.distortion:.4f} |" for a in attempts] + [""]
     return lines
 
 

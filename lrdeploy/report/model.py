@@ -36,6 +36,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from lrdeploy.bench.measure import BenchResult
+from lrdeploy.report.plan_records import LatencyPlanRecord
 
 
 @dataclass
@@ -207,7 +208,7 @@ class BuildReport:
     spectra: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {layer: {weight, feature}}
     finetune: FinetuneRecord | None = None  # when the factors were fine-tuned by distillation
     fused_ops: dict[str, dict[str, int]] = field(default_factory=dict)  # {"dense"|"compressed": {op: count}}
-    latency_plan: dict | None = None  # with --latency-aware / --profile: see the schema above
+    latency_plan: LatencyPlanRecord | None = None  # see the schema above
     generated: list[GeneratedText] = field(default_factory=list)
 
     def to_dict(self) -> dict:

@@ -17,5 +17,5 @@ def output_files(output_model: Path) -> list[Path]:
 
 def input_files(config: BuildConfig, model: LoadedModel) -> list[Path]:
     """Every file a build reads: the model, its external data, the sample files."""
-    samples = [Path(config.calib)] if config.calib != "random" else []
-    return [model.path, *model.external_files, *samples, *([Path(config.eval)] if config.eval else [])]
+    samples = [Path(config.calibration.calib)] if config.calibration.calib != "random" else []
+    return [model.path, *model.external_files, *samples, *([Path(config.validation.eval)] if config.validation.eval else [])]

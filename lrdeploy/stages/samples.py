@@ -60,7 +60,7 @@ def _holdout_split(samples: SampleSet, calib_samples: int | None, label: str) ->
 
 
 def _check_shape_overrides(config: BuildConfig, specs: list[InputSpec]) -> None:
-    unknown = sorted(set(config.shapes) - {spec.name for spec in specs})
+    unknown = sorted(set(config.calibration.shapes) - {spec.name for spec in specs})
     if unknown:
         raise OptionError(f"--shape names {', '.join(map(repr, unknown))}, which is not a model input "
                           f"({', '.join(spec.name for spec in specs)}); name one of those")
@@ -72,13 +72,13 @@ def prepare_samples(config: BuildConfig, specs: list[InputSpec], mask_name: str 
     inputs with its dtypes and shapes, finite values, no sample without a real position (`mask_name`), and ids
     inside the tables they index (`index_limits`)."""
     _check_shape_overrides(config, specs)
-    calib, calib_samples, eval_path, eval_samples = config.calib, config.calib_samples, config.eval, config.eval_samples
+    calib, calib_samples, eval_path, eval_samples = config.calibration.calib, config.calibration.calib_samples, config.validation.eval, config.validation.eval_samples
     warnings = []
     if calib == RANDOM_SOURCE:
         warnings.append(RANDOM_WARNING)
         wanted = calib_samples or DEFAULT_RANDOM_SAMPLES
         held = 0 if eval_path else max(4, wanted // 4)
-        source = random_samples(specs, wanted + held, config.shapes, config.seed)
+        source = random_samples(specs, wanted + held, config.calibration.shapes, config.calibration.seed)
         label = "random data"
     else:
         label = f"calibration file {calib}"

@@ -122,9 +122,9 @@ def measured_sensitivity(model: onnx.ModelProto, layers: list[LinearLayer], deco
                          progress: Progress) -> SensitivityTable:
     """The sensitivity table of `layers` from the cache, or measured on the `probe` samples (and cached)."""
     def measure() -> SensitivityTable:
-        on_step = progress.steps("measuring sensitivity", count_measurements(layers, config.rank_multiple))
-        return measure_sensitivity(model, layers, decompositions, config.rank_multiple, feeds.batches(probe),
+        on_step = progress.steps("measuring sensitivity", count_measurements(layers, config.factorization.rank_multiple))
+        return measure_sensitivity(model, layers, decompositions, config.factorization.rank_multiple, feeds.batches(probe),
                                    config.threads, on_step, mask_name=feeds.mask_name)
 
-    settings = f"{feeds.mask_name}|{config.method}|{config.rank_multiple}|kl-for-logits"  # the distortion measured
+    settings = f"{feeds.mask_name}|{config.factorization.method}|{config.factorization.rank_multiple}|kl-for-logits"  # the distortion measured
     return cache.sensitivity(probe, settings, {layer.name for layer in layers}, measure)

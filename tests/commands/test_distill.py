@@ -26,7 +26,7 @@ def _matmuls(path):
 
 
 def test_training_text_never_contains_the_evaluation_sentences(tmp_path):
-    split = split_text(DistillSettings(tmp_path, tmp_path, calib_sentences=64, eval_sentences=300, train_text="pydoc"))
+    split = split_text(DistillSettings(hf_dir=tmp_path, output_dir=tmp_path, calib_sentences=64, eval_sentences=300, train_text="pydoc"))
     held_out = set(split.evaluation)
     assert len(held_out) == 300 and not held_out & set(split.train) and not held_out & set(split.check)
     assert not set(split.check) & set(split.train)

@@ -240,7 +240,7 @@ def test_heads_keep_and_the_unified_plan_inside_the_fused_graph(exported, tmp_pa
     from lrdeploy.stages.inspect import inspect_fused, inspect_model
     from lrdeploy.planning.blocks import find_block_parts
 
-    config = BuildConfig(model=exported / "bert.onnx", optimize="ort", plan="unified")
+    config = BuildConfig.from_options(model=exported / "bert.onnx", optimize="ort", plan="unified")
     inspection = inspect_fused(inspect_model(config.model, 16), 16)
     parts = find_block_parts(config, inspection.graph, inspection.layers)
     assert [(p.attention.packed, p.ffn is not None, p.block.name, len(p.layers)) for p in parts] == [

@@ -13,7 +13,7 @@ from lrdeploy.pipeline.sweep import SweepSettings, parse_target, run_sweep
 
 def test_sweep_accuracy_does_not_rise_as_budget_falls(transformer_files, tmp_path):
     model, calib = transformer_files
-    report = run_sweep(BuildConfig(model=model, calib=str(calib), output_dir=tmp_path),
+    report = run_sweep(BuildConfig.from_options(model=model, calib=str(calib), output_dir=tmp_path),
                        SweepSettings([0.9, 0.7, 0.5, 0.4], bench_batch=None))
     assert [p.budget for p in report.points] == [0.9, 0.7, 0.5, 0.4]
     cosines = [p.cosine_mean for p in report.points]

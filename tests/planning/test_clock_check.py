@@ -60,7 +60,7 @@ def _scripted_clock(monkeypatch, measure):
     monkeypatch.setattr(clock_check, "plan_shapes", plan_shapes)
     def measured_ratios(dense, planned, config, progress):
         ratio = measure(seen[-1])
-        return ratio if isinstance(ratio, dict) else {config.tokens: ratio}
+        return ratio if isinstance(ratio, dict) else {config.planning.tokens: ratio}
 
     monkeypatch.setattr(clock_check, "measured_ratios", measured_ratios)
     return seen

@@ -145,7 +145,7 @@ def test_cut_options_measured_as_layer_errors_equal_the_cut_models(tmp_path):
     from lrdeploy.stages.distortion import DistortionProbe
 
     model = models.transformer()
-    config = BuildConfig(model=tmp_path / "t.onnx", plan="unified", cache_dir=None)
+    config = BuildConfig.from_options(model=tmp_path / "t.onnx", plan="unified", cache_dir=None)
     graph = gs.import_onnx(model)
     layers = find_linear_layers(graph)
     parts = find_block_parts(config, graph, layers)

@@ -105,7 +105,7 @@ def test_a_cut_projection_is_refit_by_least_squares_on_what_the_cut_model_feeds_
     from lrdeploy.settings.build import BuildConfig
 
     model, calib = transformer_files
-    config = BuildConfig(model, rank_budget=1.0, calib=str(calib), refit=True, cache_dir=None,
+    config = BuildConfig.from_options(model=model, rank_budget=1.0, calib=str(calib), refit=True, cache_dir=None,
                          ffn_keep=0.5 if "--ffn-keep" in cut else None, heads_keep=0.5 if "--heads-keep" in cut else None)
     prepared = prepare_build(config)
     chosen = choose_factors(prepared, 1.0)
@@ -114,7 +114,7 @@ def test_a_cut_projection_is_refit_by_least_squares_on_what_the_cut_model_feeds_
     layer = block.down if "--ffn-keep" in cut else block.output
     original = prepared.inspection.model.proto
     compressed = compressed_model(original, prepared.inspection.layers, chosen.factors, chosen.structured)
-    feeds = list(prepared.feeds.batches(prepared.samples.calib.select(slice(0, config.refit_samples))))
+    feeds = list(prepared.feeds.batches(prepared.samples.calib.select(slice(0, config.factorization.refit_samples))))
     sources, targets = [], []
     for feed in feeds:
         (source,) = _tensor_values(compressed, [layer.input_name], feed)

@@ -35,12 +35,12 @@ for path, sents in ((out / "calib.npz", text.calib), (out / "eval.npz", text.eva
 train = D._torch_batches(tokenize(text.train, hf), 32)
 check = D._torch_batches(tokenize(text.check, hf), 32)
 evalb = D._torch_batches(tokenize(text.evaluation, hf), 32)
-config = BuildConfig(model=out / "model.onnx", calib=str(out / "calib.npz"), eval=out / "eval.npz",
+config = BuildConfig.from_options(model=out / "model.onnx", calib=str(out / "calib.npz"), eval=out / "eval.npz",
                      method="pca", allocation="sensitivity", output_dir=out, seed=0, **plan)
 prog = P()
 prepared = prepare_build(config, prog)
-chosen = choose_factors(prepared, config.rank_budget, StageTimer(prog))
-choices = chosen.shape_plan.get("choices") if chosen.shape_plan else [f"{b.name} drop" for b, *_ in chosen.structured.dropped]
+chosen = choose_factors(prepared, config.factorization.rank_budget, StageTimer(prog))
+choices = chosen.shape_plan.choices if chosen.shape_plan else [f"{b.name} drop" for b, *_ in chosen.structured.dropped]
 print(choices)
 student, hidden, _ = D.student_from_plan(teacher, prepared, chosen)  # the library's student build, not a copy
 torch.save({"teacher": teacher.encoder, "student": student.encoder, "hidden": hidden,
