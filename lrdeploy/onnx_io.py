@@ -226,3 +226,11 @@ def check_model(path: Path) -> None:
 def count_parameters(model: onnx.ModelProto) -> int:
     """Elements of all initializers and Constant-node tensors (external ones included, via their dims)."""
     return sum(int(np.prod(tensor.dims)) for tensor in _all_tensors(model))
+
+
+def matrix_elements(model: onnx.ModelProto) -> int:
+    """Elements of the floating-point matrices (rank-2 initializers and Constant-node tensors): the linear weights,
+    their factors and embedding tables, without the biases, norms and shape constants a rewrite also touches."""
+    floating = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    return sum(int(np.prod(tensor.dims)) for tensor in _all_tensors(model)
+               if len(tensor.dims) == 2 and tensor.data_type in floating)

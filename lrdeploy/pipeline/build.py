@@ -27,7 +27,7 @@ from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.files import check_name_length, check_output_dir, output_lock, output_set, refuse_overwriting_inputs
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose, planned_factors
-from lrdeploy.onnx_io import check_model, count_parameters, save_model
+from lrdeploy.onnx_io import check_model, count_parameters, matrix_elements, save_model
 from lrdeploy.passes.compose import compressed_model
 from lrdeploy.passes.index_inputs import index_limits
 from lrdeploy.passes.ort_fusion import fused_op_counts
@@ -43,6 +43,7 @@ from lrdeploy.report.plan_records import ShapePlanRecord
 from lrdeploy.stages.outputs import input_files, output_files
 from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.stages.refit import RefitPlan, RefitSettings, refit_plan, refit_stages
+from lrdeploy.stages.rewrite_check import check_claimed_changes
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
 from lrdeploy.stages.memory import check_statistics_fit
 from lrdeploy.stages.samples import BuildSamples, prepare_samples
@@ -248,7 +249,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
             if finetune is None:
                 proto = compressed_model(inspection.model.proto, prepared.eligible, chosen.factors, chosen.structured)
             record_metadata(proto, inspection.model.proto, config, budget, chosen.plan, finetune_record)
-            model_after = count_parameters(proto)
+            model_after, matrices_after = count_parameters(proto), matrix_elements(proto)
             fused_ops = {"dense": fused_op_counts(inspection.model.proto), "compressed": fused_op_counts(proto)}
             external = save_model(proto, staged_model, external_data=inspection.model.external_data)
             del proto
@@ -272,6 +273,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
             latency_plan=chosen.shape_plan if chosen.latency is None else chosen.latency.record(prepared.shapes),
             structured=chosen.structured)
         report = assemble_report(prepared, outcome)
+        check_claimed_changes(matrix_elements(inspection.model.proto), matrices_after, report.layers)
         write_reports(report, stage)
     return BuildResult(report, output_model, *(output_dir / name for name in REPORT_FILES))
 

@@ -110,6 +110,17 @@ def test_distill_from_narrowed_ffn_blocks(bert_dir, tmp_path):
     assert report["accuracy"]["outputs"]["embedding"]["cosine_mean"] > 0.5
 
 
+def test_distill_from_a_dropped_block(bert_dir, tmp_path):
+    """`--drop-blocks 1` (shared with `build`): the block the ONNX path dropped is removed from the student, the
+    student is distilled, and the exported model has one block's MatMuls fewer."""
+    report, _, exported = _distilled_cut(bert_dir, tmp_path / "out", "--drop-blocks", "1")
+    dropped = [layer for layer in report["layers"] if layer["status"] == "dropped"]
+    assert report["config"]["drop_blocks"] == 1 and len(dropped) == 6  # Q, K, V, O, up and down of one block
+    teacher = _matmuls(tmp_path / "out" / f"{bert_dir.name}.onnx")
+    assert teacher - sum(node.op_type == "MatMul" for node in exported.graph.node) == 8  # 6 projections, QKᵀ, AV
+    assert report["finetune"]["steps"] == 6
+
+
 def _fused_distill(bert_dir, out, *extra):
     """`distill --optimize ort` with `extra` options, 4 steps: its report (statuses grouped) and written model."""
     result = CliRunner().invoke(main, ["distill", "--hf", str(bert_dir), "--optimize", "ort", *extra, "--steps", "4",
