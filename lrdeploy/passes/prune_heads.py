@@ -238,6 +238,8 @@ def prune_heads(graph: gs.Graph, block: AttentionBlock, kept_units: list[int], c
         narrowed = [_narrow_packed(scope, tensors, block, len(kept_units), cut.keep)]
     else:
         narrowed = _narrow_projections(scope, graph, block, kept_units, cut.keep)
+    if not block.packed:
+        _narrow_head_axis(scope, graph, block, kept_units, narrowed)
     if not block.packed or block.split is not None:
         _resize_context(scope, tensors[block.output.input_name], block.width, len(cut.keep))
     dtype = block.output.dtype
@@ -269,6 +271,67 @@ def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, ke
         if tag != "query" and block.group_size > 1:
             _resize_repeated_heads(scope, tag, tensors[layer.output_name], block, kept)
     return narrowed
+
+
+SCORE_BIAS_OPS = {"Add", "Sub", "Mul"}  # a constant per-head term of the scores (Swin's relative position bias)
+
+
+def _narrow_head_axis(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept_units: list[int],
+                      starts: list[gs.Tensor]) -> None:
+    """Between the projections and the output projection, what states the head axis says the kept heads: a
+    Reshape to […, H, N, d] with a constant head count (Swin's windows: [b·windows, H, N, h_d] and, for the
+    shifted windows' mask, [b, windows, H, N, N]) and a constant
+    per-head term of the scores ([…, H, N, N]: Swin's relative position bias, folded by the exporter) keeps the
+    kept query heads' rows. Followed along the data path only (never into Shape's arithmetic), stopping at the
+    context the output projection reads."""
+    heads = np.concatenate([unit * block.group_size + np.arange(block.group_size) for unit in kept_units])
+    kept = len(heads)
+    frontier, seen, stop = list(starts), set(), block.output.input_name
+    while frontier:
+        tensor = frontier.pop()
+        if tensor.name == stop:
+            continue
+        for node in tensor.outputs:
+            if node.name in seen or node.op == "Shape" or (node.op == "Reshape" and node.inputs[0] is not tensor):
+                continue
+            seen.add(node.name)
+            if node.op == "Reshape":
+                dims = reshape_target_dims(node)
+                if dims is not None and len(dims) >= 4 and dims[-3] == block.heads:
+                    resize_shape_axis(scope, "heads/shape", node, block.heads, kept, -3)
+            elif node.op in SCORE_BIAS_OPS:
+                for index, term in enumerate(node.inputs):
+                    if term is not tensor:
+                        node.inputs[index] = _kept_head_rows(scope.child(f"term{len(seen)}"), term, block.heads,
+                                                             heads)
+            frontier += list(node.outputs)
+
+
+TERM_DEPTH = 3  # how far back a scores term is searched for its per-head constant
+
+
+def _per_head_constant(term: gs.Tensor, heads: int, depth: int = TERM_DEPTH) -> bool:
+    """`term` is, or is computed elementwise from, a constant with a head axis ([…, H, N, N]) within `depth` ops."""
+    value = constant_value(term)
+    if value is not None:
+        return value[0].ndim >= 3 and value[0].shape[-3] == heads
+    producer = term.inputs[0] if len(term.inputs) == 1 else None
+    return (depth > 0 and producer is not None and producer.op in SCORE_BIAS_OPS
+            and any(_per_head_constant(source, heads, depth - 1) for source in producer.inputs))
+
+
+def _kept_head_rows(scope: Scope, term: gs.Tensor, heads: int, kept: np.ndarray) -> gs.Tensor:
+    """The kept heads' rows of a per-head scores term: a sliced copy of a constant, or a Gather on the head axis of
+    a term computed from one (Swin's bias + shifted-window mask; its producer may be shared, so it stays whole)."""
+    value = constant_value(term)
+    if value is not None:
+        if value[0].ndim >= 3 and value[0].shape[-3] == heads:
+            return scope.constant("heads/score_term", np.take(value[0], kept, axis=-3))
+        return term
+    if not _per_head_constant(term, heads):
+        return term
+    return scope.op("Gather", "heads/score_rows", [term, scope.constant("heads/rows", kept.astype(np.int64))],
+                    {"axis": -3})
 
 
 CONTEXT_RESHAPES = 2  # Reshapes that merge the heads before the output projection reads them (GPT-2: 3-D, then 2-D)
