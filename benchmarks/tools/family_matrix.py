@@ -101,7 +101,8 @@ def family_models():
         "Whisper encoder": (lambda: t.WhisperModel(t.WhisperConfig(
             num_mel_bins=16, max_source_positions=32, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
             encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
-            vocab_size=512, init_std=0.2)).get_encoder(), _audio()),
+            vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+            init_std=0.2)).get_encoder(), _audio()),
         "T5 encoder": (lambda: t.T5EncoderModel(t.T5Config(
             vocab_size=512, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,
             initializer_factor=2.0)), _text()),

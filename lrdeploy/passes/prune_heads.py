@@ -191,14 +191,29 @@ def match_plain_attention(graph: gs.Graph, layers: list[LinearLayer], num_heads:
     return matches
 
 
+SCALING_OPS = {"Mul", "Div", "Cast"}  # what a projection's output may pass through before its heads are split
+# (Whisper and BART scale Q by 1/√h_d first)
+
+
+def head_reshapes(projected: gs.Tensor) -> list[gs.Node]:
+    """The Reshapes that split a projection's output into heads: its consumers, or those of a scaling op after it."""
+    found = []
+    for node in projected.outputs:
+        if node.op == "Reshape" and node.inputs[0] is projected:
+            found.append(node)
+        elif node.op in SCALING_OPS and len(node.outputs) == 1:
+            found += [n for n in node.outputs[0].outputs if n.op == "Reshape" and n.inputs[0] is node.outputs[0]]
+    return found
+
+
 def reshaped_head_dims(graph: gs.Graph, layers: list[LinearLayer]) -> dict[str, int]:
     """The head size each layer's output is reshaped into ([b, s, heads, head size] with a constant head size, as
     torch's exporters write `view(b, s, -1, head_dim)`), by layer name; layers without such a Reshape are left out."""
     tensors = graph.tensors()
     found = {}
     for layer in layers:
-        for consumer in tensors[layer.output_name].outputs if layer.output_name in tensors else []:
-            dims = reshape_target_dims(consumer) if consumer.op == "Reshape" else None
+        for consumer in head_reshapes(tensors[layer.output_name]) if layer.output_name in tensors else []:
+            dims = reshape_target_dims(consumer)
             if dims and len(dims) == 4:
                 heads, dim = dims[2], dims[3]
                 if dim is not None and dim > 0 and layer.d_out % dim == 0:
@@ -265,9 +280,8 @@ def _narrow_projections(scope: Scope, graph: gs.Graph, block: AttentionBlock, ke
         set_weight(matmul, scope.constant(f"{tag}/weight", np.asarray(layer.weight)[:, columns].astype(layer.dtype)))
         if layer.bias is not None:
             set_bias(graph, layer, scope.constant(f"{tag}/bias", np.asarray(layer.bias)[columns].astype(layer.dtype)))
-        for consumer in tensors[layer.output_name].outputs:
-            if consumer.op == "Reshape":
-                resize_shape_axis(scope, f"{tag}/shape", consumer, *heads, 2)
+        for consumer in head_reshapes(tensors[layer.output_name]):
+            resize_shape_axis(scope, f"{tag}/shape", consumer, *heads, 2)
         if tag != "query" and block.group_size > 1:
             _resize_repeated_heads(scope, tag, tensors[layer.output_name], block, kept)
     return narrowed
@@ -307,17 +321,35 @@ def _narrow_head_axis(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept
             frontier += list(node.outputs)
 
 
-TERM_DEPTH = 3  # how far back a scores term is searched for its per-head constant
+TERM_DEPTH = 3  # how far back a scores term is searched for its per-head source
+HEAD_TERM_OPS = SCORE_BIAS_OPS | {"Where", "Cast", "Unsqueeze", "Expand", "Identity"}  # keep the trailing axes
 
 
 def _per_head_constant(term: gs.Tensor, heads: int, depth: int = TERM_DEPTH) -> bool:
-    """`term` is, or is computed elementwise from, a constant with a head axis ([…, H, N, N]) within `depth` ops."""
+    """`term` is, or is computed from, a per-head source within `depth` ops that keep the trailing axes: a constant
+    with a head axis ([…, H, N, N]) or a table of H columns gathered and transposed to put them there (T5's
+    relative position bias: Gather(table[buckets, H], ids[N, N]) → [N, N, H] → Transpose(2, 0, 1) → [H, N, N])."""
     value = constant_value(term)
     if value is not None:
         return value[0].ndim >= 3 and value[0].shape[-3] == heads
     producer = term.inputs[0] if len(term.inputs) == 1 else None
-    return (depth > 0 and producer is not None and producer.op in SCORE_BIAS_OPS
-            and any(_per_head_constant(source, heads, depth - 1) for source in producer.inputs))
+    if producer is None or depth == 0:
+        return False
+    if producer.op == "Transpose":
+        return _transposed_table(producer, heads)
+    return producer.op in HEAD_TERM_OPS and any(_per_head_constant(source, heads, depth - 1)
+                                               for source in producer.inputs)
+
+
+def _transposed_table(transpose: gs.Node, heads: int) -> bool:
+    """`transpose` moves the columns of a gathered [rows, H] table to the head axis (-3)."""
+    gathered = transpose.inputs[0]
+    gather = gathered.inputs[0] if len(gathered.inputs) == 1 else None
+    if gather is None or gather.op != "Gather" or gather.attrs.get("axis", 0) != 0:
+        return False
+    table, perm = constant_value(gather.inputs[0]), list(transpose.attrs.get("perm") or [])
+    return (table is not None and table[0].ndim == 2 and table[0].shape[1] == heads and len(perm) >= 3
+            and perm[-3] == len(perm) - 1)
 
 
 def _kept_head_rows(scope: Scope, term: gs.Tensor, heads: int, kept: np.ndarray) -> gs.Tensor:

@@ -18,7 +18,7 @@ from lrdeploy.passes.drop_blocks import TransformerBlock, match_transformer_bloc
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
 from lrdeploy.passes.compose import StructuredCuts
-from lrdeploy.passes.prune_heads import AttentionBlock, find_qkv_triples
+from lrdeploy.passes.prune_heads import AttentionBlock, find_qkv_triples, match_plain_attention
 from lrdeploy.planning.blocks import self_attentions
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection
@@ -68,8 +68,11 @@ class StructuredBlocks:
                           else "--values-keep")
                 form = ("a fused Attention followed by its output MatMul" if config.optimize == "ort" else
                         "Q, K, V and output projections as plain MatMuls")
-                raise NoEligibleLayersError(f"{config.model} has no self-attention block ({form}) for {option}; "
-                                            "leave the option out")
+                matches = None if config.optimize == "ort" else match_plain_attention(
+                    inspection.graph, inspection.layers, config.num_heads)
+                refused = "".join(f"; {r.candidate}: {r.reason}" for r in (matches.refused if matches else [])[:2])
+                raise NoEligibleLayersError(f"{config.model} has no self-attention block ({form}{refused}) for "
+                                            f"{option}; leave the option out")
         if config.cuts.heads_keep and any(block.feeds_cache for block in attention):
             raise OptionError("--heads-keep would change the head count of the model's KV cache (its past_key_values "
                               "inputs and present outputs), which a generation loop feeds back; build the model "
