@@ -82,6 +82,10 @@ def _after_residual(graph: gs.Graph, ffn: FfnBlock, pre_norm: bool) -> str | Non
 
 NORM_STEPS = 12  # the most nodes between the residual stream and a normalised copy (RMSNorm spelled out: ~7)
 NOT_NORMS = ("MatMul", "Gemm", "Attention", "Softmax", "Gather", "Concat", "Transpose")
+# Swin partitions the normalised stream into windows (Reshape, Transpose; shifted: Slice and Concat) before its
+# projections read it: where no stream is found within a norm's reach, look again through that layout work
+NOT_NORMS_OR_LAYOUT = ("MatMul", "Gemm", "Attention", "Softmax", "Gather")
+WINDOW_STEPS = 24
 
 
 def residual_stream(graph: gs.Graph, input_name: str) -> str | None:
@@ -89,17 +93,18 @@ def residual_stream(graph: gs.Graph, input_name: str) -> str | None:
     join reads it too (post-LN), else the nearest tensor before it, within a norm's few elementwise nodes, that
     a residual join reads (pre-LN); None when there is none (no residual stream in sight)."""
     tensors = graph.tensors()
-    frontier, seen = [tensors[input_name]], set()
-    for _ in range(NORM_STEPS):
-        following = []
-        for tensor in frontier:
-            if tensor.name in seen or isinstance(tensor, gs.Constant):
-                continue
-            seen.add(tensor.name)
-            if any(_residual_join(node) for node in tensor.outputs):
-                return tensor.name
-            following += [t for node in tensor.inputs if node.op not in NOT_NORMS for t in node.inputs]
-        frontier = following
+    for not_norms, steps in ((NOT_NORMS, NORM_STEPS), (NOT_NORMS_OR_LAYOUT, WINDOW_STEPS)):
+        frontier, seen = [tensors[input_name]], set()
+        for _ in range(steps):
+            following = []
+            for tensor in frontier:
+                if tensor.name in seen or isinstance(tensor, gs.Constant):
+                    continue
+                seen.add(tensor.name)
+                if any(_residual_join(node) for node in tensor.outputs):
+                    return tensor.name
+                following += [t for node in tensor.inputs if node.op not in not_norms for t in node.inputs]
+            frontier = following
     return None
 
 
@@ -156,12 +161,27 @@ def _escape(graph: gs.Graph, input_name: str, output_name: str) -> str | None:
     return None
 
 
+def _foreign_layer(graph: gs.Graph, input_name: str, output_name: str, own: set[str]) -> str | None:
+    """Why the block may not become the identity when its span holds a weighted layer that belongs to no
+    attention or FFN (Swin's patch merging between stages: it changes the stream's width)."""
+    for node in _block_nodes(graph, input_name, output_name):
+        if node.op in ("MatMul", "Gemm") and any(isinstance(t, gs.Constant) for t in node.inputs[1:]):
+            produced = {tensor.name for tensor in node.outputs}
+            bias_added = {t.name for consumer in node.outputs[0].outputs if consumer.op == "Add" for t in consumer.outputs}
+            if not (produced | bias_added) & own:
+                return (f"it spans {node.name or node.outputs[0].name!r}, a layer of no attention or FFN (e.g. a "
+                        "patch merging that changes the stream's width)")
+    return None
+
+
 def match_transformer_blocks(graph: gs.Graph, attention: list[AttentionBlock],
                              ffn: list[FfnBlock]) -> Matches[TransformerBlock]:
     """The blocks in model order that can become the identity; the last one needs its FFN (to find where its
     residual stream ends). A block that cannot says why."""
     matches: Matches[TransformerBlock] = Matches()
     streams = [residual_stream(graph, block.input_name) for block in attention]
+    own = {layer.output_name for block in attention for layer in (*block.projections, block.output)} | {
+        layer.output_name for block in ffn for layer in block.layers}
     for index, block in enumerate(attention):
         name = f"block{index}"
         start = streams[index]
@@ -178,7 +198,7 @@ def match_transformer_blocks(graph: gs.Graph, attention: list[AttentionBlock],
         if output is None:
             matches.refuse(name, "the block's end (its FFN's residual Add, or the next block's stream) was not found")
             continue
-        reason = _escape(graph, start, output)
+        reason = _escape(graph, start, output) or _foreign_layer(graph, start, output, own)
         if reason is None:
             products = tuple(node.name for node in _block_nodes(graph, start, output)
                              if node.op in PRODUCTS and node.name)  # unnamed nodes cannot be told apart

@@ -28,7 +28,7 @@ class Logits(torch.nn.Module):
 
 def _swin_with_silent_heads():
     """A 2-stage Swin (2 and 4 heads of 16, windows of 4×4 patches, the second block of each stage shifted) whose
-    odd heads write nothing."""
+    odd heads write nothing, and whose third block (the second stage's first) adds nothing to its stream."""
     from transformers import SwinConfig, SwinForImageClassification
 
     torch.manual_seed(0)
@@ -41,6 +41,10 @@ def _swin_with_silent_heads():
                 output = block.attention.output.dense if hasattr(block.attention, "output") else block.attention.o_proj
                 for head in range(1, output.in_features // 16, 2):
                     output.weight[:, head * 16:(head + 1) * 16] = 0
+        silent = model.swin.encoder.layers[1].blocks[0]
+        for linear in (silent.attention.o_proj, silent.mlp.fc2):
+            linear.weight.zero_()
+            linear.bias.zero_()
     return Logits(model).eval()
 
 
@@ -63,16 +67,35 @@ def swin(request, tmp_path_factory):
     return folder
 
 
-def test_silent_window_heads_are_removed_exactly(swin):
-    out = swin / "heads"
+def _build(swin, out, *cut):
     result = CliRunner().invoke(main, ["build", str(swin / "swin.onnx"), "--calib", str(swin / "calib.npz"),
-                                       "--eval", str(swin / "eval.npz"), "--heads-keep", "0.5", "--rank-budget", "1",
-                                       "--no-cache", "-o", str(out), "--json"])
+                                       "--eval", str(swin / "eval.npz"), *cut, "--rank-budget", "1", "--no-cache",
+                                       "-o", str(out), "--json"])
     assert result.exit_code == 0, result.output
-    report = json.loads(result.stdout)
-    reasons = sorted({layer["reason"] for layer in report["layers"] if layer["status"] == "narrowed"})
-    assert reasons == ["1 of 2 heads kept (--heads-keep)", "2 of 4 heads kept (--heads-keep)"]
+    return json.loads(result.stdout)
+
+
+def _assert_same_logits(swin, out):
     feeds = {"pixel_values": np.load(swin / "eval.npz")["pixel_values"]}
     want = run_model(swin / "swin.onnx", feeds)[0]
     got = run_model(out / "swin.lowrank.onnx", feeds)[0]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_silent_window_heads_are_removed_exactly(swin):
+    out = swin / "heads"
+    report = _build(swin, out, "--heads-keep", "0.5")
+    reasons = sorted({layer["reason"] for layer in report["layers"] if layer["status"] == "narrowed"})
+    assert reasons == ["1 of 2 heads kept (--heads-keep)", "2 of 4 heads kept (--heads-keep)"]
+    _assert_same_logits(swin, out)
+
+
+def test_a_silent_window_block_is_dropped_exactly_and_patch_merging_never(swin):
+    """The residual stream is found through the window partition; the first stage's last block spans the patch
+    merging (its stream ends after it) and is refused; the silent block is the one dropped."""
+    out = swin / "drop"
+    report = _build(swin, out, "--drop-blocks", "1")
+    dropped = {layer["reason"].split()[0] for layer in report["layers"] if layer["status"] == "dropped"}
+    assert dropped == {"block2"}
+    assert not any("downsample" in layer["name"] for layer in report["layers"] if layer["status"] == "dropped")
+    _assert_same_logits(swin, out)
