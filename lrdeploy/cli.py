@@ -160,6 +160,9 @@ def inspect(model: Path, rank_multiple: int, as_json: bool) -> None:
                   f"{totals['eligible_params']:,}", f"of {totals['model_params']:,} model parameters")
     console = _console()
     console.print(table)
+    if totals["in_branches"]:
+        console.print(f"{totals['in_branches']} more MatMul/Gemm sit inside If/Loop branches (a merged decoder): not "
+                      "rewritten; inspect the unmerged decoder_model.onnx and decoder_with_past_model.onnx")
     blocks = data["blocks"]
     console.print(f"Blocks: {blocks['attention']} self-attentions (--heads-keep), {blocks['ffn']} FFNs (--ffn-keep), "
                   f"{blocks['droppable']} blocks that can be dropped (--drop-blocks)")

@@ -31,7 +31,7 @@ def test_inspect_table_and_json(transformer_files):
     data = json.loads(_invoke("inspect", model, "--json").output)
     initializers = onnx.load(str(model)).graph.initializer
     assert data["totals"] == {"layers": 16, "eligible": 12, "eligible_params": 8 * 64 * 64 + 4 * 64 * 256,
-                              "model_params": sum(int(np.prod(i.dims)) for i in initializers)}
+                              "model_params": sum(int(np.prod(i.dims)) for i in initializers), "in_branches": 0}
     skipped = [l for l in data["layers"] if not l["eligible"]]
     assert {l["reason"] for l in skipped} == {"weight is not constant (activation × activation)"}
     assert data["blocks"] == {"ffn": 2, "attention": 2, "droppable": 2, "refused": []}
@@ -195,3 +195,26 @@ def test_bad_input_gives_one_error_line_and_leaves_no_output(transformer_files, 
     assert len(lines) == 1 and lines[0].startswith("Error: "), result.stderr
     assert re.search(message, lines[0]), lines[0]
     assert {p: _digest(p) for p in tmp_path.rglob("*") if p.is_file()} == before  # inputs untouched, nothing written
+
+
+def test_layers_inside_if_branches_are_named_not_ignored(tmp_path):
+    """A merged decoder (Optimum's decoder_model_merged.onnx) keeps its layers in the branches of an If: `inspect`
+    counts them and `build` says what to build instead, in one line."""
+    from onnx import TensorProto, helper
+
+    def branch(name):
+        weight = helper.make_tensor(f"{name}_w", TensorProto.FLOAT, [8, 8], np.ones(64, np.float32))
+        return helper.make_graph([helper.make_node("MatMul", ["x", f"{name}_w"], [f"{name}_y"])], name, [],
+                                 [helper.make_tensor_value_info(f"{name}_y", TensorProto.FLOAT, [2, 8])], [weight])
+
+    graph = helper.make_graph(
+        [helper.make_node("If", ["use_cache_branch"], ["y"], then_branch=branch("then"), else_branch=branch("else"))],
+        "merged", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8]),
+                   helper.make_tensor_value_info("use_cache_branch", TensorProto.BOOL, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    model = tmp_path / "decoder_model_merged.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), model)
+    assert json.loads(_invoke("inspect", model, "--json").output)["totals"]["in_branches"] == 2
+    result = _invoke("build", model, "-o", str(tmp_path / "o"))
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert "keeps its 2 MatMul/Gemm inside the branches of an If (a merged decoder" in result.output

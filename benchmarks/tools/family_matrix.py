@@ -132,10 +132,35 @@ def export(model: torch.nn.Module, inputs: dict[str, np.ndarray], path: Path, ex
     assert np.allclose(got, expected, atol=1e-3 * max(1.0, np.abs(expected).max())), "export parity"
 
 
+def optimum_inputs(model: Path, count: int, seed: int) -> dict[str, np.ndarray]:
+    """Random inputs for an Optimum export, by its inputs' names and shapes: token ids, masks of ones, pixels,
+    audio features, encoder states of 16 positions, an empty decoder past (prefill) and the encoder's past."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in onnx.load(str(model), load_external_data=False).graph.input:
+        name = spec.name
+        dims = [d.dim_value or None for d in spec.type.tensor_type.shape.dim]
+        static = [count] + [d or 16 for d in dims[1:]]
+        if name.endswith("ids"):
+            inputs[name] = rng.integers(3, 512, (count, 16), dtype=np.int64)
+            inputs[name] = inputs[name] if name != "token_type_ids" else np.zeros_like(inputs[name])
+        elif name.endswith("mask"):
+            inputs[name] = np.ones((count, 16), dtype=np.int64)
+        elif name == "pixel_values":
+            inputs[name] = rng.standard_normal((count, 3, 32, 32)).astype(np.float32)
+        elif name.startswith("past_key_values") and name.split(".")[2] == "decoder":
+            inputs[name] = np.zeros([count, dims[1], 0, dims[3]], np.float32)
+        elif name == "use_cache_branch":
+            inputs[name] = np.zeros([1], bool)
+        else:
+            inputs[name] = rng.standard_normal(static).astype(np.float32)
+    return inputs
+
+
 def run_cell(model: Path, calib: Path, evaluation: Path, cut: list[str], out: Path) -> tuple[str, str]:
     """('ok' | 'error' | 'bug', what happened) of one build."""
     result = CliRunner().invoke(main, ["build", str(model), "--calib", str(calib), "--eval", str(evaluation),
-                                       "--no-cache", "-o", str(out), "--json", *cut])
+                                       "--no-cache", "-o", str(out), "--json", "--batch-size", "8", *cut])
     if result.exit_code == 0:
         report = json.loads(result.stdout)
         statuses = [layer["status"] for layer in report["layers"]]
@@ -159,52 +184,61 @@ def main_(argv: list[str]) -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("out", type=Path)
     parser.add_argument("--families")
-    parser.add_argument("--exporters", default="legacy,dynamo")
+    parser.add_argument("--exporters", default="legacy,dynamo", help="torch exporters (\"\" for none)")
     parser.add_argument("--cuts")
+    parser.add_argument("--optimum", type=Path, help="optimum_exports.py's folder: its exports become rows too")
     args = parser.parse_args(argv)
     families = family_models()
     chosen = args.families.split(",") if args.families else list(families)
     cuts = {name: CUTS[name] for name in (args.cuts.split(",") if args.cuts else CUTS)}
+    exporters = args.exporters.split(",") if args.exporters else []
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
+    results: list[dict] = []
+    rows = []  # (family, exporter, folder, model, calib, eval)
     for family in chosen:
         make_model, make_inputs = families[family]
         torch.manual_seed(0)
         model = make_model()
         calib, evaluation = make_inputs(96, 0), make_inputs(32, 1)
-        for exporter in args.exporters.split(","):
+        for exporter in exporters:
             folder = args.out / family.replace(" ", "_") / exporter
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / "model.onnx"
-            np.savez(folder / "calib.npz", **calib)
-            np.savez(folder / "eval.npz", **evaluation)
             try:
-                export(model, calib, path, exporter)
+                export(model, calib, folder / "model.onnx", exporter)
             except Exception as exc:  # noqa: BLE001 — the exporter's own failure is a row, not a crash
                 results.append({"family": family, "exporter": exporter, "cut": "export", "outcome": "export failed",
                                 "detail": f"{type(exc).__name__}: {str(exc).splitlines()[0][:160]}"})
-                print(results[-1], flush=True)
                 continue
-            matmuls = sum(node.op_type in ("MatMul", "Gemm") for node in onnx.load(str(path)).graph.node)
-            for cut, options in cuts.items():
-                start = time.perf_counter()
-                outcome, detail = run_cell(path, folder / "calib.npz", folder / "eval.npz", options,
-                                           folder / cut.replace(" ", "_"))
-                results.append({"family": family, "exporter": exporter, "cut": cut, "outcome": outcome,
-                                "detail": detail, "matmuls": matmuls, "seconds": round(time.perf_counter() - start, 1)})
-                print(results[-1], flush=True)
+            rows.append((family, exporter, folder, folder / "model.onnx", calib, evaluation))
+    if args.optimum:
+        for row, export_ in json.loads((args.optimum / "exports.json").read_text()).items():
+            folder = args.out / row.replace(" ", "_") / "optimum"
+            folder.mkdir(parents=True, exist_ok=True)
+            model = Path(export_["model"])
+            audio = "Whisper" in row  # 3000 frames: fewer samples
+            rows.append((row, "optimum", folder, model, optimum_inputs(model, 24 if audio else 96, 0),
+                         optimum_inputs(model, 8 if audio else 32, 1)))
+    for family, exporter, folder, path, calib, evaluation in rows:
+        np.savez(folder / "calib.npz", **calib)
+        np.savez(folder / "eval.npz", **evaluation)
+        matmuls = sum(node.op_type in ("MatMul", "Gemm") for node in onnx.load(str(path)).graph.node)
+        for cut, options in cuts.items():
+            start = time.perf_counter()
+            outcome, detail = run_cell(path, folder / "calib.npz", folder / "eval.npz", options,
+                                       folder / cut.replace(" ", "_"))
+            results.append({"family": family, "exporter": exporter, "cut": cut, "outcome": outcome,
+                            "detail": detail, "matmuls": matmuls, "seconds": round(time.perf_counter() - start, 1)})
+            print(results[-1], flush=True)
     (args.out / "matrix.json").write_text(json.dumps(results, indent=1))
-    lines = ["| family | exporter | " + " | ".join(cuts) + " |", "|---|---|" + "---|" * len(cuts)]
-    for family in chosen:
-        for exporter in args.exporters.split(","):
-            cells = {r["cut"]: r for r in results if r["family"] == family and r["exporter"] == exporter}
-            if "export" in cells:
-                lines.append(f"| {family} | {exporter} | export failed: {cells['export']['detail']} |"
-                             + " |" * (len(cuts) - 1))
-                continue
-            row = [f"{'✓' if c['outcome'] == 'ok' else '✗' if c['outcome'] == 'error' else 'BUG'} {c['detail']}"
-                   .replace("|", "/") for c in (cells[cut] for cut in cuts)]
-            lines.append(f"| {family} | {exporter} | " + " | ".join(row) + " |")
+    lines = ["| model | exporter | " + " | ".join(cuts) + " |", "|---|---|" + "---|" * len(cuts)]
+    for family, exporter in dict.fromkeys((r["family"], r["exporter"]) for r in results):
+        cells = {r["cut"]: r for r in results if r["family"] == family and r["exporter"] == exporter}
+        if "export" in cells:
+            lines.append(f"| {family} | {exporter} | export failed: {cells['export']['detail']} |" + " |" * (len(cuts) - 1))
+            continue
+        row = [f"{'✓' if c['outcome'] == 'ok' else '✗' if c['outcome'] == 'error' else 'BUG'} {c['detail']}"
+               .replace("|", "/") for c in (cells[cut] for cut in cuts)]
+        lines.append(f"| {family} | {exporter} | " + " | ".join(row) + " |")
     (args.out / "matrix.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

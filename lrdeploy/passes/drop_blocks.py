@@ -189,12 +189,14 @@ def match_transformer_blocks(graph: gs.Graph, attention: list[AttentionBlock],
             matches.refuse(name, f"no residual stream found before {block.input_name!r} (no Add of the block's "
                                  "input and its branch within a norm's reach)")
             continue
-        if index + 1 < len(attention):
-            output = streams[index + 1]
-        else:
-            last_ffn = next((f for f in reversed(ffn) if f.up.input_name != block.input_name), None)
-            output = (_after_residual(graph, last_ffn, pre_norm=start != block.input_name)
-                      if last_ffn is not None else None)
+        output = streams[index + 1] if index + 1 < len(attention) else None
+        if output is None or block.output.name not in {n.name for n in _block_nodes(graph, start, output)}:
+            # the last block, or the last of a tower (CLIP's text tower ends where its vision tower starts): the
+            # block ends at its own FFN's residual join
+            own_ffn = ffn[index] if len(ffn) == len(attention) else next(
+                (f for f in reversed(ffn) if f.up.input_name != block.input_name), None)
+            output = (_after_residual(graph, own_ffn, pre_norm=start != block.input_name)
+                      if own_ffn is not None else None)
         if output is None:
             matches.refuse(name, "the block's end (its FFN's residual Add, or the next block's stream) was not found")
             continue

@@ -95,6 +95,27 @@ def _count(scope: Scope, rows: gs.Variable, mask_column: gs.Variable | None) -> 
     return scope.op("Shape", "count", [rows], {"end": 1}, dtype=np.int64)
 
 
+def token_tensors(graph: gs.Graph, mask_name: str) -> set[str]:
+    """The tensors computed from the inputs the mask describes (those whose leading axes are the mask's: the token
+    ids beside `attention_mask`): only their rows are masked. A vision tower beside a text tower (CLIP) has the same
+    rank per token but other samples and positions. Where no input shares the mask's axes by name (a decoder's mask
+    over past and new tokens), every tensor is."""
+    mask = next(t for t in graph.inputs if t.name == mask_name)
+    axes = list(mask.shape or [])
+    frontier = [t for t in graph.inputs if t.name != mask_name and t.shape is not None
+                and len(t.shape) >= len(axes) and list(t.shape[:len(axes)]) == axes]
+    if not frontier:
+        return set(graph.tensors())
+    reached = {t.name for t in frontier}
+    while frontier:
+        for node in frontier.pop().outputs:
+            for tensor in node.outputs:
+                if tensor.name not in reached:
+                    reached.add(tensor.name)
+                    frontier.append(tensor)
+    return reached
+
+
 def moment_graph(graph: gs.Graph, ranks: dict[str, int], requests: Sequence[MomentRequest],
                  mask_name: str | None) -> onnx.ModelProto:
     """A copy of `graph` (left unchanged) whose only outputs are the moment sums of `requests`, in order.
@@ -109,13 +130,14 @@ def moment_graph(graph: gs.Graph, ranks: dict[str, int], requests: Sequence[Mome
         mask = root.op("Cast", "mask_f32", [tensors[mask_name]], {"to": FLOAT}, dtype=np.float32)
         mask_column = root.op("Reshape", "mask_column", [mask, np.array([-1, 1], np.int64)], dtype=np.float32)
     per_token_rank = ranks.get(mask_name, 2) + 1 if mask_name else None
+    masked_tensors = token_tensors(graph, mask_name) if mask_name else set()
     outputs: list[gs.Variable] = []
     for index, request in enumerate(requests):
         scope = root.child(str(index))
         missing = [name for name in (request.source, request.target) if name is not None and name not in tensors]
         if missing:
             raise InternalError(f"tensor {missing[0]!r} is not in the graph")
-        mask = mask_column if ranks.get(request.source) == per_token_rank else None
+        mask = mask_column if ranks.get(request.source) == per_token_rank and request.source in masked_tensors else None
         x = _rows(scope.child("x"), tensors[request.source], request.dim, mask)
         transposed = scope.op("Transpose", "x_t", [x], {"perm": [1, 0]}, dtype=np.float32)
         outputs += [_count(scope, x, mask), _column_sum(scope.child("x"), x),

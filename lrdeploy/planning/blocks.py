@@ -5,6 +5,8 @@ finding never changes the graph."""
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,10 +39,15 @@ def self_attentions(config: BuildConfig, graph: gs.Graph, layers: list[LinearLay
     return blocks
 
 
+PRESENT_OUTPUT = re.compile(r"^present[._]")  # Optimum's (and torch exports') cache outputs: present.N.key, ...
+
+
 def has_kv_cache(graph: gs.Graph) -> bool:
-    """The model takes a KV cache (`past_key_values.N.*` inputs): its attention's key/value head counts are part of
-    its interface, which a generation loop feeds back step after step."""
-    return any(is_past_input(InputSpec(t.name, np.dtype(np.float32), tuple(t.shape or ()))) for t in graph.inputs)
+    """The model takes or returns a KV cache (`past_key_values.N.*` inputs, `present.N.*` outputs: Optimum's
+    decoder_model.onnx returns one without taking it): its attention's key/value head counts are part of its
+    interface, which a generation loop feeds back step after step."""
+    return (any(is_past_input(InputSpec(t.name, np.dtype(np.float32), tuple(t.shape or ()))) for t in graph.inputs)
+            or any(PRESENT_OUTPUT.match(t.name) for t in graph.outputs))
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import NoEligibleLayersError
@@ -15,6 +16,16 @@ from lrdeploy.passes.merge_qkv import merged_qkv_model
 from lrdeploy.passes.ort_fusion import fuse_for_onnxruntime
 from lrdeploy.passes.prune_ffn import match_ffn_blocks
 from lrdeploy.passes.prune_heads import match_attention_blocks, match_plain_attention
+
+
+def branched_layers(graph: onnx.GraphProto) -> int:
+    """MatMul/Gemm nodes inside the subgraphs of If/Loop/Scan nodes (at any depth)."""
+    count = 0
+    for node in graph.node:
+        for attribute in node.attribute:
+            for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                count += sum(n.op_type in ("MatMul", "Gemm") for n in subgraph.node) + branched_layers(subgraph)
+    return count
 
 
 @dataclass
@@ -31,6 +42,12 @@ class Inspection:
     def require_eligible(self) -> list[LinearLayer]:
         """The eligible layers, or NoEligibleLayersError saying why each layer was skipped."""
         eligible = self.eligible
+        if not eligible and (branched := branched_layers(self.model.proto.graph)):
+            raise NoEligibleLayersError(
+                f"{self.model.path} keeps its {branched} MatMul/Gemm inside the branches of an If (a merged "
+                "decoder, e.g. Optimum's decoder_model_merged.onnx), which lrdeploy does not rewrite; build "
+                "decoder_model.onnx and decoder_with_past_model.onnx instead (optimum-cli export onnx --no-post-process "
+                "writes them unmerged)")
         if not eligible:
             reasons = sorted({layer.reason for layer in self.layers})
             found = (f"{len(self.layers)} MatMul/Gemm found, all skipped: {'; '.join(reasons)}" if reasons
@@ -66,6 +83,7 @@ class Inspection:
                 "eligible": len(eligible),
                 "eligible_params": sum(l.params for l in eligible),
                 "model_params": self.model_params,
+                "in_branches": branched_layers(self.model.proto.graph),  # MatMul/Gemm inside If/Loop: not rewritten
             },
             "blocks": self.blocks(),
         }

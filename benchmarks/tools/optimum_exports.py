@@ -1,0 +1,83 @@
+"""Hugging Face Optimum's ONNX exports of the small random models of `family_matrix.py` (same configurations),
+for its `--optimum DIR` column. Runs in a separate environment, because optimum-onnx 0.1.0 pins transformers 4.57
+(lrdeploy's own environment has transformers 5):
+
+    python3 -m venv /work/optenv && /work/optenv/bin/pip install torch==2.13.0 "optimum-onnx[onnxruntime]==0.1.0"
+    /work/optenv/bin/python benchmarks/tools/optimum_exports.py OUT_DIR
+
+Writes OUT_DIR/<family>/hf (the model folder) and OUT_DIR/<family>/onnx (what `optimum-cli export onnx --task
+TASK` writes: model.onnx, or encoder_model.onnx and the decoders for sequence-to-sequence models), and
+OUT_DIR/exports.json: {row: {"model": ONNX file, "family": family}}.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+import transformers as t
+from optimum.exporters.onnx import main_export
+
+HIDDEN, HEADS, FFN, LAYERS = 64, 4, 128, 2
+COMMON = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
+              initializer_range=0.2)
+
+
+def models():
+    """{family: (model, Optimum's task, {row name: ONNX file in the export})}."""
+    whisper = t.WhisperConfig(num_mel_bins=16, max_source_positions=1500,  # Optimum's dummy audio: 3000 frames
+                               d_model=HIDDEN, encoder_layers=LAYERS,
+                              decoder_layers=LAYERS, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
+                              encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, vocab_size=512, pad_token_id=0,
+                              bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, max_target_positions=64,
+                              init_std=0.2)
+    t5 = t.T5Config(vocab_size=512, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS,
+                    num_heads=HEADS, initializer_factor=2.0, decoder_start_token_id=0)
+    seq2seq = {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx",
+               "merged decoder": "decoder_model_merged.onnx"}
+    return {
+        "BERT classifier": (t.BertForSequenceClassification(t.BertConfig(vocab_size=512, num_labels=3, **COMMON)),
+                            "text-classification", {"": "model.onnx"}),
+        "RoBERTa classifier": (t.RobertaForSequenceClassification(t.RobertaConfig(
+            vocab_size=512, num_labels=3, max_position_embeddings=40, **COMMON)), "text-classification",
+            {"": "model.onnx"}),
+        "DistilBERT classifier": (t.DistilBertForSequenceClassification(t.DistilBertConfig(
+            vocab_size=512, dim=HIDDEN, n_layers=LAYERS, n_heads=HEADS, hidden_dim=FFN, num_labels=3,
+            initializer_range=0.2)), "text-classification", {"": "model.onnx"}),
+        "ViT": (t.ViTForImageClassification(t.ViTConfig(image_size=32, patch_size=8, num_labels=5, **COMMON)),
+                "image-classification", {"": "model.onnx"}),
+        "DeiT": (t.DeiTForImageClassification(t.DeiTConfig(image_size=32, patch_size=8, num_labels=5, **COMMON)),
+                 "image-classification", {"": "model.onnx"}),
+        "Swin": (t.SwinForImageClassification(t.SwinConfig(
+            image_size=32, patch_size=4, embed_dim=32, depths=[2, 2], num_heads=[2, 4], window_size=4, num_labels=5,
+            initializer_range=0.2)), "image-classification", {"": "model.onnx"}),
+        "CLIP vision": (t.CLIPVisionModel(t.CLIPVisionConfig(image_size=32, patch_size=8, **COMMON)),
+                        "feature-extraction", {"": "model.onnx"}),
+        "CLIP": (t.CLIPModel(t.CLIPConfig(text_config=dict(vocab_size=512, max_position_embeddings=16, **COMMON),
+                                          vision_config=dict(image_size=32, patch_size=8, **COMMON),
+                                          projection_dim=32)), "feature-extraction", {"": "model.onnx"}),
+        "Whisper": (t.WhisperForConditionalGeneration(whisper), "automatic-speech-recognition-with-past", seq2seq),
+        "T5": (t.T5ForConditionalGeneration(t5), "text2text-generation-with-past", seq2seq),
+    }
+
+
+def main(out: Path) -> None:
+    exports = {}
+    for family, (model, task, files) in models().items():
+        torch.manual_seed(0)
+        folder = out / family.replace(" ", "_")
+        model.save_pretrained(folder / "hf")
+        try:
+            main_export(str(folder / "hf"), output=str(folder / "onnx"), task=task, opset=17, do_validation=False)
+        except Exception as exc:  # noqa: BLE001 — a family Optimum cannot export is a row of the table
+            print(f"{family}: Optimum's export failed: {type(exc).__name__}: {exc}", flush=True)
+            continue
+        for row, name in files.items():
+            exports[f"{family} {row}".strip()] = {"model": str(folder / "onnx" / name), "family": family}
+    (out / "exports.json").write_text(json.dumps(exports, indent=1))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
