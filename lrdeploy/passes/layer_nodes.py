@@ -116,10 +116,11 @@ def reshape_target_dims(node: gs.Node) -> list[int | None] | None:
     return dims
 
 
-def resize_shape_axis(scope: Scope, name: str, node: gs.Node, old: int, new: int, axis: int) -> None:
+def resize_shape_axis(scope: Scope, name: str, node: gs.Node, old: int | None, new: int, axis: int) -> None:
     """Give the Reshape (or Expand) `node` a target shape with `old` → `new` at `axis`: a constant shape gets its own copy; a
     shape concatenated from one-element pieces (torch's exporter: Concat(batch, seq, [-1], [32])) gets its own
-    piece there. A computed entry (e.g. -1) is left as it is."""
+    piece there. `old` None replaces a computed piece (one read from a tensor's shape at run time); otherwise a
+    computed entry is left as it is."""
     found = constant_value(node.inputs[1])
     if found is not None:
         values = np.array(found[0])
@@ -132,7 +133,9 @@ def resize_shape_axis(scope: Scope, name: str, node: gs.Node, old: int, new: int
         return
     pieces = list(concat.inputs)
     value = constant_value(pieces[axis % len(pieces)])
-    if value is None or np.asarray(value[0]).reshape(-1).tolist() != [old]:
+    current = None if value is None else np.asarray(value[0]).reshape(-1).tolist()
+    if current != (None if old is None else [old]):
         return
-    pieces[axis % len(pieces)] = scope.constant(name, np.asarray([new], np.asarray(value[0]).dtype))
+    dtype = np.int64 if value is None else np.asarray(value[0]).dtype
+    pieces[axis % len(pieces)] = scope.constant(name, np.asarray([new], dtype))
     node.inputs[1] = scope.op("Concat", f"{name}/concat", pieces, dict(concat.attrs))  # its own: others keep theirs

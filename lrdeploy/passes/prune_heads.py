@@ -312,7 +312,7 @@ def _narrow_head_axis(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept
             if node.op == "Reshape":
                 dims = reshape_target_dims(node)
                 if dims is not None and len(dims) >= 4 and dims[-3] == block.heads:
-                    resize_shape_axis(scope, "heads/shape", node, block.heads, kept, -3)
+                    resize_shape_axis(scope, f"heads/shape{len(seen)}", node, block.heads, kept, -3)
             elif node.op in SCORE_BIAS_OPS:
                 for index, term in enumerate(node.inputs):
                     if term is not tensor:
@@ -321,8 +321,9 @@ def _narrow_head_axis(scope: Scope, graph: gs.Graph, block: AttentionBlock, kept
             frontier += list(node.outputs)
 
 
-TERM_DEPTH = 3  # how far back a scores term is searched for its per-head source
-HEAD_TERM_OPS = SCORE_BIAS_OPS | {"Where", "Cast", "Unsqueeze", "Expand", "Identity"}  # keep the trailing axes
+TERM_DEPTH = 5  # how far back a scores term is searched for its per-head source
+HEAD_TERM_OPS = SCORE_BIAS_OPS | {"Where", "Cast", "Unsqueeze", "Expand", "Identity", "Slice"}  # keep trailing axes
+# (Slice: transformers 4's T5 cuts the bias to the query positions, position_bias[:, :, -seq:, :])
 
 
 def _per_head_constant(term: gs.Tensor, heads: int, depth: int = TERM_DEPTH) -> bool:
@@ -375,9 +376,14 @@ def _resize_context(scope: Scope, context: gs.Tensor, width: int, kept_width: in
     for index in range(CONTEXT_RESHAPES):
         if not context.inputs or context.inputs[0].op != "Reshape":
             return
-        resize_shape_axis(scope, "context/shape" + (str(index) if index else ""), context.inputs[0], width, kept_width,
-                          -1)
-        context = context.inputs[0].inputs[0]
+        reshape, name = context.inputs[0], "context/shape" + (str(index) if index else "")
+        resize_shape_axis(scope, name, reshape, width, kept_width, -1)
+        dims = reshape_target_dims(reshape)
+        if dims is not None and dims[-1] is None and -1 not in dims:
+            # the width read from the block's input at run time (CLIP: `reshape(b, t, embed_dim)` with embed_dim from
+            # the hidden states' shape) would still be the full one: let Reshape infer the kept width instead
+            resize_shape_axis(scope, name + "/inferred", reshape, None, -1, -1)
+        context = reshape.inputs[0]
 
 
 HEAD_LAYOUT_OPS = {"Reshape", "Transpose", "Unsqueeze", "Squeeze", "Expand", "Mul", "Add", "Sub", "Neg", "Slice",

@@ -76,7 +76,8 @@ class StructuredBlocks:
         if config.cuts.heads_keep and any(block.feeds_cache for block in attention):
             raise OptionError("--heads-keep would change the head count of the model's KV cache (its past_key_values "
                               "inputs and present outputs), which a generation loop feeds back; build the model "
-                              "exported without its cache (export --task text-generation) or leave --heads-keep out")
+                              "exported without its cache (export --task text-generation; Optimum's task without -with-past) or "
+                              "leave --heads-keep out")
         grouped = [block for block in attention if block.kv_heads != block.heads]
         if config.cuts.values_keep and grouped:
             raise OptionError(f"--values-keep cannot narrow grouped-query attention ({grouped[0].heads} query heads "
