@@ -7,15 +7,21 @@ for its `--optimum DIR` column. Runs in a separate environment, because optimum-
 
 Writes OUT_DIR/<family>/hf (the model folder) and OUT_DIR/<family>/onnx (what `optimum-cli export onnx --task
 TASK` writes: model.onnx, or encoder_model.onnx and the decoders for sequence-to-sequence models), and
-OUT_DIR/exports.json: {row: {"model": ONNX file, "family": family}}.
+OUT_DIR/exports.json: {row: {"model": ONNX file, "family": family}}. With `--fixtures DIR`, also the graphs the
+tests keep (tests/data/optimum/): each export with its float tensors of 16 or more elements zeroed, so that the
+file holds the exporter's spelling of the graph and almost nothing else; `tests/optimum_graphs.py` fills them with
+seeded random values.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 from pathlib import Path
 
+import numpy as np
+import onnx
+from onnx import numpy_helper
 import torch
 import transformers as t
 from optimum.exporters.onnx import main_export
@@ -63,7 +69,22 @@ def models():
     }
 
 
-def main(out: Path) -> None:
+FIXTURES = {"BERT classifier": "bert_classifier.onnx", "CLIP": "clip.onnx", "CLIP vision": "clip_vision.onnx",
+            "Swin": "swin.onnx", "T5 encoder": "t5_encoder.onnx"}
+STRIPPED = 16  # float tensors of at least this many elements are zeroed in a fixture (scalars such as epsilons stay)
+
+
+def strip_weights(source: Path, target: Path) -> None:
+    """`source` with its float tensors of STRIPPED or more elements zeroed (git stores the zeros compressed)."""
+    model = onnx.load(str(source))
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype.kind == "f" and values.size >= STRIPPED:
+            tensor.CopyFrom(numpy_helper.from_array(np.zeros_like(values), tensor.name))
+    onnx.save(model, str(target))
+
+
+def main(out: Path, fixtures: Path | None) -> None:
     exports = {}
     for family, (model, task, files) in models().items():
         torch.manual_seed(0)
@@ -77,7 +98,15 @@ def main(out: Path) -> None:
         for row, name in files.items():
             exports[f"{family} {row}".strip()] = {"model": str(folder / "onnx" / name), "family": family}
     (out / "exports.json").write_text(json.dumps(exports, indent=1))
+    if fixtures is not None:
+        fixtures.mkdir(parents=True, exist_ok=True)
+        for row, name in FIXTURES.items():
+            strip_weights(Path(exports[row]["model"]), fixtures / name)
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser()
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--fixtures", type=Path)
+    args = parser.parse_args()
+    main(args.out, args.fixtures)

@@ -1,0 +1,60 @@
+"""The Optimum-exported graphs of tests/data/optimum/ made runnable: stripped weights filled with seeded random
+values, chosen heads silenced, and random inputs named and shaped as each graph's inputs ask."""
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+from onnx import numpy_helper
+
+from lrdeploy.passes.linear_layers import find_linear_layers
+from lrdeploy.passes.prune_heads import match_plain_attention
+
+FIXTURES = Path(__file__).parent / "data" / "optimum"
+STRIPPED = 16  # as benchmarks/tools/optimum_exports.py strips them
+
+
+def optimum_graph(name: str, target: Path, seed: int = 0, silence_half_heads: bool = False) -> Path:
+    """tests/data/optimum/`name` with random weights (×0.2) saved to `target`; with `silence_half_heads`, the
+    second half of every self-attention's heads write nothing (their rows of the output projection zeroed)."""
+    model = onnx.load(str(FIXTURES / name))
+    rng = np.random.default_rng(seed)
+    for tensor in model.graph.initializer:
+        values = numpy_helper.to_array(tensor)
+        if values.dtype.kind == "f" and values.size >= STRIPPED:
+            random = (0.2 * rng.standard_normal(values.shape)).astype(values.dtype)
+            tensor.CopyFrom(numpy_helper.from_array(random, tensor.name))
+    if silence_half_heads:
+        graph = gs.import_onnx(model)
+        matches = match_plain_attention(graph, find_linear_layers(graph))
+        weights = {t.name: t for t in model.graph.initializer}
+        tensors = graph.tensors()
+        for block in matches.found:
+            matmul = tensors[block.output.output_name].inputs[0]
+            if matmul.op != "MatMul":  # MatMul+Add: the bias Add's input is the MatMul's output
+                matmul = next(t for t in matmul.inputs if t.inputs and t.inputs[0].op == "MatMul").inputs[0]
+            weight = weights[matmul.inputs[1].name]
+            values = numpy_helper.to_array(weight).copy()
+            values[block.width // 2:] = 0
+            weight.CopyFrom(numpy_helper.from_array(values, weight.name))
+    onnx.save(model, str(target))
+    return target
+
+
+def graph_inputs(model: Path, count: int, seed: int) -> dict[str, np.ndarray]:
+    """Random inputs by the graph's input names: token ids, masks of ones, 32×32 pixels; 16 positions."""
+    rng = np.random.default_rng(seed)
+    inputs = {}
+    for spec in onnx.load(str(model), load_external_data=False).graph.input:
+        if spec.name == "token_type_ids":
+            inputs[spec.name] = np.zeros((count, 16), np.int64)
+        elif spec.name.endswith("ids"):
+            inputs[spec.name] = rng.integers(3, 512, (count, 16), dtype=np.int64)
+        elif spec.name.endswith("mask"):
+            inputs[spec.name] = np.ones((count, 16), np.int64)
+        elif spec.name == "pixel_values":
+            inputs[spec.name] = rng.standard_normal((count, 3, 32, 32)).astype(np.float32)
+        else:
+            raise ValueError(f"no random input for {spec.name!r}")
+    return inputs
