@@ -568,12 +568,15 @@ def sweep(model, budgets, target_cosine, target_metric, output_name, bench_batch
 @click.option("--task", type=click.Choice(["feature-extraction", "text-generation", "text-generation-with-past",
                                            "text-classification", "image-classification"]),
               default="feature-extraction", show_default=True,
-              help="For --hf: a sentence embedder (pooled hidden states), a causal LM (input_ids, attention_mask → "
+              help="For --hf: an encoder's pooled hidden states (a sentence embedder; an image or audio encoder such "
+                   "as ViT, CLIP's vision model, Swin or Whisper's encoder: pixel_values / input_features → "
+                   "embedding), a causal LM (input_ids, attention_mask → "
                    "logits over the vocabulary), or one with its KV cache (past_key_values.N.key/value → present.N.*, "
                    "as Optimum names them), a sequence classifier (→ logits [batch, labels]) or an image classifier "
                    "(pixel_values → logits).")
 @click.option("--pooling", type=click.Choice(["mean", "cls", "none"]), default="mean", show_default=True,
-              help="For --hf feature-extraction: pool token states into one vector per sample inside the graph.")
+              help="For --hf feature-extraction: pool token (patch, frame) states into one vector per sample inside "
+                   "the graph (cls: the first token's).")
 @click.option("--normalize/--no-normalize", default=True, show_default=True,
               help="For --hf with pooling: L2-normalise the pooled vector.")
 @click.option("-o", "--output", "output_path", required=True, type=FILE, help="The ONNX file to write.")

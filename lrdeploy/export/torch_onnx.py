@@ -51,7 +51,7 @@ def require_torch():
     return torch
 
 
-def _load_hf(model_dir: Path, auto_class: str, reads: str = "input_ids"):
+def _load_hf(model_dir: Path, auto_class: str, reads: str | tuple[str, ...] = "input_ids"):
     """The Hugging Face model in `model_dir`, loaded by transformers' `auto_class` with eager attention (traceable);
     it must read `reads` (token ids, or an image classifier's pixel values)."""
     require_torch()
@@ -71,10 +71,12 @@ def _load_hf(model_dir: Path, auto_class: str, reads: str = "input_ids"):
         raise ExportError(f"cannot load the Hugging Face model in {model_dir} ({type(exc).__name__}: "
                           f"{first[:200]}); check its config.json and that its weights (model.safetensors or "
                           "pytorch_model.bin) are complete") from None
-    if getattr(model, "main_input_name", "input_ids") != reads:
+    if getattr(model, "main_input_name", "input_ids") not in ((reads,) if isinstance(reads, str) else reads):
+        accepted = " or ".join(repr(name) for name in ((reads,) if isinstance(reads, str) else reads))
         raise ExportError(f"{model_dir} holds a {type(model).__name__}, which reads {model.main_input_name!r}, not "
-                          f"{reads!r}: `export --hf` exports text models and image classifiers (--task "
-                          "image-classification) so far; export it with Hugging Face Optimum (optimum-cli export onnx "
+                          f"{accepted} as this --task needs: text and causal LMs read token ids, image classifiers "
+                          "pixel values, and --task feature-extraction takes text, image and audio encoders; pick "
+                          "the task of the model, or export it with Hugging Face Optimum (optimum-cli export onnx "
                           "--model DIR OUT) and build that ONNX file")
     return model
 
@@ -164,12 +166,16 @@ def with_past_module(model, past: int = 3, new: int = 2):
     return CausalLMWithPast().eval(), inputs, axes
 
 
-def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = True, seq_len: int = 16):
-    """(module, example inputs) for the Hugging Face encoder in `model_dir` with pooling in the graph."""
+def sentence_embedder(model_dir: Path, pooling: str = "mean", normalize: bool = True, seq_len: int = 16,
+                      model=None):
+    """(module, example inputs) for the Hugging Face text encoder in `model_dir` (or `model`, loaded from it) with
+    pooling in the graph; an encoder-decoder (T5) embeds with its encoder."""
     torch = require_torch()
     if pooling not in POOLINGS:
         raise ExportError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
-    encoder = _load_hf(model_dir, "AutoModel")
+    encoder = model if model is not None else _load_hf(model_dir, "AutoModel")
+    if getattr(encoder.config, "is_encoder_decoder", False):
+        encoder = encoder.get_encoder()
     vocabulary = int(getattr(encoder.config, "vocab_size", 0) or 0)
 
     class SentenceEmbedder(torch.nn.Module):
@@ -304,8 +310,50 @@ def export_hf(model_dir: Path, output: Path, pooling: str = "mean", normalize: b
     if task in ("text-classification", "image-classification"):
         module, inputs, axes = classifier(model_dir, task)
         return export_module(module, inputs, output, "logits", tolerance, positional=True, dynamic_axes=axes)
-    module, inputs = sentence_embedder(model_dir, pooling, normalize)
-    return export_module(module, inputs, output, "last_hidden_state" if pooling == "none" else "embedding", tolerance)
+    name = "last_hidden_state" if pooling == "none" else "embedding"
+    model = _load_hf(model_dir, "AutoModel", ("input_ids",) + SIGNAL_INPUTS)
+    if model.main_input_name in SIGNAL_INPUTS:
+        module, inputs = signal_encoder(model, pooling, normalize)
+        axes = {next(iter(inputs)): {0: "batch"}, name: {0: "batch"}}
+        return export_module(module, inputs, output, name, tolerance, positional=True, dynamic_axes=axes)
+    module, inputs = sentence_embedder(model_dir, pooling, normalize, model=model)
+    return export_module(module, inputs, output, name, tolerance)
+
+
+SIGNAL_INPUTS = ("pixel_values", "input_features", "input_values")  # image and audio encoders' inputs
+
+
+def signal_encoder(model, pooling: str = "mean", normalize: bool = True):
+    """(module, example inputs) for an image or audio encoder (ViT, CLIP's vision model, Swin; Whisper's encoder,
+    wav2vec2): its hidden states pooled over patches or frames (mean, the first token, or none), of the model's
+    own input size (only the batch varies). An encoder-decoder (Whisper) exports its encoder."""
+    torch = require_torch()
+    if pooling not in POOLINGS:
+        raise ExportError(f"--pooling {pooling!r} is not one of {', '.join(POOLINGS)}")
+    config, name = model.config, model.main_input_name
+    encoder = model.get_encoder() if getattr(config, "is_encoder_decoder", False) else model
+    generator = torch.Generator().manual_seed(0)
+    if name == "pixel_values":
+        size = config.image_size if isinstance(config.image_size, int) else max(dict(config.image_size).values())
+        example = torch.randn(2, int(getattr(config, "num_channels", 3)), size, size, generator=generator)
+    elif name == "input_features":  # Whisper: log-mel frames, twice the encoder's positions
+        example = torch.randn(2, config.num_mel_bins, 2 * config.max_source_positions, generator=generator)
+    else:  # raw audio samples
+        example = torch.randn(2, 16000, generator=generator)
+
+    class SignalEncoder(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = encoder
+
+        def forward(self, signal):
+            hidden = self.encoder(**{name: signal}).last_hidden_state
+            if pooling == "none":
+                return hidden
+            pooled = hidden[:, 0] if pooling == "cls" else hidden.mean(1)
+            return torch.nn.functional.normalize(pooled, p=2, dim=-1) if normalize else pooled
+
+    return SignalEncoder().eval(), {name: example}
 
 
 def classifier(model_dir: Path, task: str, seq_len: int = 16):

@@ -105,25 +105,43 @@ def test_broken_hf_folder_is_one_error_line(bert_dir, tmp_path, damage, cause):
     assert not (tmp_path / "m.onnx").exists()
 
 
-def test_export_hf_of_a_small_vocabulary_and_of_a_vision_model(tmp_path):
+def test_export_hf_of_a_small_vocabulary_and_of_image_and_audio_encoders(tmp_path):
     """Issue 26: example token ids were drawn from 1000–2000 (IndexError under 2000 words); a vision folder ended
-    in an AttributeError. A 100-word BERT exports; a ViT is one Error line naming what to use instead."""
+    in an AttributeError. A 100-word BERT exports; a ViT and Whisper's encoder export as feature extractors
+    (pixel values / log-mel frames → pooled embedding, the batch dynamic) that match PyTorch; a ViT asked for a
+    text classifier is one Error line."""
     import torch
-    from click.testing import CliRunner
-    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel, WhisperConfig, WhisperModel
 
-    from lrdeploy.cli import main
 
     torch.manual_seed(0)
     BertModel(BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                          intermediate_size=64, max_position_embeddings=32)).save_pretrained(str(tmp_path / "bert"))
-    ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                       image_size=32, patch_size=16)).save_pretrained(str(tmp_path / "vit"))
+    vit = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                             image_size=32, patch_size=16)).eval()
+    vit.save_pretrained(str(tmp_path / "vit"))
+    WhisperModel(WhisperConfig(num_mel_bins=16, max_source_positions=16, d_model=32, encoder_layers=1,
+                               decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                               encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=64, pad_token_id=0, bos_token_id=1,
+                               eos_token_id=2, decoder_start_token_id=1)).save_pretrained(str(tmp_path / "whisper"))
     small = CliRunner().invoke(main, ["export", "--hf", str(tmp_path / "bert"), "-o", str(tmp_path / "bert.onnx")])
     assert small.exit_code == 0, small.output
-    vision = CliRunner().invoke(main, ["export", "--hf", str(tmp_path / "vit"), "-o", str(tmp_path / "vit.onnx")])
-    assert vision.exit_code == 1 and not (tmp_path / "vit.onnx").exists()
-    assert vision.stderr.startswith("Error: ") and "holds a ViTModel, which reads 'pixel_values'" in vision.stderr
+    for name, extra in (("vit", ["--pooling", "cls", "--no-normalize"]), ("whisper", [])):
+        result = CliRunner().invoke(main, ["export", "--hf", str(tmp_path / name), "-o", str(tmp_path / f"{name}.onnx"),
+                                           *extra])
+        assert result.exit_code == 0, result.output
+    pixels = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    with torch.no_grad():
+        want = vit(pixel_values=torch.from_numpy(pixels)).last_hidden_state[:, 0].numpy()
+    np.testing.assert_allclose(run_model(tmp_path / "vit.onnx", {"pixel_values": pixels})[0], want, atol=1e-5)
+    frames = np.zeros((4, 16, 32), np.float32)
+    (embedding,) = run_model(tmp_path / "whisper.onnx", {"input_features": frames})
+    assert embedding.shape == (4, 32) and np.allclose(np.linalg.norm(embedding, axis=1), 1, atol=1e-5)
+    vision = CliRunner().invoke(main, ["export", "--hf", str(tmp_path / "vit"), "--task", "text-classification",
+                                       "-o", str(tmp_path / "vit-cls.onnx")])
+    assert vision.exit_code == 1 and not (tmp_path / "vit-cls.onnx").exists()
+    (line,) = vision.stderr.strip().splitlines()
+    assert line.startswith(f"Error: cannot load the Hugging Face model in {tmp_path / 'vit'} (")
 
 
 @pytest.mark.parametrize("tie", [True, False])
