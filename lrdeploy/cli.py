@@ -610,36 +610,42 @@ def export(hf_dir, factory, task, pooling, normalize, output_path, tolerance) ->
 @click.option("--eval-windows", default=256, show_default=True, type=click.IntRange(min=1))
 @click.option("--images", "image_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
               help="Images instead of text: a folder of image files, made into pixel_values by --processor.")
+@click.option("--audio", "audio_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="Audio instead of text: a folder of PCM WAV files, made into the model's features (Whisper: "
+                   "input_features) by --processor.")
 @click.option("--processor", "processor_dir", type=click.Path(exists=True, file_okay=False, path_type=Path),
-              help="With --images: the model's Hugging Face folder (its preprocessor_config.json).")
+              help="With --images or --audio: the model's Hugging Face folder (its preprocessor_config.json).")
 @click.option("--calib-count", default=256, show_default=True, type=click.IntRange(min=1),
-              help="With --images: calibration images.")
+              help="With --images or --audio: calibration files.")
 @click.option("--eval-count", default=128, show_default=True, type=click.IntRange(min=1),
-              help="With --images: held-out images.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Which documents or images are held out.")
+              help="With --images or --audio: held-out files.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Which documents or files are held out.")
 @click.option("-o", "--output-dir", required=True, type=click.Path(file_okay=False, path_type=Path),
               help="Where calib.npz and eval.npz go.")
 @user_errors
-def data(tokenizer_dir, texts, pydoc, tokens, calib_windows, eval_windows, image_dir, processor_dir, calib_count,
-         eval_count, seed, output_dir) -> None:
+def data(tokenizer_dir, texts, pydoc, tokens, calib_windows, eval_windows, image_dir, audio_dir, processor_dir,
+         calib_count, eval_count, seed, output_dir) -> None:
     """Turn text into calibration and held-out evaluation inputs for a language model (windows of --tokens
     tokens: input_ids, attention_mask; the held-out windows from documents calibration never sees), or a folder
-    of images into an image model's pixel_values through its own image processor (held-out images apart)."""
+    of images or audio files into the model's inputs through its own preprocessor (held-out files apart)."""
     import numpy as np
 
     from lrdeploy.files import check_output_dir, output_set, refuse_overwriting_inputs
 
-    if bool(image_dir) == bool(tokenizer_dir) or bool(image_dir) != bool(processor_dir):
-        raise click.UsageError("give --tokenizer DIR (text), or --images DIR with --processor DIR (images)")
+    media = image_dir or audio_dir
+    if sum(map(bool, (tokenizer_dir, image_dir, audio_dir))) != 1 or bool(media) != bool(processor_dir):
+        raise click.UsageError("give --tokenizer DIR (text), or --images DIR or --audio DIR with --processor DIR")
     outputs = [output_dir / "calib.npz", output_dir / "eval.npz"]
     check_output_dir(output_dir)
-    if image_dir:
-        from lrdeploy.calib.images import image_files, image_splits
+    if media:
+        from lrdeploy.calib.media import audio_files, audio_splits, image_files, image_splits
 
-        refuse_overwriting_inputs(outputs, image_files(image_dir))
-        calibration, evaluation = image_splits(image_dir, processor_dir, calib_count, eval_count, seed)
-        what = f"images ({' × '.join(map(str, calibration['pixel_values'].shape[1:]))} pixel values)"
-        count = len(calibration["pixel_values"]), len(evaluation["pixel_values"])
+        files, splits = (image_files, image_splits) if image_dir else (audio_files, audio_splits)
+        refuse_overwriting_inputs(outputs, files(media))
+        calibration, evaluation = splits(media, processor_dir, calib_count, eval_count, seed)
+        name, values = next(iter(calibration.items()))
+        what = f"{'images' if image_dir else 'audio clips'} ({' × '.join(map(str, values.shape[1:]))} {name})"
+        count = len(values), len(evaluation[name])
     else:
         from lrdeploy.calib.windows import text_documents, text_windows
 

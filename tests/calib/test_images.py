@@ -34,13 +34,13 @@ def vit(tmp_path_factory):
 def test_data_makes_pixel_values_with_the_models_processor_and_keeps_held_out_images_apart(vit, tmp_path):
     from transformers import AutoImageProcessor
 
-    from lrdeploy.calib.images import image_files
+    from lrdeploy.calib.media import image_files
 
     folder, images = vit
     result = CliRunner().invoke(main, ["data", "--images", str(images), "--processor", str(folder), "--calib-count", "24",
                                        "--eval-count", "12", "-o", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
-    assert "24 calibration and 12 held-out images (3 × 32 × 32 pixel values)" in result.output
+    assert "24 calibration and 12 held-out images (3 × 32 × 32 pixel_values)" in result.output
     calib = np.load(tmp_path / "d" / "calib.npz", allow_pickle=False)["pixel_values"]
     held_out = np.load(tmp_path / "d" / "eval.npz", allow_pickle=False)["pixel_values"]
     assert calib.shape == (24, 3, 32, 32) and held_out.shape == (12, 3, 32, 32) and calib.dtype == np.float32
