@@ -26,13 +26,15 @@ FUSED_OPS = ("Attention", "MultiHeadAttention", "EmbedLayerNormalization", "Skip
 
 def attention_geometry(graph: gs.Graph) -> tuple[int, int] | None:
     """(number of heads, hidden size) of the graph's self-attention, or None where it cannot be read: the hidden
-    size is the first LayerNormalization's width, the head size comes from the Reshapes to [b, s, heads, dim]
+    size is the first LayerNormalization's width (without one, the linear layers' most common input width), the head size comes from the Reshapes to [b, s, heads, dim]
     (its dim, or hidden / heads), and the head count is hidden / head size. The head size is voted on, not the
     count: it is the same in every block even after a head cut, when the counts differ."""
     norms = [n for n in graph.nodes if n.op == "LayerNormalization" and isinstance(n.inputs[1], gs.Constant)]
-    if not norms:
+    widths = Counter(int(n.inputs[1].values.shape[0]) for n in graph.nodes  # RMSNorm models: the linear layers'
+                     if n.op == "MatMul" and isinstance(n.inputs[1], gs.Constant) and n.inputs[1].values.ndim == 2)
+    if not norms and not widths:  # most common input width (Q, K, V, O, gate and up read the hidden size)
         return None
-    hidden = int(norms[0].inputs[1].values.shape[-1])
+    hidden = int(norms[0].inputs[1].values.shape[-1]) if norms else widths.most_common(1)[0][0]
     votes: Counter[int] = Counter()
     for node in graph.nodes:
         dims = reshape_target_dims(node) if node.op == "Reshape" else None

@@ -289,3 +289,25 @@ def test_optimize_ort_says_what_it_fused_and_warns_when_no_attention_was(exporte
                                         "-o", str(tmp_path / "tiny")])
     assert unfused.exit_code == 0, unfused.output
     assert "ONNX Runtime's transformer optimizer fused no Attention in this model" in " ".join(unfused.output.split())
+
+
+def test_an_rmsnorm_llama_builds_inside_the_fused_graph(tmp_path):
+    """Issue 26: a Llama (RMSNorm, no LayerNormalization to read the width from) ended in a checker traceback on
+    ONNX Runtime's SimplifiedLayerNormalization; now its geometry is read from the linear layers, the fused norms
+    are kept, and the model is validated in ONNX Runtime."""
+    from tests.factories import tiny_llama_dir
+
+    tiny_llama_dir(tmp_path / "hf")
+    exported = CliRunner().invoke(main, ["export", "--hf", str(tmp_path / "hf"), "--task", "text-generation",
+                                         "-o", str(tmp_path / "llama.onnx")])
+    assert exported.exit_code == 0, exported.output
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "c.npz", input_ids=rng.integers(3, 100, (32, 16)), attention_mask=np.ones((32, 16), np.int64))
+    result = CliRunner().invoke(main, ["build", str(tmp_path / "llama.onnx"), "--calib", str(tmp_path / "c.npz"),
+                                       "--optimize", "ort", "--rank-budget", "0.5", "-o", str(tmp_path / "o"), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    fused = report["fused_ops"]
+    assert fused["dense"].get("SkipSimplifiedLayerNormalization", 0) > 0 and fused["compressed"] == fused["dense"]
+    assert report["accuracy"]["outputs"]["logits"]["next_token"]["positions"] > 0
+    assert "fused no Attention" in result.stderr
