@@ -240,7 +240,29 @@ def main_(argv: list[str]) -> None:
                .replace("|", "/") for c in (cells[cut] for cut in cuts)]
         lines.append(f"| {family} | {exporter} | " + " | ".join(row) + " |")
     (args.out / "matrix.md").write_text("\n".join(lines) + "\n")
+    (args.out / "compact.md").write_text(compact_table(results, list(cuts)))
     print("\n".join(lines))
+
+
+def compact_table(results: list[dict], cuts: list[str]) -> str:
+    """The table for the docs: ✓ and the held-out figure (top-1 agreement or cosine), or ✗ and a footnote with the
+    one Error line (its model path cut off), each distinct line once."""
+    notes: dict[str, str] = {}
+    lines = ["| model | exporter | " + " | ".join(cuts) + " |", "|---|---|" + "---|" * len(cuts)]
+    for family, exporter in dict.fromkeys((r["family"], r["exporter"]) for r in results):
+        cells = {r["cut"]: r for r in results if r["family"] == family and r["exporter"] == exporter}
+        row = []
+        for cut in cuts:
+            cell = cells.get(cut) or cells.get("export")
+            if cell["outcome"] == "ok":
+                row.append("✓ " + cell["detail"].split(",")[0].split()[-1])
+                continue
+            text = cell["detail"].split(".onnx ", 1)[-1] if ".onnx " in cell["detail"] else cell["detail"]
+            key = notes.setdefault(text, chr(ord("a") + len(notes)))
+            row.append(f"{'✗' if cell['outcome'] == 'error' else 'BUG'} ({key})")
+        lines.append(f"| {family} | {exporter} | " + " | ".join(row) + " |")
+    lines += [""] + [f"({key}) {text}" for text, key in notes.items()]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
