@@ -43,18 +43,26 @@ def optimum_graph(name: str, target: Path, seed: int = 0, silence_half_heads: bo
 
 
 def graph_inputs(model: Path, count: int, seed: int) -> dict[str, np.ndarray]:
-    """Random inputs by the graph's input names: token ids, masks of ones, 32×32 pixels; 16 positions."""
+    """Random inputs by the graph's input names and shapes: token ids, masks of ones, 32×32 pixels, audio features
+    and encoder states (16 positions where the length is free), an empty decoder past (prefill), the encoder's past
+    and `use_cache_branch` False (a merged decoder's first step)."""
     rng = np.random.default_rng(seed)
     inputs = {}
     for spec in onnx.load(str(model), load_external_data=False).graph.input:
-        if spec.name == "token_type_ids":
-            inputs[spec.name] = np.zeros((count, 16), np.int64)
-        elif spec.name.endswith("ids"):
-            inputs[spec.name] = rng.integers(3, 512, (count, 16), dtype=np.int64)
-        elif spec.name.endswith("mask"):
-            inputs[spec.name] = np.ones((count, 16), np.int64)
-        elif spec.name == "pixel_values":
-            inputs[spec.name] = rng.standard_normal((count, 3, 32, 32)).astype(np.float32)
-        else:
-            raise ValueError(f"no random input for {spec.name!r}")
+        name = spec.name
+        dims = [d.dim_value or None for d in spec.type.tensor_type.shape.dim]
+        if name == "token_type_ids":
+            inputs[name] = np.zeros((count, 16), np.int64)
+        elif name.endswith("ids"):
+            inputs[name] = rng.integers(3, 512, (count, 16), dtype=np.int64)
+        elif name.endswith("mask"):
+            inputs[name] = np.ones((count, 16), np.int64)
+        elif name == "pixel_values":
+            inputs[name] = rng.standard_normal((count, 3, 32, 32)).astype(np.float32)
+        elif name == "use_cache_branch":
+            inputs[name] = np.zeros([1], bool)
+        elif name.startswith("past_key_values") and ".decoder." in name:
+            inputs[name] = np.zeros([count, dims[1], 0, dims[3]], np.float32)
+        else:  # input_features, encoder_hidden_states, the encoder's past: float, 16 where a length is free
+            inputs[name] = rng.standard_normal([count] + [d or 16 for d in dims[1:]]).astype(np.float32)
     return inputs

@@ -70,7 +70,8 @@ def models():
 
 
 FIXTURES = {"BERT classifier": "bert_classifier.onnx", "CLIP": "clip.onnx", "CLIP vision": "clip_vision.onnx",
-            "Swin": "swin.onnx", "T5 encoder": "t5_encoder.onnx"}
+            "Swin": "swin.onnx", "T5 encoder": "t5_encoder.onnx", "T5 decoder": "t5_decoder.onnx",
+            "Whisper decoder": "whisper_decoder.onnx", "T5 merged decoder": "t5_decoder_merged.onnx"}
 STRIPPED = 16  # float tensors of at least this many elements are zeroed in a fixture (scalars such as epsilons stay)
 
 
