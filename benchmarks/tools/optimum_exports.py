@@ -41,6 +41,11 @@ def models():
                               init_std=0.2)
     t5 = t.T5Config(vocab_size=512, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS,
                     num_heads=HEADS, initializer_factor=2.0, decoder_start_token_id=0)
+    llama = t.LlamaConfig(vocab_size=512, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
+                          num_attention_heads=HEADS, num_key_value_heads=HEADS // 2, max_position_embeddings=64,
+                          tie_word_embeddings=True)  # grouped-query attention, a gated MLP, a tied head
+    gpt2 = t.GPT2Config(vocab_size=512, n_embd=HIDDEN, n_layer=LAYERS, n_head=HEADS, n_positions=64,
+                        initializer_range=0.2)
     seq2seq = {"encoder": "encoder_model.onnx", "decoder": "decoder_model.onnx",
                "merged decoder": "decoder_model_merged.onnx"}
     return {
@@ -65,13 +70,19 @@ def models():
                                           vision_config=dict(image_size=32, patch_size=8, **COMMON),
                                           projection_dim=32)), "feature-extraction", {"": "model.onnx"}),
         "Whisper": (t.WhisperForConditionalGeneration(whisper), "automatic-speech-recognition-with-past", seq2seq),
+        "Llama": (t.LlamaForCausalLM(llama), "text-generation", {"": "model.onnx"}),
+        "Llama with past": (t.LlamaForCausalLM(llama), "text-generation-with-past", {"": "model.onnx"}),
+        "GPT-2": (t.GPT2LMHeadModel(gpt2), "text-generation", {"": "model.onnx"}),
+        "GPT-2 with past": (t.GPT2LMHeadModel(gpt2), "text-generation-with-past", {"": "model.onnx"}),
         "T5": (t.T5ForConditionalGeneration(t5), "text2text-generation-with-past", seq2seq),
     }
 
 
 FIXTURES = {"BERT classifier": "bert_classifier.onnx", "CLIP": "clip.onnx", "CLIP vision": "clip_vision.onnx",
             "Swin": "swin.onnx", "T5 encoder": "t5_encoder.onnx", "T5 decoder": "t5_decoder.onnx",
-            "Whisper decoder": "whisper_decoder.onnx", "T5 merged decoder": "t5_decoder_merged.onnx"}
+            "Whisper decoder": "whisper_decoder.onnx", "T5 merged decoder": "t5_decoder_merged.onnx",
+            "Llama": "llama.onnx", "Llama with past": "llama_with_past.onnx", "GPT-2": "gpt2.onnx",
+            "GPT-2 with past": "gpt2_with_past.onnx"}
 STRIPPED = 16  # float tensors of at least this many elements are zeroed in a fixture (scalars such as epsilons stay)
 
 

@@ -1,5 +1,6 @@
-"""Issue 26's table as a regression test: every encoder family from torch's legacy and dynamo exporters, and
-Optimum's graphs kept in tests/data/optimum/, built with each of six cuts; every cell runs and passes its checks
+"""Issues 25 and 26's table as a regression test: every encoder family from torch's legacy and dynamo exporters,
+and Optimum's graphs kept in tests/data/optimum/ (encoders, decoders, Llama and GPT-2 with and without their KV
+cache), built with each of six cuts; every cell runs and passes its checks
 (validated in ONNX Runtime, matrices shrunk as reported) or stops with the one `Error:` line expected of it.
 The table with figures: benchmarks/tools/family_matrix.py."""
 
@@ -19,10 +20,13 @@ MERGED = "inside the branches of an If (a merged decoder"
 OPTIMUM_REFUSALS = {  # (graph, cut): what its Error line says; every other cell runs
     ("t5_decoder.onnx", "heads 0.5"): KV_CACHE, ("t5_decoder.onnx", "drop 1"): CACHE_OUTPUT,
     ("whisper_decoder.onnx", "heads 0.5"): KV_CACHE, ("whisper_decoder.onnx", "drop 1"): CACHE_OUTPUT,
+    ("llama_with_past.onnx", "heads 0.5"): KV_CACHE, ("llama_with_past.onnx", "drop 1"): CACHE_OUTPUT,
+    ("gpt2_with_past.onnx", "heads 0.5"): KV_CACHE, ("gpt2_with_past.onnx", "drop 1"): CACHE_OUTPUT,
     **{("t5_decoder_merged.onnx", cut): MERGED for cut in CUTS},
 }
 OPTIMUM_GRAPHS = ["bert_classifier.onnx", "clip.onnx", "clip_vision.onnx", "swin.onnx", "t5_encoder.onnx",
-                  "t5_decoder.onnx", "whisper_decoder.onnx", "t5_decoder_merged.onnx"]
+                  "t5_decoder.onnx", "whisper_decoder.onnx", "t5_decoder_merged.onnx", "llama.onnx",
+                  "llama_with_past.onnx", "gpt2.onnx", "gpt2_with_past.onnx"]
 
 
 def _run_cuts(model, calib, evaluation, folder):
