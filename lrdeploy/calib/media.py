@@ -47,20 +47,27 @@ def _split(files: list[Path], folder: Path, what: str, suffixes: tuple[str, ...]
     return prepare(chosen[eval_count:]), prepare(chosen[:eval_count])
 
 
+def _preprocessor(auto_class: str, processor_dir: Path, what: str):
+    """The model's own preprocessor, loaded by transformers' `auto_class` from the model's folder."""
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError(f"a {what} needs transformers; install lrdeploy's torch extra") from None
+    try:
+        return getattr(transformers, auto_class).from_pretrained(str(processor_dir))
+    except (OSError, ValueError) as exc:
+        raise CalibrationDataError(f"{processor_dir} has no {what} ({type(exc).__name__}); pass the model's Hugging "
+                                   "Face folder (its preprocessor_config.json)") from None
+
+
 def image_splits(folder: Path, processor_dir: Path, calib_count: int, eval_count: int,
                  seed: int = 0) -> tuple[Arrays, Arrays]:
     """(calibration, evaluation) inputs: `pixel_values` [images, channels, height, width] float32."""
     try:
         from PIL import Image
-        from transformers import AutoImageProcessor
     except ImportError:
-        raise MissingDependencyError("images need transformers and Pillow; install lrdeploy's torch extra") from None
-    files = image_files(folder)
-    try:
-        processor = AutoImageProcessor.from_pretrained(str(processor_dir))
-    except (OSError, ValueError) as exc:
-        raise CalibrationDataError(f"{processor_dir} has no image processor ({type(exc).__name__}); pass the model's "
-                                   "Hugging Face folder (its preprocessor_config.json)") from None
+        raise MissingDependencyError("images need Pillow; install lrdeploy's torch extra") from None
+    processor = _preprocessor("AutoImageProcessor", processor_dir, "image processor")
 
     def pixels(paths: list[Path]) -> Arrays:
         images = []
@@ -73,7 +80,7 @@ def image_splits(folder: Path, processor_dir: Path, calib_count: int, eval_count
         values = processor(images=images, return_tensors="np")["pixel_values"]
         return {"pixel_values": np.asarray(values, np.float32)}
 
-    return _split(files, folder, "images", IMAGE_SUFFIXES, calib_count, eval_count, seed, pixels)
+    return _split(image_files(folder), folder, "images", IMAGE_SUFFIXES, calib_count, eval_count, seed, pixels)
 
 
 def read_wav(path: Path, rate: int) -> np.ndarray:
@@ -99,20 +106,11 @@ def audio_splits(folder: Path, processor_dir: Path, calib_count: int, eval_count
                  seed: int = 0) -> tuple[Arrays, Arrays]:
     """(calibration, evaluation) inputs made by the model's feature extractor (Whisper: `input_features` [clips,
     mel bins, frames], padded or cut to its window)."""
-    try:
-        from transformers import AutoFeatureExtractor
-    except ImportError:
-        raise MissingDependencyError("audio needs transformers; install lrdeploy's torch extra") from None
-    files = audio_files(folder)
-    try:
-        extractor = AutoFeatureExtractor.from_pretrained(str(processor_dir))
-    except (OSError, ValueError) as exc:
-        raise CalibrationDataError(f"{processor_dir} has no feature extractor ({type(exc).__name__}); pass the "
-                                   "model's Hugging Face folder (its preprocessor_config.json)") from None
+    extractor = _preprocessor("AutoFeatureExtractor", processor_dir, "feature extractor")
     name, rate = extractor.model_input_names[0], int(extractor.sampling_rate)
 
     def features(paths: list[Path]) -> Arrays:
         values = extractor([read_wav(path, rate) for path in paths], sampling_rate=rate, return_tensors="np")[name]
         return {name: np.asarray(values, np.float32)}
 
-    return _split(files, folder, "audio files", AUDIO_SUFFIXES, calib_count, eval_count, seed, features)
+    return _split(audio_files(folder), folder, "audio files", AUDIO_SUFFIXES, calib_count, eval_count, seed, features)
