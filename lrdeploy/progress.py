@@ -8,6 +8,7 @@ tokenize) hands its timings on and the report lists every stage in order.
 
 from __future__ import annotations
 
+import sys
 import time
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Protocol
@@ -18,8 +19,8 @@ Step = Callable[[], None]
 class Progress(Protocol):
     """Receives what a run has to say; every method may be a no-op."""
 
-    def stage_done(self, name: str, seconds: float) -> None:
-        """A stage finished."""
+    def stage_done(self, name: str, seconds: float, peak_mb: float | None = None) -> None:
+        """A stage finished (`peak_mb`: the process's peak resident memory so far)."""
 
     def note(self, text: str) -> None:
         """A line worth showing (e.g. "statistics from cache", a budget's result)."""
@@ -34,7 +35,7 @@ class Progress(Protocol):
 class SilentProgress:
     """Shows nothing (the Python API's default)."""
 
-    def stage_done(self, name: str, seconds: float) -> None:
+    def stage_done(self, name: str, seconds: float, peak_mb: float | None = None) -> None:
         pass
 
     def note(self, text: str) -> None:
@@ -56,8 +57,9 @@ class ConsoleProgress:
     def __init__(self, console):
         self.console = console
 
-    def stage_done(self, name: str, seconds: float) -> None:
-        self.console.print(f"[green]✓[/green] {name} ({seconds:.1f} s)")
+    def stage_done(self, name: str, seconds: float, peak_mb: float | None = None) -> None:
+        peak = "" if peak_mb is None else f", peak {peak_mb / 1024:.2f} GB"
+        self.console.print(f"[green]✓[/green] {name} ({seconds:.1f} s{peak})")
 
     def note(self, text: str) -> None:
         self.console.print(text)
@@ -80,16 +82,32 @@ class ConsoleProgress:
         return advance
 
 
-class StageTimer:
-    """Times named stages into `timings` (continuing `earlier` ones) and tells `progress` as each ends."""
+def peak_rss_mb() -> float | None:
+    """The process's peak resident memory so far, in MiB (None where the platform does not say)."""
+    try:
+        import resource
+    except ImportError:  # not on Linux or macOS
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
 
-    def __init__(self, progress: Progress = SILENT, earlier: Mapping[str, float] | None = None):
+
+class StageTimer:
+    """Times named stages into `timings` and the peak resident memory at each one's end into `peaks` (continuing
+    `earlier` ones, and `earlier_peaks`), and tells `progress` as each ends."""
+
+    def __init__(self, progress: Progress = SILENT, earlier: Mapping[str, float] | None = None,
+                 earlier_peaks: Mapping[str, float] | None = None):
         self.progress = progress
         self.timings: dict[str, float] = dict(earlier or {})
+        self.peaks: dict[str, float] = dict(earlier_peaks or {})
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         start = time.perf_counter()
         yield
         self.timings[name] = round(time.perf_counter() - start, 3)
-        self.progress.stage_done(name, self.timings[name])
+        peak = peak_rss_mb()
+        if peak is not None:
+            self.peaks[name] = peak
+        self.progress.stage_done(name, self.timings[name], peak)

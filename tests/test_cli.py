@@ -83,6 +83,9 @@ def test_build_writes_model_and_reports(transformer_files, tmp_path, budget):
     onnx.checker.check_model(str(compressed))
     report = json.loads((out / "report.json").read_text())
     assert REPORT_KEYS <= set(report)
+    peaks = list(report["peak_rss_mb"].values())  # the process's peak so far at each stage's end: never falls
+    assert list(report["peak_rss_mb"]) == list(report["timings"]) and peaks == sorted(peaks) and peaks[0] > 10
+    assert "peak RSS (MB)" in (out / "report.md").read_text() and ", peak " in result.output
     assert report["config"] == {"rank_budget": budget, "method": "pca", "allocation": "uniform", "rank_multiple": 16,
                                 "calib_samples": 77, "calib_source": f"calibration file {calib}",
                                 "eval_source": "held-out tail of calibration file " + str(calib) + " (19 samples)",

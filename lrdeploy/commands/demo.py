@@ -89,7 +89,7 @@ def run_demo(settings: DemoSettings, progress: Progress = SILENT) -> DemoResult:
     config = BuildConfig.from_options(model=model, rank_budget=settings.rank_budget, calib=str(calib), eval=evaluation,
                          output_dir=out, bench_batches=settings.bench_batches, bench_seq=settings.bench_seq,
                          bench_iterations=settings.bench_iterations, plan=settings.plan)
-    prepared = prepare_build(config, progress, tuple(settings.budgets) + (settings.rank_budget,), timer.timings)
+    prepared = prepare_build(config, progress, tuple(settings.budgets) + (settings.rank_budget,), timer)
     main = realize_build(prepared, settings.rank_budget, out, progress, bench=True)
     with output_set(out) as stage:
         sweep = Sweep(prepared, SweepSettings(output=EMBEDDING, bench_batch=None), stage, out, progress)

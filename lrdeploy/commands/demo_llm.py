@@ -140,7 +140,7 @@ def run_language_demo(settings: LanguageDemoSettings, progress: Progress = SILEN
                          output_dir=out, bench_batches=(1,), bench_seq=settings.window_tokens,
                          bench_iterations=settings.bench_iterations, plan="unified",
                          sensitivity_samples=settings.sensitivity_samples)
-    prepared = prepare_build(config, progress, tuple(settings.budgets) + (settings.rank_budget,), timer.timings)
+    prepared = prepare_build(config, progress, tuple(settings.budgets) + (settings.rank_budget,), timer)
     main = realize_build(prepared, settings.rank_budget, out, progress, bench=True)
     with timer.stage("generate"):
         main.report.generated = generate_both(folder, model, main.output_model, settings.prompts, settings.new_tokens)

@@ -198,8 +198,8 @@ def _distill(settings: DistillSettings, config: BuildConfig, progress: Progress)
                           NEXT_TOKEN if settings.causal_lm() else EMBEDDING, progress)
     if settings.target_cosine is not None:  # the report lists export and tokenize too, on either path
         return run_sweep(config, SweepSettings(budgets=[], target=settings.target_cosine, bench_batch=None), progress,
-                         distiller, timer.timings)
-    prepared = prepare_build(config, progress, timings=timer.timings)
+                         distiller, timer)
+    prepared = prepare_build(config, progress, earlier=timer)
     return realize_build(prepared, settings.factorization.rank_budget, config.resolved_output_dir, progress, bench=False,
                          finetune=distiller)
 

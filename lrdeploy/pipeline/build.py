@@ -79,6 +79,7 @@ class PreparedBuild:
     decompositions: dict[str, Decomposition]
     spectra: dict[str, dict[str, list[float]]]
     timings: dict[str, float]
+    peaks: dict[str, float]  # peak resident MiB at each stage's end
     sensitivity: SensitivityTable | None = None
     structured: StructuredCuts = field(default_factory=StructuredCuts)  # --ffn-keep, --heads-keep
     shape_options: ShapeOptions | None = None  # --plan unified / --target-latency: what the plan chooses from
@@ -89,11 +90,11 @@ class PreparedBuild:
 
 
 def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tuple[float, ...] = (),
-                  timings: dict[str, float] | None = None) -> PreparedBuild:
+                  earlier: StageTimer | None = None) -> PreparedBuild:
     """Load, check inputs, calibrate and decompose; every user error surfaces here, before outputs exist.
-    `timings` are a caller's earlier stages (e.g. export), reported before these."""
+    `earlier`: a caller's stages (e.g. export), reported before these."""
     config.check()
-    timer = StageTimer(progress, timings)
+    timer = StageTimer(progress, earlier and earlier.timings, earlier and earlier.peaks)
     with timer.stage("load"):
         inspection = inspect_model(config.model, config.factorization.rank_multiple)
         eligible = inspection.require_eligible()
@@ -159,7 +160,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
             options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions, probe,
                                     feeds, cache, progress, structured, inspection.layers)
     return PreparedBuild(config=config, inspection=inspection, eligible=eligible, feeds=feeds, samples=samples,
-                         decompositions=decompositions, spectra=layer_spectra, timings=timer.timings,
+                         decompositions=decompositions, spectra=layer_spectra, timings=timer.timings, peaks=timer.peaks,
                          sensitivity=sensitivity, structured=structured, shape_options=options)
 
 
@@ -233,7 +234,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
     says so); write the model and reports into `output_dir` together, or nothing at all. `published_dir`: where a
     caller that staged `output_dir` will publish these files (what the reports name; default `output_dir`)."""
     config, inspection = prepared.config, prepared.inspection
-    timer = StageTimer(progress, prepared.timings)
+    timer = StageTimer(progress, prepared.timings, prepared.peaks)
     output_dir = Path(output_dir)
     output_model = output_dir / config.output_model.name
     published_model = Path(published_dir or output_dir) / output_model.name
@@ -269,7 +270,7 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
             budget=budget, plan=chosen.plan, latency=chosen.latency, output_model=str(published_model),
             external_data=external, model_params_after=model_after, accuracy=accuracy,
             bench=latency_bench, finetune=finetune_record,
-            timings=timer.timings, fused_ops=fused_ops,
+            timings=timer.timings, peaks=timer.peaks, fused_ops=fused_ops,
             latency_plan=chosen.shape_plan if chosen.latency is None else chosen.latency.record(prepared.shapes),
             structured=chosen.structured)
         report = assemble_report(prepared, outcome)

@@ -136,6 +136,7 @@ class BuildOutcome:
     bench: BenchResult | None
     finetune: FinetuneRecord | None
     timings: dict[str, float]
+    peaks: dict[str, float]
     fused_ops: dict[str, dict[str, int]]
     latency_plan: LatencyPlanRecord | None
     structured: StructuredCuts
@@ -168,6 +169,7 @@ def assemble_report(prepared: PreparedInputs, outcome: BuildOutcome) -> BuildRep
                             outcome.model_params_after, outcome.model_params_after / max(model_params, 1)),
         accuracy=outcome.accuracy,
         timings=outcome.timings,
+        peak_rss_mb=outcome.peaks,
         warnings=samples.warnings,
         bench=outcome.bench,
         spectra=prepared.spectra,

@@ -19,7 +19,7 @@ from lrdeploy.bench.run import BenchConfig, run_bench
 from lrdeploy.pipeline.build import (BuildResult, Finetuner, PreparedBuild, held_output_dir, prepare_build,
                                      realize_build)
 from lrdeploy.settings.build import BuildConfig
-from lrdeploy.progress import SILENT, Progress
+from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.report.files import REPORT_FILES, write_reports, write_sweep
 from lrdeploy.report.model import LOWER_IS_BETTER, SweepPoint, SweepReport
 
@@ -189,17 +189,17 @@ def bisect_budget(sweep: Sweep, metric: str, target: float, low: float, toleranc
 
 
 def run_sweep(config: BuildConfig, settings: SweepSettings, progress: Progress = SILENT,
-              finetune: Finetuner | None = None, timings: dict[str, float] | None = None) -> SweepReport:
+              finetune: Finetuner | None = None, earlier: StageTimer | None = None) -> SweepReport:
     """Build every budget (or bisect toward `settings.target`), fine-tuning each if `finetune` is given; write
-    sweep.json, sweep.md and report.html. `timings`: a caller's earlier stages, as for `prepare_build`."""
+    sweep.json, sweep.md and report.html. `earlier`: a caller's stages, as for `prepare_build`."""
     with held_output_dir(config):
-        return _sweep(config, settings, progress, finetune, timings)
+        return _sweep(config, settings, progress, finetune, earlier)
 
 
 def _sweep(config: BuildConfig, settings: SweepSettings, progress: Progress, finetune: Finetuner | None,
-           timings: dict[str, float] | None) -> SweepReport:
+           earlier: StageTimer | None) -> SweepReport:
     budgets = tuple(settings.budgets) if settings.target is None else ()
-    prepared = prepare_build(config, progress, budgets, timings)
+    prepared = prepare_build(config, progress, budgets, earlier)
     if settings.output is not None and settings.output not in output_names(prepared):
         raise OptionError(f"--output {settings.output!r} is not a model output ({', '.join(output_names(prepared))}); "
                           "pass one of those")

@@ -142,7 +142,8 @@ def build_sections(report: BuildReport, sweep: SweepReport | None = None) -> str
          for l in report.layers], text_columns=(0, 1, 7, 10)))
     parts.append("</details>")
     parts.append("<h2>Run</h2>")
-    parts.append(_table(["stage", "seconds"], [[k, f"{v:.2f}"] for k, v in report.timings.items()]))
+    parts.append(_table(["stage", "seconds", "peak RSS (MB)"], [[k, f"{v:.2f}", report.peak_rss_mb.get(k, "")]
+                                                              for k, v in report.timings.items()]))
     parts.append(f"<p class='cap'>lrdeploy {html.escape(report.lrdeploy_version)}; method {c.method}, allocation "
                  f"{c.allocation}, rank multiple {c.rank_multiple}{', sequential refit' if c.refit else ''}; calibration: "
                  f"{c.calib_samples} samples from {html.escape(c.calib_source)}; evaluation: "

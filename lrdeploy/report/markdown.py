@@ -74,8 +74,9 @@ def render_markdown(report: BuildReport) -> str:
     lines += plan_markdown(report.latency_plan)
     if report.bench is not None:
         lines += ["## Latency", ""] + bench_markdown(report.bench).splitlines()[2:] + [""]
-    lines += ["", "## Timings (s)", "", "| stage | seconds |", "|---|---|"]
-    lines += [f"| {stage} | {seconds:.2f} |" for stage, seconds in report.timings.items()]
+    lines += ["", "## Timings and memory", "", "| stage | seconds | peak RSS (MB) |", "|---|---|---|"]
+    lines += [f"| {stage} | {seconds:.2f} | {report.peak_rss_mb.get(stage, '')} |"
+              for stage, seconds in report.timings.items()]
     return "\n".join(lines) + "\n"
 
 

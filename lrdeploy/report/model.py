@@ -12,7 +12,8 @@ report.json schema (all keys always present):
                               next_token {positions, ppl_dense, ppl, ppl_ratio,
                                           top1_agreement, kl} | null   (a causal LM's logits),
                               classes {samples, top1_agreement, kl} | null   (a classifier's logits)}}},
-    timings {stage: seconds}, warnings [str], bench (see bench.json) | null,
+    timings {stage: seconds}, peak_rss_mb {stage: the process's peak resident MiB at the stage's end},
+    warnings [str], bench (see bench.json) | null,
     spectra {layer: {weight: [σ² descending], feature: [output eigenvalues descending]}},
     finetune {steps, lr, hidden_weight, freeze_embeddings, train_samples, metric ("cosine" | "kl": next-token
               KL of a causal LM), initial, best, best_step, history [{step, check, train_loss?}]} | null
@@ -203,6 +204,7 @@ class BuildReport:
     params: ParamSummary
     accuracy: AccuracyReport | None
     timings: dict[str, float] = field(default_factory=dict)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # the process's peak resident MiB at each stage's end
     warnings: list[str] = field(default_factory=list)
     bench: BenchResult | None = None  # dense vs compressed (with --bench); report.json keeps bench.json's keys
     spectra: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # {layer: {weight, feature}}
