@@ -60,12 +60,27 @@ def _audio(bins: int = 16, frames: int = 64):
     return make
 
 
+def _decoder_inputs(vocab: int = 512, seq: int = 16):
+    """A decoder's token ids and the encoder's states it cross-attends to (16 positions)."""
+    def make(count: int, seed: int) -> dict[str, np.ndarray]:
+        rng = np.random.default_rng(seed)
+        return {"input_ids": rng.integers(3, vocab, (count, seq), dtype=np.int64),
+                "encoder_hidden_states": rng.standard_normal((count, 16, HIDDEN)).astype(np.float32)}
+    return make
+
+
 def family_models():
     """{family: (a function making the torch model, a function making `count` inputs from a seed)}."""
     import transformers as t
 
     common = dict(hidden_size=HIDDEN, num_hidden_layers=LAYERS, num_attention_heads=HEADS, intermediate_size=FFN,
                   initializer_range=0.2)
+    whisper = t.WhisperConfig(num_mel_bins=16, max_source_positions=32, d_model=HIDDEN, encoder_layers=LAYERS,
+                              decoder_layers=LAYERS, encoder_attention_heads=HEADS, decoder_attention_heads=HEADS,
+                              encoder_ffn_dim=FFN, decoder_ffn_dim=FFN, vocab_size=512, pad_token_id=0, bos_token_id=1,
+                              eos_token_id=2, decoder_start_token_id=1, init_std=0.2)
+    t5 = t.T5Config(vocab_size=512, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,
+                    initializer_factor=2.0, decoder_start_token_id=0)
     return {
         "BERT classifier": (lambda: t.BertForSequenceClassification(t.BertConfig(vocab_size=512, num_labels=3, **common)),
                             _text()),
@@ -85,14 +100,10 @@ def family_models():
                       _text()),
         "CLIP vision": (lambda: t.CLIPVisionModel(t.CLIPVisionConfig(image_size=32, patch_size=8, **common)),
                         _pixels()),
-        "Whisper encoder": (lambda: t.WhisperModel(t.WhisperConfig(
-            num_mel_bins=16, max_source_positions=32, d_model=HIDDEN, encoder_layers=LAYERS, decoder_layers=LAYERS,
-            encoder_attention_heads=HEADS, decoder_attention_heads=HEADS, encoder_ffn_dim=FFN, decoder_ffn_dim=FFN,
-            vocab_size=512, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
-            init_std=0.2)).get_encoder(), _audio()),
-        "T5 encoder": (lambda: t.T5EncoderModel(t.T5Config(
-            vocab_size=512, d_model=HIDDEN, d_kv=HIDDEN // HEADS, d_ff=FFN, num_layers=LAYERS, num_heads=HEADS,
-            initializer_factor=2.0)), _text()),
+        "Whisper encoder": (lambda: t.WhisperModel(whisper).get_encoder(), _audio()),
+        "Whisper decoder": (lambda: t.WhisperModel(whisper).get_decoder(), _decoder_inputs()),  # with cross-attention
+        "T5 encoder": (lambda: t.T5EncoderModel(t5), _text()),
+        "T5 decoder": (lambda: t.T5Model(t5).get_decoder(), _decoder_inputs()),  # relative bias, cross-attention
     }
 
 

@@ -163,14 +163,17 @@ def _escape(graph: gs.Graph, input_name: str, output_name: str) -> str | None:
 
 def _foreign_layer(graph: gs.Graph, input_name: str, output_name: str, own: set[str]) -> str | None:
     """Why the block may not become the identity when its span holds a weighted layer that belongs to no
-    attention or FFN (Swin's patch merging between stages: it changes the stream's width)."""
+    attention or FFN and changes the width (Swin's patch merging between stages); a cross-attention's square
+    projections (Whisper's and T5's decoders) are the block's own."""
     for node in _block_nodes(graph, input_name, output_name):
-        if node.op in ("MatMul", "Gemm") and any(isinstance(t, gs.Constant) for t in node.inputs[1:]):
-            produced = {tensor.name for tensor in node.outputs}
-            bias_added = {t.name for consumer in node.outputs[0].outputs if consumer.op == "Add" for t in consumer.outputs}
-            if not (produced | bias_added) & own:
-                return (f"it spans {node.name or node.outputs[0].name!r}, a layer of no attention or FFN (e.g. a "
-                        "patch merging that changes the stream's width)")
+        weight = node.inputs[1] if node.op in ("MatMul", "Gemm") and len(node.inputs) > 1 else None
+        if not isinstance(weight, gs.Constant) or weight.values.ndim != 2 or weight.shape[0] == weight.shape[1]:
+            continue
+        produced = {tensor.name for tensor in node.outputs}
+        bias_added = {t.name for consumer in node.outputs[0].outputs if consumer.op == "Add" for t in consumer.outputs}
+        if not (produced | bias_added) & own:
+            return (f"it spans {node.name or node.outputs[0].name!r}, a layer of no attention or FFN that changes the "
+                    f"width {weight.shape[0]} → {weight.shape[1]} (e.g. a patch merging)")
     return None
 
 
