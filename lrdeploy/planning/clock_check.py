@@ -88,13 +88,13 @@ def wall_clock(model: onnx.ModelProto, eligible: list[LinearLayer], decompositio
 
 def checked_shape_plan(config: BuildConfig, options: ShapeOptions, eligible: list[LinearLayer], budget: float,
                        loss: LossCurve, clock: PlanClock, progress: Progress) -> CheckedPlan:
-    """Plan for `config.planning.target_latency`; when the plan's latency was measured here, time each plan with `clock`
+    """Plan for the options' latency target; when the plan's latency was measured here, time each plan with `clock`
     against the dense model and plan again (module docstring) until the clock agrees with the target."""
     plan = plan_shapes(options, config, eligible, budget, loss)
     progress.note(plan.summary(options, config))
     if plan.resource != "latency" or options.timer.profile is not None:
         return CheckedPlan(plan)
-    target, planned_for = config.planning.target_latency, config.planning.target_latency
+    target = planned_for = options.target_latency
     tried: list[tuple[ShapePlan, float]] = []
     attempts = []
     for round_ in range(MAX_PLANS):

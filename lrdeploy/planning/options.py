@@ -75,7 +75,8 @@ class ShapeOptions:
     parts: list[BlockParts]
     cuts: list[CutOption]
     structured: bool  # False: only low-rank options (`--plan lowrank --target-latency`)
-    timer: Timer | None = None
+    target_latency: float | None = None  # the latency target planned for; None: the parameter budget
+    timer: Timer | None = None  # where the latency plan's timings come from (with a target)
     dense_ms: float = 0.0  # the time the latency target is a fraction of
     gemm_scale: float = 1.0  # in-model over lone-GEMM time of the low-rank savings (measured here; 1 from a profile)
     scope: str = ""  # "whole model" (measured here) or "linear layers" (from a profile)
@@ -264,8 +265,9 @@ def shape_options(config: BuildConfig, model: onnx.ModelProto, parts: list[Block
     cuts = cut_options(parts, moments, config.factorization.rank_multiple) if structured else []
     if cuts:
         measure_cut_losses(model, cuts, probe, feeds, config, cache, progress)
-    options = ShapeOptions(parts, cuts, structured, fixed=fixed, fixed_params=fixed.params(model_layers))
-    if config.planning.target_latency is None:
+    options = ShapeOptions(parts, cuts, structured, fixed=fixed, fixed_params=fixed.params(model_layers),
+                           target_latency=config.planning.target_latency)
+    if options.target_latency is None:
         return options
     options.timer = build_timer(config)
     if options.timer.profile is None:

@@ -51,16 +51,16 @@ class ShapePlan:
         return ShapePlanRecord(plan=config.planning.plan, resource=self.resource, predicted_ratio=self.predicted_ratio,
                                scope=options.scope or "linear-layer parameters",
                                tokens=config.planning.tokens if timer else None, source=timer.source if timer else None,
-                               target_latency=config.planning.target_latency, predicted_distortion=self.loss,
+                               target_latency=options.target_latency, predicted_distortion=self.loss,
                                choices=self.choices, measured_ratio=measured_ratio, attempts=attempts or [])
 
 
 def plan_shapes(options: ShapeOptions, config: BuildConfig, eligible: list[LinearLayer], budget: float,
                 loss: LossCurve, target_latency: float | None = None) -> ShapePlan:
-    """The least-distortion plan reaching the latency target (`target_latency`, else the config's, if set) or
+    """The least-distortion plan reaching the latency target (`target_latency`, else the options', if set) or
     keeping at most `budget` of the linear parameters."""
-    latency = options.timer is not None
-    target_latency = target_latency or config.planning.target_latency
+    latency = options.target_latency is not None
+    target_latency = target_latency or options.target_latency
     timer = options.timer
     limit = LATENCY_RANKS if latency else None
     ranks = {layer.name: rank_grid(layer, config.factorization.rank_multiple, limit) for layer in eligible}
