@@ -21,6 +21,7 @@ from onnx import external_data_helper
 
 from lrdeploy.errors import ModelLoadError
 from lrdeploy.files import default_file_mode
+from lrdeploy.weights import WeightFiles, mappable
 
 LARGE_MODEL_BYTES = 1 << 30  # above this, weights go to an external data file
 
@@ -30,10 +31,16 @@ class LoadedModel:
     proto: onnx.ModelProto
     path: Path
     external_files: list[Path]
+    weights: "WeightFiles | None" = None  # set when the big external tensors stay in their files (mapped)
 
     @property
     def external_data(self) -> bool:
         return bool(self.external_files)
+
+    @property
+    def mapped_dir(self) -> Path | None:
+        """The folder `proto`'s external references are read from, when its weights are mapped (else None)."""
+        return None if self.weights is None else self.path.parent
 
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -101,8 +108,10 @@ def model_files(path: Path) -> list[Path]:
     return [path, *(path.parent / location for location in sorted(locations) if location)]
 
 
-def load_model(path: Path) -> LoadedModel:
-    """Load `path` with its external data, or raise ModelLoadError naming what is wrong."""
+def load_model(path: Path, map_weights: bool = False) -> LoadedModel:
+    """Load `path` with its external data, or raise ModelLoadError naming what is wrong. With `map_weights`, big
+    external tensors stay references into their files (`lrdeploy.weights`): the model's weights are read when a
+    step needs them, not held in memory."""
     path = Path(path)
     if not path.exists():
         raise ModelLoadError(f"model file {path} does not exist; check the path")
@@ -119,6 +128,13 @@ def load_model(path: Path) -> LoadedModel:
         raise ModelLoadError(f"{path} is not a valid ONNX model (it has no graph nodes); pass a .onnx file")
     _check_opset(proto, path)
     external = _check_external_locations(proto, path.parent)
+    if map_weights and external:
+        _check_structure(path, path)
+        files = WeightFiles(path.parent)
+        for tensor in _all_tensors(proto):
+            if external_data_helper.uses_external_data(tensor) and not mappable(tensor):
+                files.read_inline(tensor)
+        return LoadedModel(proto, path, external, files)
     if any(file.is_symlink() for file in external):  # onnx refuses links; the locations were checked above
         _read_linked_external_data(proto, path.parent)
         _check_structure(proto, path)
@@ -189,15 +205,21 @@ def save_model(
     path: Path,
     external_data: bool = False,
     large_model_bytes: int = LARGE_MODEL_BYTES,
+    mapped: "WeightFiles | None" = None,
 ) -> bool:
     """Write `proto` to `path` atomically; return whether weights went to `<name>.data` beside it.
 
     Weights go external when `external_data` is set or the model exceeds `large_model_bytes`. The
     files are written in a temporary folder beside `path` and renamed into place (data file first),
     so a failure leaves neither a partial model nor a stray data file. With external data the
-    tensors of `proto` are converted in place.
+    tensors of `proto` are converted in place. `mapped`: the input's weight files, which `proto`'s remaining
+    references (tensors the rewrite left as they were) are read from into the new data file.
     """
     path = Path(path)
+    if mapped is not None:
+        for tensor in _all_tensors(proto):
+            if external_data_helper.uses_external_data(tensor):
+                mapped.read_inline(tensor)
     use_external = external_data or serialized_size(proto) > large_model_bytes
     tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:

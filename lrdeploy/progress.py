@@ -103,11 +103,21 @@ class StageTimer:
         self.peaks: dict[str, float] = dict(earlier_peaks or {})
 
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
+    def stage(self, name: str, part: bool = False) -> Iterator[None]:
+        """Time one stage; `part`: one of several turns of a stage that alternates with another (calibrating and
+        decomposing group by group), added up and told once, by `parts_done`."""
         start = time.perf_counter()
         yield
-        self.timings[name] = round(time.perf_counter() - start, 3)
+        elapsed = time.perf_counter() - start
+        self.timings[name] = round(self.timings.get(name, 0.0) + elapsed if part else elapsed, 3)
         peak = peak_rss_mb()
         if peak is not None:
             self.peaks[name] = peak
-        self.progress.stage_done(name, self.timings[name], peak)
+        if not part:
+            self.progress.stage_done(name, self.timings[name], peak)
+
+    def parts_done(self, *names: str) -> None:
+        """Tell the stages timed in parts, each once with its total."""
+        for name in names:
+            if name in self.timings:
+                self.progress.stage_done(name, self.timings[name], self.peaks.get(name))

@@ -119,10 +119,13 @@ class StatisticsCache:
         return self.directory / f"{cache_key(self.model_files, samples, settings)}{suffix}"
 
     def moments(self, samples: SampleSet, mask_name: str | None, names: list[str],
-                collect: Callable[[], dict[str, Moments]]) -> tuple[dict[str, Moments], bool]:
+                collect: Callable[[], dict[str, Moments]], per_group: bool = False) -> tuple[dict[str, Moments], bool]:
         """The moments of `names` over `samples` from the cache, or `collect()`ed and stored; and whether the
-        cache served them."""
-        path = self._path(samples, str(mask_name), ".npz")
+        cache served them. `per_group`: these names are one calibration group, stored in an entry of their own."""
+        settings = str(mask_name)
+        if per_group:
+            settings += "|group:" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+        path = self._path(samples, settings, ".npz")
         cached = None if path is None else _read_moments(path, names)
         if cached is not None:
             return cached, True

@@ -9,7 +9,8 @@ group.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import onnx
@@ -53,15 +54,16 @@ def _unique(requests: Sequence[TensorRequest]) -> list[TensorRequest]:
     return list({r.name: r for r in requests}.values())
 
 
-def count_passes(requests: Sequence[TensorRequest], max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES) -> int:
+def count_passes(requests: Sequence[TensorRequest], max_gram_bytes: int | None = None) -> int:
     """How many forward passes over the data collecting `requests` takes."""
-    return len(group_requests(_unique(requests), max_gram_bytes))
+    return len(group_requests(_unique(requests), max_gram_bytes or DEFAULT_MAX_GRAM_BYTES))
 
 
 def _sums_per_batch(model: onnx.ModelProto, threads: int, batches: Iterable[dict[str, np.ndarray]],
-                    on_batch: Callable[[], None] | None) -> Iterable[list[np.ndarray]]:
+                    on_batch: Callable[[], None] | None, external_dir: Path | None = None
+                    ) -> Iterable[list[np.ndarray]]:
     """The moment graph's outputs for each batch; a batch the model cannot run on is a user error."""
-    session = create_session(model, threads)
+    session = create_session(model, threads, external_dir=external_dir)
     names = [o.name for o in session.get_outputs()]
     for feed in batches:
         try:
@@ -85,7 +87,7 @@ def collect_moments(
     requests: Sequence[TensorRequest],
     batches: Batches,
     mask_name: str | None = None,
-    max_gram_bytes: int = DEFAULT_MAX_GRAM_BYTES,
+    max_gram_bytes: int | None = None,
     threads: int = 0,
     on_batch: Callable[[], None] | None = None,
 ) -> dict[str, Moments]:
@@ -93,16 +95,49 @@ def collect_moments(
 
     `on_batch` is called after each batch of each group (for progress bars).
     """
-    requests = _unique(requests)
-    graph, ranks = gs.import_onnx(model), tensor_ranks(model)
-    moments = {r.name: Moments.zeros(r.dim) for r in requests}
-    for group in group_requests(requests, max_gram_bytes):
-        sums_model = moment_graph(graph, ranks, [MomentRequest(r.name, r.dim) for r in group], mask_name)
-        for values in _sums_per_batch(sums_model, threads, batches(), on_batch):
-            for index, request in enumerate(group):
-                count, total, gram = values[3 * index: 3 * index + 3]
-                moments[request.name] = moments[request.name].add(_count(count), total, gram)
+    moments: dict[str, Moments] = {}
+    for group in moments_by_group(model, requests, batches, mask_name, max_gram_bytes, threads, on_batch):
+        moments.update(group.collect())
     return moments
+
+
+@dataclass(frozen=True)
+class RequestGroup:
+    """One forward pass's worth of requests: `collect()` runs the pass and returns their moments."""
+
+    requests: list[TensorRequest]
+    collect: Callable[[], dict[str, Moments]]
+
+    @property
+    def names(self) -> list[str]:
+        return [r.name for r in self.requests]
+
+
+def moments_by_group(
+    model: onnx.ModelProto,
+    requests: Sequence[TensorRequest],
+    batches: Batches,
+    mask_name: str | None = None,
+    max_gram_bytes: int | None = None,
+    threads: int = 0,
+    on_batch: Callable[[], None] | None = None,
+    external_dir: Path | None = None,
+) -> Iterator[RequestGroup]:
+    """The requests in groups whose Gram matrices fit `max_gram_bytes`, each collected on demand, so that a caller
+    can use one group's moments and free them before the next (a build bounded by a group, not the model).
+    `external_dir`: where the model's external weights are read from, when `model` holds references to them."""
+    graph, ranks = gs.import_onnx(model), tensor_ranks(model)
+    for group in group_requests(_unique(requests), max_gram_bytes or DEFAULT_MAX_GRAM_BYTES):
+        def collect(group: list[TensorRequest] = group) -> dict[str, Moments]:
+            sums_model = moment_graph(graph, ranks, [MomentRequest(r.name, r.dim) for r in group], mask_name)
+            moments = {r.name: Moments.zeros(r.dim) for r in group}
+            for values in _sums_per_batch(sums_model, threads, batches(), on_batch, external_dir):
+                for index, request in enumerate(group):
+                    count, total, gram = values[3 * index: 3 * index + 3]
+                    moments[request.name] = moments[request.name].add(_count(count), total, gram)
+            return moments
+
+        yield RequestGroup(group, collect)
 
 
 def collect_joint_moments(model: onnx.ModelProto, requests: Sequence[MomentRequest],

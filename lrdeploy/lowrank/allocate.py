@@ -255,3 +255,17 @@ def allocate_around_dense(
         )
     plan.update(allocate(allocation, rest, min(share, 1.0), multiple, energies, loss))
     return plan
+
+
+def rank_ceilings(shapes: list[LayerShape], multiple: int, uniform_budgets: tuple[float, ...] = ()
+                  ) -> dict[str, int]:
+    """The largest rank any plan can ask of each layer, so that a decomposition keeps only that many vectors:
+    the largest rank that still saves parameters (a split past it is never made), or, when the plan is known to
+    be uniform over `uniform_budgets`, the largest rank those budgets give the layer (a 4096² layer at half the
+    parameters needs 1024 of its 4096 eigenvectors)."""
+    ceilings = {s.name: max(s.saving_ranks(multiple), default=min(s.d_in, s.d_out)) for s in shapes}
+    if uniform_budgets:
+        plans = [uniform_ranks(shapes, budget, multiple) for budget in uniform_budgets if budget < 1.0]
+        for name in ceilings:
+            ceilings[name] = min(ceilings[name], max((plan[name] or multiple for plan in plans), default=multiple))
+    return ceilings

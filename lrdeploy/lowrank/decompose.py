@@ -55,20 +55,37 @@ def _check_rank(rank: int, limit: int) -> None:
 
 @dataclass(frozen=True)
 class FeaturePca:
-    """Project the centred output onto its top-k principal subspace: Y' = μ + (Y − μ)·Uₖ·Uₖᵀ."""
+    """Project the centred output onto its top-k principal subspace: Y' = μ + (Y − μ)·Uₖ·Uₖᵀ.
 
-    weight: np.ndarray  # as the model holds it; factors are computed in float64
-    bias: np.ndarray | None
+    Held compactly, for any rank up to `max_rank`: the first factor at that rank, W·U, and the basis U (in the
+    weight's precision, at least float32: the precision the factors are written in), and the projected bias term
+    (μ − b)·U in float64. A rank-k split is a prefix of their columns; the weight itself is not kept."""
+
+    projected_weight: np.ndarray  # W·U [d_in, max_rank]
+    basis: np.ndarray  # U [d_out, max_rank]
     output_mean: np.ndarray
-    eigenvectors: np.ndarray
-    energies: np.ndarray
+    projected_bias: np.ndarray  # (μ − b)·U [max_rank] (μ·U without a bias)
+    energies: np.ndarray  # the whole descending spectrum (d_out eigenvalues): what allocation and reports read
+
+    @property
+    def max_rank(self) -> int:
+        return int(self.basis.shape[1])
 
     def factors(self, rank: int) -> LowRankFactors:
-        _check_rank(rank, min(self.weight.shape))
-        basis = self.eigenvectors[:, :rank]
-        projector_bias = self.output_mean if self.bias is None else self.output_mean - self.bias
-        bias = self.output_mean - (projector_bias @ basis) @ basis.T
-        return LowRankFactors(self.weight.astype(np.float64) @ basis, basis.T.copy(), bias)
+        _check_rank(rank, self.max_rank)
+        basis = self.basis[:, :rank]
+        bias = self.output_mean - self.projected_bias[:rank] @ basis.T.astype(np.float64)
+        return LowRankFactors(self.projected_weight[:, :rank].copy(), basis.T.copy(), bias)
+
+
+def feature_pca(weight: np.ndarray, bias: np.ndarray | None, output_mean: np.ndarray, eigenvectors: np.ndarray,
+                energies: np.ndarray, max_rank: int) -> FeaturePca:
+    """The compact FeaturePca of a layer from its output covariance's eigenvectors (descending, float64)."""
+    storage = np.result_type(np.asarray(weight).dtype, np.float32)
+    basis = np.ascontiguousarray(eigenvectors[:, :max_rank])
+    projector_bias = output_mean if bias is None else output_mean - bias
+    projected = (np.asarray(weight, np.float64) @ basis).astype(storage)
+    return FeaturePca(projected, basis.astype(storage), output_mean, projector_bias @ basis, energies)
 
 
 @dataclass(frozen=True)
@@ -143,14 +160,15 @@ def output_spectrum(moments: Moments, weight: np.ndarray) -> np.ndarray:
     return np.pad(values, (0, w.shape[1] - len(values)))
 
 
-def _input_side_pca(weight: np.ndarray, w: np.ndarray, b: np.ndarray | None, moments: Moments) -> FeaturePca:
+def _input_side_pca(weight: np.ndarray, w: np.ndarray, b: np.ndarray | None, moments: Moments,
+                    max_rank: int) -> FeaturePca:
     """Feature PCA of a layer much wider out than in (an LM head: 576 → 49152, whose output covariance would be
     19 GB of float64) from d_in × d_in statistics only. With Cov[x] = L·Lᵀ the output covariance is Wᵀ·Cov[x]·W =
     Mᵀ·M for M = Lᵀ·W [d_in, d_out], so its eigenvectors are M's right singular vectors and its eigenvalues
     their squared singular values (at most d_in of them are non-zero): the same projector, in d_in·d_out memory."""
     _, singular_values, right = np.linalg.svd(_output_root(moments, w), full_matrices=False)
     output_mean = moments.mean @ w + (0.0 if b is None else b)
-    return FeaturePca(weight, b, output_mean, right.T.copy(), singular_values**2)
+    return feature_pca(weight, b, output_mean, right.T[:, :max_rank], singular_values**2, max_rank)
 
 
 def decompose(
@@ -159,8 +177,10 @@ def decompose(
     bias: np.ndarray | None,
     input_moments: Moments | None = None,
     damping: float = 1e-5,
+    max_rank: int | None = None,
 ) -> Decomposition:
-    """Solve one layer's decomposition in float64. `input_moments` is required by pca and whiten."""
+    """Solve one layer's decomposition in float64. `input_moments` is required by pca and whiten. `max_rank`: the
+    largest rank the build can ask of it (default min(d_in, d_out)); feature PCA keeps only that many vectors."""
     w = np.asarray(weight, np.float64)
     b = None if bias is None else np.asarray(bias, np.float64).reshape(-1)
     if method == "svd":
@@ -169,15 +189,14 @@ def decompose(
     if input_moments is None:
         raise InternalError(f"method {method!r} needs calibration statistics")
     if method == "pca":
+        max_rank = min(w.shape) if max_rank is None else min(max_rank, *w.shape)
         if w.shape[1] > w.shape[0] and w.shape[1] ** 2 * 8 > OUTPUT_COVARIANCE_LIMIT_BYTES:
-            return _input_side_pca(np.asarray(weight), w, b, input_moments)
+            return _input_side_pca(np.asarray(weight), w, b, input_moments, max_rank)
         out = input_moments.through_linear(w, b)
         eigvals, eigvecs = np.linalg.eigh(out.covariance)
         order = np.argsort(eigvals)[::-1]
-        # the layer's own weight is kept (not its float64 copy: half the memory on FP32 models; the same numbers),
-        # and only the eigenvectors a rank can use (at most min(d_in, d_out): 576 of an FFN up projection's 1536)
-        return FeaturePca(np.asarray(weight), b, out.mean, eigvecs[:, order[:min(w.shape)]],
-                          np.clip(eigvals[order], 0.0, None))
+        return feature_pca(np.asarray(weight), b, out.mean, eigvecs[:, order[:max_rank]],
+                           np.clip(eigvals[order], 0.0, None), max_rank)
     if method == "whiten":
         whitener = _damped_cholesky(input_moments.covariance, damping)
         left, sv, right = np.linalg.svd(whitener.T @ w, full_matrices=False)

@@ -26,6 +26,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from lrdeploy.lowrank.allocate import LayerShape
+from lrdeploy.weights import constant_array
 
 FLOAT_TYPES = (np.float16, np.float32, np.float64)
 COMPUTED_WEIGHT_OPS = ("Cast", "DequantizeLinear")  # a weight made from a constant at run time (FP16→FP32, int8)
@@ -84,7 +85,7 @@ def constant_value(tensor: gs.Tensor) -> tuple[np.ndarray, bool] | None:
     """(value, came through a Transpose) when `tensor` is a constant, a Constant node, an Identity of one (torch's
     exporter writes tied or deduplicated parameters that way) or a Transpose of one."""
     if isinstance(tensor, gs.Constant):
-        return np.asarray(tensor.values), False
+        return constant_array(tensor), False
     if len(tensor.inputs) != 1:
         return None
     producer = tensor.inputs[0]

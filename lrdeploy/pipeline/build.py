@@ -25,7 +25,7 @@ from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs, require_batch_axes
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.files import check_name_length, check_output_dir, output_lock, output_set, refuse_overwriting_inputs
-from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget
+from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget, rank_ceilings
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose, planned_factors
 from lrdeploy.onnx_io import check_model, count_parameters, matrix_elements, save_model
 from lrdeploy.passes.compose import compressed_model
@@ -46,6 +46,7 @@ from lrdeploy.stages.refit import RefitPlan, RefitSettings, refit_plan, refit_st
 from lrdeploy.stages.rewrite_check import check_claimed_changes
 from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
 from lrdeploy.stages.memory import check_statistics_fit
+from lrdeploy.stages.streamed import streamed_statistics
 from lrdeploy.stages.samples import BuildSamples, prepare_samples
 from lrdeploy.planning.blocks import find_block_parts, structure_requests
 from lrdeploy.planning.options import ShapeOptions, shape_options
@@ -90,13 +91,15 @@ class PreparedBuild:
 
 
 def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tuple[float, ...] = (),
-                  earlier: StageTimer | None = None) -> PreparedBuild:
+                  earlier: StageTimer | None = None, any_budget: bool = False) -> PreparedBuild:
     """Load, check inputs, calibrate and decompose; every user error surfaces here, before outputs exist.
-    `earlier`: a caller's stages (e.g. export), reported before these."""
+    `budgets`: those that will be realized (default the config's), unless `any_budget` (a bisection's are found as
+    it goes). `earlier`: a caller's stages (e.g. export), reported before these."""
     config.check()
     timer = StageTimer(progress, earlier and earlier.timings, earlier and earlier.peaks)
+    bounded = bounded_by_group(config)
     with timer.stage("load"):
-        inspection = inspect_model(config.model, config.factorization.rank_multiple)
+        inspection = inspect_model(config.model, config.factorization.rank_multiple, map_weights=bounded)
         eligible = inspection.require_eligible()
         check_output_dir(config.resolved_output_dir)
         for output in output_files(config.output_model):
@@ -132,7 +135,18 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     cache = StatisticsCache(config.cache_dir, [inspection.model.path, *inspection.model.external_files],
                             config.graph_variant)
 
+    ceilings = rank_ceilings([layer.shape for layer in eligible], config.factorization.rank_multiple,
+                             () if any_budget or not plans_uniform_ranks(config) else
+                             budgets or (config.factorization.rank_budget,))
     moments = None
+    if bounded and config.factorization.method != "svd" and not unchanged:
+        streamed = streamed_statistics(inspection.model, eligible, samples.calib, feeds, cache,
+                                       config.factorization.method, ceilings, timer, config.threads)
+        if streamed.cached:
+            progress.note("  (statistics from cache)")
+        return PreparedBuild(config=config, inspection=inspection, eligible=streamed.eligible, feeds=feeds,
+                             samples=samples, decompositions=streamed.decompositions, spectra=streamed.spectra,
+                             timings=timer.timings, peaks=timer.peaks)
     if config.factorization.method != "svd" and not unchanged:
         with timer.stage("calibrate"):
             requests = [TensorRequest(layer.input_name, layer.d_in) for layer in eligible]
@@ -145,9 +159,10 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         eligible = keep_thin_layers_dense(eligible, moments, feeds.mask_name, progress)
     with timer.stage("decompose"):
         decompositions = {layer.name: decompose(config.factorization.method, layer.weight, layer.bias,
-                                                None if moments is None else moments[layer.input_name])
+                                                None if moments is None else moments[layer.input_name],
+                                                max_rank=ceilings[layer.name])
                           for layer in ([] if unchanged else eligible)}
-        layer_spectra = spectra(eligible, moments)
+        layer_spectra = spectra(eligible, moments, decompositions)
         structured = blocks.cut(config, moments) if moments is not None else StructuredCuts()
     sensitivity, options = None, None
     probe = samples.calib.select(slice(0, config.planning.sensitivity_samples))
@@ -162,6 +177,20 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     return PreparedBuild(config=config, inspection=inspection, eligible=eligible, feeds=feeds, samples=samples,
                          decompositions=decompositions, spectra=layer_spectra, timings=timer.timings, peaks=timer.peaks,
                          sensitivity=sensitivity, structured=structured, shape_options=options)
+
+
+def plans_uniform_ranks(config: BuildConfig) -> bool:
+    """Whether every layer's rank follows from its shape and the budget alone (no measured plan, no latency)."""
+    return (config.factorization.allocation == "uniform" and config.planning.plan == "lowrank"
+            and not config.measures_sensitivity and not config.planning.latency_aware)
+
+
+def bounded_by_group(config: BuildConfig) -> bool:
+    """Whether the build can calibrate and decompose group by group with its weights mapped, never holding the
+    whole model's statistics or weights (`stages.streamed`): the low-rank plan with ranks from the budget, no cut,
+    refit or graph rewrite before calibration, which are what read the moments or weights again later."""
+    return (plans_uniform_ranks(config) and not config.cuts.given() and not config.factorization.refit
+            and config.optimize != "ort" and not config.merges_qkv)
 
 
 def say_what_was_fused(fused: dict[str, int], progress: Progress) -> None:
@@ -252,7 +281,8 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
             record_metadata(proto, inspection.model.proto, config, budget, chosen.plan, finetune_record)
             model_after, matrices_after = count_parameters(proto), matrix_elements(proto)
             fused_ops = {"dense": fused_op_counts(inspection.model.proto), "compressed": fused_op_counts(proto)}
-            external = save_model(proto, staged_model, external_data=inspection.model.external_data)
+            external = save_model(proto, staged_model, external_data=inspection.model.external_data,
+                                  mapped=inspection.model.weights)
             del proto
             check_model(staged_model)
         with timer.stage("validate"):

@@ -199,7 +199,7 @@ def run_sweep(config: BuildConfig, settings: SweepSettings, progress: Progress =
 def _sweep(config: BuildConfig, settings: SweepSettings, progress: Progress, finetune: Finetuner | None,
            earlier: StageTimer | None) -> SweepReport:
     budgets = tuple(settings.budgets) if settings.target is None else ()
-    prepared = prepare_build(config, progress, budgets, earlier)
+    prepared = prepare_build(config, progress, budgets, earlier, any_budget=settings.target is not None)
     if settings.output is not None and settings.output not in output_names(prepared):
         raise OptionError(f"--output {settings.output!r} is not a model output ({', '.join(output_names(prepared))}); "
                           "pass one of those")

@@ -46,16 +46,21 @@ def check_provider(provider: str) -> None:
         )
 
 
-def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: list[str] | None = None):
+def create_session(model: onnx.ModelProto | Path, threads: int = 0, providers: list[str] | None = None,
+                   external_dir: Path | None = None):
     """An InferenceSession for `model` (a ModelProto or a path), on CPU unless `providers` says otherwise.
 
     A ModelProto over protobuf's 2 GB limit is saved with external data to a temporary folder for the session;
-    its weights are read back afterwards, so the caller's proto is unchanged.
+    its weights are read back afterwards, so the caller's proto is unchanged. A ModelProto that refers to external
+    data it does not hold (a model loaded with its weights mapped, `onnx_io.load_model`) names the folder they are
+    read from, `external_dir`: ONNX Runtime maps them there itself, and the proto stays small.
     """
     import onnxruntime as ort
 
     providers = providers or [PROVIDERS["cpu"]]
     options = session_options(threads)
+    if external_dir is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_dir))
     with refusals_named():
         if isinstance(model, (str, Path)):
             return ort.InferenceSession(str(model), options, providers=providers)

@@ -4,11 +4,12 @@ by the statistics cache when the same model and samples were calibrated before."
 from __future__ import annotations
 
 import math
+from typing import Iterator
 
 import numpy as np
 
 from lrdeploy.calib.data import Feeds, SampleSet
-from lrdeploy.calib.stats import TensorRequest, collect_moments, count_passes
+from lrdeploy.calib.stats import RequestGroup, TensorRequest, collect_moments, count_passes, moments_by_group
 from lrdeploy.errors import CalibrationDataError
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import LoadedModel
@@ -57,18 +58,36 @@ def calibrate(model: LoadedModel, requests: list[TensorRequest], samples: Sample
     return cache.moments(samples, feeds.mask_name, [r.name for r in requests], collect)
 
 
+def calibrated_groups(model: LoadedModel, requests: list[TensorRequest], samples: SampleSet, feeds: Feeds,
+                      cache: StatisticsCache, threads: int = 0, progress: Progress = SILENT
+                      ) -> Iterator[tuple[dict[str, Moments], bool]]:
+    """`calibrate` one group of tensors at a time (one forward pass each, as many as fit the Gram memory limit):
+    the caller decomposes a group's layers and frees its moments before the next group is collected. Each group
+    is cached on its own. Yields (moments, whether the cache served them)."""
+    on_batch = progress.steps("calibrating", count_passes(requests) * math.ceil(samples.count / feeds.batch_size))
+    for group in moments_by_group(model.proto, requests, lambda: feeds.batches(samples), feeds.mask_name,
+                                  threads=threads, on_batch=on_batch, external_dir=model.mapped_dir):
+        def collect(group: RequestGroup = group) -> dict[str, Moments]:
+            moments = group.collect()
+            check_moments(moments)  # before anything is cached
+            return moments
+
+        yield cache.moments(samples, feeds.mask_name, group.names, collect, per_group=True)
+
+
 def keep_thin_layers_dense(eligible: list[LinearLayer], moments: dict[str, Moments], mask_name: str | None,
-                           progress: Progress) -> list[LinearLayer]:
+                           progress: Progress, require_some: bool = True) -> list[LinearLayer]:
     """The eligible layers whose input was calibrated over enough positions; the others (a classifier or pooler
     reading one row per sample, with fewer samples than its width) stay dense with the reason, instead of stopping
-    the build. The structured cuts' own statistics must be trustworthy: too few positions there is an error."""
+    the build. The structured cuts' own statistics must be trustworthy: too few positions there is an error; so
+    are none left at all, unless `require_some` is off (one group of several, checked by the caller)."""
     thin = thin_tensors(moments)
     needed = thin - {layer.input_name for layer in eligible}
     if needed:
         name = sorted(needed)[0]
         raise CalibrationDataError(too_few_positions(name, moments[name], mask_name))
     kept = [layer for layer in eligible if layer.input_name not in thin]
-    if thin and not kept:
+    if thin and not kept and require_some:
         name = sorted(thin)[0]
         raise CalibrationDataError(too_few_positions(name, moments[name], mask_name))
     for layer in eligible:

@@ -9,6 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.errors import NoEligibleLayersError
+from lrdeploy.weights import map_constants
 from lrdeploy.onnx_io import LoadedModel, count_parameters, load_model
 from lrdeploy.passes.linear_layers import LinearLayer, find_linear_layers
 from lrdeploy.passes.drop_blocks import match_transformer_blocks
@@ -89,12 +90,15 @@ class Inspection:
         }
 
 
-def inspect_model(path: Path, rank_multiple: int = 16) -> Inspection:
-    return inspect_loaded(load_model(path), rank_multiple)
+def inspect_model(path: Path, rank_multiple: int = 16, map_weights: bool = False) -> Inspection:
+    """`path` loaded and its linear layers found; `map_weights`: big external weights stay in their files."""
+    return inspect_loaded(load_model(path, map_weights), rank_multiple)
 
 
 def inspect_loaded(model: LoadedModel, rank_multiple: int = 16) -> Inspection:
     graph = gs.import_onnx(model.proto)
+    if model.weights is not None:
+        map_constants(graph, model.weights)
     return Inspection(model, graph, find_linear_layers(graph, rank_multiple), count_parameters(model.proto))
 
 

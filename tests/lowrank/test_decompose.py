@@ -90,7 +90,7 @@ def test_a_wide_layer_is_decomposed_from_its_input_side(monkeypatch):
     direct = decompose_module.decompose("pca", weight, bias, moments)
     monkeypatch.setattr(decompose_module, "OUTPUT_COVARIANCE_LIMIT_BYTES", 0)  # 300² × 8 bytes is over it now
     input_side = decompose_module.decompose("pca", weight, bias, moments)
-    assert input_side.eigenvectors.shape == direct.eigenvectors.shape == (300, 24)  # no rank can use more
+    assert input_side.basis.shape == direct.basis.shape == (300, 24)  # no rank can use more
     assert direct.energies.shape == (300,)  # the whole spectrum stays, for what a truncation discards
     np.testing.assert_allclose(input_side.energies, direct.energies[:24], rtol=1e-8, atol=1e-8 * direct.energies[0])
     for rank in (4, 12, 23):
@@ -108,3 +108,35 @@ def test_the_output_spectrum_comes_from_the_input_side():
     moments = Moments(2000.0, x.sum(0), x.T @ x)
     direct = np.sort(np.linalg.eigvalsh(moments.through_linear(weight, None).covariance))[::-1]
     np.testing.assert_allclose(output_spectrum(moments, weight), np.clip(direct, 0, None), atol=1e-8 * direct[0])
+
+
+def test_a_rank_ceiling_keeps_only_the_vectors_a_plan_can_use():
+    """Capped at `max_rank`, feature PCA holds W·U and U for that many ranks (in the weight's float32) and gives
+    the same factors at every rank up to it as the uncapped decomposition; past it, it refuses."""
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4000, 48)) @ rng.standard_normal((48, 48))
+    weight, bias = rng.standard_normal((48, 64)).astype(np.float32), rng.standard_normal(64).astype(np.float32)
+    moments = Moments(4000.0, x.sum(0), x.T @ x)
+    full, capped = decompose("pca", weight, bias, moments), decompose("pca", weight, bias, moments, max_rank=16)
+    assert capped.basis.shape == (64, 16) and capped.projected_weight.shape == (48, 16)
+    assert capped.basis.dtype == capped.projected_weight.dtype == np.float32
+    np.testing.assert_array_equal(capped.energies, full.energies)
+    for rank in (1, 8, 16):
+        a, b = capped.factors(rank), full.factors(rank)
+        np.testing.assert_array_equal(a.first, b.first)
+        np.testing.assert_array_equal(a.second, b.second)
+        np.testing.assert_allclose(a.bias, b.bias, rtol=1e-6, atol=1e-6)
+    with pytest.raises(InternalError, match="rank 17 outside"):
+        capped.factors(17)
+
+
+def test_rank_ceilings_follow_the_budget_of_a_uniform_plan():
+    from lrdeploy.lowrank.allocate import LayerShape, rank_ceilings, uniform_ranks
+
+    shapes = [LayerShape("square", 4096, 4096), LayerShape("up", 576, 1536), LayerShape("tiny", 8, 8)]
+    saving = rank_ceilings(shapes, 16)
+    assert saving == {"square": 2032, "up": 416, "tiny": 8}  # the last rank whose split saves parameters
+    uniform = rank_ceilings(shapes, 16, (0.5, 0.3))
+    plan = uniform_ranks(shapes, 0.5, 16)
+    assert uniform["square"] == plan["square"] == 1024 and uniform["up"] == plan["up"]
+    assert uniform["tiny"] == 8  # too small to split: its whole width, never more
