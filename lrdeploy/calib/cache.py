@@ -122,20 +122,40 @@ class StatisticsCache:
                 collect: Callable[[], dict[str, Moments]], per_group: bool = False) -> tuple[dict[str, Moments], bool]:
         """The moments of `names` over `samples` from the cache, or `collect()`ed and stored; and whether the
         cache served them. `per_group`: these names are one calibration group, stored in an entry of their own."""
-        settings = str(mask_name)
-        if per_group:
-            settings += "|group:" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
-        path = self._path(samples, settings, ".npz")
-        cached = None if path is None else _read_moments(path, names)
+        cached = self.cached_moments(samples, mask_name, names, per_group)
         if cached is not None:
             return cached, True
         moments = collect()
+        self.store_moments(samples, mask_name, moments, per_group)
+        return moments, False
+
+    def _moments_path(self, samples: SampleSet, mask_name: str | None, names: list[str], per_group: bool
+                      ) -> Path | None:
+        settings = str(mask_name)
+        if per_group:
+            settings += "|group:" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:16]
+        return self._path(samples, settings, ".npz")
+
+    def has_moments(self, samples: SampleSet, mask_name: str | None, names: list[str], per_group: bool = False
+                    ) -> bool:
+        """Whether an entry for `names` exists (read, and checked, by `cached_moments`)."""
+        path = self._moments_path(samples, mask_name, names, per_group)
+        return path is not None and path.is_file()
+
+    def cached_moments(self, samples: SampleSet, mask_name: str | None, names: list[str], per_group: bool = False
+                       ) -> dict[str, Moments] | None:
+        """The cached moments of `names`, or None."""
+        path = self._moments_path(samples, mask_name, names, per_group)
+        return None if path is None else _read_moments(path, names)
+
+    def store_moments(self, samples: SampleSet, mask_name: str | None, moments: dict[str, Moments],
+                      per_group: bool = False) -> None:
+        path = self._moments_path(samples, mask_name, list(moments), per_group)
         if path is not None:
             try:
                 _write_moments(path, moments)
             except OSError:
                 pass  # the cache is an optimisation; an unwritable cache folder must not fail the build
-        return moments, False
 
     def sensitivity(self, samples: SampleSet, settings: str, names: set[str],
                     measure: Callable[[], SensitivityTable]) -> SensitivityTable:

@@ -59,7 +59,7 @@ def count_passes(requests: Sequence[TensorRequest], max_gram_bytes: int | None =
     return len(group_requests(_unique(requests), max_gram_bytes or DEFAULT_MAX_GRAM_BYTES))
 
 
-def _sums_per_batch(model: onnx.ModelProto, threads: int, batches: Iterable[dict[str, np.ndarray]],
+def sums_per_batch(model: onnx.ModelProto, threads: int, batches: Iterable[dict[str, np.ndarray]],
                     on_batch: Callable[[], None] | None, external_dir: Path | None = None
                     ) -> Iterable[list[np.ndarray]]:
     """The moment graph's outputs for each batch; a batch the model cannot run on is a user error."""
@@ -78,7 +78,7 @@ def _sums_per_batch(model: onnx.ModelProto, threads: int, batches: Iterable[dict
             on_batch()
 
 
-def _count(value: np.ndarray) -> float:
+def batch_count(value: np.ndarray) -> float:
     return float(value.reshape(-1)[0])
 
 
@@ -131,10 +131,10 @@ def moments_by_group(
         def collect(group: list[TensorRequest] = group) -> dict[str, Moments]:
             sums_model = moment_graph(graph, ranks, [MomentRequest(r.name, r.dim) for r in group], mask_name)
             moments = {r.name: Moments.zeros(r.dim) for r in group}
-            for values in _sums_per_batch(sums_model, threads, batches(), on_batch, external_dir):
+            for values in sums_per_batch(sums_model, threads, batches(), on_batch, external_dir):
                 for index, request in enumerate(group):
                     count, total, gram = values[3 * index: 3 * index + 3]
-                    moments[request.name] = moments[request.name].add(_count(count), total, gram)
+                    moments[request.name] = moments[request.name].add(batch_count(count), total, gram)
             return moments
 
         yield RequestGroup(group, collect)
@@ -150,8 +150,8 @@ def collect_joint_moments(model: onnx.ModelProto, requests: Sequence[MomentReque
     """
     sums_model = moment_graph(gs.import_onnx(model), tensor_ranks(model), requests, mask_name)
     results = [JointMoments.zeros(r.dim, r.target_dim) for r in requests]
-    for values in _sums_per_batch(sums_model, threads, batches, None):
-        results = [result.add(_count(count), total, gram, target_total, cross)
+    for values in sums_per_batch(sums_model, threads, batches, None):
+        results = [result.add(batch_count(count), total, gram, target_total, cross)
                    for result, (count, total, gram, target_total, cross)
                    in zip(results, (values[5 * i: 5 * i + 5] for i in range(len(requests))))]
     return results

@@ -62,15 +62,23 @@ def _infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def tensor_ranks(model: onnx.ModelProto) -> dict[str, int]:
     """Ranks of the graph's tensors from shape inference (tensors it cannot type are absent)."""
+    return inferred_types(model)[1]
+
+
+def inferred_types(model: onnx.ModelProto) -> tuple[dict[str, onnx.TypeProto], dict[str, int]]:
+    """The types shape inference gives the graph's tensors (those with an element type), and their ranks (those
+    with a shape); tensors it cannot type are absent."""
     try:
         inferred = _infer_shapes(model)
     except Exception:  # noqa: BLE001 — without shapes, masking is skipped rather than the build failed
         inferred = model
-    ranks = {}
+    types, ranks = {}, {}
     for value in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output):
+        if value.type.tensor_type.elem_type:
+            types[value.name] = value.type
         if value.type.tensor_type.HasField("shape"):
             ranks[value.name] = len(value.type.tensor_type.shape.dim)
-    return ranks
+    return types, ranks
 
 
 def _rows(scope: Scope, source: gs.Tensor, dim: int, mask_column: gs.Variable | None) -> gs.Variable:
@@ -117,10 +125,12 @@ def token_tensors(graph: gs.Graph, mask_name: str) -> set[str]:
 
 
 def moment_graph(graph: gs.Graph, ranks: dict[str, int], requests: Sequence[MomentRequest],
-                 mask_name: str | None) -> onnx.ModelProto:
-    """A copy of `graph` (left unchanged) whose only outputs are the moment sums of `requests`, in order.
+                 mask_name: str | None, keep: Sequence[str] = (), masked: set[str] | None = None) -> onnx.ModelProto:
+    """A copy of `graph` (left unchanged) whose only outputs are the moment sums of `requests`, in order, then the
+    tensors named in `keep` (what a segment passes on to the next, `calib.segments`).
 
-    `ranks` are the model's tensor ranks (`tensor_ranks`), to tell per-token tensors from pooled ones.
+    `ranks` are the model's tensor ranks (`tensor_ranks`), to tell per-token tensors from pooled ones; `masked`, the
+    tensors whose rows the mask applies to (default: `token_tensors` of this graph).
     """
     graph = graph.copy()
     tensors = graph.tensors()
@@ -130,7 +140,7 @@ def moment_graph(graph: gs.Graph, ranks: dict[str, int], requests: Sequence[Mome
         mask = root.op("Cast", "mask_f32", [tensors[mask_name]], {"to": FLOAT}, dtype=np.float32)
         mask_column = root.op("Reshape", "mask_column", [mask, np.array([-1, 1], np.int64)], dtype=np.float32)
     per_token_rank = ranks.get(mask_name, 2) + 1 if mask_name else None
-    masked_tensors = token_tensors(graph, mask_name) if mask_name else set()
+    masked_tensors = masked if masked is not None else token_tensors(graph, mask_name) if mask_name else set()
     outputs: list[gs.Variable] = []
     for index, request in enumerate(requests):
         scope = root.child(str(index))
@@ -145,6 +155,6 @@ def moment_graph(graph: gs.Graph, ranks: dict[str, int], requests: Sequence[Mome
         if request.target is not None:
             y = _rows(scope.child("y"), tensors[request.target], request.target_dim, mask)
             outputs += [_column_sum(scope.child("y"), y), scope.op("MatMul", "xy", [transposed, y], dtype=np.float32)]
-    graph.outputs = outputs
+    graph.outputs = outputs + [tensors[name] for name in keep]
     graph.cleanup().toposort()
     return gs.export_onnx(graph, do_type_check=False)

@@ -44,7 +44,8 @@ from lrdeploy.stages.outputs import input_files, output_files
 from lrdeploy.progress import SILENT, Progress, StageTimer
 from lrdeploy.stages.refit import RefitPlan, RefitSettings, refit_plan, refit_stages
 from lrdeploy.stages.rewrite_check import check_claimed_changes
-from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata, spectra
+from lrdeploy.pipeline.report_assembly import BuildOutcome, assemble_report, record_metadata
+from lrdeploy.stages.spectra import spectra
 from lrdeploy.stages.memory import check_statistics_fit
 from lrdeploy.stages.streamed import streamed_statistics
 from lrdeploy.stages.samples import BuildSamples, prepare_samples
@@ -258,10 +259,12 @@ class Finetuner(Protocol):
 
 def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, progress: Progress = SILENT,
                   bench: bool | None = None, finetune: Finetuner | None = None,
-                  published_dir: Path | None = None) -> BuildResult:
+                  published_dir: Path | None = None, last: bool = False) -> BuildResult:
     """Allocate ranks for `budget`, rewrite (or fine-tune), save, validate (and bench, by default when the config
     says so); write the model and reports into `output_dir` together, or nothing at all. `published_dir`: where a
-    caller that staged `output_dir` will publish these files (what the reports name; default `output_dir`)."""
+    caller that staged `output_dir` will publish these files (what the reports name; default `output_dir`).
+    `last`: no other budget is realized from `prepared`, whose decompositions are freed once the model is written
+    (validation then holds both models' sessions, and nothing else of the model's size)."""
     config, inspection = prepared.config, prepared.inspection
     timer = StageTimer(progress, prepared.timings, prepared.peaks)
     output_dir = Path(output_dir)
@@ -284,6 +287,9 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
             external = save_model(proto, staged_model, external_data=inspection.model.external_data,
                                   mapped=inspection.model.weights)
             del proto
+            chosen.factors.clear()
+            if last:
+                prepared.decompositions.clear()
             check_model(staged_model)
         with timer.stage("validate"):
             accuracy = compare_models(config.model, staged_model, prepared.feeds.batches(prepared.samples.eval),
@@ -313,7 +319,8 @@ def build(config: BuildConfig, progress: Progress = SILENT) -> BuildResult:
     """Compress `config.model` under `config.factorization.rank_budget`; write the model and reports. The output folder is
     held from the first step (after the options are checked), so a busy one is refused before any work."""
     with held_output_dir(config):
-        return realize_build(prepare_build(config, progress), config.factorization.rank_budget, config.resolved_output_dir, progress)
+        return realize_build(prepare_build(config, progress), config.factorization.rank_budget,
+                             config.resolved_output_dir, progress, last=True)
 
 
 @contextmanager

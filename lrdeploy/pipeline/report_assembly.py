@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Mapping, Protocol
+from typing import Protocol
 
-import numpy as np
 import onnx
 
 from lrdeploy import __version__
 from lrdeploy.bench.measure import BenchResult
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, realized_ratio
-from lrdeploy.lowrank.decompose import Decomposition, FeaturePca, output_spectrum
-from lrdeploy.lowrank.moments import Moments
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection
@@ -34,43 +31,6 @@ class PreparedInputs(Protocol):
 
     @property
     def shapes(self) -> list[LayerShape]: ...
-
-
-SPECTRUM_LAYERS = 4
-
-
-def spectra(eligible: list[LinearLayer], moments: dict[str, Moments] | None,
-            decompositions: Mapping[str, Decomposition] | None = None) -> dict[str, dict[str, list[float]]]:
-    """Weight singular values² beside output-feature eigenvalues for a few layers (first, widest, last):
-    the picture of why features are low-rank while weights are not."""
-    if moments is None:
-        return {}
-    return {layer.name: layer_spectra(layer, moments, decompositions or {}) for layer in spectrum_layers(eligible)}
-
-
-def spectrum_layers(eligible: list[LinearLayer]) -> list[LinearLayer]:
-    """The few layers whose spectra the report plots: the first, the widest out and in, the last."""
-    if not eligible:
-        return []
-    picks = [eligible[0], max(eligible, key=lambda l: l.d_out), max(eligible, key=lambda l: l.d_in), eligible[-1]]
-    return list({layer.name: layer for layer in picks}.values())[:SPECTRUM_LAYERS]
-
-
-def layer_spectra(layer: LinearLayer, moments: dict[str, Moments], decompositions: Mapping[str, Decomposition]
-                  ) -> dict[str, list[float]]:
-    """One layer's weight singular values² and output-feature eigenvalues, rounded for the report."""
-    weight = np.asarray(layer.weight, np.float64)
-    return {"weight": (np.linalg.svd(weight, compute_uv=False) ** 2).round(8).tolist(),
-            "feature": feature_spectrum(layer, weight, moments, decompositions).round(8).tolist()}
-
-
-def feature_spectrum(layer: LinearLayer, weight: np.ndarray, moments: dict[str, Moments],
-                     decompositions: Mapping[str, Decomposition]) -> np.ndarray:
-    """The eigenvalues of `layer`'s output covariance, descending: its feature PCA's, else from its input."""
-    solved = decompositions.get(layer.name)
-    if isinstance(solved, FeaturePca):
-        return solved.energies
-    return output_spectrum(moments[layer.input_name], weight)
 
 
 def record_metadata(proto: onnx.ModelProto, original: onnx.ModelProto, config: BuildConfig, budget: float,

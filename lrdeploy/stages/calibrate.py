@@ -9,6 +9,8 @@ from typing import Iterator
 import numpy as np
 
 from lrdeploy.calib.data import Feeds, SampleSet
+from lrdeploy.calib import stats
+from lrdeploy.calib.segments import SegmentPlan
 from lrdeploy.calib.stats import RequestGroup, TensorRequest, collect_moments, count_passes, moments_by_group
 from lrdeploy.errors import CalibrationDataError
 from lrdeploy.lowrank.moments import Moments
@@ -61,9 +63,15 @@ def calibrate(model: LoadedModel, requests: list[TensorRequest], samples: Sample
 def calibrated_groups(model: LoadedModel, requests: list[TensorRequest], samples: SampleSet, feeds: Feeds,
                       cache: StatisticsCache, threads: int = 0, progress: Progress = SILENT
                       ) -> Iterator[tuple[dict[str, Moments], bool]]:
-    """`calibrate` one group of tensors at a time (one forward pass each, as many as fit the Gram memory limit):
-    the caller decomposes a group's layers and frees its moments before the next group is collected. Each group
-    is cached on its own. Yields (moments, whether the cache served them)."""
+    """`calibrate` one group of tensors at a time: the caller decomposes a group's layers and frees its moments
+    before the next group is collected. The groups are the model's segments (`calib.segments`: one forward pass
+    in all, one segment's weights in a session), or, where the graph cannot be cut, groups of tensors whose Gram
+    matrices fit the limit (one whole-model pass each). Each group is cached on its own. Yields (moments,
+    whether the cache served them)."""
+    plan = SegmentPlan.of(model.proto, requests, feeds.mask_name, stats.DEFAULT_MAX_GRAM_BYTES)
+    if plan is not None:
+        yield from _calibrated_segments(plan, model, samples, feeds, cache, threads, progress)
+        return
     on_batch = progress.steps("calibrating", count_passes(requests) * math.ceil(samples.count / feeds.batch_size))
     for group in moments_by_group(model.proto, requests, lambda: feeds.batches(samples), feeds.mask_name,
                                   threads=threads, on_batch=on_batch, external_dir=model.mapped_dir):
@@ -73,6 +81,33 @@ def calibrated_groups(model: LoadedModel, requests: list[TensorRequest], samples
             return moments
 
         yield cache.moments(samples, feeds.mask_name, group.names, collect, per_group=True)
+
+
+def _calibrated_segments(plan: SegmentPlan, model: LoadedModel, samples: SampleSet, feeds: Feeds,
+                         cache: StatisticsCache, threads: int, progress: Progress
+                         ) -> Iterator[tuple[dict[str, Moments], bool]]:
+    """The segments' moments, from the cache when every segment is there (read one at a time), else computed:
+    a segment runs on the tensors the one before it left, so a pass runs them all, and yields those the cache
+    did not serve."""
+    names = [[r.name for r in segment.requests] for segment in plan.segments]
+    served = 0
+    if all(cache.has_moments(samples, feeds.mask_name, group, per_group=True) for group in names):
+        for group in names:
+            moments = cache.cached_moments(samples, feeds.mask_name, group, per_group=True)
+            if moments is None:  # damaged: computed again from here on
+                break
+            served += 1
+            yield moments, True
+        else:
+            return
+    on_batch = progress.steps("calibrating", len(plan.segments) * math.ceil(samples.count / feeds.batch_size))
+    for number, group in enumerate(plan.groups(lambda: feeds.batches(samples), threads, on_batch, model.mapped_dir)):
+        moments = group.collect()
+        if number < served:
+            continue
+        check_moments(moments)  # before anything is cached
+        cache.store_moments(samples, feeds.mask_name, moments, per_group=True)
+        yield moments, False
 
 
 def keep_thin_layers_dense(eligible: list[LinearLayer], moments: dict[str, Moments], mask_name: str | None,

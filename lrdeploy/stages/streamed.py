@@ -22,7 +22,7 @@ from lrdeploy.lowrank.decompose import Decomposition, Method, decompose
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import LoadedModel
 from lrdeploy.passes.linear_layers import LinearLayer
-from lrdeploy.pipeline.report_assembly import layer_spectra, spectrum_layers
+from lrdeploy.stages.spectra import layer_spectra, spectrum_layers
 from lrdeploy.progress import StageTimer
 from lrdeploy.stages.calibrate import calibrated_groups, keep_thin_layers_dense, too_few_positions
 from lrdeploy.stages.memory import check_statistics_fit

@@ -1,0 +1,185 @@
+"""Calibration segment by segment: the model cut into consecutive runs of nodes, each run as its own ONNX Runtime
+session, so that one forward pass collects every statistic and no session holds more than one segment's weights.
+
+    graph inputs ─► [segment 0: nodes, its weights] ─► live tensors ─► [segment 1] ─► … ─► [segment n]
+                        └─► Σx, Σxxᵀ of the tensors it produces          └─► …
+
+A segment ends where its weights or its requests' Gram matrices would pass their limits. The tensors later
+segments read (the residual stream, an attention mask's derived forms, rotary tables) are kept between segments,
+per batch, and dropped after their last reader. Requests are collected in the segment that produces their
+tensor; the mask's token tensors are chosen on the whole graph (`moment_graph.token_tensors`), as without
+segments, so the statistics are the same.
+
+Graphs with subgraphs (If, Loop: their bodies may read any outer tensor) are calibrated as one segment.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from lrdeploy.calib.stats import Batches, RequestGroup, TensorRequest, batch_count, sums_per_batch
+from lrdeploy.lowrank.moments import Moments
+from lrdeploy.passes.moment_graph import MomentRequest, inferred_types, moment_graph, token_tensors
+
+SEGMENT_WEIGHT_BYTES = 256 << 20  # one segment's initializers; a single bigger node is a segment of its own
+
+
+@dataclass
+class Segment:
+    """Consecutive nodes of the graph (indices into graph.node), what they read from before, what later segments
+    (or the graph's outputs) read of theirs, and the requests collected here."""
+
+    nodes: list[int] = field(default_factory=list)
+    inputs: list[str] = field(default_factory=list)
+    outputs: list[str] = field(default_factory=list)
+    requests: list[TensorRequest] = field(default_factory=list)
+
+
+def _initializer_bytes(graph: onnx.GraphProto) -> dict[str, int]:
+    sizes = {}
+    for tensor in graph.initializer:
+        length = next((int(e.value) for e in tensor.external_data if e.key == "length"), None)
+        sizes[tensor.name] = length if length is not None else len(tensor.raw_data) or 8 * int(np.prod(tensor.dims))
+    return sizes
+
+
+def plan_segments(model: onnx.ModelProto, requests: Sequence[TensorRequest], max_gram_bytes: int,
+                  max_weight_bytes: int = SEGMENT_WEIGHT_BYTES) -> list[Segment]:
+    """The model's nodes cut into segments within the limits; requests placed where their tensor is made."""
+    graph = model.graph
+    weights = _initializer_bytes(graph)
+    by_tensor: dict[str, list[TensorRequest]] = {}
+    for request in requests:
+        by_tensor.setdefault(request.name, []).append(request)
+    segments, current, used, held, grams = [], Segment(), set(), 0, 0
+    current.requests += [r for i in graph.input for r in by_tensor.get(i.name, [])]
+    grams = sum(4 * r.dim * r.dim for r in current.requests)
+    for index, node in enumerate(graph.node):
+        node_weights = {name for name in node.input if name in weights}
+        node_requests = [r for name in node.output for r in by_tensor.get(name, [])]
+        extra_gram = sum(4 * r.dim * r.dim for r in node_requests)
+        if current.nodes and (held + sum(weights[n] for n in node_weights - used) > max_weight_bytes
+                              or grams + extra_gram > max_gram_bytes):
+            segments.append(current)
+            current, used, held, grams = Segment(), set(), 0, 0
+        current.nodes.append(index)
+        current.requests += node_requests
+        held += sum(weights[n] for n in node_weights - used)
+        used |= node_weights
+        grams += extra_gram
+    segments.append(current)
+    _link(graph, segments, set(weights))
+    return segments
+
+
+def _link(graph: onnx.GraphProto, segments: list[Segment], initializers: set[str]) -> None:
+    """Each segment's inputs (tensors made before it, graph inputs included) and outputs (read after it)."""
+    made_in = {i.name: -1 for i in graph.input}
+    for number, segment in enumerate(segments):
+        for index in segment.nodes:
+            for name in graph.node[index].output:
+                made_in[name] = number
+    read_after: dict[str, int] = {o.name: len(segments) for o in graph.output}
+    for number, segment in enumerate(segments):
+        reads = []
+        for index in segment.nodes:
+            for name in graph.node[index].input:
+                if name and name not in initializers and made_in.get(name, number) != number and name not in reads:
+                    reads.append(name)
+                    read_after[name] = max(read_after.get(name, -1), number)
+        segment.inputs = reads
+    for number, segment in enumerate(segments):
+        segment.outputs = [name for index in segment.nodes for name in graph.node[index].output
+                           if name and read_after.get(name, -1) > number]
+
+
+def segmentable(model: onnx.ModelProto) -> bool:
+    """No node carries a subgraph (whose body may read any tensor of the graph around it)."""
+    return not any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+                   for node in model.graph.node for attr in node.attribute)
+
+
+def segment_model(model: onnx.ModelProto, segment: Segment, types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
+    """One segment as a model of its own: its nodes, the initializers they read (external references stay
+    references), its inputs and outputs typed from shape inference."""
+    graph = model.graph
+    nodes = [graph.node[index] for index in segment.nodes]
+    read = {name for node in nodes for name in node.input}
+    initializers = [tensor for tensor in graph.initializer if tensor.name in read]
+
+    def value(name: str) -> onnx.ValueInfoProto:
+        info = onnx.ValueInfoProto(name=name)
+        info.type.CopyFrom(types[name])
+        return info
+
+    sub = onnx.helper.make_graph(nodes, f"{graph.name}_segment", [value(n) for n in segment.inputs],
+                                 [value(n) for n in segment.outputs], initializers)
+    return onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
+
+
+@dataclass
+class SegmentPlan:
+    """The segments of one model for one set of requests, with what building their graphs needs."""
+
+    model: onnx.ModelProto
+    segments: list[Segment]
+    types: dict[str, onnx.TypeProto]
+    ranks: dict[str, int]
+    masked: set[str]
+    mask_name: str | None
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto, requests: Sequence[TensorRequest], mask_name: str | None,
+           max_gram_bytes: int, max_weight_bytes: int = SEGMENT_WEIGHT_BYTES) -> SegmentPlan | None:
+        """The plan, or None when the graph cannot be cut (subgraphs, tensors shape inference cannot type): the
+        caller then runs whole-model passes."""
+        if not segmentable(model):
+            return None
+        types, ranks = inferred_types(model)
+        unique = list({r.name: r for r in requests}.values())
+        segments = plan_segments(model, unique, max_gram_bytes, max_weight_bytes)
+        while len(segments) > 1 and not segments[-1].requests:  # nothing after the last request needs running
+            segments.pop()
+        if any(name not in types for segment in segments for name in segment.inputs + segment.outputs):
+            return None
+        for segment in segments:
+            if mask_name is not None and mask_name not in segment.inputs and segment.requests:
+                segment.inputs.append(mask_name)
+        masked = token_tensors(gs.import_onnx(model), mask_name) if mask_name else set()
+        return cls(model, segments, types, ranks, masked, mask_name)
+
+    def groups(self, batches: Batches, threads: int = 0, on_batch: Callable[[], None] | None = None,
+               external_dir: Path | None = None) -> Iterator[RequestGroup]:
+        """Each segment's requests, collected in one forward pass over the data: each group must be collected in
+        turn (a segment runs on the tensors the one before it left)."""
+        live = [dict(feed) for feed in batches()]  # per batch: the graph inputs, then each segment's outputs
+        for number, segment in enumerate(self.segments):
+            sub = segment_model(self.model, segment, self.types)
+            requests = [MomentRequest(r.name, r.dim) for r in segment.requests]
+            sums_model = moment_graph(gs.import_onnx(sub), self.ranks, requests, self.mask_name,
+                                      keep=segment.outputs, masked=self.masked)
+
+            def collect(number: int = number, segment: Segment = segment, sums_model: onnx.ModelProto = sums_model
+                        ) -> dict[str, Moments]:
+                moments = {r.name: Moments.zeros(r.dim) for r in segment.requests}
+                feeds = ({name: state[name] for name in segment.inputs} for state in live)
+                for state, values in zip(live, sums_per_batch(sums_model, threads, feeds, on_batch, external_dir)):
+                    for index, request in enumerate(segment.requests):
+                        count, total, gram = values[3 * index: 3 * index + 3]
+                        moments[request.name] = moments[request.name].add(batch_count(count), total, gram)
+                    state.update(zip(segment.outputs, values[3 * len(segment.requests):]))
+                    for name in [n for n in state if not _read_after(n, self.segments, number)]:
+                        del state[name]
+                return moments
+
+            yield RequestGroup(segment.requests, collect)
+
+
+def _read_after(name: str, segments: list[Segment], number: int) -> bool:
+    return any(name in later.inputs for later in segments[number + 1:])
