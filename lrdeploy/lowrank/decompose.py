@@ -75,7 +75,7 @@ class FeaturePca:
         _check_rank(rank, self.max_rank)
         basis = self.basis[:, :rank]
         bias = self.output_mean - self.projected_bias[:rank] @ basis.T.astype(np.float64)
-        return LowRankFactors(self.projected_weight[:, :rank].copy(), basis.T.copy(), bias)
+        return LowRankFactors(self.projected_weight[:, :rank], basis.T, bias)  # views: written once, not copied
 
 
 def feature_pca(weight: np.ndarray, bias: np.ndarray | None, output_mean: np.ndarray, eigenvectors: np.ndarray,

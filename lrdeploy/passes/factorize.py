@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
+import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
@@ -40,8 +41,8 @@ def _split_layer(graph: gs.Graph, layer: LinearLayer, factors: LowRankFactors, t
     x, y = tensors[layer.input_name], tensors[layer.output_name]
     dtype = layer.dtype
     scope = Scope(graph, layer.name)
-    first = scope.constant(f"{FIRST_FACTOR}/weight", factors.first.astype(dtype))
-    second = scope.constant("lowrank_b/weight", factors.second.astype(dtype))
+    first = scope.constant(f"{FIRST_FACTOR}/weight", np.asarray(factors.first, dtype))  # no copy when the dtype is
+    second = scope.constant("lowrank_b/weight", np.asarray(factors.second, dtype))  # the model's already
     bias = None if factors.bias is None else scope.constant("lowrank_bias/bias",
                                                             layer.bias_constant(factors.bias).astype(dtype))
     if not layer.output_is_product:  # a fused Attention: it takes the thin input and the second factor

@@ -10,6 +10,7 @@ memory does not grow with the evaluation set (an LM's logits are vocabulary-wide
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -104,7 +105,9 @@ def compare_models(
 ) -> AccuracyReport:
     """Run both models on `feeds` with Polygraphy, batch by batch, and summarise the differences per output:
     Polygraphy's elementwise check (`atol`, `rtol`) on every batch, and our figures (`OutputComparison`;
-    `mask_name` is the attention mask input, for next-token figures over real tokens only)."""
+    `mask_name` is the attention mask input, for next-token figures over real tokens only). The models run one
+    after the other, never both loaded (a big model's validation holds one model's weights): the original's
+    outputs wait on disk, a batch per file, until the compressed model's are compared with them."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
@@ -112,18 +115,24 @@ def compare_models(
     compare = SimpleCompareFunc(atol=atol, rtol=rtol)
     comparisons: dict[str, OutputComparison] = {}
     passed, samples = True, 0
+    feeds = list(feeds)
     G_LOGGER.colors = False  # avoids Polygraphy's notice about the optional 'colored' package
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL), refusals_named(), \
-            OnnxrtRunner(SessionFromOnnx(str(original)), name="original") as dense, \
-            OnnxrtRunner(SessionFromOnnx(str(compressed)), name="compressed") as candidate:
-        for feed in feeds:
-            reference, outputs = dense.infer(feed), candidate.infer(feed)
-            results = RunResults([(runner.name, [IterationResult(dict(result), runner_name=runner.name)])
-                                  for runner, result in ((dense, reference), (candidate, outputs))])
-            passed &= bool(Comparator.compare_accuracy(results, compare_func=compare))
-            for name in reference:
-                comparisons.setdefault(name, OutputComparison()).add(
-                    name, np.asarray(reference[name]), np.asarray(outputs[name]), feed, mask_name)
-            samples += next(iter(feed.values())).shape[0]
+            tempfile.TemporaryDirectory(prefix="lrdeploy-validate-") as stored:
+        with OnnxrtRunner(SessionFromOnnx(str(original)), name="original") as dense:
+            for index, feed in enumerate(feeds):
+                np.savez(Path(stored) / f"{index}.npz", **dense.infer(feed))
+        with OnnxrtRunner(SessionFromOnnx(str(compressed)), name="compressed") as candidate:
+            for index, feed in enumerate(feeds):
+                with np.load(Path(stored) / f"{index}.npz", allow_pickle=False) as saved:
+                    reference = {name: saved[name] for name in saved.files}
+                outputs = candidate.infer(feed)
+                results = RunResults([(name, [IterationResult(dict(result), runner_name=name)])
+                                      for name, result in (("original", reference), ("compressed", outputs))])
+                passed &= bool(Comparator.compare_accuracy(results, compare_func=compare))
+                for name in reference:
+                    comparisons.setdefault(name, OutputComparison()).add(
+                        name, np.asarray(reference[name]), np.asarray(outputs[name]), feed, mask_name)
+                samples += next(iter(feed.values())).shape[0]
     outputs = {name: comparison.result(neighbours) for name, comparison in comparisons.items()}
     return AccuracyReport(samples=samples, passed=passed, atol=atol, rtol=rtol, outputs=outputs, neighbours=neighbours)
