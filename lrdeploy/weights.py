@@ -34,10 +34,10 @@ def mappable(tensor: onnx.TensorProto) -> bool:
     """An external tensor worth mapping: big, and of a dtype NumPy reads as is."""
     if not external_data_helper.uses_external_data(tensor):
         return False
-    entries = external_entries(tensor)
-    if int(entries.get("length", 0)) < MAPPED_MIN_BYTES:
+    if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
         return False
-    return tensor.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+    size = int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    return size >= MAPPED_MIN_BYTES  # by its shape: torch's exporter writes a file per tensor, with no length
 
 
 class WeightFiles:

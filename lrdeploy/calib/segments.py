@@ -162,8 +162,8 @@ class SegmentPlan:
         for number, segment in enumerate(self.segments):
             sub = segment_model(self.model, segment, self.types)
             requests = [MomentRequest(r.name, r.dim) for r in segment.requests]
-            sums_model = moment_graph(gs.import_onnx(sub), self.ranks, requests, self.mask_name,
-                                      keep=segment.outputs, masked=self.masked)
+            sums_model = moment_graph(gs.import_onnx(sub), self.ranks, requests,
+                                      self.mask_name if requests else None, keep=segment.outputs, masked=self.masked)
 
             def collect(number: int = number, segment: Segment = segment, sums_model: onnx.ModelProto = sums_model
                         ) -> dict[str, Moments]:
