@@ -21,7 +21,7 @@ from onnx import external_data_helper
 
 from lrdeploy.errors import ModelLoadError
 from lrdeploy.files import default_file_mode
-from lrdeploy.weights import WeightFiles, mappable
+from lrdeploy.weights import WeightFiles, mappable, moved_out
 
 LARGE_MODEL_BYTES = 1 << 30  # above this, weights go to an external data file
 
@@ -40,7 +40,7 @@ class LoadedModel:
     @property
     def mapped_dir(self) -> Path | None:
         """The folder `proto`'s external references are read from, when its weights are mapped (else None)."""
-        return None if self.weights is None else self.path.parent
+        return None if self.weights is None else self.weights.folder
 
 
 def _graph_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -142,7 +142,7 @@ def load_model(path: Path, map_weights: bool = False) -> LoadedModel:
         _check_structure(path, path)
         if external:
             external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    return LoadedModel(proto, path, external)
+    return LoadedModel(proto, path, external, moved_out(proto) if map_weights else None)
 
 
 def _read_linked_external_data(model: onnx.ModelProto, model_dir: Path) -> None:

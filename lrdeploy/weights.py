@@ -15,6 +15,7 @@ after each group of layers, so the resident weights stay those of one group.
 from __future__ import annotations
 
 import mmap
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +44,12 @@ def mappable(tensor: onnx.TensorProto) -> bool:
 class WeightFiles:
     """Read-only maps of a model's external data files; `view(tensor)` is a tensor's values without copying."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, owned: tempfile.TemporaryDirectory | None = None):
+        """`owned`: a temporary folder these files live in, removed with this object (an inline model's weights
+        moved out to be mapped, `moved_out`)."""
         self.folder = Path(folder)
         self._maps: dict[str, mmap.mmap] = {}
+        self._owned = owned
 
     def _map(self, location: str) -> mmap.mmap:
         if location not in self._maps:
@@ -104,3 +108,23 @@ def constant_array(constant: gs.Constant) -> np.ndarray:
     if isinstance(constant._values, MappedValues):
         return constant._values.load()
     return np.asarray(constant.values)
+
+
+def moved_out(model: onnx.ModelProto) -> WeightFiles | None:
+    """Move `model`'s big inline tensors to a temporary data file and map them from there (None when it has none):
+    a model without external data is then read on demand like one with it, instead of its weights being held by
+    the proto and again by every array made from them."""
+    from onnx import external_data_helper
+
+    big = [t for t in model.graph.initializer if t.HasField("raw_data") and len(t.raw_data) >= MAPPED_MIN_BYTES]
+    if not big:
+        return None
+    owned = tempfile.TemporaryDirectory(prefix="lrdeploy-weights-")
+    for tensor in big:
+        external_data_helper.set_external_data(tensor, "weights.data")
+    external_data_helper.write_external_data_tensors(model, owned.name)
+    files = WeightFiles(Path(owned.name), owned)
+    for tensor in big:
+        if not mappable(tensor):
+            files.read_inline(tensor)
+    return files

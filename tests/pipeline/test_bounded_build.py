@@ -16,8 +16,8 @@ from lrdeploy.weights import MAPPED_MIN_BYTES
 WIDTH, LAYERS = 512, 3  # 512² float32 = 1 MiB: mapped
 
 
-def write_stack(path, seed=0):
-    """[batch, seq, 512] through three MatMul+Add+Relu layers; weights in an external data file."""
+def write_stack(path, seed=0, external=True):
+    """[batch, seq, 512] through three MatMul+Add+Relu layers; weights in an external data file, or inline."""
     rng = np.random.default_rng(seed)
     nodes, inits, x = [], [], "x"
     for i in range(LAYERS):
@@ -31,7 +31,8 @@ def write_stack(path, seed=0):
                               [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["b", "s", WIDTH])], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    onnx.save_model(model, str(path), save_as_external_data=True, location=f"{path.name}.data", size_threshold=1024)
+    onnx.save_model(model, str(path), save_as_external_data=external, location=f"{path.name}.data",
+                    size_threshold=1024)
     calib = path.parent / "calib.npz"
     np.savez(calib, x=rng.standard_normal((24, 64, WIDTH)).astype(np.float32))
     return path, calib
@@ -86,3 +87,26 @@ def test_a_build_group_by_group_writes_the_same_model(tmp_path, monkeypatch):
         <= {"stack.lowrank.onnx.data"}
     session = ort.InferenceSession(str(bounded.output_model), providers=["CPUExecutionProvider"])
     assert session.run(None, {"x": np.ones((1, 4, WIDTH), np.float32)})[0].shape == (1, 4, WIDTH)
+
+
+def test_an_inline_model_is_mapped_from_a_temporary_copy_and_written_inline(tmp_path, monkeypatch):
+    """A model without external data has its big weights moved to a temporary file to be mapped: the written
+    model is the same as the external one's, and inline like its input; the temporary file goes with the build."""
+    (tmp_path / "inline").mkdir()
+    inline, calib = write_stack(tmp_path / "inline" / "stack.onnx", external=False)
+    external, _ = write_stack(tmp_path / "stack.onnx")
+    loaded = load_model(inline, map_weights=True)
+    temporary = loaded.mapped_dir
+    assert temporary != inline.parent and (temporary / "weights.data").is_file()
+    assert {t.name for t in loaded.proto.graph.initializer if t.data_location == TensorProto.EXTERNAL} == {"w0", "w1", "w2"}
+    del loaded
+    import gc
+
+    gc.collect()
+    assert not temporary.exists()
+    from_inline, inline_model = built(inline, calib, tmp_path / "from_inline", True, monkeypatch)
+    from_external, external_model = built(external, calib, tmp_path / "from_external", True, monkeypatch)
+    assert not any(t.external_data for t in inline_model.graph.initializer)
+    b = {t.name: numpy_helper.to_array(t, str(tmp_path / "from_external")) for t in external_model.graph.initializer}
+    for tensor in inline_model.graph.initializer:
+        np.testing.assert_array_equal(numpy_helper.to_array(tensor), b[tensor.name], err_msg=tensor.name)
