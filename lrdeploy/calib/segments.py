@@ -75,28 +75,52 @@ def plan_segments(model: onnx.ModelProto, requests: Sequence[TensorRequest], max
         grams += extra_gram
     segments.append(current)
     _link(graph, segments, set(weights))
-    return segments
+    return [segment for segment in segments if segment.requests or segment.outputs]  # the rest make nothing used
 
 
 def _link(graph: onnx.GraphProto, segments: list[Segment], initializers: set[str]) -> None:
-    """Each segment's inputs (tensors made before it, graph inputs included) and outputs (read after it)."""
-    made_in = {i.name: -1 for i in graph.input}
-    for number, segment in enumerate(segments):
-        for index in segment.nodes:
-            for name in graph.node[index].output:
-                made_in[name] = number
-    read_after: dict[str, int] = {o.name: len(segments) for o in graph.output}
+    """Each segment's inputs (tensors made before it, graph inputs included) and outputs (read by a later
+    segment). A tensor computed from constants alone (torch's exporter puts every Constant node first; a tied LM
+    head's transposed embedding, 576 × 49152) is not passed along per batch: each segment that reads it computes
+    it from its own copy of the nodes that make it."""
+    static = _static_producers(graph, initializers)
+    for segment in segments:
+        segment.nodes = sorted(set(segment.nodes) | _static_closure(graph, segment.nodes, static))
+    made = [{name for index in segment.nodes for name in graph.node[index].output} for segment in segments]
+    read_after: dict[str, int] = {}  # the graph's own outputs are not passed on: statistics never read them (an LM's
+    # logits, 49152 wide, would be the biggest tensor of the pass)
     for number, segment in enumerate(segments):
         reads = []
         for index in segment.nodes:
             for name in graph.node[index].input:
-                if name and name not in initializers and made_in.get(name, number) != number and name not in reads:
+                if name and name not in initializers and name not in made[number] and name not in reads:
                     reads.append(name)
                     read_after[name] = max(read_after.get(name, -1), number)
         segment.inputs = reads
     for number, segment in enumerate(segments):
         segment.outputs = [name for index in segment.nodes for name in graph.node[index].output
-                           if name and read_after.get(name, -1) > number]
+                           if name and name not in static and read_after.get(name, -1) > number]
+
+
+def _static_producers(graph: onnx.GraphProto, initializers: set[str]) -> dict[str, int]:
+    """The tensors computed from initializers and Constant nodes only, each with the index of the node that makes
+    it."""
+    static: dict[str, int] = {}
+    for index, node in enumerate(graph.node):
+        if all(not name or name in initializers or name in static for name in node.input):
+            static.update((name, index) for name in node.output if name)
+    return static
+
+
+def _static_closure(graph: onnx.GraphProto, nodes: list[int], static: dict[str, int]) -> set[int]:
+    """The nodes that make the constant-only tensors `nodes` read, and theirs in turn."""
+    wanted, found = [name for index in nodes for name in graph.node[index].input if name in static], set()
+    while wanted:
+        index = static[wanted.pop()]
+        if index not in found:
+            found.add(index)
+            wanted += [name for name in graph.node[index].input if name in static]
+    return found
 
 
 def segmentable(model: onnx.ModelProto) -> bool:
