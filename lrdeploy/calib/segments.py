@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from lrdeploy.calib.stats import Batches, RequestGroup, TensorRequest, batch_count, sums_per_batch
+from lrdeploy.calib.stats import Batches, RequestGroup, TensorRequest, add_batch_sums, sums_per_batch
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.passes.moment_graph import MomentRequest, inferred_types, moment_graph, token_tensors
 
@@ -194,9 +194,7 @@ class SegmentPlan:
                 moments = {r.name: Moments.zeros(r.dim) for r in segment.requests}
                 feeds = ({name: state[name] for name in segment.inputs} for state in live)
                 for state, values in zip(live, sums_per_batch(sums_model, threads, feeds, on_batch, external_dir)):
-                    for index, request in enumerate(segment.requests):
-                        count, total, gram = values[3 * index: 3 * index + 3]
-                        moments[request.name] = moments[request.name].add(batch_count(count), total, gram)
+                    add_batch_sums(moments, segment.requests, values)
                     state.update(zip(segment.outputs, values[3 * len(segment.requests):]))
                     for name in [n for n in state if not _read_after(n, self.segments, number)]:
                         del state[name]

@@ -82,6 +82,14 @@ def batch_count(value: np.ndarray) -> float:
     return float(value.reshape(-1)[0])
 
 
+def add_batch_sums(moments: dict[str, Moments], requests: Sequence[TensorRequest], values: Sequence[np.ndarray]
+                   ) -> None:
+    """Add one batch's sums (a moment graph's outputs: count, Σx, Σxxᵀ per request, in order) to `moments`."""
+    for index, request in enumerate(requests):
+        count, total, gram = values[3 * index: 3 * index + 3]
+        moments[request.name] = moments[request.name].add(batch_count(count), total, gram)
+
+
 def collect_moments(
     model: onnx.ModelProto,
     requests: Sequence[TensorRequest],
@@ -132,9 +140,7 @@ def moments_by_group(
             sums_model = moment_graph(graph, ranks, [MomentRequest(r.name, r.dim) for r in group], mask_name)
             moments = {r.name: Moments.zeros(r.dim) for r in group}
             for values in sums_per_batch(sums_model, threads, batches(), on_batch, external_dir):
-                for index, request in enumerate(group):
-                    count, total, gram = values[3 * index: 3 * index + 3]
-                    moments[request.name] = moments[request.name].add(batch_count(count), total, gram)
+                add_batch_sums(moments, group, values)
             return moments
 
         yield RequestGroup(group, collect)
