@@ -9,7 +9,7 @@ from typing import Iterator
 import numpy as np
 
 from lrdeploy.calib.data import Feeds, SampleSet
-from lrdeploy.calib import stats
+from lrdeploy.calib import segments
 from lrdeploy.calib.segments import SegmentPlan
 from lrdeploy.calib.stats import RequestGroup, TensorRequest, collect_moments, count_passes, moments_by_group
 from lrdeploy.errors import CalibrationDataError
@@ -68,7 +68,7 @@ def calibrated_groups(model: LoadedModel, requests: list[TensorRequest], samples
     in all, one segment's weights in a session), or, where the graph cannot be cut, groups of tensors whose Gram
     matrices fit the limit (one whole-model pass each). Each group is cached on its own. Yields (moments,
     whether the cache served them)."""
-    plan = SegmentPlan.of(model.proto, requests, feeds.mask_name, stats.DEFAULT_MAX_GRAM_BYTES)
+    plan = SegmentPlan.of(model.proto, requests, feeds.mask_name, segments.SEGMENT_GRAM_BYTES)
     if plan is not None:
         yield from _calibrated_segments(plan, model, samples, feeds, cache, threads, progress)
         return
@@ -98,6 +98,7 @@ def _calibrated_segments(plan: SegmentPlan, model: LoadedModel, samples: SampleS
                 break
             served += 1
             yield moments, True
+            del moments
         else:
             return
     on_batch = progress.steps("calibrating", len(plan.segments) * math.ceil(samples.count / feeds.batch_size))
@@ -108,6 +109,7 @@ def _calibrated_segments(plan: SegmentPlan, model: LoadedModel, samples: SampleS
         check_moments(moments)  # before anything is cached
         cache.store_moments(samples, feeds.mask_name, moments, per_group=True)
         yield moments, False
+        del moments  # not held while the next segment is collected
 
 
 def keep_thin_layers_dense(eligible: list[LinearLayer], moments: dict[str, Moments], mask_name: str | None,

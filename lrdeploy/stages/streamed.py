@@ -54,6 +54,7 @@ def _timed(groups: Iterator[tuple[dict[str, Moments], bool]], timer: StageTimer
         if group is None:
             return
         yield group
+        del group  # the caller's group is freed before the next is collected
 
 
 def streamed_statistics(model: LoadedModel, eligible: list[LinearLayer], samples: SampleSet, feeds: Feeds,

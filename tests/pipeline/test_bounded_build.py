@@ -7,7 +7,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-import lrdeploy.calib.stats as stats
+import lrdeploy.calib.segments as segments
 import lrdeploy.pipeline.build as build_module
 from lrdeploy.onnx_io import load_model
 from lrdeploy.settings.build import BuildConfig
@@ -60,7 +60,7 @@ def test_a_build_group_by_group_writes_the_same_model(tmp_path, monkeypatch):
     """One calibration group per tensor (a Gram limit of one matrix): three passes, three groups decomposed and
     freed in turn; the written factors equal those of the build that calibrates everything first."""
     model, calib = write_stack(tmp_path / "stack.onnx")
-    monkeypatch.setattr(stats, "DEFAULT_MAX_GRAM_BYTES", 4 * WIDTH * WIDTH)
+    monkeypatch.setattr(segments, "SEGMENT_GRAM_BYTES", 4 * WIDTH * WIDTH)
     import lrdeploy.stages.streamed as streamed
     groups = []
     original = streamed.calibrated_groups
