@@ -142,7 +142,10 @@ def load_model(path: Path, map_weights: bool = False) -> LoadedModel:
         _check_structure(path, path)
         if external:
             external_data_helper.load_external_data_for_model(proto, str(path.parent))
-    return LoadedModel(proto, path, external, moved_out(proto) if map_weights else None)
+    weights = moved_out(proto) if map_weights else None
+    if weights is not None:  # parsed again without the bytes that moved out: the first parse's memory is freed
+        proto = onnx.load_from_string(proto.SerializeToString())
+    return LoadedModel(proto, path, external, weights)
 
 
 def _read_linked_external_data(model: onnx.ModelProto, model_dir: Path) -> None:

@@ -92,6 +92,19 @@ def peak_rss_mb() -> float | None:
     return round(peak / (1024 * 1024 if sys.platform == "darwin" else 1024), 1)  # bytes on macOS, KiB on Linux
 
 
+def return_freed_memory() -> None:
+    """Hand the memory freed so far back to the operating system where the C library keeps it (glibc keeps freed
+    blocks under 32 MB for reuse): a build that frees one group's statistics before the next then shows it in its
+    resident size. Nothing happens elsewhere."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # another C library (musl)
+            pass
+
+
 class StageTimer:
     """Times named stages into `timings` and the peak resident memory at each one's end into `peaks` (continuing
     `earlier` ones, and `earlier_peaks`), and tells `progress` as each ends."""

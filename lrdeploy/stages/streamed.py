@@ -23,7 +23,7 @@ from lrdeploy.lowrank.moments import Moments
 from lrdeploy.onnx_io import LoadedModel
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.stages.spectra import layer_spectra, spectrum_layers
-from lrdeploy.progress import StageTimer
+from lrdeploy.progress import StageTimer, return_freed_memory
 from lrdeploy.stages.calibrate import calibrated_groups, keep_thin_layers_dense, too_few_positions
 from lrdeploy.stages.memory import check_statistics_fit
 
@@ -83,6 +83,7 @@ def streamed_statistics(model: LoadedModel, eligible: list[LinearLayer], samples
             if model.weights is not None:
                 model.weights.release()
         del moments
+        return_freed_memory()
     if thin is not None and not result.eligible:
         raise CalibrationDataError(too_few_positions(thin[0], thin[1], feeds.mask_name))
     result.eligible = [layer for layer in eligible if layer.name in result.decompositions]  # the model's order
