@@ -238,6 +238,7 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
             plan = latency.plan
         else:
             plan = allocate(config.factorization.allocation, prepared.shapes, budget, config.factorization.rank_multiple, energies, loss)
+            plan = within_ceilings(plan, prepared.decompositions)
     factors = planned_factors(prepared.decompositions, plan)
     if config.factorization.refit:
         with timer.stage("refit"):
@@ -248,6 +249,14 @@ def choose_factors(prepared: PreparedBuild, budget: float, timer: StageTimer | N
                                RefitSettings(config.factorization.refit_mode, threads=config.threads), on_stage)
             factors, structured = refit.factors, refit.cuts
     return ChosenFactors(plan=plan, factors=factors, structured=structured, latency=latency, shape_plan=shape_record)
+
+
+def within_ceilings(plan: RankPlan, decompositions: dict[str, Decomposition]) -> RankPlan:
+    """`plan` with no rank above what its layer's decomposition holds. The ceilings come from a uniform plan over
+    every eligible layer; when calibration then keeps some dense (too few positions), the uniform plan over the rest
+    may hand a layer a multiple or two more, which it does not get (the budget is only under-spent)."""
+    return {name: rank if rank is None else min(rank, getattr(decompositions.get(name), "max_rank", rank))
+            for name, rank in plan.items()}
 
 
 class Finetuner(Protocol):

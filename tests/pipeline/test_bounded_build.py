@@ -110,3 +110,25 @@ def test_an_inline_model_is_mapped_from_a_temporary_copy_and_written_inline(tmp_
     b = {t.name: numpy_helper.to_array(t, str(tmp_path / "from_external")) for t in external_model.graph.initializer}
     for tensor in inline_model.graph.initializer:
         np.testing.assert_array_equal(numpy_helper.to_array(tensor), b[tensor.name], err_msg=tensor.name)
+
+
+def test_a_layer_kept_dense_by_calibration_does_not_raise_another_past_its_decomposition(tmp_path, monkeypatch):
+    """Ceilings come from the uniform plan over every layer; one kept dense for too few positions makes the plan
+    over the rest richer by a multiple or two, which is clamped to what the decompositions hold, under budget."""
+    from lrdeploy.lowrank.allocate import LayerShape, rank_ceilings, uniform_ranks
+    from lrdeploy.pipeline.build import within_ceilings
+
+    shapes = [LayerShape(f"{block}{name}", d_in, d_out) for block in range(2) for name, d_in, d_out in
+              (("q", 2048, 2048), ("k", 2048, 256), ("v", 2048, 256), ("o", 2048, 2048), ("gate", 2048, 5632),
+               ("up", 2048, 5632), ("down", 5632, 2048))]  # two of TinyLlama's blocks
+    ceilings = rank_ceilings(shapes, 16, (0.7,))
+    richer = uniform_ranks([s for s in shapes if not s.name.endswith("down")], 0.7, 16)  # downs kept dense
+    assert any(richer[name] > ceilings[name] for name in richer)  # the case this guards
+
+    class Held:
+        def __init__(self, rank):
+            self.max_rank = rank
+
+    clamped = within_ceilings(richer, {name: Held(ceilings[name]) for name in richer})
+    assert all(clamped[name] <= ceilings[name] for name in clamped)
+    assert within_ceilings({"a": None}, {"a": Held(16)}) == {"a": None}
