@@ -1,7 +1,7 @@
 """A 1.1B-parameter decoder builds on this 24 GB machine: a random-initialised Llama of TinyLlama's shape (22 blocks,
 hidden 2048, FFN 5632, 32 query / 4 key-value heads, vocabulary 32000, untied head), exported by lrdeploy's own
 exporter (torch's legacy exporter, external data), then `lrdeploy build --rank-budget 0.7 --plan lowrank` on
-random token ids, its wall time and its own peak RSS recorded.
+random token windows, its wall time and its own peak RSS recorded.
 
     .venv/bin/python benchmarks/tools/tinyllama_shape.py --out /tmp/tinyllama [--record NAME]
 
@@ -37,6 +37,17 @@ def export(out: Path) -> None:
     export_causal_lm(model, out / "tinyllama.onnx", "text-generation")
 
 
+def write_windows(out: Path) -> None:
+    """Random token windows, every position real (a random attention mask would leave 5632-wide inputs fewer
+    positions than their width): 64 × 128 for calibration, 8 held out."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    for name, count in (("calib", 64), ("eval", 8)):
+        np.savez(out / f"{name}.npz", input_ids=rng.integers(0, SHAPE["vocab_size"], (count, 128)),
+                 attention_mask=np.ones((count, 128), np.int64))
+
+
 def measured(command: list[str]) -> tuple[int, float, float, str]:
     """(exit code, wall seconds, the child's own peak RSS in GiB, its stderr's tail)."""
     start = time.perf_counter()
@@ -65,10 +76,12 @@ def main() -> None:
         if code:
             print(json.dumps(result, indent=2))
             sys.exit(code)
-    weights = sum(p.stat().st_size for p in args.out.iterdir() if p.is_file() and p.name != "tinyllama.onnx")
-    command = ["lrdeploy", "build", str(args.out / "tinyllama.onnx"), "--calib", "random", "--shape",
-               "input_ids:1x128", "--shape", "attention_mask:1x128", "--calib-samples", "64", "--eval-samples", "8",
-               "--rank-budget", "0.7", "--plan", "lowrank", "--no-cache", "-o", str(args.out / "build")]
+    weights = sum(p.stat().st_size for p in args.out.iterdir()
+                  if p.is_file() and p.suffix not in (".onnx", ".npz", ".json"))
+    write_windows(args.out)
+    command = ["lrdeploy", "build", str(args.out / "tinyllama.onnx"), "--calib", str(args.out / "calib.npz"),
+               "--eval", str(args.out / "eval.npz"), "--rank-budget", "0.7", "--plan", "lowrank", "--no-cache", "-o",
+               str(args.out / "build")]
     code, wall, peak, tail = measured([sys.executable, "-c", "from lrdeploy.cli import main; main()", *command[1:]])
     result.update({"command": " ".join(command), "weight_gib": round(weights / 2**30, 3), "exit_code": code,
                    "build_wall_s": round(wall, 1), "build_peak_rss_gib": round(peak, 2),
