@@ -76,8 +76,9 @@ def main() -> None:
         if code:
             print(json.dumps(result, indent=2))
             sys.exit(code)
-    weights = sum(p.stat().st_size for p in args.out.iterdir()
-                  if p.is_file() and p.suffix not in (".onnx", ".npz", ".json"))
+    from lrdeploy.onnx_io import model_files
+
+    weights = sum(p.stat().st_size for p in model_files(args.out / "tinyllama.onnx")[1:])  # its external data
     write_windows(args.out)
     command = ["lrdeploy", "build", str(args.out / "tinyllama.onnx"), "--calib", str(args.out / "calib.npz"),
                "--eval", str(args.out / "eval.npz"), "--rank-budget", "0.7", "--plan", "lowrank", "--no-cache", "-o",
