@@ -37,8 +37,13 @@ def mappable(tensor: onnx.TensorProto) -> bool:
         return False
     if tensor.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE):
         return False
-    size = int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    return size >= MAPPED_MIN_BYTES  # by its shape: torch's exporter writes a file per tensor, with no length
+    return tensor_bytes(tensor) >= MAPPED_MIN_BYTES
+
+
+def tensor_bytes(tensor: onnx.TensorProto) -> int:
+    """A tensor's size by its shape and type, wherever its bytes are (torch's exporter writes a file per tensor
+    with no length)."""
+    return int(np.prod(tensor.dims, dtype=np.int64)) * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
 
 
 class WeightFiles:

@@ -19,13 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
 from lrdeploy.calib.stats import Batches, RequestGroup, TensorRequest, add_batch_sums, sums_per_batch
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.passes.moment_graph import MomentRequest, inferred_types, moment_graph, token_tensors
+from lrdeploy.weights import tensor_bytes
 
 SEGMENT_WEIGHT_BYTES = 128 << 20  # one segment's initializers; a single bigger node is a segment of its own
 SEGMENT_GRAM_BYTES = 128 << 20  # its requests' float32 Gram matrices (float64 sums: twice that); a segment costs no
@@ -43,23 +43,15 @@ class Segment:
     requests: list[TensorRequest] = field(default_factory=list)
 
 
-def _initializer_bytes(graph: onnx.GraphProto) -> dict[str, int]:
-    sizes = {}
-    for tensor in graph.initializer:
-        length = next((int(e.value) for e in tensor.external_data if e.key == "length"), None)
-        sizes[tensor.name] = length if length is not None else len(tensor.raw_data) or 8 * int(np.prod(tensor.dims))
-    return sizes
-
-
 def plan_segments(model: onnx.ModelProto, requests: Sequence[TensorRequest], max_gram_bytes: int,
                   max_weight_bytes: int = SEGMENT_WEIGHT_BYTES) -> list[Segment]:
     """The model's nodes cut into segments within the limits; requests placed where their tensor is made."""
     graph = model.graph
-    weights = _initializer_bytes(graph)
+    weights = {tensor.name: tensor_bytes(tensor) for tensor in graph.initializer}
     by_tensor: dict[str, list[TensorRequest]] = {}
     for request in requests:
         by_tensor.setdefault(request.name, []).append(request)
-    segments, current, used, held, grams = [], Segment(), set(), 0, 0
+    segments, current, used, held = [], Segment(), set(), 0
     current.requests += [r for i in graph.input for r in by_tensor.get(i.name, [])]
     grams = sum(4 * r.dim * r.dim for r in current.requests)
     for index, node in enumerate(graph.node):
@@ -185,6 +177,7 @@ class SegmentPlan:
         """Each segment's requests, collected in one forward pass over the data: each group must be collected in
         turn (a segment runs on the tensors the one before it left)."""
         live = [dict(feed) for feed in batches()]  # per batch: the graph inputs, then each segment's outputs
+        last_reader = {name: number for number, segment in enumerate(self.segments) for name in segment.inputs}
         for number, segment in enumerate(self.segments):
             sub = segment_model(self.model, segment, self.types)
             requests = [MomentRequest(r.name, r.dim) for r in segment.requests]
@@ -198,12 +191,8 @@ class SegmentPlan:
                 for state, values in zip(live, sums_per_batch(sums_model, threads, feeds, on_batch, external_dir)):
                     add_batch_sums(moments, segment.requests, values)
                     state.update(zip(segment.outputs, values[3 * len(segment.requests):]))
-                    for name in [n for n in state if not _read_after(n, self.segments, number)]:
+                    for name in [n for n in state if last_reader.get(n, -1) <= number]:
                         del state[name]
                 return moments
 
             yield RequestGroup(segment.requests, collect)
-
-
-def _read_after(name: str, segments: list[Segment], number: int) -> bool:
-    return any(name in later.inputs for later in segments[number + 1:])

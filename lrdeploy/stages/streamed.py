@@ -39,7 +39,8 @@ class StreamedStatistics:
 
 
 def check_largest_group_fits(eligible: list[LinearLayer], requests: list[TensorRequest]) -> None:
-    """Stop with one line when one group's statistics would not fit (the whole model's need not)."""
+    """Stop with one line when one group's statistics would not fit (the whole model's need not). Sized as the
+    whole-model passes group them, the larger of the two groupings (segments are smaller)."""
     groups = group_requests(list({r.name: r for r in requests}.values()), stats.DEFAULT_MAX_GRAM_BYTES)
     largest = max(groups, key=lambda group: sum(r.dim ** 2 for r in group))
     names = {r.name for r in largest}
