@@ -14,7 +14,7 @@ $(BIN)/python:
 # torch is pinned first: a bare `torch` requirement would pull a newer build with gigabytes of CUDA packages.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e ".[demo,test]"
+	$(BIN)/python -m pip install --quiet -e ".[demo,test,ray]"
 	touch $@
 
 install: $(VENV)/.installed

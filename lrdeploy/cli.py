@@ -317,6 +317,10 @@ def build_options(command):
         click.option("--cache-dir", type=click.Path(file_okay=False, path_type=Path),
                      help="Calibration statistics cache (default: ~/.cache/lrdeploy)."),
         click.option("--no-cache", is_flag=True, help="Neither read nor write the statistics cache."),
+        click.option("--ray", metavar="auto|ADDRESS",
+                     help="Measure the plan's options (sensitivity, structured cuts) as Ray tasks: auto starts a local "
+                          "Ray for the run (or joins the cluster RAY_ADDRESS names), ADDRESS joins that cluster. "
+                          "Needs pip install 'lrdeploy[ray]'; the result is the same model."),
         click.option("--optimize", type=click.Choice(OPTIMIZERS), default=d.optimize, show_default=True,
                      help="ort: fuse the model with ONNX Runtime's transformer optimizer first and compress inside the "
                           "fused graph, so the output keeps every fusion (Attention, SkipLayerNormalization, BiasGelu)."),

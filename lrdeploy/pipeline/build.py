@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Iterator, Protocol
 
 import onnx
@@ -25,6 +25,7 @@ from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs, require_batch_axes
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.files import check_name_length, check_output_dir, output_lock, output_set, refuse_overwriting_inputs
+from lrdeploy.jobs import SERIAL, Jobs, jobs_on
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget, rank_ceilings
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose, planned_factors
 from lrdeploy.onnx_io import check_model, count_parameters, matrix_elements, save_model
@@ -167,14 +168,19 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         structured = blocks.cut(config, moments) if moments is not None else StructuredCuts()
     sensitivity, options = None, None
     probe = samples.calib.select(slice(0, config.planning.sensitivity_samples))
-    if config.measures_sensitivity and not unchanged:
-        with timer.stage("sensitivity"):
-            sensitivity = measured_sensitivity(inspection.model.proto, eligible, decompositions, probe, feeds,
-                                               config, cache, progress)
-    if config.planning.plans_shapes and not unchanged:
-        with timer.stage("shape options"):
-            options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions, probe,
-                                    feeds, cache, progress, structured, inspection.layers)
+    with ExitStack() as held:
+        jobs: Jobs = SERIAL
+        if config.ray is not None and not unchanged and (config.measures_sensitivity or config.planning.plans_shapes):
+            with timer.stage("ray start"):
+                jobs = held.enter_context(jobs_on(config.ray))
+        if config.measures_sensitivity and not unchanged:
+            with timer.stage("sensitivity"):
+                sensitivity = measured_sensitivity(inspection.model.proto, eligible, decompositions, probe, feeds,
+                                                   config, cache, progress, jobs)
+        if config.planning.plans_shapes and not unchanged:
+            with timer.stage("shape options"):
+                options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions,
+                                        probe, feeds, cache, progress, structured, inspection.layers, jobs)
     return PreparedBuild(config=config, inspection=inspection, eligible=eligible, feeds=feeds, samples=samples,
                          decompositions=decompositions, spectra=layer_spectra, timings=timer.timings, peaks=timer.peaks,
                          sensitivity=sensitivity, structured=structured, shape_options=options)

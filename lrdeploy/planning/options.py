@@ -32,6 +32,7 @@ from lrdeploy.bench.timer import Timer
 from lrdeploy.calib.cache import StatisticsCache
 from lrdeploy.calib.data import Feeds, SampleSet
 from lrdeploy.errors import OptionError
+from lrdeploy.jobs import SERIAL, Jobs
 from lrdeploy.lowrank.decompose import Decomposition, planned_factors
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.lowrank.neurons import NeuronCut, group_cuts, neuron_cuts
@@ -41,6 +42,7 @@ from lrdeploy.planning.blocks import BlockParts, constrain_parts
 from lrdeploy.planning.cuts import kept_count
 from lrdeploy.planning.timing import build_timer
 from lrdeploy.progress import Progress
+from lrdeploy.runtime.onnxruntime import create_session
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.distortion import DistortionProbe
 from lrdeploy.stages.sensitivity import measure_layer_errors
@@ -129,7 +131,7 @@ def cut_error(layer: LinearLayer, cut: NeuronCut):
 
 
 def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: SampleSet, feeds: Feeds,
-                       config: BuildConfig, cache: StatisticsCache, progress: Progress) -> None:
+                       config: BuildConfig, cache: StatisticsCache, progress: Progress, jobs: Jobs = SERIAL) -> None:
     """Each option's output distortion alone on the probe batches (cached like the sensitivity table). An FFN or
     head cut changes its block's output only through the projection it refits (the dropped neurons or heads feed
     nothing else), so it is measured as that layer's weight error in the sensitivity graph, one session for many
@@ -143,13 +145,13 @@ def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: 
                 by_layer.setdefault(layer.name, (layer, []))[1].append(((option.key, option.kept),
                                                                        cut_error(layer, cut)))
         measured = measure_layer_errors(model, list(by_layer.values()), feeds.batches(probe), config.threads,
-                                        on_step, mask_name=feeds.mask_name)
+                                        on_step, mask_name=feeds.mask_name, jobs=jobs)
         drops = [option for option in options if option.kind == "drop"]
         if drops:
             distortion = DistortionProbe(model, feeds.batches(probe), config.threads, feeds.mask_name)
-            for option in drops:
-                measured[(option.key, option.kept)] = distortion.of_model(option.cut.applied_to(model))
-                on_step()
+            losses = jobs.map(drop_distortion, drops, (model, distortion, jobs.threads(config.threads)),
+                              lambda _: on_step())
+            measured.update({(option.key, option.kept): loss for option, loss in zip(drops, losses)})
         table: dict[str, dict[int, float]] = {}
         for (key, kept), loss in measured.items():
             table.setdefault(key, {})[kept] = loss
@@ -160,6 +162,12 @@ def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: 
     for option in options:
         option.loss = table[option.key][option.kept]
         option.cut.dropped = [(block, layers, option.loss) for block, layers, _ in option.cut.dropped]  # for the report
+
+
+def drop_distortion(option: CutOption, shared: tuple[onnx.ModelProto, DistortionProbe, int]) -> float:
+    """The distortion of the model with `option`'s block dropped (a job of `measure_cut_losses`)."""
+    model, distortion, threads = shared
+    return distortion.of_session(create_session(option.cut.applied_to(model), threads))
 
 
 def _linear_ms(timer: Timer, d_in: int, d_out: int) -> float | None:
@@ -255,7 +263,7 @@ def shape_options(config: BuildConfig, model: onnx.ModelProto, parts: list[Block
                   moments: dict[str, Moments] | None, eligible: list[LinearLayer],
                   decompositions: dict[str, Decomposition], probe: SampleSet, feeds: Feeds, cache: StatisticsCache,
                   progress: Progress, fixed: StructuredCuts | None = None,
-                  model_layers: list[LinearLayer] = ()) -> ShapeOptions:
+                  model_layers: list[LinearLayer] = (), jobs: Jobs = SERIAL) -> ShapeOptions:
     """Measure what the plan chooses from: the cuts' distortions and, for a latency target, every saving. `fixed`:
     cuts decided before the plan (--ffn-keep, ...), which its blocks no longer offer and its budget counts
     (`model_layers`: every linear layer of the model, to count them)."""
@@ -264,7 +272,7 @@ def shape_options(config: BuildConfig, model: onnx.ModelProto, parts: list[Block
     parts = constrain_parts(parts, fixed)
     cuts = cut_options(parts, moments, config.factorization.rank_multiple) if structured else []
     if cuts:
-        measure_cut_losses(model, cuts, probe, feeds, config, cache, progress)
+        measure_cut_losses(model, cuts, probe, feeds, config, cache, progress, jobs)
     options = ShapeOptions(parts, cuts, structured, fixed=fixed, fixed_params=fixed.params(model_layers),
                            target_latency=config.planning.target_latency)
     if options.target_latency is None:

@@ -207,6 +207,7 @@ class BuildConfig:
     output_dir: Path | None = None
     cache_dir: Path | None = field(default_factory=default_cache_dir)
     threads: int = 0
+    ray: str | None = None  # --ray: "auto" or a cluster's address; None: every measurement here (lrdeploy.jobs)
     optimize: str = "none"  # one of OPTIMIZERS
     num_heads: int = 0  # for --optimize ort; 0: read from the graph
     hidden_size: int = 0  # likewise

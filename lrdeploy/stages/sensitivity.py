@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from lrdeploy.calib.data import Feeds, SampleSet
+from lrdeploy.jobs import SERIAL, Jobs
 from lrdeploy.lowrank.allocate import LayerShape, discarded_fraction
 from lrdeploy.lowrank.decompose import Decomposition
 from lrdeploy.passes.inject_error import error_injected_model
@@ -44,29 +45,42 @@ LayerError = tuple[Hashable, Callable[[], tuple[np.ndarray, np.ndarray]]]  # (ke
 def measure_layer_errors(
     model: onnx.ModelProto, variants: list[tuple[LinearLayer, list[LayerError]]],
     batches: Iterable[dict[str, np.ndarray]], threads: int = 0, on_step: Callable[[], None] | None = None,
-    group_size: int = GROUP_SIZE, mask_name: str | None = None,
+    group_size: int = GROUP_SIZE, mask_name: str | None = None, jobs: Jobs = SERIAL,
 ) -> dict[Hashable, float]:
     """Degradation of the outputs for each variant: one layer's weight and bias changed by the errors its
     callable makes (made when measured, so that only one is held at a time), every other layer as it is.
 
     Layers are injected `group_size` at a time (`passes.inject_error`): each injection adds one dense-sized MatMul
     to every run, so small groups keep runs cheap while few groups keep session creation cheap. One session serves
-    every variant of its group: no model is copied per variant."""
+    every variant of its group: no model is copied per variant. Each group is one of `jobs` (a Ray task with
+    `--ray`), measured against the dense outputs computed once here."""
     probe = DistortionProbe(model, batches, threads, mask_name)
+    groups = [variants[start:start + group_size] for start in range(0, len(variants), group_size)]
+
+    def done(group_measured: dict[Hashable, float]) -> None:
+        for _ in group_measured if on_step is not None else ():
+            on_step()
+
     measured: dict[Hashable, float] = {}
-    for start in range(0, len(variants), group_size):
-        group = variants[start:start + group_size]
-        injected, error_inputs = error_injected_model(model, [layer for layer, _ in group])
-        session = create_session(injected, threads)
-        zeros = {name: value for (layer, _), inputs in zip(group, error_inputs)
-                 for name, value in inputs.zeros(layer).items()}
-        for (layer, errors), inputs in zip(group, error_inputs):
-            for key, make in errors:
-                delta_w, delta_b = make()
-                measured[key] = probe.of_session(session, {**zeros, inputs.weight: delta_w.astype(layer.dtype),
-                                                           inputs.bias: delta_b.astype(layer.dtype)})
-                if on_step is not None:
-                    on_step()
+    for group_measured in jobs.map(measure_group, groups, (model, probe, jobs.threads(threads)), done):
+        measured.update(group_measured)
+    return measured
+
+
+def measure_group(group: list[tuple[LinearLayer, list[LayerError]]],
+                  shared: tuple[onnx.ModelProto, DistortionProbe, int]) -> dict[Hashable, float]:
+    """One group's variants, through one error-injected session (a job of `measure_layer_errors`)."""
+    model, probe, threads = shared
+    injected, error_inputs = error_injected_model(model, [layer for layer, _ in group])
+    session = create_session(injected, threads)
+    zeros = {name: value for (layer, _), inputs in zip(group, error_inputs)
+             for name, value in inputs.zeros(layer).items()}
+    measured: dict[Hashable, float] = {}
+    for (layer, errors), inputs in zip(group, error_inputs):
+        for key, make in errors:
+            delta_w, delta_b = make()
+            measured[key] = probe.of_session(session, {**zeros, inputs.weight: delta_w.astype(layer.dtype),
+                                                       inputs.bias: delta_b.astype(layer.dtype)})
     return measured
 
 
@@ -83,12 +97,12 @@ def rank_error(layer: LinearLayer, decomposition: Decomposition, rank: int) -> C
 def measure_sensitivity(
     model: onnx.ModelProto, layers: list[LinearLayer], decompositions: dict[str, Decomposition], multiple: int,
     batches: Iterable[dict[str, np.ndarray]], threads: int = 0, on_step: Callable[[], None] | None = None,
-    group_size: int = GROUP_SIZE, mask_name: str | None = None,
+    group_size: int = GROUP_SIZE, mask_name: str | None = None, jobs: Jobs = SERIAL,
 ) -> SensitivityTable:
     """Degradation of the outputs when each layer alone is cut to each of its candidate ranks."""
     variants = [(layer, [((layer.name, rank), rank_error(layer, decompositions[layer.name], rank))
                          for rank in candidate_ranks(layer.shape, multiple)]) for layer in layers]
-    measured = measure_layer_errors(model, variants, batches, threads, on_step, group_size, mask_name)
+    measured = measure_layer_errors(model, variants, batches, threads, on_step, group_size, mask_name, jobs)
     table: SensitivityTable = {layer.name: {} for layer in layers}
     for (name, rank), loss in measured.items():
         table[name][rank] = loss
@@ -119,12 +133,13 @@ def count_measurements(layers: list[LinearLayer], multiple: int) -> int:
 
 def measured_sensitivity(model: onnx.ModelProto, layers: list[LinearLayer], decompositions: dict[str, Decomposition],
                          probe: SampleSet, feeds: Feeds, config: BuildConfig, cache: StatisticsCache,
-                         progress: Progress) -> SensitivityTable:
-    """The sensitivity table of `layers` from the cache, or measured on the `probe` samples (and cached)."""
+                         progress: Progress, jobs: Jobs = SERIAL) -> SensitivityTable:
+    """The sensitivity table of `layers` from the cache, or measured on the `probe` samples (and cached); measured
+    as `jobs` (Ray tasks with `--ray`)."""
     def measure() -> SensitivityTable:
         on_step = progress.steps("measuring sensitivity", count_measurements(layers, config.factorization.rank_multiple))
         return measure_sensitivity(model, layers, decompositions, config.factorization.rank_multiple, feeds.batches(probe),
-                                   config.threads, on_step, mask_name=feeds.mask_name)
+                                   config.threads, on_step, mask_name=feeds.mask_name, jobs=jobs)
 
     settings = f"{feeds.mask_name}|{config.factorization.method}|{config.factorization.rank_multiple}|kl-for-logits"  # the distortion measured
     return cache.sensitivity(probe, settings, {layer.name for layer in layers}, measure)

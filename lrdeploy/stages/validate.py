@@ -5,7 +5,8 @@ tolerances (`atol`, `rtol`); on top of that we compute the figures that matter f
 output: cosine similarity per sample (mean and 5th percentile), relative L2 error and max abs error, for
 embedding-like outputs the top-k nearest-neighbour agreement over the evaluation samples, and for a causal LM's
 logits perplexity, next-token agreement and KL (`stages.next_token`). Batches are compared one at a time, so
-memory does not grow with the evaluation set (an LM's logits are vocabulary-wide).
+memory does not grow with the evaluation set, and a batch whose outputs would pass `MAX_RUN_OUTPUT_BYTES` runs in
+parts (an LM's logits are vocabulary-wide: 16 windows of 128 tokens over 49152 words are 400 MB).
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from lrdeploy.report.model import AccuracyReport, OutputAccuracy
 from lrdeploy.runtime.onnxruntime import refusals_named
 from lrdeploy.stages.classes import ClassScores, is_class_logits
 from lrdeploy.stages.next_token import NextTokenScores, is_next_token_output
+
+MAX_RUN_OUTPUT_BYTES = 64 * 2**20
+"""The most output bytes one validation run may produce, where the batch axis is dynamic: each run's outputs are
+held three times (the original's, read back from disk; the compressed model's; ONNX Runtime's own buffers)."""
 
 
 def per_sample_cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -113,6 +118,24 @@ def per_sample(reference: dict[str, np.ndarray], outputs: dict[str, np.ndarray]
                {name: value[index:index + 1] for name, value in outputs.items()})
 
 
+def rows_per_run(runner, feed: dict[str, np.ndarray]) -> int:
+    """How many samples one run of `runner` may take for its outputs to stay under `MAX_RUN_OUTPUT_BYTES`: measured
+    on `feed`'s first sample. The batch size itself where the model's batch axis is static or the batch has one
+    sample."""
+    batch = next(iter(feed.values())).shape[0]
+    inputs = runner.get_input_metadata(use_numpy_dtypes=False)
+    if batch == 1 or any(shape and isinstance(shape[0], int) for _, shape in inputs.values()):
+        return batch
+    sample_bytes = sum(value.nbytes for value in runner.infer({name: value[:1] for name, value in feed.items()}).values())
+    return int(min(batch, max(1, MAX_RUN_OUTPUT_BYTES // max(sample_bytes, 1))))
+
+
+def in_parts(feeds: list[dict[str, np.ndarray]], rows: int) -> list[dict[str, np.ndarray]]:
+    """`feeds` with every batch split into runs of at most `rows` samples (views)."""
+    return [{name: value[start:start + rows] for name, value in feed.items()}
+            for feed in feeds for start in range(0, next(iter(feed.values())).shape[0], rows)]
+
+
 def compare_models(
     original: Path, compressed: Path, feeds: Iterable[dict[str, np.ndarray]], atol: float, rtol: float,
     neighbours: int = 10, mask_name: str | None = None,
@@ -121,7 +144,8 @@ def compare_models(
     Polygraphy's elementwise check (`atol`, `rtol`) on every batch, and our figures (`OutputComparison`;
     `mask_name` is the attention mask input, for next-token figures over real tokens only). The models run one
     after the other, never both loaded (a big model's validation holds one model's weights): the original's
-    outputs wait on disk, a batch per file, until the compressed model's are compared with them."""
+    outputs wait on disk, a run per file, until the compressed model's are compared with them. Batches with wide
+    outputs run in parts (`rows_per_run`)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, IterationResult, RunResults, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
@@ -134,6 +158,8 @@ def compare_models(
     with G_LOGGER.verbosity(G_LOGGER.CRITICAL), refusals_named(), \
             tempfile.TemporaryDirectory(prefix="lrdeploy-validate-") as stored:
         with OnnxrtRunner(SessionFromOnnx(str(original)), name="original") as dense:
+            if feeds:
+                feeds = in_parts(feeds, rows_per_run(dense, feeds[0]))
             for index, feed in enumerate(feeds):
                 np.savez(Path(stored) / f"{index}.npz", **dense.infer(feed))
         with OnnxrtRunner(SessionFromOnnx(str(compressed)), name="compressed") as candidate:

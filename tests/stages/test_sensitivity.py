@@ -61,8 +61,8 @@ def test_knapsack_is_not_stuck_by_a_flat_stretch():
     assert plan["plateau"] >= 48
 
 
-@pytest.fixture(scope="module")
-def measured():
+def sensitivity_inputs():
+    """A one-block transformer: (model, its eligible layers, their decompositions, two probe batches)."""
     model = models.transformer(layers=1)
     graph = gs.import_onnx(model)
     layers = [l for l in find_linear_layers(graph) if l.eligible]
@@ -71,7 +71,12 @@ def measured():
     moments = collect_moments(model, [TensorRequest(l.input_name, l.d_in) for l in layers], lambda: [inputs],
                               mask_name="attention_mask", threads=1)
     decompositions = {l.name: decompose("pca", l.weight, l.bias, moments[l.input_name]) for l in layers}
-    feeds = list(iter_batches(SampleSet(inputs), specs, 16, "attention_mask"))
+    return model, layers, decompositions, list(iter_batches(SampleSet(inputs), specs, 16, "attention_mask"))
+
+
+@pytest.fixture(scope="module")
+def measured():
+    model, layers, decompositions, feeds = sensitivity_inputs()
     table = measure_sensitivity(model, layers, decompositions, 16, feeds, threads=1, group_size=4)
     return model, layers, decompositions, table, feeds
 
