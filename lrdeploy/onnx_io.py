@@ -208,21 +208,16 @@ def save_model(
     path: Path,
     external_data: bool = False,
     large_model_bytes: int = LARGE_MODEL_BYTES,
-    mapped: "WeightFiles | None" = None,
 ) -> bool:
     """Write `proto` to `path` atomically; return whether weights went to `<name>.data` beside it.
 
     Weights go external when `external_data` is set or the model exceeds `large_model_bytes`. The
     files are written in a temporary folder beside `path` and renamed into place (data file first),
     so a failure leaves neither a partial model nor a stray data file. With external data the
-    tensors of `proto` are converted in place. `mapped`: the input's weight files, which `proto`'s remaining
-    references (tensors the rewrite left as they were) are read from into the new data file.
+    tensors of `proto` are converted in place. A proto whose weights were written out already
+    (`weights_out`) is saved as the references it holds.
     """
     path = Path(path)
-    if mapped is not None:
-        for tensor in _all_tensors(proto):
-            if external_data_helper.uses_external_data(tensor):
-                mapped.read_inline(tensor)
     use_external = external_data or serialized_size(proto) > large_model_bytes
     tmp_dir = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:

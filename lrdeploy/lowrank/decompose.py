@@ -143,9 +143,6 @@ def _damped_cholesky(covariance: np.ndarray, damping: float) -> np.ndarray:
     raise InternalError("input covariance is not positive definite even with strong damping")
 
 
-OUTPUT_COVARIANCE_LIMIT_BYTES = 512 << 20  # a wider layer's output spectrum comes from the input side
-
-
 def _output_root(moments: Moments, w: np.ndarray) -> np.ndarray:
     """M = Lᵀ·W [d_in, d_out] with L·Lᵀ = Cov[x]: the output covariance Wᵀ·Cov[x]·W is Mᵀ·M."""
     eigenvalues, basis = np.linalg.eigh(moments.covariance)
@@ -162,13 +159,20 @@ def output_spectrum(moments: Moments, weight: np.ndarray) -> np.ndarray:
 
 def _input_side_pca(weight: np.ndarray, w: np.ndarray, b: np.ndarray | None, moments: Moments,
                     max_rank: int) -> FeaturePca:
-    """Feature PCA of a layer much wider out than in (an LM head: 576 → 49152, whose output covariance would be
-    19 GB of float64) from d_in × d_in statistics only. With Cov[x] = L·Lᵀ the output covariance is Wᵀ·Cov[x]·W =
-    Mᵀ·M for M = Lᵀ·W [d_in, d_out], so its eigenvectors are M's right singular vectors and its eigenvalues
-    their squared singular values (at most d_in of them are non-zero): the same projector, in d_in·d_out memory."""
-    _, singular_values, right = np.linalg.svd(_output_root(moments, w), full_matrices=False)
+    """Feature PCA of a layer wider out than in (an FFN's up projection, an LM head: 576 → 49152, whose output
+    covariance would be 19 GB of float64) from d_in × d_in matrices only. With Cov[x] = L·Lᵀ the output covariance
+    is Wᵀ·Cov[x]·W = Mᵀ·M for M = Lᵀ·W [d_in, d_out]: its eigenvalues are those of M·Mᵀ = U·S²·Uᵀ (at most d_in
+    are non-zero) and its eigenvectors M's right singular vectors Mᵀ·U·S⁻¹, of which only `max_rank` are formed.
+    The same projector as the d_out × d_out eigenproblem at d_in²·d_out cost instead of d_out³ (TinyLlama's
+    2048 → 5632 projections: a fifth of the time)."""
+    root = _output_root(moments, w)
+    gram_values, left = np.linalg.eigh(root @ root.T)
+    order = np.argsort(gram_values)[::-1]
+    energies = np.clip(gram_values[order], 0.0, None)
+    singular = np.sqrt(energies[:max_rank])
+    basis = (root.T @ left[:, order[:max_rank]]) / np.where(singular > 0, singular, 1.0)
     output_mean = moments.mean @ w + (0.0 if b is None else b)
-    return feature_pca(weight, b, output_mean, right.T[:, :max_rank], singular_values**2, max_rank)
+    return feature_pca(weight, b, output_mean, basis, np.pad(energies, (0, w.shape[1] - len(energies))), max_rank)
 
 
 def decompose(
@@ -190,7 +194,7 @@ def decompose(
         raise InternalError(f"method {method!r} needs calibration statistics")
     if method == "pca":
         max_rank = min(w.shape) if max_rank is None else min(max_rank, *w.shape)
-        if w.shape[1] > w.shape[0] and w.shape[1] ** 2 * 8 > OUTPUT_COVARIANCE_LIMIT_BYTES:
+        if w.shape[1] > w.shape[0]:  # its output covariance has rank ≤ d_in: solved on the input side
             return _input_side_pca(np.asarray(weight), w, b, input_moments, max_rank)
         out = input_moments.through_linear(w, b)
         eigvals, eigvecs = np.linalg.eigh(out.covariance)

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Callable, Mapping
 
 import numpy as np
 import onnx
@@ -125,9 +125,14 @@ class StructuredCuts:
 
 
 def compressed_model(original: onnx.ModelProto, layers: list[LinearLayer], factors: Mapping[str, LowRankFactors],
-                     cuts: StructuredCuts | None = None) -> onnx.ModelProto:
+                     cuts: StructuredCuts | None = None,
+                     before_export: Callable[[gs.Graph], None] | None = None) -> onnx.ModelProto:
+    """`original` with `cuts` applied and `layers` split into `factors`. `before_export`: what the caller does to
+    the rewritten graph before it becomes a proto (`weights_out.write_constants_out`: its weights written out)."""
     graph = gs.import_onnx(original)
     if cuts is not None:
         cuts.apply(graph)
     factorize_layers(graph, layers, factors)
+    if before_export is not None:
+        before_export(graph)
     return gs.export_onnx(graph)

@@ -17,18 +17,22 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Iterator, Protocol
 
 import onnx
+import onnx_graphsurgeon as gs
+from onnx import external_data_helper
 
 from lrdeploy.bench.measure import BenchSettings
 from lrdeploy.calib.data import Feeds, detect_mask_input, model_input_specs, require_batch_axes
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.files import check_name_length, check_output_dir, output_lock, output_set, refuse_overwriting_inputs
 from lrdeploy.jobs import SERIAL, Jobs, jobs_on
+from lrdeploy.weights_out import write_constants_out
 from lrdeploy.lowrank.allocate import LayerShape, RankPlan, allocate, check_budget, rank_ceilings
 from lrdeploy.lowrank.decompose import Decomposition, LowRankFactors, decompose, planned_factors
-from lrdeploy.onnx_io import check_model, count_parameters, matrix_elements, save_model
+from lrdeploy.onnx_io import check_model, count_parameters, external_data_name, matrix_elements, save_model
 from lrdeploy.passes.compose import compressed_model
 from lrdeploy.passes.index_inputs import index_limits
 from lrdeploy.passes.ort_fusion import fused_op_counts
@@ -294,13 +298,18 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
     with output_set(output_dir) as stage:
         staged_model = stage / output_model.name
         with timer.stage("rewrite"):
+            written_out = finetune is None and inspection.model.weights is not None
             if finetune is None:
-                proto = compressed_model(inspection.model.proto, prepared.eligible, chosen.factors, chosen.structured)
+                data_file = stage / external_data_name(staged_model)
+                proto = compressed_model(inspection.model.proto, prepared.eligible, chosen.factors, chosen.structured,
+                                         partial(_written_out, prepared, chosen, data_file, last) if written_out else None)
             record_metadata(proto, inspection.model.proto, config, budget, chosen.plan, finetune_record)
             model_after, matrices_after = count_parameters(proto), matrix_elements(proto)
             fused_ops = {"dense": fused_op_counts(inspection.model.proto), "compressed": fused_op_counts(proto)}
-            external = save_model(proto, staged_model, external_data=inspection.model.external_data,
-                                  mapped=inspection.model.weights)
+            if written_out:
+                external = _save_written_out(proto, staged_model, data_file, inspection.model.external_data)
+            else:
+                external = save_model(proto, staged_model, external_data=inspection.model.external_data)
             del proto
             chosen.factors.clear()
             if last:
@@ -328,6 +337,28 @@ def realize_build(prepared: PreparedBuild, budget: float, output_dir: Path, prog
         check_claimed_changes(matrix_elements(inspection.model.proto), matrices_after, report.layers)
         write_reports(report, stage)
     return BuildResult(report, output_model, *(output_dir / name for name in REPORT_FILES))
+
+
+def _written_out(prepared: PreparedBuild, chosen: ChosenFactors, data_file: Path, last: bool, graph: gs.Graph) -> None:
+    """The rewritten graph's weights written to the output's data file before export (`weights_out`), for a model
+    loaded with its weights mapped: with `last`, the decompositions are let go first, so that each layer's leave
+    memory as its factors are written (the graph's constants hold their only views)."""
+    if last:
+        chosen.factors.clear()
+        prepared.decompositions.clear()
+    write_constants_out(graph, data_file, prepared.inspection.model.weights)
+
+
+def _save_written_out(proto: onnx.ModelProto, path: Path, data_file: Path, external: bool) -> bool:
+    """Save a proto whose weights `_written_out` put in `data_file`: as its references, or, when the input was one
+    file (`external` False), in one file too (its weights read back in, the data file removed). Whether the
+    weights stay external."""
+    if not external:
+        external_data_helper.load_external_data_for_model(proto, str(data_file.parent))
+        data_file.unlink()
+        return save_model(proto, path)
+    save_model(proto, path)
+    return True
 
 
 def build(config: BuildConfig, progress: Progress = SILENT) -> BuildResult:

@@ -3,7 +3,8 @@ one line instead of being killed by the kernel an hour in (an LM head's 49152² 
 
     calibration   one float64 second-moment matrix per distinct input tensor      Σ d_in² · 8 bytes
     decomposition a covariance and its eigenvectors per layer                       Σ d² · 16 bytes
-                  (d = d_out, or d_in for a layer too wide for its output side: `lowrank.decompose`)
+                  (d = min(d_in, d_out): a layer wider out than in is solved on its input side,
+                  `lowrank.decompose`)
 
 Weights, activations and ONNX Runtime's sessions come on top; the estimate is the part that grows with the square
 of the widths, which is what runs a machine out of memory."""
@@ -14,7 +15,6 @@ import os
 
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.errors import MemoryLimitError
-from lrdeploy.lowrank.decompose import OUTPUT_COVARIANCE_LIMIT_BYTES
 from lrdeploy.passes.linear_layers import LinearLayer
 
 GIB = 1 << 30
@@ -24,7 +24,7 @@ def statistics_bytes(requests: list[TensorRequest], layers: list[LinearLayer]) -
     """(bytes, the largest item named) the calibration moments and the decompositions hold together."""
     items = {f"the input statistics of {r.name!r} ({r.dim}²)": 8 * r.dim * r.dim for r in requests}
     for layer in layers:
-        side = layer.d_out if 8 * layer.d_out ** 2 <= OUTPUT_COVARIANCE_LIMIT_BYTES else layer.d_in
+        side = min(layer.d_in, layer.d_out)
         items[f"the decomposition of {layer.name!r} ({side}²)"] = 16 * side * side
     largest = max(items, key=items.__getitem__, default="nothing")
     return sum(items.values()), largest

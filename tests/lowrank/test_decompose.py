@@ -78,25 +78,26 @@ def test_rank_out_of_range_is_a_bug():
         decompose("svd", np.eye(8), None).factors(9)
 
 
-def test_a_wide_layer_is_decomposed_from_its_input_side(monkeypatch):
-    """A layer much wider out than in (an LM head) gets feature PCA from d_in × d_in statistics: the same factors
-    as the d_out × d_out eigenproblem, without forming it (19 GB of float64 for a 49152-word head)."""
-    import lrdeploy.lowrank.decompose as decompose_module
-
+def test_a_wide_layer_is_decomposed_from_its_input_side():
+    """A layer wider out than in (an FFN's up projection, an LM head) gets feature PCA from d_in × d_in matrices:
+    the same factors as the d_out × d_out eigenproblem, without forming it (19 GB of float64 for a 49152-word
+    head)."""
     rng = np.random.default_rng(4)
     x = rng.standard_normal((3000, 24)) @ rng.standard_normal((24, 24)) + rng.standard_normal(24)
     weight, bias = rng.standard_normal((24, 300)), rng.standard_normal(300)
     moments = Moments(3000.0, x.sum(0), x.T @ x)
-    direct = decompose_module.decompose("pca", weight, bias, moments)
-    monkeypatch.setattr(decompose_module, "OUTPUT_COVARIANCE_LIMIT_BYTES", 0)  # 300² × 8 bytes is over it now
-    input_side = decompose_module.decompose("pca", weight, bias, moments)
-    assert input_side.basis.shape == direct.basis.shape == (300, 24)  # no rank can use more
-    assert direct.energies.shape == (300,)  # the whole spectrum stays, for what a truncation discards
-    np.testing.assert_allclose(input_side.energies, direct.energies[:24], rtol=1e-8, atol=1e-8 * direct.energies[0])
+    output = moments.through_linear(weight, bias)  # the d_out × d_out eigenproblem, solved here as the reference
+    values, vectors = np.linalg.eigh(output.covariance)
+    values, vectors = values[::-1], vectors[:, ::-1]
+    input_side = decompose("pca", weight, bias, moments)
+    assert input_side.basis.shape == (300, 24)  # no rank can use more
+    assert input_side.energies.shape == (300,)  # the whole spectrum, zeros past d_in, for what a truncation discards
+    np.testing.assert_allclose(input_side.energies, np.clip(values, 0, None), rtol=1e-8, atol=1e-8 * values[0])
     for rank in (4, 12, 23):
-        a, b = input_side.factors(rank), direct.factors(rank)
-        np.testing.assert_allclose(a.dense_weight(), b.dense_weight(), atol=1e-8)
-        np.testing.assert_allclose(a.bias, b.bias, atol=1e-8)
+        projector = vectors[:, :rank] @ vectors[:, :rank].T
+        factors = input_side.factors(rank)
+        np.testing.assert_allclose(factors.dense_weight(), weight @ projector, atol=1e-8)
+        np.testing.assert_allclose(factors.bias, output.mean - (output.mean - bias) @ projector, atol=1e-8)
 
 
 def test_the_output_spectrum_comes_from_the_input_side():
