@@ -28,7 +28,7 @@ from lrdeploy.passes.moment_graph import MomentRequest, inferred_types, moment_g
 from lrdeploy.weights import tensor_bytes
 
 SEGMENT_WEIGHT_BYTES = 128 << 20  # one segment's initializers; a single bigger node is a segment of its own
-SEGMENT_GRAM_BYTES = 128 << 20  # its requests' float32 Gram matrices (float64 sums: twice that); a segment costs no
+SEGMENT_GRAM_BYTES = 32 << 20  # its requests' float32 Gram matrices (float64 sums: twice that); a segment costs no
 # extra pass, so segments are kept small: what a build holds at once is one segment's statistics
 
 

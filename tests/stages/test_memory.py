@@ -10,15 +10,16 @@ from lrdeploy.stages.memory import statistics_bytes
 from tests import models
 
 
-def test_statistics_bytes_counts_each_input_once_and_wide_layers_by_their_input():
+def test_statistics_bytes_counts_each_input_once_and_layers_by_their_narrower_side():
     from types import SimpleNamespace
 
-    narrow = SimpleNamespace(name="up", d_in=64, d_out=256)
-    head = SimpleNamespace(name="head", d_in=64, d_out=49152)  # 49152² float64 would be 19 GB: input side
+    up = SimpleNamespace(name="up", d_in=64, d_out=256)  # wider out than in: solved on its input side
+    down = SimpleNamespace(name="down", d_in=256, d_out=64)
+    head = SimpleNamespace(name="head", d_in=64, d_out=49152)  # 49152² float64 would be 19 GB
     requests = [TensorRequest("x", 64), TensorRequest("x", 64), TensorRequest("h", 256)]
-    needed, largest = statistics_bytes(requests, [narrow, head])
-    assert needed == 8 * (64 * 64 + 256 * 256) + 16 * (256 * 256 + 64 * 64)
-    assert largest == "the decomposition of 'up' (256²)"
+    needed, largest = statistics_bytes(requests, [up, down, head])
+    assert needed == 8 * (64 * 64 + 256 * 256) + 16 * 3 * 64 * 64
+    assert largest == "the input statistics of 'h' (256²)"
 
 
 def test_a_build_that_cannot_fit_stops_before_calibrating(tmp_path, monkeypatch):
