@@ -177,6 +177,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         if config.ray is not None and not unchanged and (config.measures_sensitivity or config.planning.plans_shapes):
             with timer.stage("ray start"):
                 jobs = held.enter_context(jobs_on(config.ray))
+            progress.note(f"  Ray: measurements as tasks on {jobs.workers} CPUs")
         if config.measures_sensitivity and not unchanged:
             with timer.stage("sensitivity"):
                 sensitivity = measured_sensitivity(inspection.model.proto, eligible, decompositions, probe, feeds,
