@@ -22,8 +22,9 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/lrdeploy demo --rank-budget $(BUDGET) -o $(DEMO_DIR)
 
+# Two pytest workers (pytest-xdist): the builds in the tests are mostly single-threaded Python.
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) out
