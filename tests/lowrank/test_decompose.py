@@ -141,3 +141,27 @@ def test_rank_ceilings_follow_the_budget_of_a_uniform_plan():
     plan = uniform_ranks(shapes, 0.5, 16)
     assert uniform["square"] == plan["square"] == 1024 and uniform["up"] == plan["up"]
     assert uniform["tiny"] == 8  # too small to split: its whole width, never more
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (32, 96), (96, 40)])
+def test_float32_solve_keeps_the_top_of_the_spectrum(monkeypatch, shape):
+    """Wide layers are solved in float32 (FLOAT32_WIDTH); forced onto small ones here, the kept subspace, the
+    discarded energy allocation reads and the layer's output at a cut rank match the float64 solve."""
+    from lrdeploy.lowrank import decompose as module
+
+    d_in, d_out = shape
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((600, d_in)) * np.exp(-np.arange(d_in) / 6) + 3.0  # decaying spectrum, offset mean
+    w, b = rng.standard_normal((d_in, d_out)).astype(np.float32), rng.standard_normal(d_out)
+    moments = _moments(x)
+    exact = decompose("pca", w, b, moments, max_rank=20)
+    monkeypatch.setattr(module, "FLOAT32_WIDTH", 1)
+    fast = decompose("pca", w, b, moments, max_rank=20)
+    assert not np.array_equal(fast.energies, exact.energies)  # solved apart
+    total = exact.energies.sum()
+    np.testing.assert_allclose(fast.energies[:20], exact.energies[:20], rtol=1e-4, atol=1e-6 * total)
+    y = x @ w + b
+    for rank in (4, 12):
+        errors = [np.linalg.norm(x @ f.first.astype(np.float64) @ f.second.astype(np.float64) + f.bias - y)
+                  / np.linalg.norm(y - y.mean(0)) for f in (exact.factors(rank), fast.factors(rank))]
+        assert abs(errors[1] - errors[0]) < 1e-4 * max(errors[0], 1e-3), errors
