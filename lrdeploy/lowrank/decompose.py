@@ -74,7 +74,7 @@ class FeaturePca:
     basis: np.ndarray  # U [d_out, max_rank]
     output_mean: np.ndarray
     projected_bias: np.ndarray  # (μ − b)·U [max_rank] (μ·U without a bias)
-    energies: np.ndarray  # the whole descending spectrum (d_out eigenvalues): what allocation and reports read
+    energies: np.ndarray  # the descending spectrum (d_out values) allocation and reports read; see leading_eigh
 
     @property
     def max_rank(self) -> int:
@@ -174,6 +174,22 @@ def descending_eigh(matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.clip(values[order].astype(np.float64), 0.0, None), vectors[:, order]
 
 
+def leading_eigh(matrix: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
+    """descending_eigh for a float32 matrix when only `count` eigenvectors are kept: LAPACK's MRRR solver (evr) for
+    the leading `count` pairs only (2.6 s instead of 3.9 for the top 1024 of 4096). It gives no other eigenvalue,
+    so the rest of the trace is spread evenly over the remaining places: every sum of the spectrum from a rank
+    ≤ `count` on — the discarded energy allocation reads at the ranks it can choose — is exact; the individual
+    values past `count` are not (the report's plotted layers are solved whole)."""
+    width = matrix.shape[0]
+    if matrix.dtype == np.float64 or count >= width:
+        return descending_eigh(matrix)
+    values, vectors = scipy.linalg.eigh(matrix, subset_by_index=[width - count, width - 1], driver="evr",
+                                        check_finite=False)
+    leading = np.clip(values[::-1].astype(np.float64), 0.0, None)
+    rest = max(float(np.trace(matrix, dtype=np.float64)) - float(leading.sum()), 0.0)
+    return np.concatenate([leading, np.full(width - count, rest / (width - count))]), vectors[:, ::-1]
+
+
 def descending_eigvals(matrix: np.ndarray) -> np.ndarray:
     """descending_eigh's eigenvalues alone (no eigenvectors: under half the time)."""
     if matrix.dtype == np.float64:
@@ -198,7 +214,7 @@ def output_spectrum(moments: Moments, weight: np.ndarray) -> np.ndarray:
 
 
 def _input_side_pca(weight: np.ndarray, w: np.ndarray, b: np.ndarray | None, moments: Moments,
-                    max_rank: int) -> FeaturePca:
+                    max_rank: int, whole_spectrum: bool) -> FeaturePca:
     """Feature PCA of a layer wider out than in (an FFN's up projection, an LM head: 576 → 49152, whose output
     covariance would be 19 GB of float64) from d_in × d_in matrices only. With Cov[x] = L·Lᵀ the output covariance
     is Wᵀ·Cov[x]·W = Mᵀ·M for M = Lᵀ·W [d_in, d_out]: its eigenvalues are those of M·Mᵀ = U·S²·Uᵀ (at most d_in
@@ -206,7 +222,8 @@ def _input_side_pca(weight: np.ndarray, w: np.ndarray, b: np.ndarray | None, mom
     The same projector as the d_out × d_out eigenproblem at d_in²·d_out cost instead of d_out³ (TinyLlama's
     2048 → 5632 projections: a fifth of the time). Solved in solve_dtype(d_in)."""
     root = _output_root(moments, np.asarray(weight, solve_dtype(w.shape[0])))
-    energies, left = descending_eigh(root @ root.T)
+    gram = root @ root.T
+    energies, left = descending_eigh(gram) if whole_spectrum else leading_eigh(gram, max_rank)
     singular = np.sqrt(energies[:max_rank]).astype(root.dtype)
     basis = (root.T @ left[:, :max_rank]) / np.where(singular > 0, singular, 1.0)
     output_mean = moments.mean @ w + (0.0 if b is None else b)
@@ -220,9 +237,12 @@ def decompose(
     input_moments: Moments | None = None,
     damping: float = 1e-5,
     max_rank: int | None = None,
+    whole_spectrum: bool = True,
 ) -> Decomposition:
-    """Solve one layer's decomposition in float64. `input_moments` is required by pca and whiten. `max_rank`: the
-    largest rank the build can ask of it (default min(d_in, d_out)); feature PCA keeps only that many vectors."""
+    """Solve one layer's decomposition (in float64; feature PCA from FLOAT32_WIDTH in float32). `input_moments` is
+    required by pca and whiten. `max_rank`: the largest rank the build can ask of it (default min(d_in, d_out));
+    feature PCA keeps only that many vectors, and in float32 without `whole_spectrum` solves only for them (the
+    bounded build, whose uniform ranks read no spectrum, for the layers the report does not plot; leading_eigh)."""
     w = np.asarray(weight, np.float64)
     b = None if bias is None else np.asarray(bias, np.float64).reshape(-1)
     if method == "svd":
@@ -233,10 +253,11 @@ def decompose(
     if method == "pca":
         max_rank = min(w.shape) if max_rank is None else min(max_rank, *w.shape)
         if w.shape[1] > w.shape[0]:  # its output covariance has rank ≤ d_in: solved on the input side
-            return _input_side_pca(np.asarray(weight), w, b, input_moments, max_rank)
+            return _input_side_pca(np.asarray(weight), w, b, input_moments, max_rank, whole_spectrum)
         if solve_dtype(w.shape[1]) == np.float32:  # Wᵀ·Cov[x]·W from the centred input: no cancellation in float32
             w32 = np.asarray(weight, np.float32)
-            energies, vectors = descending_eigh(w32.T @ input_moments.covariance_as(np.float32) @ w32)
+            covariance = w32.T @ input_moments.covariance_as(np.float32) @ w32
+            energies, vectors = descending_eigh(covariance) if whole_spectrum else leading_eigh(covariance, max_rank)
             output_mean = input_moments.mean @ w + (0.0 if b is None else b)
             return feature_pca(np.asarray(weight), b, output_mean, vectors[:, :max_rank], energies, max_rank)
         out = input_moments.through_linear(w, b)

@@ -77,7 +77,8 @@ def streamed_statistics(model: LoadedModel, eligible: list[LinearLayer], samples
         with timer.stage("decompose", part=True):
             for layer in kept:
                 result.decompositions[layer.name] = decompose(method, layer.weight, layer.bias,
-                                                              moments[layer.input_name], max_rank=ceilings[layer.name])
+                                                              moments[layer.input_name], max_rank=ceilings[layer.name],
+                                                              whole_spectrum=layer.name in plotted)
                 if layer.name in plotted:
                     result.spectra[layer.name] = layer_spectra(layer, moments, result.decompositions)
             result.eligible += kept

@@ -165,3 +165,26 @@ def test_float32_solve_keeps_the_top_of_the_spectrum(monkeypatch, shape):
         errors = [np.linalg.norm(x @ f.first.astype(np.float64) @ f.second.astype(np.float64) + f.bias - y)
                   / np.linalg.norm(y - y.mean(0)) for f in (exact.factors(rank), fast.factors(rank))]
         assert abs(errors[1] - errors[0]) < 1e-4 * max(errors[0], 1e-3), errors
+
+
+def test_a_partial_float32_solve_keeps_the_leading_pairs_and_every_discarded_sum(monkeypatch):
+    """Without whole_spectrum, a float32 feature PCA solves for its max_rank leading pairs only: the same factors
+    and leading energies as the whole solve, the rest of the trace spread evenly so that the discarded energy at
+    every rank up to max_rank is exact."""
+    from lrdeploy.lowrank import decompose as module
+    from lrdeploy.lowrank.allocate import discarded_fraction
+
+    monkeypatch.setattr(module, "FLOAT32_WIDTH", 1)
+    rng = np.random.default_rng(7)
+    x = rng.standard_normal((500, 40)) * np.exp(-np.arange(40) / 8)
+    w, b = rng.standard_normal((40, 40)).astype(np.float32), rng.standard_normal(40)
+    whole = decompose("pca", w, b, _moments(x), max_rank=12)
+    partial = decompose("pca", w, b, _moments(x), max_rank=12, whole_spectrum=False)
+    np.testing.assert_allclose(partial.energies[:12], whole.energies[:12], rtol=1e-4)
+    np.testing.assert_allclose(partial.energies[12:], partial.energies[12:].mean())  # spread, not solved
+    assert partial.energies.shape == whole.energies.shape
+    for rank in (1, 6, 12):
+        assert discarded_fraction(partial.energies, rank) == pytest.approx(discarded_fraction(whole.energies, rank),
+                                                                           rel=1e-4, abs=1e-6)
+        np.testing.assert_allclose(np.abs(partial.factors(rank).second), np.abs(whole.factors(rank).second),
+                                   atol=1e-4)  # eigenvectors up to sign
