@@ -56,11 +56,12 @@ def main_() -> None:
     parser.add_argument("--calib", required=True)
     parser.add_argument("--eval", required=True)
     parser.add_argument("--record", required=True, metavar="NAME")
-    parser.add_argument("options", nargs="*", help="build options after --")
-    args = parser.parse_args()
+    ours, options = (sys.argv[1:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:]) if "--" in sys.argv \
+        else (sys.argv[1:], [])  # the build's options after --, passed on as they are
+    args = parser.parse_args(ours)
     shipped = decompose.FLOAT32_WIDTH
-    runs = {f"as shipped (float32 from width {shipped})": build(args.model, args.calib, args.eval, args.options, shipped),
-            "every layer float32": build(args.model, args.calib, args.eval, args.options, 1)}
+    runs = {f"as shipped (float32 from width {shipped})": build(args.model, args.calib, args.eval, options, shipped),
+            "every layer float32": build(args.model, args.calib, args.eval, options, 1)}
     record = {"command": "python benchmarks/tools/float32_solve.py " + " ".join(sys.argv[1:]), "runs": runs}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{args.record}.json").write_text(json.dumps(record, indent=2) + "\n")
