@@ -199,6 +199,11 @@ def descending_eigvals(matrix: np.ndarray) -> np.ndarray:
     return np.clip(values[::-1].astype(np.float64), 0.0, None)
 
 
+def _output_mean(moments: Moments, w: np.ndarray, b: np.ndarray | None) -> np.ndarray:
+    """E[y] = E[x]·W + b, in float64."""
+    return moments.mean @ w + (0.0 if b is None else b)
+
+
 def _output_root(moments: Moments, w: np.ndarray) -> np.ndarray:
     """M = Lᵀ·W [d_in, d_out] with L·Lᵀ = Cov[x]: the output covariance Wᵀ·Cov[x]·W is Mᵀ·M. In w's precision."""
     eigenvalues, basis = _eigh(moments.covariance_as(w.dtype))
@@ -226,8 +231,8 @@ def _input_side_pca(weight: np.ndarray, w: np.ndarray, b: np.ndarray | None, mom
     energies, left = descending_eigh(gram) if whole_spectrum else leading_eigh(gram, max_rank)
     singular = np.sqrt(energies[:max_rank]).astype(root.dtype)
     basis = (root.T @ left[:, :max_rank]) / np.where(singular > 0, singular, 1.0)
-    output_mean = moments.mean @ w + (0.0 if b is None else b)
-    return feature_pca(weight, b, output_mean, basis, np.pad(energies, (0, w.shape[1] - len(energies))), max_rank)
+    return feature_pca(weight, b, _output_mean(moments, w, b), basis,
+                       np.pad(energies, (0, w.shape[1] - len(energies))), max_rank)
 
 
 def decompose(
@@ -258,16 +263,15 @@ def decompose(
             w32 = np.asarray(weight, np.float32)
             covariance = w32.T @ input_moments.covariance_as(np.float32) @ w32
             energies, vectors = descending_eigh(covariance) if whole_spectrum else leading_eigh(covariance, max_rank)
-            output_mean = input_moments.mean @ w + (0.0 if b is None else b)
-            return feature_pca(np.asarray(weight), b, output_mean, vectors[:, :max_rank], energies, max_rank)
+            return feature_pca(np.asarray(weight), b, _output_mean(input_moments, w, b), vectors[:, :max_rank],
+                               energies, max_rank)
         out = input_moments.through_linear(w, b)
         energies, vectors = descending_eigh(out.covariance)
         return feature_pca(np.asarray(weight), b, out.mean, vectors[:, :max_rank], energies, max_rank)
     if method == "whiten":
         whitener = _damped_cholesky(input_moments.covariance, damping)
         left, sv, right = np.linalg.svd(whitener.T @ w, full_matrices=False)
-        output_mean = input_moments.mean @ w + (0.0 if b is None else b)
-        return WhitenedSvd(whitener.T, left, sv, right, input_moments.mean, output_mean)
+        return WhitenedSvd(whitener.T, left, sv, right, input_moments.mean, _output_mean(input_moments, w, b))
     raise InternalError(f"unknown method {method!r}")
 
 
