@@ -8,7 +8,9 @@
 A job is a module-level function (Ray imports it by name in its workers, so lrdeploy must be installed on every
 node) whose result depends on its arguments alone: the same code computes the same numbers in either place, and
 ONNX Runtime's CPU kernels give the same bits at any thread count, so a build is byte-identical with and without
-Ray. Without `--ray` nothing of Ray is imported.
+Ray. OpenBLAS does not (numpy's 0.3.31 splits a 64 × 32 × 256 product differently on 1 and 2 threads, and Ray
+gives a one-CPU task one BLAS thread): a job's own numpy products run under `one_blas_thread()`, here as in a
+task. Without `--ray` nothing of Ray is imported.
 """
 
 from __future__ import annotations
@@ -79,6 +81,15 @@ def run_job(job: Callable[[Item, Any], Result], item: Item, shared: Any) -> Resu
 
 
 Jobs = SerialJobs | RayJobs
+
+
+@contextmanager
+def one_blas_thread() -> Iterator[None]:
+    """numpy's BLAS on one thread for the products inside: the same bits here and in a one-CPU Ray task."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        yield
 
 
 @contextmanager

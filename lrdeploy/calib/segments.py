@@ -77,9 +77,9 @@ def _link(graph: onnx.GraphProto, segments: list[Segment], initializers: set[str
     segment). A tensor computed from constants alone (torch's exporter puts every Constant node first; a tied LM
     head's transposed embedding, 576 × 49152) is not passed along per batch: each segment that reads it computes
     it from its own copy of the nodes that make it."""
-    static = _static_producers(graph, initializers)
+    static = static_producers(graph, initializers)
     for segment in segments:
-        segment.nodes = sorted(set(segment.nodes) | _static_closure(graph, segment.nodes, static))
+        segment.nodes = sorted(set(segment.nodes) | static_closure(graph, segment.nodes, static))
     made = [{name for index in segment.nodes for name in graph.node[index].output} for segment in segments]
     read_after: dict[str, int] = {}  # the graph's own outputs are not passed on: statistics never read them (an LM's
     # logits, 49152 wide, would be the biggest tensor of the pass)
@@ -96,7 +96,7 @@ def _link(graph: onnx.GraphProto, segments: list[Segment], initializers: set[str
                            if name and name not in static and read_after.get(name, -1) > number]
 
 
-def _static_producers(graph: onnx.GraphProto, initializers: set[str]) -> dict[str, int]:
+def static_producers(graph: onnx.GraphProto, initializers: set[str]) -> dict[str, int]:
     """The tensors computed from initializers and Constant nodes only, each with the index of the node that makes
     it."""
     static: dict[str, int] = {}
@@ -106,7 +106,7 @@ def _static_producers(graph: onnx.GraphProto, initializers: set[str]) -> dict[st
     return static
 
 
-def _static_closure(graph: onnx.GraphProto, nodes: list[int], static: dict[str, int]) -> set[int]:
+def static_closure(graph: onnx.GraphProto, nodes: list[int], static: dict[str, int]) -> set[int]:
     """The nodes that make the constant-only tensors `nodes` read, and theirs in turn."""
     wanted, found = [name for index in nodes for name in graph.node[index].input if name in static], set()
     while wanted:

@@ -10,38 +10,36 @@ KL is what a language model's perplexity and agreement follow; cosine of logits 
 perplexity doubled). A classifier's logits ([batch, classes]) are scored by KL of the class distributions too.
 
 A variant is a whole model (a structured cut applied) or a session of the error-injected model fed extra inputs
-(`passes.inject_error`: one session serves many layers and ranks)."""
+(`passes.inject_error`: one session serves many layers and ranks, run from where the errors act)."""
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping
+from typing import Iterable
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from lrdeploy.jobs import one_blas_thread
 from lrdeploy.runtime.onnxruntime import create_session
 from lrdeploy.stages.classes import ClassScores, is_class_logits
-from lrdeploy.stages.next_token import NextTokenScores, is_next_token_output
+from lrdeploy.stages.next_token import NextTokenReference, is_next_token_output
 from lrdeploy.stages.validate import per_sample_cosine
 
 
 def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray]],
-                feeds: list[dict[str, np.ndarray]] | None = None, mask_name: str | None = None,
-                names: list[str] | None = None) -> float:
+                next_token: dict[int, list[NextTokenReference]], names: list[str]) -> float:
     """Mean over outputs of mean over samples of 1 − cosine; when an output (`names`, in order) is a causal LM's
-    logits over the `feeds`' input_ids or a classifier's logits, its mean KL alone (a decoder's KV-cache outputs,
-    a classifier's hidden states are what the logits already answer for)."""
+    logits (`next_token`: its dense side per batch, by output index) or a classifier's logits, its mean KL alone (a
+    decoder's KV-cache outputs, a classifier's hidden states are what the logits already answer for)."""
     losses, task_kl = [], []
-    for name, ref_batches, out_batches in zip(names or [""] * len(reference[0]), zip(*reference), zip(*outputs)):
-        if feeds and all(is_next_token_output(name, r, feed) for r, feed in zip(ref_batches, feeds)):
-            scores = NextTokenScores()
-            for r, o, feed in zip(ref_batches, out_batches, feeds):
-                scores.add(r, o, feed["input_ids"], feed.get(mask_name) if mask_name else None)
-            result = scores.result()
-            if result is not None:
-                task_kl.append(result.kl)
-                continue
+    for index, (name, out_batches) in enumerate(zip(names, zip(*outputs))):
+        if index in next_token:
+            references = next_token[index]
+            task_kl.append(sum(r.kl_sum(o) for r, o in zip(references, out_batches))
+                           / sum(r.positions for r in references))
+            continue
+        ref_batches = [batch[index] for batch in reference]
         if all(is_class_logits(name, r) for r in ref_batches):
             classes = ClassScores()
             for r, o in zip(ref_batches, out_batches):
@@ -51,6 +49,21 @@ def degradation(reference: list[list[np.ndarray]], outputs: list[list[np.ndarray
         cosines = np.concatenate([per_sample_cosine(r, o) for r, o in zip(ref_batches, out_batches)])
         losses.append(1.0 - float(np.mean(cosines)))
     return float(np.mean(task_kl or losses))
+
+
+def next_token_references(names: list[str], reference: list[list[np.ndarray]], feeds: list[dict[str, np.ndarray]],
+                          mask_name: str | None) -> dict[int, list[NextTokenReference]]:
+    """The dense side of KL per batch for each output that is a causal LM's logits over the fed input_ids (and
+    has a position with a real next token)."""
+    found = {}
+    for index, name in enumerate(names):
+        batches = [batch[index] for batch in reference]
+        if all(is_next_token_output(name, r, feed) for r, feed in zip(batches, feeds)):
+            references = [NextTokenReference(r, feed["input_ids"], feed.get(mask_name) if mask_name else None)
+                          for r, feed in zip(batches, feeds)]
+            if sum(r.positions for r in references):
+                found[index] = references
+    return found
 
 
 class DistortionProbe:
@@ -65,12 +78,20 @@ class DistortionProbe:
         dense = create_session(model, threads)
         self.names = [output.name for output in dense.get_outputs()]
         self.reference = [dense.run(None, feed) for feed in self.batches]
+        self.next_token = next_token_references(self.names, self.reference, self.batches, mask_name)
+        for batch in self.reference:  # a vocabulary-wide reference lives on as its distributions only
+            for index in self.next_token:
+                batch[index] = None
 
-    def of_session(self, session: ort.InferenceSession, extra: Mapping[str, np.ndarray] | None = None) -> float:
-        """Distortion of a session's outputs, each batch fed with `extra` inputs too."""
-        extra = dict(extra or {})
-        return degradation(self.reference, [session.run(self.names, {**feed, **extra}) for feed in self.batches],
-                           self.batches, self.mask_name, self.names)
+    def of_session(self, session: ort.InferenceSession) -> float:
+        """Distortion of a session's outputs."""
+        return self.of_outputs([session.run(self.names, feed) for feed in self.batches])
+
+    def of_outputs(self, outputs: list[list[np.ndarray]]) -> float:
+        """Distortion of a variant's outputs (per batch, in the order of `names`); its dot products on one BLAS
+        thread, as in a Ray task."""
+        with one_blas_thread():
+            return degradation(self.reference, outputs, self.next_token, self.names)
 
     def of_model(self, variant: onnx.ModelProto) -> float:
         """Distortion of a whole variant model."""

@@ -35,6 +35,45 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
+def scored_rows(input_ids: np.ndarray, mask: np.ndarray | None) -> list[np.ndarray]:
+    """Per sample, the positions whose next token is real (mask[t] = mask[t+1] = 1; every position but the last
+    without a mask)."""
+    real = np.ones(input_ids.shape, bool) if mask is None else np.asarray(mask) != 0
+    scored = real[:, :-1] & real[:, 1:]
+    return [np.flatnonzero(row) for row in scored]
+
+
+class NextTokenReference:
+    """The dense model's side of KL(dense ‖ variant) on one batch, computed once for the many variants a plan
+    measures against it (sensitivity, structured options): per scored position the dense distribution p and
+    Σ p·log p, so that a variant's logits x only need their log-partition:
+
+        KL = Σ_v p log p − Σ_v p·x + log Σ_v exp(x)        (float64 sums, exponentials in float32)
+    """
+
+    def __init__(self, dense: np.ndarray, input_ids: np.ndarray, mask: np.ndarray | None):
+        self.rows = scored_rows(input_ids, mask)
+        self.probabilities = []
+        self.neg_entropy = 0.0
+        for sample, rows in enumerate(self.rows):
+            log_p = log_softmax(dense[sample, rows])
+            p = np.exp(log_p)
+            self.probabilities.append(p)
+            self.neg_entropy += float((p * log_p).sum())
+        self.positions = int(sum(rows.size for rows in self.rows))
+
+    def kl_sum(self, logits: np.ndarray) -> float:
+        """Σ over the scored positions of KL(dense ‖ the distribution of `logits` [batch, T, vocab])."""
+        total = self.neg_entropy
+        for sample, (rows, p) in enumerate(zip(self.rows, self.probabilities)):
+            x = logits[sample, rows]
+            total -= float(np.einsum("ij,ij->", p, x.astype(np.float64)))
+            peak = x.max(axis=-1, keepdims=True)
+            shifted = np.exp(x - peak)  # float32 exponentials summed in float64: within 1e-8 nats a position
+            total += float((peak[:, 0].astype(np.float64) + np.log(shifted.sum(axis=-1, dtype=np.float64))).sum())
+        return total  # of float64 exponentials, in less than half their time
+
+
 @dataclass
 class NextTokenScores:
     """Running sums of the next-token figures over batches; `result()` gives the record."""
@@ -47,10 +86,7 @@ class NextTokenScores:
 
     def add(self, dense: np.ndarray, compressed: np.ndarray, input_ids: np.ndarray, mask: np.ndarray | None) -> None:
         """One batch: logits of both models [batch, T, vocab], the token ids and attention mask fed [batch, T]."""
-        real = np.ones(input_ids.shape, bool) if mask is None else np.asarray(mask) != 0
-        scored = real[:, :-1] & real[:, 1:]  # positions whose next token is real
-        for sample in range(input_ids.shape[0]):
-            rows = np.flatnonzero(scored[sample])
+        for sample, rows in enumerate(scored_rows(input_ids, mask)):
             if rows.size == 0:
                 continue
             targets = input_ids[sample, rows + 1]

@@ -18,10 +18,12 @@ import numpy as np
 import onnx
 
 from lrdeploy.calib.data import Feeds, SampleSet
-from lrdeploy.jobs import SERIAL, Jobs
+from lrdeploy.jobs import SERIAL, Jobs, one_blas_thread
 from lrdeploy.lowrank.allocate import LayerShape, discarded_fraction
 from lrdeploy.lowrank.decompose import Decomposition
+from lrdeploy.passes.error_reach import cut_at_errors
 from lrdeploy.passes.inject_error import error_injected_model
+from lrdeploy.passes.moment_graph import inferred_types
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.calib.cache import SensitivityTable, StatisticsCache
 from lrdeploy.settings.build import BuildConfig
@@ -61,35 +63,73 @@ def measure_layer_errors(
         for _ in group_measured if on_step is not None else ():
             on_step()
 
+    types, _ = inferred_types(model)
     measured: dict[Hashable, float] = {}
-    for group_measured in jobs.map(measure_group, groups, (model, probe, jobs.threads(threads)), done):
+    for group_measured in jobs.map(measure_group, groups, (model, probe, jobs.threads(threads), types), done):
         measured.update(group_measured)
     return measured
 
 
 def measure_group(group: list[tuple[LinearLayer, list[LayerError]]],
-                  shared: tuple[onnx.ModelProto, DistortionProbe, int]) -> dict[Hashable, float]:
-    """One group's variants, through one error-injected session (a job of `measure_layer_errors`)."""
-    model, probe, threads = shared
+                  shared: tuple[onnx.ModelProto, DistortionProbe, int, dict[str, onnx.TypeProto]]
+                  ) -> dict[Hashable, float]:
+    """One group's variants, through one error-injected model run from where its errors act (a job of
+    `measure_layer_errors`; `types`: the model's tensor types)."""
+    model, probe, threads, types = shared
     injected, error_inputs = error_injected_model(model, [layer for layer, _ in group])
-    session = create_session(injected, threads)
+    runs = InjectedRuns(injected, {name for inputs in error_inputs for name in (inputs.weight, inputs.bias)},
+                        types, probe.batches, threads)
     zeros = {name: value for (layer, _), inputs in zip(group, error_inputs)
              for name, value in inputs.zeros(layer).items()}
     measured: dict[Hashable, float] = {}
     for (layer, errors), inputs in zip(group, error_inputs):
         for key, make in errors:
             delta_w, delta_b = make()
-            measured[key] = probe.of_session(session, {**zeros, inputs.weight: delta_w.astype(layer.dtype),
-                                                       inputs.bias: delta_b.astype(layer.dtype)})
+            measured[key] = probe.of_outputs(runs.outputs(probe.names, {
+                **zeros, inputs.weight: delta_w.astype(layer.dtype), inputs.bias: delta_b.astype(layer.dtype)}))
     return measured
+
+
+class InjectedRuns:
+    """The error-injected model's outputs on fixed batches for any fed errors: the part no error reaches runs once
+    per batch, the rest per call (`passes.error_reach`); the whole model per call where it cannot be cut."""
+
+    def __init__(self, injected: onnx.ModelProto, error_names: set[str], types: dict[str, onnx.TypeProto],
+                 batches: list[dict[str, np.ndarray]], threads: int):
+        self.batches = batches
+        self.cut = cut_at_errors(injected, error_names, types)
+        self.before: list[dict[str, np.ndarray]] = [{} for _ in batches]  # per batch, what runs once
+        if self.cut is None:
+            self.session = create_session(injected, threads)
+            return
+        if self.cut.before is not None:
+            before = create_session(self.cut.before, threads)
+            names = self.cut.crossing + self.cut.unreached_outputs
+            for values, feed in zip(self.before, batches):
+                values.update(zip(names, before.run(names, {name: feed[name] for name in self.cut.before_inputs})))
+        self.session = create_session(self.cut.after, threads)
+
+    def outputs(self, names: list[str], errors: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
+        """Per batch, the outputs `names` with `errors` fed."""
+        if self.cut is None:
+            return [self.session.run(names, {**feed, **errors}) for feed in self.batches]
+        outputs = []
+        for feed, before in zip(self.batches, self.before):
+            available = {**feed, **before, **errors}
+            run = [name for name in names if name not in before]
+            after = dict(zip(run, self.session.run(run, {name: available[name] for name in self.cut.after_inputs})))
+            outputs.append([before[name] if name in before else after[name] for name in names])
+        return outputs
 
 
 def rank_error(layer: LinearLayer, decomposition: Decomposition, rank: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
     """The error that cutting `layer` alone to `rank` makes: D = A·B − W, e = c − b."""
     def make() -> tuple[np.ndarray, np.ndarray]:
-        factors = decomposition.factors(rank)
+        with one_blas_thread():  # a job's products: the same bits as a Ray task's
+            factors = decomposition.factors(rank)
+            product = factors.dense_weight()
         bias = np.zeros(layer.d_out) if layer.bias is None else np.asarray(layer.bias, np.float64)
-        return (factors.dense_weight() - np.asarray(layer.weight, np.float64),
+        return (product - np.asarray(layer.weight, np.float64),
                 (0 if factors.bias is None else factors.bias) - bias)
     return make
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from lrdeploy.stages.next_token import NextTokenScores, is_next_token_output
+from lrdeploy.stages.next_token import NextTokenReference, NextTokenScores, is_next_token_output
 
 
 def _reference(dense, compressed, ids, mask):
@@ -37,6 +37,25 @@ def test_scores_match_a_direct_computation_and_skip_padding():
     np.testing.assert_allclose([result.ppl_dense, result.ppl, result.top1_agreement, result.kl],
                                [ppl_p, ppl_q, agree, kl], rtol=1e-6)
     np.testing.assert_allclose(result.ppl_ratio, ppl_q / ppl_p, rtol=1e-6)
+
+
+def test_the_precomputed_dense_side_gives_the_same_kl():
+    """Sensitivity scores many variants against one reference: KL from the dense distributions kept once equals
+    the direct computation, padding skipped."""
+    rng = np.random.default_rng(2)
+    ids = rng.integers(0, 300, (2, 12))
+    mask = np.ones((2, 12), np.int64)
+    mask[0, 7:] = 0
+    dense = rng.normal(size=(2, 12, 300)).astype(np.float32) * 4
+    reference = NextTokenReference(dense, ids, mask)
+    for scale in (1.0, 1e-3):  # far, and so close that KL is tiny
+        variant = dense + scale * rng.normal(size=dense.shape).astype(np.float32)
+        direct = NextTokenScores()  # float64 throughout (the loop above works in the logits' float32)
+        direct.add(dense, variant, ids, mask)
+        assert reference.positions == direct.positions == 6 + 11
+        np.testing.assert_allclose(reference.kl_sum(variant) / reference.positions, direct.kl / direct.positions,
+                                   rtol=1e-6, atol=1e-8)  # float32 exponentials: 1e-8 nats a position
+    assert abs(reference.kl_sum(dense)) < 1e-8 * reference.positions
 
 
 def test_identical_and_uniform_logits():
