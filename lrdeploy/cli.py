@@ -267,10 +267,10 @@ def plan_options(d: PlanSettings) -> list:
                           "(each option's output distortion measured) for the least distortion under --rank-budget or "
                           "--target-latency; lowrank: splits only (faster to build); auto: unified unless a fixed cut, "
                           "--qkv joint, --latency-aware, --method svd or --allocation asks for lowrank."),
-        click.option("--sensitivity-samples", default=d.sensitivity_samples, show_default=True,
-                     type=click.IntRange(min=1),
+        click.option("--sensitivity-samples", default=d.sensitivity_samples, type=click.IntRange(min=1),
                      help="Calibration samples each measured option runs on (sensitivity allocation, the unified plan, "
-                          "--drop-blocks): fewer is faster, e.g. 4 windows of 128 tokens for an LLM."),
+                          "--drop-blocks): fewer is faster. Default: 16, or for a causal LM the windows that hold "
+                          "512 tokens if fewer (4 of 128)."),
         click.option("--target-latency", type=float, metavar="FRACTION",
                      help="Plan for at most this fraction of the dense model's latency at --tokens (measured here, "
                           "or from --profile); --rank-budget is then not used."),

@@ -130,7 +130,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
     blocks = StructuredBlocks.find(config, inspection)
     if config.cuts.drop_blocks:
         with timer.stage("depth"):
-            blocks.choose_drops(config, inspection, samples.calib.select(slice(0, config.planning.sensitivity_samples)), feeds)
+            blocks.choose_drops(config, inspection, samples.probe(config.planning.sensitivity_samples, inspection.model.proto), feeds)
     eligible = blocks.remaining(splittable(config, inspection, eligible), budgets or (config.factorization.rank_budget,))
     parts = find_block_parts(config, inspection.graph, inspection.layers) if config.planning.plan == "unified" else []
     unchanged = config.changes_nothing(budgets or (config.factorization.rank_budget,))  # nothing to calibrate, decompose, measure
@@ -171,7 +171,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         layer_spectra = spectra(eligible, moments, decompositions)
         structured = blocks.cut(config, moments) if moments is not None else StructuredCuts()
     sensitivity, options = None, None
-    probe = samples.calib.select(slice(0, config.planning.sensitivity_samples))
+    probe = samples.probe(config.planning.sensitivity_samples, inspection.model.proto)
     with ExitStack() as held:
         jobs: Jobs = SERIAL
         if config.ray is not None and not unchanged and (config.measures_sensitivity or config.planning.plans_shapes):

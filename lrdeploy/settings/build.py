@@ -130,7 +130,7 @@ class PlanSettings:
     profile: str | None = None  # plan with a device profile (a shipped name like "h200-fp16", or a file)
     objective: str | None = None  # when splits that pay cannot meet the budget: "size" or "latency"
     backend: str = "ort-cpu"  # where --latency-aware times layer shapes: one of LATENCY_BACKENDS
-    sensitivity_samples: int = 16  # calibration samples each measured option runs on
+    sensitivity_samples: int | None = None  # samples each measured option runs on (None: 16, an LM's 512 tokens)
 
     def __post_init__(self) -> None:
         if self.profile is not None:

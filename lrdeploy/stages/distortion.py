@@ -14,7 +14,8 @@ A variant is a whole model (a structured cut applied) or a session of the error-
 
 from __future__ import annotations
 
-from typing import Iterable
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -68,16 +69,22 @@ def next_token_references(names: list[str], reference: list[list[np.ndarray]], f
 
 class DistortionProbe:
     """The dense model's outputs on a few probe batches, computed once, and the distortion of variants against them
-    (`mask_name`: the attention mask input, so that padding is not scored)."""
+    (`mask_name`: the attention mask input, so that padding is not scored). `keep`: inner tensors of the dense
+    model to keep per batch too (typed by `types`), read by the suffixes sensitivity runs (`passes.error_reach`)."""
 
     def __init__(self, model: onnx.ModelProto, batches: Iterable[dict[str, np.ndarray]], threads: int = 0,
-                 mask_name: str | None = None):
+                 mask_name: str | None = None, keep: Sequence[str] = (),
+                 types: Mapping[str, onnx.TypeProto] | None = None):
         self.batches = list(batches)
         self.threads = threads
         self.mask_name = mask_name
-        dense = create_session(model, threads)
-        self.names = [output.name for output in dense.get_outputs()]
-        self.reference = [dense.run(None, feed) for feed in self.batches]
+        self.names = [output.name for output in model.graph.output]
+        keep = [name for name in keep if name not in self.names]
+        with outputs_added(model, keep, types or {}):  # one session gives the outputs and the kept tensors
+            dense = create_session(model, threads)
+        runs = [dense.run(self.names + keep, feed) for feed in self.batches]
+        self.reference = [values[:len(self.names)] for values in runs]
+        self.kept = [dict(zip(keep, values[len(self.names):])) for values in runs]
         self.next_token = next_token_references(self.names, self.reference, self.batches, mask_name)
         for batch in self.reference:  # a vocabulary-wide reference lives on as its distributions only
             for index in self.next_token:
@@ -96,3 +103,16 @@ class DistortionProbe:
     def of_model(self, variant: onnx.ModelProto) -> float:
         """Distortion of a whole variant model."""
         return self.of_session(create_session(variant, self.threads))
+
+
+@contextmanager
+def outputs_added(model: onnx.ModelProto, names: Sequence[str], types: Mapping[str, onnx.TypeProto]) -> Iterator[None]:
+    """`model` with `names` as extra graph outputs while inside (the caller's proto is restored: a copy of an LM
+    would cost its size again)."""
+    for name in names:
+        value = model.graph.output.add(name=name)
+        value.type.CopyFrom(types[name])
+    try:
+        yield
+    finally:
+        del model.graph.output[len(model.graph.output) - len(names):]

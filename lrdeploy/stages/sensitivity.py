@@ -21,7 +21,7 @@ from lrdeploy.calib.data import Feeds, SampleSet
 from lrdeploy.jobs import SERIAL, Jobs, one_blas_thread
 from lrdeploy.lowrank.allocate import LayerShape, discarded_fraction
 from lrdeploy.lowrank.decompose import Decomposition
-from lrdeploy.passes.error_reach import cut_at_errors
+from lrdeploy.passes.error_reach import SuffixPlan, plan_suffix
 from lrdeploy.passes.inject_error import error_injected_model
 from lrdeploy.passes.moment_graph import inferred_types
 from lrdeploy.passes.linear_layers import LinearLayer
@@ -52,74 +52,63 @@ def measure_layer_errors(
     """Degradation of the outputs for each variant: one layer's weight and bias changed by the errors its
     callable makes (made when measured, so that only one is held at a time), every other layer as it is.
 
-    Layers are injected `group_size` at a time (`passes.inject_error`): each injection adds one dense-sized MatMul
-    to every run, so small groups keep runs cheap while few groups keep session creation cheap. One session serves
-    every variant of its group: no model is copied per variant. Each group is one of `jobs` (a Ray task with
-    `--ray`), measured against the dense outputs computed once here."""
-    probe = DistortionProbe(model, batches, threads, mask_name)
+    Layers are injected `group_size` at a time (`passes.inject_error`) into the part of the model they reach
+    (`passes.error_reach`), fed the tensors it reads from one dense pass: each injection adds one dense-sized
+    MatMul to every run, so small groups keep runs cheap while few groups keep session creation cheap. One session
+    serves every variant of its group: no model is copied per variant. Each group is one of `jobs` (a Ray task
+    with `--ray`), measured against the dense outputs computed once here."""
     groups = [variants[start:start + group_size] for start in range(0, len(variants), group_size)]
+    types, _ = inferred_types(model)
+    plans = [plan_suffix(model, [layer for layer, _ in group], types) for group in groups]
+    crossing = list(dict.fromkeys(name for plan in plans if plan is not None for name in plan.crossing))
+    probe = DistortionProbe(model, batches, threads, mask_name, keep=crossing, types=types)
+    scored = [probe.names[index] for index in probe.next_token]  # kept only as distributions: always run
+    plans = [None if plan is None or not set(scored) <= set(plan.outputs) else plan for plan in plans]
+    items = [(group, plan, None if plan is None else [{name: kept[name] for name in plan.crossing}
+                                                      for kept in probe.kept])
+             for group, plan in zip(groups, plans)]
+    probe.kept = []  # each item carries its own
 
     def done(group_measured: dict[Hashable, float]) -> None:
         for _ in group_measured if on_step is not None else ():
             on_step()
 
-    types, _ = inferred_types(model)
     measured: dict[Hashable, float] = {}
-    for group_measured in jobs.map(measure_group, groups, (model, probe, jobs.threads(threads), types), done):
+    for group_measured in jobs.map(measure_group, items, (model, probe, jobs.threads(threads), types), done):
         measured.update(group_measured)
     return measured
 
 
-def measure_group(group: list[tuple[LinearLayer, list[LayerError]]],
-                  shared: tuple[onnx.ModelProto, DistortionProbe, int, dict[str, onnx.TypeProto]]
+GroupItem = tuple[list[tuple[LinearLayer, list[LayerError]]], SuffixPlan | None, list[dict[str, np.ndarray]] | None]
+
+
+def measure_group(item: GroupItem, shared: tuple[onnx.ModelProto, DistortionProbe, int, dict[str, onnx.TypeProto]]
                   ) -> dict[Hashable, float]:
-    """One group's variants, through one error-injected model run from where its errors act (a job of
-    `measure_layer_errors`; `types`: the model's tensor types)."""
+    """One group's variants through one error-injected session (a job of `measure_layer_errors`): of the part
+    of the model the group reaches (`plan`), fed the dense tensors it reads (`crossing`, per batch), or of the
+    whole model where it cannot be cut."""
+    group, plan, crossing = item
     model, probe, threads, types = shared
-    injected, error_inputs = error_injected_model(model, [layer for layer, _ in group])
-    runs = InjectedRuns(injected, {name for inputs in error_inputs for name in (inputs.weight, inputs.bias)},
-                        types, probe.batches, threads)
-    zeros = {name: value for (layer, _), inputs in zip(group, error_inputs)
-             for name, value in inputs.zeros(layer).items()}
+    layers = [layer for layer, _ in group]
+    injected, error_inputs = error_injected_model(model if plan is None else plan.model(model, types), layers)
+    session = create_session(injected, threads)
+    made = [output.name for output in injected.graph.output]
+    feeds = []
+    for batch, values in zip(probe.batches, crossing or [{}] * len(probe.batches)):
+        available = {**batch, **values}
+        feeds.append({value.name: available[value.name] for value in injected.graph.input if value.name in available})
+    zeros = {name: value for layer, inputs in zip(layers, error_inputs) for name, value in inputs.zeros(layer).items()}
     measured: dict[Hashable, float] = {}
     for (layer, errors), inputs in zip(group, error_inputs):
         for key, make in errors:
             delta_w, delta_b = make()
-            measured[key] = probe.of_outputs(runs.outputs(probe.names, {
-                **zeros, inputs.weight: delta_w.astype(layer.dtype), inputs.bias: delta_b.astype(layer.dtype)}))
+            fed = {**zeros, inputs.weight: delta_w.astype(layer.dtype), inputs.bias: delta_b.astype(layer.dtype)}
+            outputs = []
+            for feed, reference in zip(feeds, probe.reference):
+                values = dict(zip(made, session.run(made, {**feed, **fed})))
+                outputs.append([values.get(name, dense) for name, dense in zip(probe.names, reference)])
+            measured[key] = probe.of_outputs(outputs)
     return measured
-
-
-class InjectedRuns:
-    """The error-injected model's outputs on fixed batches for any fed errors: the part no error reaches runs once
-    per batch, the rest per call (`passes.error_reach`); the whole model per call where it cannot be cut."""
-
-    def __init__(self, injected: onnx.ModelProto, error_names: set[str], types: dict[str, onnx.TypeProto],
-                 batches: list[dict[str, np.ndarray]], threads: int):
-        self.batches = batches
-        self.cut = cut_at_errors(injected, error_names, types)
-        self.before: list[dict[str, np.ndarray]] = [{} for _ in batches]  # per batch, what runs once
-        if self.cut is None:
-            self.session = create_session(injected, threads)
-            return
-        if self.cut.before is not None:
-            before = create_session(self.cut.before, threads)
-            names = self.cut.crossing + self.cut.unreached_outputs
-            for values, feed in zip(self.before, batches):
-                values.update(zip(names, before.run(names, {name: feed[name] for name in self.cut.before_inputs})))
-        self.session = create_session(self.cut.after, threads)
-
-    def outputs(self, names: list[str], errors: dict[str, np.ndarray]) -> list[list[np.ndarray]]:
-        """Per batch, the outputs `names` with `errors` fed."""
-        if self.cut is None:
-            return [self.session.run(names, {**feed, **errors}) for feed in self.batches]
-        outputs = []
-        for feed, before in zip(self.batches, self.before):
-            available = {**feed, **before, **errors}
-            run = [name for name in names if name not in before]
-            after = dict(zip(run, self.session.run(run, {name: available[name] for name in self.cut.after_inputs})))
-            outputs.append([before[name] if name in before else after[name] for name in names])
-        return outputs
 
 
 def rank_error(layer: LinearLayer, decomposition: Decomposition, rank: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:

@@ -1,6 +1,6 @@
-"""The sensitivity graph cut where its errors act: the part after the cut, fed what the part before made once,
-gives the whole injected model's outputs (a tiny Llama: attention mask, rotary tables, a tied LM head whose
-transposed embedding is made from constants)."""
+"""The part of a model a group of layers reaches, run on the tensors one dense pass made, gives the whole injected
+model's outputs (a tiny Llama: attention mask, rotary tables, a tied LM head whose transposed embedding is made
+from constants); the sensitivity measured that way is the whole model's."""
 
 import numpy as np
 import onnx
@@ -8,13 +8,13 @@ import pytest
 
 pytest.importorskip("torch")
 
+import lrdeploy.stages.sensitivity as sensitivity  # noqa: E402
 from lrdeploy.calib.data import SampleSet, iter_batches, model_input_specs  # noqa: E402
-from lrdeploy.passes.error_reach import cut_at_errors  # noqa: E402
+from lrdeploy.passes.error_reach import plan_suffix  # noqa: E402
 from lrdeploy.passes.inject_error import error_injected_model  # noqa: E402
 from lrdeploy.passes.moment_graph import inferred_types  # noqa: E402
 from lrdeploy.stages.distortion import DistortionProbe  # noqa: E402
 from lrdeploy.stages.inspect import inspect_model  # noqa: E402
-from lrdeploy.stages.sensitivity import InjectedRuns  # noqa: E402
 from tests.conftest import run_model  # noqa: E402
 from tests.factories import tiny_llama_dir  # noqa: E402
 
@@ -44,38 +44,42 @@ def _errors(layers, error_inputs, seed):
 
 
 @pytest.mark.parametrize("first", [0, 9])  # from block 0's first projection; from a projection of block 1
-def test_runs_from_the_cut_give_the_whole_injected_models_outputs(llama, first):
+def test_the_suffix_fed_a_dense_pass_gives_the_whole_injected_models_outputs(llama, first):
     model, layers, batches = llama
     group = layers[first:first + 5]
-    injected, error_inputs = error_injected_model(model, group)
-    names = {name for inputs in error_inputs for name in (inputs.weight, inputs.bias)}
-    cut = cut_at_errors(injected, names, inferred_types(model)[0])
-    assert cut is not None and not names & set(cut.before_inputs)
-    assert names <= set(cut.after_inputs)
-    after_nodes, all_nodes = len(cut.after.graph.node), len(injected.graph.node)
-    assert after_nodes < all_nodes
-    if first:  # block 1 onward: block 0's nodes run once, not per variant
-        assert after_nodes < 0.75 * all_nodes
-    vocab_by_hidden = 512 * 64
-    runs = InjectedRuns(injected, names, inferred_types(model)[0], batches, threads=1)
-    for value in (v for before in runs.before for v in before.values()):  # the tied head's table is not passed
-        assert value.size != vocab_by_hidden
-    output_names = [output.name for output in model.graph.output]
+    types, _ = inferred_types(model)
+    plan = plan_suffix(model, group, types)
+    assert plan is not None and len(plan.nodes) < len(model.graph.node)
+    if first:  # block 0's nodes run once, in the dense pass, not per variant
+        assert len(plan.nodes) < 0.75 * len(model.graph.node)
+    assert group[0].input_name in plan.crossing  # the first layer reads what the dense pass made
+    probe = DistortionProbe(model, batches, threads=1, mask_name="attention_mask", keep=plan.crossing, types=types)
+    assert [o.name for o in model.graph.output] == probe.names  # the caller's model is left as it was
+    for kept in probe.kept:  # the tied head's 64 × 512 table is made in the suffix, not passed
+        assert all(value.size != 512 * 64 for value in kept.values())
+    whole, error_inputs = error_injected_model(model, group)
+    suffix, suffix_inputs = error_injected_model(plan.model(model, types), group)
+    assert suffix_inputs == error_inputs
     errors = _errors(group, error_inputs, seed=first)
-    for batch, outputs in zip(batches, runs.outputs(output_names, errors)):
-        for expected, got in zip(run_model(injected, {**batch, **errors}), outputs):
-            np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    for batch, kept in zip(batches, probe.kept):
+        available = {**batch, **kept, **errors}
+        got = run_model(suffix, {value.name: available[value.name] for value in suffix.graph.input})
+        expected = run_model(whole, {**batch, **errors})
+        for name, value in zip(plan.outputs, got):
+            np.testing.assert_allclose(value, expected[probe.names.index(name)], rtol=1e-5, atol=1e-5)
 
 
-def test_measured_distortion_is_the_whole_models(llama):
+def test_sensitivity_from_the_suffixes_is_the_whole_models(llama, monkeypatch):
     model, layers, batches = llama
-    group = layers[9:12]
-    injected, error_inputs = error_injected_model(model, group)
-    names = {name for inputs in error_inputs for name in (inputs.weight, inputs.bias)}
-    probe = DistortionProbe(model, batches, threads=1, mask_name="attention_mask")
-    errors = _errors(group, error_inputs, seed=3)
-    whole = probe.of_outputs([run_model(injected, {**batch, **errors}) for batch in batches])
-    runs = InjectedRuns(injected, names, inferred_types(model)[0], batches, threads=1)
-    cut = probe.of_outputs(runs.outputs(probe.names, errors))
-    assert whole > 1e-4
-    assert cut == pytest.approx(whole, rel=1e-4)
+    variants = [(layer, [((layer.name, seed), lambda layer=layer, seed=seed: (
+                    0.05 * np.random.default_rng(seed).standard_normal((layer.d_in, layer.d_out)),
+                    np.zeros(layer.d_out)))
+                 for seed in (1, 2)]) for layer in layers]
+    cut = sensitivity.measure_layer_errors(model, variants, batches, threads=1, group_size=5, mask_name="attention_mask")
+    monkeypatch.setattr(sensitivity, "plan_suffix", lambda *args: None)
+    whole = sensitivity.measure_layer_errors(model, variants, batches, threads=1, group_size=5,
+                                             mask_name="attention_mask")
+    assert cut.keys() == whole.keys() and len(cut) == 2 * len(layers)
+    assert min(whole.values()) > 1e-5
+    for key, loss in whole.items():
+        assert cut[key] == pytest.approx(loss, rel=1e-4)
