@@ -25,6 +25,7 @@ import onnx_graphsurgeon as gs
 from lrdeploy.calib.stats import Batches, RequestGroup, TensorRequest, add_batch_sums, sums_per_batch
 from lrdeploy.lowrank.moments import Moments
 from lrdeploy.passes.moment_graph import MomentRequest, inferred_types, moment_graph, token_tensors
+from lrdeploy.passes.subgraph import has_subgraphs, static_closure, static_producers, subgraph_model
 from lrdeploy.weights import tensor_bytes
 
 SEGMENT_WEIGHT_BYTES = 128 << 20  # one segment's initializers; a single bigger node is a segment of its own
@@ -96,51 +97,6 @@ def _link(graph: onnx.GraphProto, segments: list[Segment], initializers: set[str
                            if name and name not in static and read_after.get(name, -1) > number]
 
 
-def static_producers(graph: onnx.GraphProto, initializers: set[str]) -> dict[str, int]:
-    """The tensors computed from initializers and Constant nodes only, each with the index of the node that makes
-    it."""
-    static: dict[str, int] = {}
-    for index, node in enumerate(graph.node):
-        if all(not name or name in initializers or name in static for name in node.input):
-            static.update((name, index) for name in node.output if name)
-    return static
-
-
-def static_closure(graph: onnx.GraphProto, nodes: list[int], static: dict[str, int]) -> set[int]:
-    """The nodes that make the constant-only tensors `nodes` read, and theirs in turn."""
-    wanted, found = [name for index in nodes for name in graph.node[index].input if name in static], set()
-    while wanted:
-        index = static[wanted.pop()]
-        if index not in found:
-            found.add(index)
-            wanted += [name for name in graph.node[index].input if name in static]
-    return found
-
-
-def segmentable(model: onnx.ModelProto) -> bool:
-    """No node carries a subgraph (whose body may read any tensor of the graph around it)."""
-    return not any(attr.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
-                   for node in model.graph.node for attr in node.attribute)
-
-
-def segment_model(model: onnx.ModelProto, segment: Segment, types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
-    """One segment as a model of its own: its nodes, the initializers they read (external references stay
-    references), its inputs and outputs typed from shape inference."""
-    graph = model.graph
-    nodes = [graph.node[index] for index in segment.nodes]
-    read = {name for node in nodes for name in node.input}
-    initializers = [tensor for tensor in graph.initializer if tensor.name in read]
-
-    def value(name: str) -> onnx.ValueInfoProto:
-        info = onnx.ValueInfoProto(name=name)
-        info.type.CopyFrom(types[name])
-        return info
-
-    sub = onnx.helper.make_graph(nodes, f"{graph.name}_segment", [value(n) for n in segment.inputs],
-                                 [value(n) for n in segment.outputs], initializers)
-    return onnx.helper.make_model(sub, opset_imports=model.opset_import, ir_version=model.ir_version)
-
-
 @dataclass
 class SegmentPlan:
     """The segments of one model for one set of requests, with what building their graphs needs."""
@@ -157,7 +113,7 @@ class SegmentPlan:
            max_gram_bytes: int, max_weight_bytes: int = SEGMENT_WEIGHT_BYTES) -> SegmentPlan | None:
         """The plan, or None when the graph cannot be cut (subgraphs, tensors shape inference cannot type): the
         caller then runs whole-model passes."""
-        if not segmentable(model):
+        if has_subgraphs(model):
             return None
         types, ranks = inferred_types(model)
         unique = list({r.name: r for r in requests}.values())
@@ -179,7 +135,7 @@ class SegmentPlan:
         live = [dict(feed) for feed in batches()]  # per batch: the graph inputs, then each segment's outputs
         last_reader = {name: number for number, segment in enumerate(self.segments) for name in segment.inputs}
         for number, segment in enumerate(self.segments):
-            sub = segment_model(self.model, segment, self.types)
+            sub = subgraph_model(self.model, segment.nodes, segment.inputs, segment.outputs, self.types)
             requests = [MomentRequest(r.name, r.dim) for r in segment.requests]
             sums_model = moment_graph(gs.import_onnx(sub), self.ranks, requests,
                                       self.mask_name if requests else None, keep=segment.outputs, masked=self.masked)

@@ -5,10 +5,10 @@
                                                                              ▼
     error inputs ───────────────────────────► [suffix: the layers' producers and every node they reach] ─► outputs
 
-The suffix is a model of its own: the nodes the layers' outputs reach, and the nodes that make the constant-only
-tensors those read (a tied LM head's transposed embedding: copied, as calibration's segments copy them, not
-passed per batch). It reads as inputs the tensors the dense model made before it — the residual stream, the
-mask's derived forms, rotary tables, each layer's input — which one dense pass gives for every group. An error
+The suffix is a model of its own (`passes.subgraph`): the nodes the layers' outputs reach, and the nodes that make
+the constant-only tensors those read (a tied LM head's transposed embedding: copied, not passed per batch). It
+reads as inputs the tensors the dense model made before it — the residual stream, the mask's derived forms,
+rotary tables, each layer's input — which one dense pass gives for every group. An error
 in block b of n then costs about (n − b)/n of the model per measurement instead of all of it.
 """
 
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from lrdeploy.calib.segments import Segment, segment_model, segmentable, static_closure, static_producers
+from lrdeploy.passes.subgraph import has_subgraphs, static_closure, static_producers, subgraph_model
 from lrdeploy.passes.linear_layers import LinearLayer
 
 
@@ -33,7 +33,7 @@ class SuffixPlan:
 
     def model(self, model: onnx.ModelProto, types: dict[str, onnx.TypeProto]) -> onnx.ModelProto:
         """The suffix as a model of its own (initializers as `model` holds them: external references stay)."""
-        return segment_model(model, Segment(list(self.nodes), list(self.inputs), list(self.outputs)), types)
+        return subgraph_model(model, self.nodes, self.inputs, self.outputs, types)
 
 
 def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[str, onnx.TypeProto]
@@ -41,7 +41,7 @@ def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[s
     """The suffix of `model` (topologically sorted) from `layers`, or None when the graph cannot be cut there
     (subgraphs, whose bodies may read any outer tensor; a layer output no node makes; a tensor without a type in
     `types`, the dense model's from `inferred_types`)."""
-    if not segmentable(model):
+    if has_subgraphs(model):
         return None
     graph = model.graph
     initializers = {tensor.name for tensor in graph.initializer}
@@ -57,9 +57,11 @@ def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[s
             reached.update(name for name in node.output if name)
     nodes = sorted(set(reached_nodes) | static_closure(graph, reached_nodes, static_producers(graph, initializers)))
     made = {name for index in nodes for name in graph.node[index].output if name}
-    reads = list(dict.fromkeys(name for index in nodes for name in graph.node[index].input
-                               if name and name not in initializers and name not in made))
-    reads += [layer.input_name for layer in layers if layer.input_name not in made and layer.input_name not in reads]
+    reads = list(dict.fromkeys([*(name for index in nodes for name in graph.node[index].input
+                                  if name and name not in initializers and name not in made),
+                                *(layer.input_name for layer in layers if layer.input_name not in made)]))
+    # (a layer's input is read by its error's MatMul even where its own MatMul comes before the suffix: a layer
+    # with a bias, whose output is its Add's)
     graph_inputs = {value.name for value in graph.input}
     crossing = [name for name in reads if name not in graph_inputs]
     inputs = [name for name in reads if name in graph_inputs] + crossing

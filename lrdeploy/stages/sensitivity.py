@@ -1,6 +1,7 @@
 """Sensitivity allocation: how much the model's outputs degrade when each layer alone is cut to a rank.
 
-One error-injected model (`passes.inject_error`) serves the measurements of a group of layers: each layer L
+One error-injected model (`passes.inject_error`) of the part of the model a group of layers reaches
+(`passes.error_reach`: the rest runs once, in a dense pass) serves the measurements of the group: each layer L
 gets a weight error D_L and a bias error e_L fed at run time, so that its output becomes Y_L + X_L·D_L + e_L.
 Cutting L alone to rank k is exactly D_L = A_k·B_k − W, e_L = c_k − b (its input is unchanged, since only L
 is cut); every other layer gets zeros. Degradation is 1 − cosine per sample against the dense outputs (KL per

@@ -8,7 +8,8 @@ import pytest
 pytest.importorskip("torch")
 
 from lrdeploy.calib.data import SampleSet, iter_batches, model_input_specs  # noqa: E402
-from lrdeploy.calib.segments import SegmentPlan, segment_model  # noqa: E402
+from lrdeploy.calib.segments import SegmentPlan  # noqa: E402
+from lrdeploy.passes.subgraph import subgraph_model  # noqa: E402
 from lrdeploy.calib.stats import TensorRequest, collect_moments  # noqa: E402
 from lrdeploy.stages.inspect import inspect_model  # noqa: E402
 from tests.factories import tiny_llama_dir  # noqa: E402
@@ -40,7 +41,7 @@ def test_segments_collect_the_moments_of_whole_model_passes(llama):
     assert plan is not None and len(plan.segments) >= len({r.name for r in requests})
     weights = {t.name for t in model.graph.initializer if len(t.dims) == 2}
     for segment in plan.segments:  # no segment's session holds more than one weighted node's matrices
-        held = {t.name for t in segment_model(model, segment, plan.types).graph.initializer} & weights
+        held = {t.name for t in subgraph_model(model, segment.nodes, segment.inputs, segment.outputs, plan.types).graph.initializer} & weights
         assert len(held) <= 1
     segmented = {}
     for group in plan.groups(batches, threads=1):

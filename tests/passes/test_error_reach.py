@@ -83,3 +83,21 @@ def test_sensitivity_from_the_suffixes_is_the_whole_models(llama, monkeypatch):
     assert min(whole.values()) > 1e-5
     for key, loss in whole.items():
         assert cut[key] == pytest.approx(loss, rel=1e-4)
+
+
+def test_layers_with_biases_sharing_an_input_read_it_once():
+    """Q, K and V with biases after a pre-LayerNorm (ViT): their outputs are their Adds', so the norm's output is
+    read only by the errors' MatMuls — one input of the suffix, which ONNX Runtime loads."""
+    from lrdeploy.passes.linear_layers import find_linear_layers
+    from lrdeploy.runtime.onnxruntime import create_session
+    from tests import models
+    import onnx_graphsurgeon as gs
+
+    model = models.transformer(layers=1, pre_ln=True)
+    layers = [layer for layer in find_linear_layers(gs.import_onnx(model)) if layer.eligible][:3]
+    assert len({layer.input_name for layer in layers}) == 1 and all(layer.bias is not None for layer in layers)
+    types, _ = inferred_types(model)
+    plan = plan_suffix(model, layers, types)
+    assert plan.inputs.count(layers[0].input_name) == 1
+    injected, _ = error_injected_model(plan.model(model, types), layers)
+    create_session(injected, threads=1)
