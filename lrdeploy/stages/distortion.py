@@ -79,12 +79,12 @@ class DistortionProbe:
         self.threads = threads
         self.mask_name = mask_name
         self.names = [output.name for output in model.graph.output]
-        keep = [name for name in keep if name not in self.names]
-        with outputs_added(model, keep, types or {}):  # one session gives the outputs and the kept tensors
+        inner = [name for name in keep if name not in self.names]  # (a graph output that later nodes read too:
+        with outputs_added(model, inner, types or {}):  # CLIP's text_embeds) — one session gives them all
             dense = create_session(model, threads)
-        runs = [dense.run(self.names + keep, feed) for feed in self.batches]
-        self.reference = [values[:len(self.names)] for values in runs]
-        self.kept = [dict(zip(keep, values[len(self.names):])) for values in runs]
+        runs = [dict(zip(self.names + inner, dense.run(self.names + inner, feed))) for feed in self.batches]
+        self.reference = [[values[name] for name in self.names] for values in runs]
+        self.kept = [{name: values[name] for name in keep} for values in runs]
         self.next_token = next_token_references(self.names, self.reference, self.batches, mask_name)
         for batch in self.reference:  # a vocabulary-wide reference lives on as its distributions only
             for index in self.next_token:

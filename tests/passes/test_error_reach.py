@@ -101,3 +101,30 @@ def test_layers_with_biases_sharing_an_input_read_it_once():
     assert plan.inputs.count(layers[0].input_name) == 1
     injected, _ = error_injected_model(plan.model(model, types), layers)
     create_session(injected, threads=1)
+
+
+def test_a_graph_output_that_later_nodes_read_is_fed_from_the_dense_pass(monkeypatch):
+    """CLIP's text_embeds is an output and the input of the logits: it crosses into the suffix as an output."""
+    import onnx_graphsurgeon as gs
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lrdeploy.passes.linear_layers import find_linear_layers
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["embeds"]), helper.make_node("MatMul", ["embeds", "w2"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch", 64]) for name in ("embeds", "logits")],
+        [numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), name) for name in ("w1", "w2")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    layers = [layer for layer in find_linear_layers(gs.import_onnx(model)) if layer.output_name == "logits"]
+    plan = plan_suffix(model, layers, inferred_types(model)[0])
+    assert plan.crossing == ("embeds",) and plan.outputs == ("logits",)
+    batches = [{"x": rng.standard_normal((4, 64)).astype(np.float32)}]
+    error = 0.1 * rng.standard_normal((64, 64))
+    variants = [(layers[0], [("w2", lambda: (error, np.zeros(64)))])]
+    cut = sensitivity.measure_layer_errors(model, variants, batches, threads=1)
+    monkeypatch.setattr(sensitivity, "plan_suffix", lambda *args: None)
+    assert cut["w2"] == pytest.approx(sensitivity.measure_layer_errors(model, variants, batches, threads=1)["w2"],
+                                      rel=1e-6)
+    assert cut["w2"] > 1e-4
