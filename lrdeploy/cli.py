@@ -25,7 +25,7 @@ from lrdeploy.lowrank.allocate import ALLOCATIONS
 from lrdeploy.lowrank.decompose import METHODS
 from lrdeploy.lowrank.refit import REFIT_MODES
 from lrdeploy.settings.build import (LATENCY_BACKENDS, OBJECTIVES, OPTIMIZERS, PLANS, PROFILE_BACKENDS, QKV_FORMS,
-                                      BuildConfig, FactorizationSettings, PlanSettings)
+                                      SENSITIVITY_REACHES, BuildConfig, FactorizationSettings, PlanSettings)
 from lrdeploy.settings.distill import DISTILL_TASKS, EMBEDDER_BATCH, LM_BATCH, TRAIN_TEXTS, DistillSettings
 from lrdeploy.runtime.base import BACKENDS, PRECISIONS
 from lrdeploy.torch.distill_config import DistillConfig
@@ -270,7 +270,13 @@ def plan_options(d: PlanSettings) -> list:
         click.option("--sensitivity-samples", default=d.sensitivity_samples, type=click.IntRange(min=1),
                      help="Calibration samples each measured option runs on (sensitivity allocation, the unified plan, "
                           "--drop-blocks): fewer is faster. Default: 16, or for a causal LM the windows that hold "
-                          "512 tokens if fewer (4 of 128)."),
+                          "128 tokens (one of 128)."),
+        click.option("--sensitivity-reach", type=click.Choice(SENSITIVITY_REACHES), default=d.sensitivity_reach,
+                     show_default=True,
+                     help="Where a measured option's distortion is taken: output runs the rest of the model for every "
+                          "option; block runs the rest of the option's block and scales the change at its end by a "
+                          "gain each block measures at the outputs (much faster on deep models); auto: block for a "
+                          "causal LM, output otherwise."),
         click.option("--target-latency", type=float, metavar="FRACTION",
                      help="Plan for at most this fraction of the dense model's latency at --tokens (measured here, "
                           "or from --profile); --rank-budget is then not used."),

@@ -36,11 +36,13 @@ class SuffixPlan:
         return subgraph_model(model, self.nodes, self.inputs, self.outputs, types)
 
 
-def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[str, onnx.TypeProto]
-                ) -> SuffixPlan | None:
+def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[str, onnx.TypeProto],
+                horizon: str | None = None) -> SuffixPlan | None:
     """The suffix of `model` (topologically sorted) from `layers`, or None when the graph cannot be cut there
     (subgraphs, whose bodies may read any outer tensor; a layer output no node makes; a tensor without a type in
-    `types`, the dense model's from `inferred_types`)."""
+    `types`, the dense model's from `inferred_types`). `horizon`: a tensor every way from the layers to the graph's
+    outputs passes through (a block's residual stream at its end); the suffix then stops there, with it as its one
+    output (None where some way goes around it)."""
     if has_subgraphs(model):
         return None
     graph = model.graph
@@ -55,6 +57,10 @@ def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[s
         if index in seeds or any(name in reached for name in node.input):
             reached_nodes.append(index)
             reached.update(name for name in node.output if name)
+    if horizon is not None:
+        reached_nodes = _up_to(graph, reached_nodes, seeds, horizon)
+        if reached_nodes is None:
+            return None
     nodes = sorted(set(reached_nodes) | static_closure(graph, reached_nodes, static_producers(graph, initializers)))
     made = {name for index in nodes for name in graph.node[index].output if name}
     reads = list(dict.fromkeys([*(name for index in nodes for name in graph.node[index].input
@@ -65,7 +71,27 @@ def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[s
     graph_inputs = {value.name for value in graph.input}
     crossing = [name for name in reads if name not in graph_inputs]
     inputs = [name for name in reads if name in graph_inputs] + crossing
-    outputs = [value.name for value in graph.output if value.name in reached]
+    outputs = [horizon] if horizon is not None else [value.name for value in graph.output if value.name in reached]
     if any(name not in types for name in inputs + outputs):
         return None
     return SuffixPlan(tuple(nodes), tuple(inputs), tuple(crossing), tuple(outputs))
+
+
+def _up_to(graph: onnx.GraphProto, reached_nodes: list[int], seeds: set[int], horizon: str) -> list[int] | None:
+    """Those of `reached_nodes` that make `horizon` or what it is made from; None when a seed (a layer's node) is
+    not among them, or a tensor they make other than `horizon` is read outside them or is a graph output (a KV
+    cache's present values: the errors would reach the outputs around the horizon)."""
+    producer = {name: index for index in reached_nodes for name in graph.node[index].output if name}
+    before, wanted = set(), [horizon]
+    while wanted:
+        index = producer.get(wanted.pop())
+        if index is not None and index not in before:
+            before.add(index)
+            wanted += list(graph.node[index].input)
+    if not seeds <= before:
+        return None
+    made = {name for index in before for name in graph.node[index].output if name} - {horizon}
+    if made & {value.name for value in graph.output} or any(
+            name in made for index, node in enumerate(graph.node) if index not in before for name in node.input):
+        return None
+    return [index for index in reached_nodes if index in before]

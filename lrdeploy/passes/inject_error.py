@@ -18,6 +18,7 @@ replaced by a low-rank pair.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Mapping
 
 import numpy as np
 import onnx
@@ -68,5 +69,32 @@ def error_injected_model(model: onnx.ModelProto, layers: list[LinearLayer]) -> t
             producer.outputs = [dense if t is y else t for t in producer.outputs]
         error = scope.op("Add", "error", [scope.op("MatMul", "input_error", [x, delta_w]), delta_b])
         scope.op("Add", "perturbed", [dense, error], output=y)
+    graph.cleanup().toposort()
+    return gs.export_onnx(graph, do_type_check=False), inputs
+
+
+def perturbable_model(model: onnx.ModelProto, tensors: list[str], types: Mapping[str, onnx.TypeProto]
+                      ) -> tuple[onnx.ModelProto, list[str]]:
+    """A new model in which each of `tensors` gets a change fed at run time (an input of its type and shape in
+    `types`, added to it: feeding zeros reproduces the model), and the names of those inputs in order:
+
+        ─► T      ⇒      ─► T′ ─Add─► T ─► (every consumer)
+                       change_T ──┘
+    """
+    graph = gs.import_onnx(model)
+    found = graph.tensors()
+    inputs = []
+    for index, name in enumerate(tensors):
+        scope = Scope(graph, f"{SCOPE}/change{index}")
+        tensor, tensor_type = found[name], types[name].tensor_type
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
+        shape = [dim.dim_value if dim.HasField("dim_value") else (dim.dim_param or f"{name}_dim{axis}")
+                 for axis, dim in enumerate(tensor_type.shape.dim)]
+        change = scope.add_input("change", dtype, shape)
+        inputs.append(change.name)
+        dense = scope.variable("dense", dtype)
+        for producer in list(tensor.inputs):
+            producer.outputs = [dense if t is tensor else t for t in producer.outputs]
+        scope.op("Add", "changed", [dense, change], output=tensor)
     graph.cleanup().toposort()
     return gs.export_onnx(graph, do_type_check=False), inputs

@@ -132,7 +132,9 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         with timer.stage("depth"):
             blocks.choose_drops(config, inspection, samples.probe(config.planning.sensitivity_samples, inspection.model.proto), feeds)
     eligible = blocks.remaining(splittable(config, inspection, eligible), budgets or (config.factorization.rank_budget,))
-    parts = find_block_parts(config, inspection.graph, inspection.layers) if config.planning.plan == "unified" else []
+    found = (find_block_parts(config, inspection.graph, inspection.layers)
+             if config.planning.plan == "unified" or config.measures_sensitivity else [])
+    parts = found if config.planning.plan == "unified" else []
     unchanged = config.changes_nothing(budgets or (config.factorization.rank_budget,))  # nothing to calibrate, decompose, measure
     parts = [] if unchanged else parts
     for budget in budgets or (config.factorization.rank_budget,):
@@ -181,7 +183,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         if config.measures_sensitivity and not unchanged:
             with timer.stage("sensitivity"):
                 sensitivity = measured_sensitivity(inspection.model.proto, eligible, decompositions, probe, feeds,
-                                                   config, cache, progress, jobs)
+                                                   config, cache, progress, jobs, found)
         if config.planning.plans_shapes and not unchanged:
             with timer.stage("shape options"):
                 options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions,

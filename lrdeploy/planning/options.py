@@ -45,7 +45,9 @@ from lrdeploy.progress import Progress
 from lrdeploy.runtime.onnxruntime import create_session
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.distortion import DistortionProbe
-from lrdeploy.stages.sensitivity import measure_layer_errors
+from lrdeploy.stages.block_reach import measure_at_block_ends
+from lrdeploy.stages.error_runs import measure_layer_errors
+from lrdeploy.stages.sensitivity import reaches_block_ends
 
 FFN_LEVELS = (0.75, 0.5, 0.375, 0.25)  # fractions of an FFN's neurons an option keeps
 HEAD_LEVELS = (0.75, 0.5, 0.25)  # fractions of a self-attention's heads an option keeps
@@ -131,33 +133,45 @@ def cut_error(layer: LinearLayer, cut: NeuronCut):
 
 
 def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: SampleSet, feeds: Feeds,
-                       config: BuildConfig, cache: StatisticsCache, progress: Progress, jobs: Jobs = SERIAL) -> None:
+                       config: BuildConfig, cache: StatisticsCache, progress: Progress, jobs: Jobs = SERIAL,
+                       parts: list[BlockParts] = ()) -> None:
     """Each option's output distortion alone on the probe batches (cached like the sensitivity table). An FFN or
     head cut changes its block's output only through the projection it refits (the dropped neurons or heads feed
     nothing else), so it is measured as that layer's weight error in the sensitivity graph, one session for many
-    options; a dropped block is measured as a whole variant model."""
+    options; a dropped block is measured as a whole variant model — or, at block ends (`stages.block_reach`,
+    `parts`: the blocks the options index), the cuts are scaled from their block's end and a drop is its block's
+    input fed as its output."""
+    at_block_ends = reaches_block_ends(config, model) and any(part.block is not None for part in parts)
+
     def measure() -> dict[str, dict[int, float]]:
-        on_step = progress.steps("measuring structured cuts", len(options))
         by_layer: dict[str, tuple[LinearLayer, list]] = {}
         for option in options:
             if option.kind != "drop":
                 layer, cut = refit_layer(option)
                 by_layer.setdefault(layer.name, (layer, []))[1].append(((option.key, option.kept),
                                                                        cut_error(layer, cut)))
-        measured = measure_layer_errors(model, list(by_layer.values()), feeds.batches(probe), config.threads,
-                                        on_step, mask_name=feeds.mask_name, jobs=jobs)
         drops = [option for option in options if option.kind == "drop"]
-        if drops:
-            distortion = DistortionProbe(model, feeds.batches(probe), config.threads, feeds.mask_name)
-            losses = jobs.map(drop_distortion, drops, (model, distortion, jobs.threads(config.threads)),
-                              lambda _: on_step())
-            measured.update({(option.key, option.kept): loss for option, loss in zip(drops, losses)})
+        if at_block_ends:
+            measured = measure_at_block_ends(model, list(parts), list(by_layer.values()), feeds.batches(probe),
+                                             config.threads, lambda total: progress.steps("measuring structured cuts",
+                                                                                          total),
+                                             feeds.mask_name, jobs, [((o.key, o.kept), o.block) for o in drops])
+        else:
+            on_step = progress.steps("measuring structured cuts", len(options))
+            measured = measure_layer_errors(model, list(by_layer.values()), feeds.batches(probe), config.threads,
+                                            on_step, mask_name=feeds.mask_name, jobs=jobs)
+            if drops:
+                distortion = DistortionProbe(model, feeds.batches(probe), config.threads, feeds.mask_name)
+                losses = jobs.map(drop_distortion, drops, (model, distortion, jobs.threads(config.threads)),
+                                  lambda _: on_step())
+                measured.update({(option.key, option.kept): loss for option, loss in zip(drops, losses)})
         table: dict[str, dict[int, float]] = {}
         for (key, kept), loss in measured.items():
             table.setdefault(key, {})[kept] = loss
         return table
 
-    settings = f"{feeds.mask_name}|{config.factorization.rank_multiple}|{FFN_LEVELS}|{HEAD_LEVELS}|structured-v2"
+    settings = (f"{feeds.mask_name}|{config.factorization.rank_multiple}|{FFN_LEVELS}|{HEAD_LEVELS}|structured-v2"
+                + ("|at-block-ends" if at_block_ends else ""))
     table = cache.sensitivity(probe, settings, {option.key for option in options}, measure)
     for option in options:
         option.loss = table[option.key][option.kept]
@@ -272,7 +286,7 @@ def shape_options(config: BuildConfig, model: onnx.ModelProto, parts: list[Block
     parts = constrain_parts(parts, fixed)
     cuts = cut_options(parts, moments, config.factorization.rank_multiple) if structured else []
     if cuts:
-        measure_cut_losses(model, cuts, probe, feeds, config, cache, progress, jobs)
+        measure_cut_losses(model, cuts, probe, feeds, config, cache, progress, jobs, parts)
     options = ShapeOptions(parts, cuts, structured, fixed=fixed, fixed_params=fixed.params(model_layers),
                            target_latency=config.planning.target_latency)
     if options.target_latency is None:

@@ -20,6 +20,7 @@ from lrdeploy.lowrank.refit import REFIT_MODES
 LATENCY_BACKENDS = ("ort-cpu", "ort-cuda")  # where --latency-aware times layer shapes
 PROFILE_BACKENDS = ("ort-cpu", "ort-cuda", "torch-cpu", "torch-cuda")  # what `lrdeploy profile` can time
 OBJECTIVES = ("size", "latency")  # what --latency-aware gives up when splits that pay cannot meet the budget
+SENSITIVITY_REACHES = ("auto", "block", "output")  # where a measured option's distortion is taken (stages.block_reach)
 PLANS = ("auto", "lowrank", "unified")  # unified: per block, low-rank or a narrower FFN, fewer heads, or the block
 # dropped; auto: unified unless the options ask for the low-rank plan (BuildConfig.default_plan)
 OPTIMIZERS = ("none", "ort")  # ort: compress inside ONNX Runtime's transformer-fused graph (keeps the fusions)
@@ -130,7 +131,8 @@ class PlanSettings:
     profile: str | None = None  # plan with a device profile (a shipped name like "h200-fp16", or a file)
     objective: str | None = None  # when splits that pay cannot meet the budget: "size" or "latency"
     backend: str = "ort-cpu"  # where --latency-aware times layer shapes: one of LATENCY_BACKENDS
-    sensitivity_samples: int | None = None  # samples each measured option runs on (None: 16, an LM's 512 tokens)
+    sensitivity_samples: int | None = None  # samples each measured option runs on (None: 16, an LM's first window)
+    sensitivity_reach: str = "auto"  # one of SENSITIVITY_REACHES; auto: "block" for a causal LM, else "output"
 
     def __post_init__(self) -> None:
         if self.profile is not None:

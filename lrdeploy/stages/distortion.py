@@ -90,6 +90,10 @@ class DistortionProbe:
             for index in self.next_token:
                 batch[index] = None
 
+    def masks(self) -> list[np.ndarray | None]:
+        """Each probe batch's attention mask (1 where a position is real), or None."""
+        return [batch.get(self.mask_name) if self.mask_name else None for batch in self.batches]
+
     def of_session(self, session: ort.InferenceSession) -> float:
         """Distortion of a session's outputs."""
         return self.of_outputs([session.run(self.names, feed) for feed in self.batches])

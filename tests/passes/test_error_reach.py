@@ -8,7 +8,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-import lrdeploy.stages.sensitivity as sensitivity  # noqa: E402
+import lrdeploy.stages.error_runs as error_runs  # noqa: E402
 from lrdeploy.calib.data import SampleSet, iter_batches, model_input_specs  # noqa: E402
 from lrdeploy.passes.error_reach import plan_suffix  # noqa: E402
 from lrdeploy.passes.inject_error import error_injected_model  # noqa: E402
@@ -75,9 +75,9 @@ def test_sensitivity_from_the_suffixes_is_the_whole_models(llama, monkeypatch):
                     0.05 * np.random.default_rng(seed).standard_normal((layer.d_in, layer.d_out)),
                     np.zeros(layer.d_out)))
                  for seed in (1, 2)]) for layer in layers]
-    cut = sensitivity.measure_layer_errors(model, variants, batches, threads=1, group_size=5, mask_name="attention_mask")
-    monkeypatch.setattr(sensitivity, "plan_suffix", lambda *args: None)
-    whole = sensitivity.measure_layer_errors(model, variants, batches, threads=1, group_size=5,
+    cut = error_runs.measure_layer_errors(model, variants, batches, threads=1, group_size=5, mask_name="attention_mask")
+    monkeypatch.setattr(error_runs, "plan_suffix", lambda *args: None)
+    whole = error_runs.measure_layer_errors(model, variants, batches, threads=1, group_size=5,
                                              mask_name="attention_mask")
     assert cut.keys() == whole.keys() and len(cut) == 2 * len(layers)
     assert min(whole.values()) > 1e-5
@@ -123,8 +123,8 @@ def test_a_graph_output_that_later_nodes_read_is_fed_from_the_dense_pass(monkeyp
     batches = [{"x": rng.standard_normal((4, 64)).astype(np.float32)}]
     error = 0.1 * rng.standard_normal((64, 64))
     variants = [(layers[0], [("w2", lambda: (error, np.zeros(64)))])]
-    cut = sensitivity.measure_layer_errors(model, variants, batches, threads=1)
-    monkeypatch.setattr(sensitivity, "plan_suffix", lambda *args: None)
-    assert cut["w2"] == pytest.approx(sensitivity.measure_layer_errors(model, variants, batches, threads=1)["w2"],
+    cut = error_runs.measure_layer_errors(model, variants, batches, threads=1)
+    monkeypatch.setattr(error_runs, "plan_suffix", lambda *args: None)
+    assert cut["w2"] == pytest.approx(error_runs.measure_layer_errors(model, variants, batches, threads=1)["w2"],
                                       rel=1e-6)
     assert cut["w2"] > 1e-4

@@ -25,14 +25,14 @@ LM = _graph_model("logits", ["batch", "sequence", 49152])
 ENCODER = _graph_model("last_hidden_state", ["batch", "sequence", 384])
 
 
-def test_an_lm_is_probed_on_the_windows_that_hold_512_tokens():
+def test_an_lm_is_probed_on_the_windows_that_hold_128_tokens():
     assert is_causal_lm(LM) and not is_causal_lm(ENCODER)
     assert not is_causal_lm(_graph_model("logits", ["batch", 2]))  # a classifier's logits
-    assert _samples(64, 128).probe(None, LM).count == 4
-    assert _samples(64, 100).probe(None, LM).count == 6  # ⌈512 / 100⌉
+    assert _samples(64, 128).probe(None, LM).count == 1
+    assert _samples(64, 50).probe(None, LM).count == 3  # ⌈128 / 50⌉
     assert _samples(64, 1024).probe(None, LM).count == 1
-    assert _samples(64, 16).probe(None, LM).count == 16  # never more than the default
-    assert _samples(3, 128).probe(None, LM).count == 3  # never more than calibration has
+    assert _samples(64, 4).probe(None, LM).count == 16  # never more than the default
+    assert _samples(2, 50).probe(None, LM).count == 2  # never more than calibration has
 
 
 def test_other_models_get_16_samples_and_a_request_is_kept():

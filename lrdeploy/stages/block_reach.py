@@ -1,0 +1,137 @@
+"""Sensitivity measured at the end of each block, scaled to the model's outputs: what makes a language model's
+plan affordable (`--sensitivity-reach block`, the default for a causal LM).
+
+Measured at the model's outputs, every variant of a layer in block b runs blocks b…n, the LM head and a KL over
+the vocabulary, in a session per group of layers. Measured here, it runs the rest of block b only
+(`passes.error_reach` with a horizon: the residual stream where the block ends), and its distortion there is the
+stream's squared change relative to its squared norm per position (what the next norm sees), d(v). The block's end is where every way from its layers to
+the outputs passes, so the change there decides the outputs' change exactly: one session of the whole model
+with a change input at every block's end (`passes.inject_error.perturbable_model`) turns a change into the
+outputs' distortion. That is run for a few variants only — per block and side (attention, FFN) a calibration
+variant (each layer of the side at its middle variant, together), and each dropped block (its change is its
+input minus its output: exact for any block) — and the other variants are scaled by their side's gain:
+
+    loss(v) = d(v) · loss_outputs(calibration) / d(calibration)
+
+    block b:  [layer errors] ─► rest of block b ─► stream at its end ─► d(v)          (every variant, small runs)
+    model:    stream_b + change(calibration or drop) ─► blocks b+1…n, head ─► KL     (a few whole-model runs)
+
+The gain assumes a side's errors move the outputs alike per unit of squared change at the block's end (KL is
+quadratic in small changes). Layers outside a recognised block, or in a block whose stream cannot be cut at its
+end, are measured at the outputs as before (`stages.error_runs`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Hashable, Iterable
+
+import numpy as np
+import onnx
+
+from lrdeploy.jobs import SERIAL, Jobs
+from lrdeploy.passes.error_reach import plan_suffix
+from lrdeploy.passes.inject_error import perturbable_model
+from lrdeploy.passes.linear_layers import LinearLayer
+from lrdeploy.passes.moment_graph import inferred_types
+from lrdeploy.planning.blocks import BlockParts
+from lrdeploy.runtime.onnxruntime import create_session
+from lrdeploy.stages.distortion import DistortionProbe
+from lrdeploy.stages.error_runs import ErrorGroup, LayerError, measure_error_groups, single_layer_groups
+
+AT_END = "at block end"  # the key of a variant's distortion at its block's end
+
+
+def sides(parts: list[BlockParts]) -> dict[str, tuple[int, str]]:
+    """Each layer of a block whose end is known: (block index, "attention" | "ffn")."""
+    found = {}
+    for index, part in enumerate(parts):
+        if part.block is None:
+            continue
+        if part.attention is not None:
+            found.update((layer.name, (index, "attention")) for layer in (*part.attention.projections,
+                                                                          part.attention.output))
+        if part.ffn is not None:
+            found.update((layer.name, (index, "ffn")) for layer in part.ffn.layers)
+    return found
+
+
+def measure_at_block_ends(
+    model: onnx.ModelProto, parts: list[BlockParts], variants: list[tuple[LinearLayer, list[LayerError]]],
+    batches: Iterable[dict[str, np.ndarray]], threads: int = 0,
+    steps: Callable[[int], Callable[[], None]] | None = None, mask_name: str | None = None, jobs: Jobs = SERIAL,
+    drops: list[tuple[Hashable, int]] = (),
+) -> dict[Hashable, float]:
+    """The outputs' distortion of each variant (scaled from its block's end where it can be) and of each block
+    dropped (`drops`: key, index into `parts`; measured exactly). `steps(total)` makes the progress callback once
+    the number of runs is known."""
+    types, _ = inferred_types(model)
+    side_of = sides(parts)
+    by_block: dict[int, list[tuple[LinearLayer, list[LayerError]]]] = {}
+    elsewhere = []
+    for layer, errors in variants:
+        (by_block.setdefault(side_of[layer.name][0], []) if layer.name in side_of and errors else elsewhere).append(
+            (layer, errors))
+
+    groups: list[ErrorGroup] = []
+    calibrations: dict[Hashable, int] = {}  # calibration key → its block
+    gains: dict[Hashable, Hashable] = {}  # a variant's key → its side's calibration key
+    for index, block_variants in sorted(by_block.items()):
+        layers = [layer for layer, _ in block_variants]
+        horizon = parts[index].block.output_name
+        if plan_suffix(model, layers, types, horizon) is None:
+            elsewhere += block_variants
+            continue
+        local = [((AT_END, key), {place: make}) for place, (_, errors) in enumerate(block_variants)
+                 for key, make in errors]
+        for side in ("attention", "ffn"):
+            members = [place for place, layer in enumerate(layers) if side_of[layer.name][1] == side]
+            if not members:
+                continue
+            key = ("block gain", index, side)
+            calibrations[key] = index
+            local.append(((AT_END, key), {place: block_variants[place][1][(len(block_variants[place][1]) - 1) // 2][1]
+                                          for place in members}))
+            gains.update((variant_key, key) for place in members for variant_key, _ in block_variants[place][1])
+        groups.append(ErrorGroup(layers, local, horizon, frozenset((AT_END, key) for key in calibrations)))
+    groups += single_layer_groups(elsewhere)
+
+    on_step = steps(sum(len(group.variants) for group in groups) + len(calibrations) + len(drops)) \
+        if steps is not None else None
+    ends = [part.block.output_name for part in parts if part.block is not None]
+    starts = [parts[index].block.input_name for _, index in drops]
+    measured, changes, probe = measure_error_groups(model, groups, batches, threads, on_step, mask_name, jobs, types,
+                                                    keep=[*ends, *starts])
+    block_changes = {key: (calibrations[key], changes[(AT_END, key)]) for key in calibrations}
+    block_changes.update({key: (index, [values[parts[index].block.input_name] - values[parts[index].block.output_name]
+                                        for values in probe.kept]) for key, index in drops})
+    losses = {key: value for key, value in measured.items() if not (isinstance(key, tuple) and key[:1] == (AT_END,))}
+    losses.update(changed_at_block_ends(model, parts, block_changes, probe, types, threads, on_step))
+    for key, calibration in gains.items():
+        at_end = measured[(AT_END, calibration)]
+        losses[key] = measured[(AT_END, key)] * (losses[calibration] / at_end if at_end > 0 else 0.0)
+    return {key: loss for key, loss in losses.items() if key not in calibrations}
+
+
+def changed_at_block_ends(model: onnx.ModelProto, parts: list[BlockParts],
+                          block_changes: dict[Hashable, tuple[int, list[np.ndarray]]], probe: DistortionProbe,
+                          types: dict[str, onnx.TypeProto], threads: int,
+                          on_step: Callable[[], None] | None) -> dict[Hashable, float]:
+    """The outputs' distortion of each change (key → block index, its stream's change per probe batch) added to
+    its block's end, the other blocks' ends unchanged: one session of the whole model serves them all."""
+    if not block_changes:
+        return {}
+    ends = [part.block.output_name for part in parts if part.block is not None]
+    perturbable, inputs = perturbable_model(model, ends, types)
+    session = create_session(perturbable, threads)
+    at = {name: place for place, name in enumerate(ends)}
+    zeros = [{name: np.zeros_like(values[end]) for name, end in zip(inputs, ends)} for values in probe.kept]
+    names = probe.names
+    losses = {}
+    for key, (index, change) in block_changes.items():
+        fed = inputs[at[parts[index].block.output_name]]
+        outputs = [session.run(names, {**batch, **zero, fed: delta.astype(zero[fed].dtype)})
+                   for batch, zero, delta in zip(probe.batches, zeros, change)]
+        losses[key] = probe.of_outputs(outputs)
+        if on_step is not None:
+            on_step()
+    return losses
