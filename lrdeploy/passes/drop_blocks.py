@@ -177,20 +177,17 @@ def _foreign_layer(graph: gs.Graph, input_name: str, output_name: str, own: set[
     return None
 
 
-def match_transformer_blocks(graph: gs.Graph, attention: list[AttentionBlock],
-                             ffn: list[FfnBlock]) -> Matches[TransformerBlock]:
-    """The blocks in model order that can become the identity; the last one needs its FFN (to find where its
-    residual stream ends). A block that cannot says why."""
-    matches: Matches[TransformerBlock] = Matches()
+def block_spans(graph: gs.Graph, attention: list[AttentionBlock],
+                ffn: list[FfnBlock]) -> list[tuple[str | None, str | None]]:
+    """Per self-attention, in model order: the residual stream its block starts from and where that stream ends
+    after it (None where not found; the last block needs its FFN to find its end). Whether the block could become
+    the identity is not asked here (a KV cache's block has a span too)."""
     streams = [residual_stream(graph, block.input_name) for block in attention]
-    own = {layer.output_name for block in attention for layer in (*block.projections, block.output)} | {
-        layer.output_name for block in ffn for layer in block.layers}
+    spans = []
     for index, block in enumerate(attention):
-        name = f"block{index}"
         start = streams[index]
         if start is None:
-            matches.refuse(name, f"no residual stream found before {block.input_name!r} (no Add of the block's "
-                                 "input and its branch within a norm's reach)")
+            spans.append((None, None))
             continue
         output = streams[index + 1] if index + 1 < len(attention) else None
         if output is None or block.output.name not in {n.name for n in _block_nodes(graph, start, output)}:
@@ -200,6 +197,23 @@ def match_transformer_blocks(graph: gs.Graph, attention: list[AttentionBlock],
                 (f for f in reversed(ffn) if f.up.input_name != block.input_name), None)
             output = (_after_residual(graph, own_ffn, pre_norm=start != block.input_name)
                       if own_ffn is not None else None)
+        spans.append((start, output))
+    return spans
+
+
+def match_transformer_blocks(graph: gs.Graph, attention: list[AttentionBlock],
+                             ffn: list[FfnBlock]) -> Matches[TransformerBlock]:
+    """The blocks in model order that can become the identity; the last one needs its FFN (to find where its
+    residual stream ends). A block that cannot says why."""
+    matches: Matches[TransformerBlock] = Matches()
+    own = {layer.output_name for block in attention for layer in (*block.projections, block.output)} | {
+        layer.output_name for block in ffn for layer in block.layers}
+    for index, (block, (start, output)) in enumerate(zip(attention, block_spans(graph, attention, ffn))):
+        name = f"block{index}"
+        if start is None:
+            matches.refuse(name, f"no residual stream found before {block.input_name!r} (no Add of the block's "
+                                 "input and its branch within a norm's reach)")
+            continue
         if output is None:
             matches.refuse(name, "the block's end (its FFN's residual Add, or the next block's stream) was not found")
             continue

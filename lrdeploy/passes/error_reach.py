@@ -15,6 +15,7 @@ in block b of n then costs about (n − b)/n of the model per measurement instea
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Collection
 
 import onnx
 
@@ -37,12 +38,12 @@ class SuffixPlan:
 
 
 def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[str, onnx.TypeProto],
-                horizon: str | None = None) -> SuffixPlan | None:
+                horizon: str | None = None, unscored: Collection[str] = ()) -> SuffixPlan | None:
     """The suffix of `model` (topologically sorted) from `layers`, or None when the graph cannot be cut there
     (subgraphs, whose bodies may read any outer tensor; a layer output no node makes; a tensor without a type in
     `types`, the dense model's from `inferred_types`). `horizon`: a tensor every way from the layers to the graph's
     outputs passes through (a block's residual stream at its end); the suffix then stops there, with it as its one
-    output (None where some way goes around it)."""
+    output (None where some way goes around it, other than to the graph outputs `unscored`: a KV cache's)."""
     if has_subgraphs(model):
         return None
     graph = model.graph
@@ -58,7 +59,7 @@ def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[s
             reached_nodes.append(index)
             reached.update(name for name in node.output if name)
     if horizon is not None:
-        reached_nodes = _up_to(graph, reached_nodes, seeds, horizon)
+        reached_nodes = _up_to(graph, reached_nodes, seeds, horizon, set(unscored))
         if reached_nodes is None:
             return None
     nodes = sorted(set(reached_nodes) | static_closure(graph, reached_nodes, static_producers(graph, initializers)))
@@ -77,10 +78,11 @@ def plan_suffix(model: onnx.ModelProto, layers: list[LinearLayer], types: dict[s
     return SuffixPlan(tuple(nodes), tuple(inputs), tuple(crossing), tuple(outputs))
 
 
-def _up_to(graph: onnx.GraphProto, reached_nodes: list[int], seeds: set[int], horizon: str) -> list[int] | None:
+def _up_to(graph: onnx.GraphProto, reached_nodes: list[int], seeds: set[int], horizon: str,
+           unscored: set[str]) -> list[int] | None:
     """Those of `reached_nodes` that make `horizon` or what it is made from; None when a seed (a layer's node) is
-    not among them, or a tensor they make other than `horizon` is read outside them or is a graph output (a KV
-    cache's present values: the errors would reach the outputs around the horizon)."""
+    not among them, or a tensor they make other than `horizon` is read outside them or is a graph output not in
+    `unscored` (the errors would reach the outputs around the horizon)."""
     producer = {name: index for index in reached_nodes for name in graph.node[index].output if name}
     before, wanted = set(), [horizon]
     while wanted:
@@ -91,7 +93,7 @@ def _up_to(graph: onnx.GraphProto, reached_nodes: list[int], seeds: set[int], ho
     if not seeds <= before:
         return None
     made = {name for index in before for name in graph.node[index].output if name} - {horizon}
-    if made & {value.name for value in graph.output} or any(
+    if made & ({value.name for value in graph.output} - unscored) or any(
             name in made for index, node in enumerate(graph.node) if index not in before for name in node.input):
         return None
     return [index for index in reached_nodes if index in before]

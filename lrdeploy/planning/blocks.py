@@ -15,7 +15,7 @@ import onnx_graphsurgeon as gs
 from lrdeploy.calib.data import InputSpec, is_past_input
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.passes.compose import StructuredCuts
-from lrdeploy.passes.drop_blocks import TransformerBlock, find_transformer_blocks
+from lrdeploy.passes.drop_blocks import TransformerBlock, block_spans, find_transformer_blocks
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
 from lrdeploy.passes.prune_heads import AttentionBlock, find_fused_attention_blocks, match_plain_attention
@@ -59,6 +59,7 @@ class BlockParts:
     ffn: FfnBlock | None
     block: TransformerBlock | None
     layers: list[LinearLayer]
+    end: str | None = None  # the residual stream where the block ends (found for a KV cache's block too)
 
 
 def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLayer]) -> list[BlockParts]:
@@ -68,6 +69,7 @@ def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLa
     if not attention:  # no self-attention matched: the FFNs are the only blocks
         return [BlockParts(None, block, None, block.layers) for block in ffn]
     dropped = {block.index: block for block in find_transformer_blocks(graph, attention, ffn)}
+    spans = block_spans(graph, attention, ffn)
     order = [layer.name for layer in layers]
     starts = [order.index(block.projections[0].name) for block in attention] + [len(order)]
     parts = []
@@ -75,7 +77,7 @@ def find_block_parts(config: BuildConfig, graph: gs.Graph, layers: list[LinearLa
         inside = layers[starts[index]:starts[index + 1]]
         names = {layer.name for layer in inside}
         block_ffn = next((f for f in ffn if f.up.name in names and f.down.name in names), None)
-        parts.append(BlockParts(block, block_ffn, dropped.get(index), inside))
+        parts.append(BlockParts(block, block_ffn, dropped.get(index), inside, spans[index][1]))
     return parts
 
 
@@ -93,7 +95,7 @@ def constrain_parts(parts: list[BlockParts], fixed: StructuredCuts) -> list[Bloc
         attention = None if part.attention is None or part.attention.output.name in cut else part.attention
         touched = any(layer.name in cut for layer in part.layers)
         kept.append(BlockParts(attention, ffn, None if touched or fixed.dropped else part.block,
-                               [layer for layer in part.layers if layer.name not in cut]))
+                               [layer for layer in part.layers if layer.name not in cut], part.end))
     return kept
 
 

@@ -141,7 +141,7 @@ def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: 
     options; a dropped block is measured as a whole variant model — or, at block ends (`stages.block_reach`,
     `parts`: the blocks the options index), the cuts are scaled from their block's end and a drop is its block's
     input fed as its output."""
-    at_block_ends = reaches_block_ends(config, model) and any(part.block is not None for part in parts)
+    at_block_ends = reaches_block_ends(config, model) and any(part.end is not None for part in parts)
 
     def measure() -> dict[str, dict[int, float]]:
         by_layer: dict[str, tuple[LinearLayer, list]] = {}

@@ -33,10 +33,11 @@ from lrdeploy.passes.error_reach import plan_suffix
 from lrdeploy.passes.inject_error import perturbable_model
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.moment_graph import inferred_types
-from lrdeploy.planning.blocks import BlockParts
+from lrdeploy.planning.blocks import PRESENT_OUTPUT, BlockParts
 from lrdeploy.runtime.onnxruntime import create_session
 from lrdeploy.stages.distortion import DistortionProbe
 from lrdeploy.stages.error_runs import ErrorGroup, LayerError, measure_error_groups, single_layer_groups
+from lrdeploy.stages.samples import is_causal_lm
 
 AT_END = "at block end"  # the key of a variant's distortion at its block's end
 
@@ -45,7 +46,7 @@ def sides(parts: list[BlockParts]) -> dict[str, tuple[int, str]]:
     """Each layer of a block whose end is known: (block index, "attention" | "ffn")."""
     found = {}
     for index, part in enumerate(parts):
-        if part.block is None:
+        if part.end is None:
             continue
         if part.attention is not None:
             found.update((layer.name, (index, "attention")) for layer in (*part.attention.projections,
@@ -66,6 +67,7 @@ def measure_at_block_ends(
     the number of runs is known."""
     types, _ = inferred_types(model)
     side_of = sides(parts)
+    unscored = kv_cache_outputs(model)
     by_block: dict[int, list[tuple[LinearLayer, list[LayerError]]]] = {}
     elsewhere = []
     for layer, errors in variants:
@@ -77,8 +79,8 @@ def measure_at_block_ends(
     gains: dict[Hashable, Hashable] = {}  # a variant's key → its side's calibration key
     for index, block_variants in sorted(by_block.items()):
         layers = [layer for layer, _ in block_variants]
-        horizon = parts[index].block.output_name
-        if plan_suffix(model, layers, types, horizon) is None:
+        horizon = parts[index].end
+        if plan_suffix(model, layers, types, horizon, unscored) is None:
             elsewhere += block_variants
             continue
         local = [((AT_END, key), {place: make}) for place, (_, errors) in enumerate(block_variants)
@@ -97,12 +99,12 @@ def measure_at_block_ends(
 
     on_step = steps(sum(len(group.variants) for group in groups) + len(calibrations) + len(drops)) \
         if steps is not None else None
-    ends = [part.block.output_name for part in parts if part.block is not None]
+    ends = [part.end for part in parts if part.end is not None]
     starts = [parts[index].block.input_name for _, index in drops]
     measured, changes, probe = measure_error_groups(model, groups, batches, threads, on_step, mask_name, jobs, types,
-                                                    keep=[*ends, *starts])
+                                                    keep=[*ends, *starts], unscored=unscored)
     block_changes = {key: (calibrations[key], changes[(AT_END, key)]) for key in calibrations}
-    block_changes.update({key: (index, [values[parts[index].block.input_name] - values[parts[index].block.output_name]
+    block_changes.update({key: (index, [values[parts[index].block.input_name] - values[parts[index].end]
                                         for values in probe.kept]) for key, index in drops})
     losses = {key: value for key, value in measured.items() if not (isinstance(key, tuple) and key[:1] == (AT_END,))}
     losses.update(changed_at_block_ends(model, parts, block_changes, probe, types, threads, on_step))
@@ -120,7 +122,7 @@ def changed_at_block_ends(model: onnx.ModelProto, parts: list[BlockParts],
     its block's end, the other blocks' ends unchanged: one session of the whole model serves them all."""
     if not block_changes:
         return {}
-    ends = [part.block.output_name for part in parts if part.block is not None]
+    ends = [part.end for part in parts if part.end is not None]
     perturbable, inputs = perturbable_model(model, ends, types)
     session = create_session(perturbable, threads)
     at = {name: place for place, name in enumerate(ends)}
@@ -128,10 +130,18 @@ def changed_at_block_ends(model: onnx.ModelProto, parts: list[BlockParts],
     names = probe.names
     losses = {}
     for key, (index, change) in block_changes.items():
-        fed = inputs[at[parts[index].block.output_name]]
+        fed = inputs[at[parts[index].end]]
         outputs = [session.run(names, {**batch, **zero, fed: delta.astype(zero[fed].dtype)})
                    for batch, zero, delta in zip(probe.batches, zeros, change)]
         losses[key] = probe.of_outputs(outputs)
         if on_step is not None:
             on_step()
     return losses
+
+
+def kv_cache_outputs(model: onnx.ModelProto) -> set[str]:
+    """A causal LM's KV-cache outputs (`present.N.*`): scored by nothing (its logits are what the distortion reads),
+    so a layer's error may reach them around its block's end."""
+    if not is_causal_lm(model):
+        return set()
+    return {value.name for value in model.graph.output if PRESENT_OUTPUT.match(value.name)}

@@ -7,7 +7,7 @@ What sensitivity allocation, the unified plan's structured options and the block
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable, Iterable, Sequence
+from typing import Callable, Collection, Hashable, Iterable, Sequence
 
 import numpy as np
 import onnx
@@ -65,16 +65,17 @@ def measure_layer_errors(
 def measure_error_groups(
     model: onnx.ModelProto, groups: list[ErrorGroup], batches: Iterable[dict[str, np.ndarray]], threads: int = 0,
     on_step: Callable[[], None] | None = None, mask_name: str | None = None, jobs: Jobs = SERIAL,
-    types: dict[str, onnx.TypeProto] | None = None, keep: Sequence[str] = (),
+    types: dict[str, onnx.TypeProto] | None = None, keep: Sequence[str] = (), unscored: Collection[str] = (),
 ) -> tuple[dict[Hashable, float], dict[Hashable, list[np.ndarray]], DistortionProbe]:
     """Each group's variants through one error-injected session (`passes.inject_error`) of the part of the model
     its layers reach (`passes.error_reach`: up to its horizon where it has one), fed the tensors that part reads
     from one dense pass. One session serves every variant of its group: no model is copied per variant. Each
     group is one of `jobs` (a Ray task with `--ray`), measured against the dense outputs computed once here.
+    `unscored`: graph outputs the errors may reach around a horizon (`block_reach.kv_cache_outputs`).
     Returns the distortions, the changes at their horizon of the variants that ask for them, and the dense pass
     (its `kept`: `keep`'s tensors per batch)."""
     types = types or inferred_types(model)[0]
-    plans = [plan_suffix(model, group.layers, types, group.horizon) for group in groups]
+    plans = [plan_suffix(model, group.layers, types, group.horizon, unscored) for group in groups]
     if any(plan is None and group.horizon is not None for group, plan in zip(groups, plans)):
         raise InternalError("a group measured at a horizon its layers' part of the model cannot stop at")
     horizons = [group.horizon for group in groups if group.horizon is not None]

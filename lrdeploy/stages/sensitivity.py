@@ -105,7 +105,7 @@ def measured_sensitivity(model: onnx.ModelProto, layers: list[LinearLayer], deco
     """The sensitivity table of `layers` from the cache, or measured on the `probe` samples (and cached); measured
     as `jobs` (Ray tasks with `--ray`), at the ends of `parts`' blocks where the reach is "block"
     (`stages.block_reach`)."""
-    at_block_ends = reaches_block_ends(config, model) and any(part.block is not None for part in parts)
+    at_block_ends = reaches_block_ends(config, model) and any(part.end is not None for part in parts)
     multiple = config.factorization.rank_multiple
 
     def measure() -> SensitivityTable:

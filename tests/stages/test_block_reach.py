@@ -116,3 +116,25 @@ def test_a_sides_variants_are_scaled_by_its_gain(llama):
     assert losses["large"] == pytest.approx(exact["large"], rel=1e-3)
     assert losses["small"] == pytest.approx(losses["large"] / 4, rel=1e-3)  # squared change: exactly a quarter
     assert losses["small"] == pytest.approx(exact["small"], rel=0.2)  # KL is near quadratic in a small change
+
+
+def test_a_kv_cache_model_is_measured_at_its_block_ends_too(tmp_path):
+    """With its KV cache (Optimum's names) a block cannot be dropped (its keys and values are outputs), but its
+    end is still where every scored way passes: the present outputs are not scored."""
+    from lrdeploy.calib.data import with_prefill_inputs
+    from lrdeploy.export.torch_onnx import export_hf
+
+    export_hf(tiny_llama_dir(tmp_path / "hf"), tmp_path / "kv.onnx", task="text-generation-with-past")
+    model = onnx.load(str(tmp_path / "kv.onnx"))
+    config = BuildConfig.from_options(model=tmp_path / "kv.onnx", plan="unified", cache_dir=None)
+    parts = find_block_parts(config, gs.import_onnx(model), inspect_model(tmp_path / "kv.onnx").layers)
+    assert all(part.block is None and part.end is not None for part in parts)
+    specs = model_input_specs(model)
+    ids = np.random.default_rng(1).integers(0, 512, (4, 16))
+    samples = with_prefill_inputs(SampleSet({"input_ids": ids, "attention_mask": np.ones_like(ids)}), specs)
+    batches = list(iter_batches(samples, specs, 2, "attention_mask"))
+    layer = parts[0].attention.projections[1]  # K: it writes the cache as well as the attention
+    variants = [(layer, [("k", _noise(layer, 5))])]
+    losses = measure_at_block_ends(model, parts, variants, batches, threads=1, mask_name="attention_mask")
+    exact = measure_layer_errors(model, variants, batches, threads=1, mask_name="attention_mask")
+    assert losses["k"] == pytest.approx(exact["k"], rel=1e-3) and exact["k"] > 1e-5
