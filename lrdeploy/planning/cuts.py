@@ -22,7 +22,7 @@ from lrdeploy.passes.prune_heads import AttentionBlock, find_qkv_triples, match_
 from lrdeploy.planning.blocks import self_attentions
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.stages.inspect import Inspection
-from lrdeploy.stages.distortion import DistortionProbe
+from lrdeploy.stages.block_reach import dropped_block_losses
 
 
 def kept_count(total: int, keep: float, step: int) -> int:
@@ -101,9 +101,8 @@ class StructuredBlocks:
         if config.cuts.drop_blocks > len(blocks):
             raise OptionError(f"--drop-blocks {config.cuts.drop_blocks}: only {len(blocks)} of the "
                               f"{len(blocks) + len(matches.refused)} blocks can be dropped ({refused}); drop fewer")
-        measure = DistortionProbe(inspection.model.proto, feeds.batches(probe), config.threads, feeds.mask_name)
-        distortion = {block.name: measure.of_model(StructuredCuts(dropped=[(block, [], 0.0)]).applied_to(
-            inspection.model.proto)) for block in blocks}
+        distortion = dropped_block_losses(inspection.model.proto, blocks, feeds.batches(probe), config.threads,
+                                          feeds.mask_name)
         order = [layer.name for layer in inspection.layers]
         starts = [order.index(a.projections[0].name) for a in self.depth_candidates] + [len(order)]
         for block in sorted(blocks, key=lambda b: distortion[b.name])[:config.cuts.drop_blocks]:

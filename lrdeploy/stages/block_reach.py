@@ -31,6 +31,7 @@ import onnx
 from lrdeploy.jobs import SERIAL, Jobs
 from lrdeploy.passes.error_reach import plan_suffix
 from lrdeploy.passes.inject_error import perturbable_model
+from lrdeploy.passes.drop_blocks import TransformerBlock
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.moment_graph import inferred_types
 from lrdeploy.planning.blocks import PRESENT_OUTPUT, BlockParts
@@ -103,40 +104,50 @@ def measure_at_block_ends(
     starts = [parts[index].block.input_name for _, index in drops]
     measured, changes, probe = measure_error_groups(model, groups, batches, threads, on_step, mask_name, jobs, types,
                                                     keep=[*ends, *starts], unscored=unscored)
-    block_changes = {key: (calibrations[key], changes[(AT_END, key)]) for key in calibrations}
-    block_changes.update({key: (index, [values[parts[index].block.input_name] - values[parts[index].end]
-                                        for values in probe.kept]) for key, index in drops})
+    block_changes = {key: (parts[calibrations[key]].end, changes[(AT_END, key)]) for key in calibrations}
+    block_changes.update({key: (parts[index].end, [values[parts[index].block.input_name] - values[parts[index].end]
+                                                   for values in probe.kept]) for key, index in drops})
     losses = {key: value for key, value in measured.items() if not (isinstance(key, tuple) and key[:1] == (AT_END,))}
-    losses.update(changed_at_block_ends(model, parts, block_changes, probe, types, threads, on_step))
+    losses.update(changed_at_block_ends(model, ends, block_changes, probe, types, threads, on_step))
     for key, calibration in gains.items():
         at_end = measured[(AT_END, calibration)]
         losses[key] = measured[(AT_END, key)] * (losses[calibration] / at_end if at_end > 0 else 0.0)
     return {key: loss for key, loss in losses.items() if key not in calibrations}
 
 
-def changed_at_block_ends(model: onnx.ModelProto, parts: list[BlockParts],
-                          block_changes: dict[Hashable, tuple[int, list[np.ndarray]]], probe: DistortionProbe,
-                          types: dict[str, onnx.TypeProto], threads: int,
-                          on_step: Callable[[], None] | None) -> dict[Hashable, float]:
-    """The outputs' distortion of each change (key → block index, its stream's change per probe batch) added to
-    its block's end, the other blocks' ends unchanged: one session of the whole model serves them all."""
+def changed_at_block_ends(model: onnx.ModelProto, ends: list[str], block_changes: dict[Hashable, tuple[str, list[np.ndarray]]],
+                          probe: DistortionProbe, types: dict[str, onnx.TypeProto], threads: int,
+                          on_step: Callable[[], None] | None = None) -> dict[Hashable, float]:
+    """The outputs' distortion of each change (key → a tensor of `ends`, its change per probe batch) added to
+    that tensor, the other ends unchanged: one session of the whole model serves them all. A block dropped is
+    the change its input minus its output at its end (exact, whatever the block's norms)."""
     if not block_changes:
         return {}
-    ends = [part.end for part in parts if part.end is not None]
     perturbable, inputs = perturbable_model(model, ends, types)
     session = create_session(perturbable, threads)
-    at = {name: place for place, name in enumerate(ends)}
+    change_input = dict(zip(ends, inputs))
     zeros = [{name: np.zeros_like(values[end]) for name, end in zip(inputs, ends)} for values in probe.kept]
-    names = probe.names
     losses = {}
-    for key, (index, change) in block_changes.items():
-        fed = inputs[at[parts[index].end]]
-        outputs = [session.run(names, {**batch, **zero, fed: delta.astype(zero[fed].dtype)})
+    for key, (end, change) in block_changes.items():
+        fed = change_input[end]
+        outputs = [session.run(probe.names, {**batch, **zero, fed: delta.astype(zero[fed].dtype)})
                    for batch, zero, delta in zip(probe.batches, zeros, change)]
         losses[key] = probe.of_outputs(outputs)
         if on_step is not None:
             on_step()
     return losses
+
+
+def dropped_block_losses(model: onnx.ModelProto, blocks: list[TransformerBlock], batches: Iterable[dict[str, np.ndarray]],
+                         threads: int = 0, mask_name: str | None = None) -> dict[str, float]:
+    """The outputs' distortion of each block dropped alone (by name), through one session (`--drop-blocks`)."""
+    types, _ = inferred_types(model)
+    ends = [block.output_name for block in blocks]
+    probe = DistortionProbe(model, batches, threads, mask_name,
+                            keep=list(dict.fromkeys([*ends, *(block.input_name for block in blocks)])), types=types)
+    changes = {block.name: (block.output_name, [kept[block.input_name] - kept[block.output_name]
+                                                for kept in probe.kept]) for block in blocks}
+    return changed_at_block_ends(model, ends, changes, probe, types, threads)
 
 
 def kv_cache_outputs(model: onnx.ModelProto) -> set[str]:
