@@ -4,17 +4,17 @@ plan affordable (`--sensitivity-reach block`, the default for a causal LM).
 Measured at the model's outputs, every variant of a layer in block b runs blocks b…n, the LM head and a KL over
 the vocabulary, in a session per group of layers. Measured here, it runs the rest of block b only
 (`passes.error_reach` with a horizon: the residual stream where the block ends), and its distortion there is the
-stream's squared change relative to its squared norm per position (what the next norm sees), d(v). The block's end is where every way from its layers to
-the outputs passes, so the change there decides the outputs' change exactly: one session of the whole model
-with a change input at every block's end (`passes.inject_error.perturbable_model`) turns a change into the
+stream's squared change relative to its squared norm per position (what the next norm sees), d(v). Every way
+from the block's layers to the outputs passes its end, so the change there decides the outputs' change exactly:
+one session of the whole model with a change input at every block's end (`passes.inject_error.perturbable_model`) turns a change into the
 outputs' distortion. That is run for a few variants only — per block and side (attention, FFN) a calibration
 variant (each layer of the side at its middle variant, together), and each dropped block (its change is its
 input minus its output: exact for any block) — and the other variants are scaled by their side's gain:
 
     loss(v) = d(v) · loss_outputs(calibration) / d(calibration)
 
-    block b:  [layer errors] ─► rest of block b ─► stream at its end ─► d(v)          (every variant, small runs)
-    model:    stream_b + change(calibration or drop) ─► blocks b+1…n, head ─► KL     (a few whole-model runs)
+    block b:  [layer errors] ─► rest of block b ─► stream at its end ─► d(v)       (every variant, small runs)
+    model:    stream_b + change(calibration or drop) ─► blocks b+1…n, head ─► KL  (a few whole-model runs)
 
 The gain assumes a side's errors move the outputs alike per unit of squared change at the block's end (KL is
 quadratic in small changes). Layers outside a recognised block, or in a block whose stream cannot be cut at its
@@ -115,8 +115,8 @@ def measure_at_block_ends(
     return {key: loss for key, loss in losses.items() if key not in calibrations}
 
 
-def changed_at_block_ends(model: onnx.ModelProto, ends: list[str], block_changes: dict[Hashable, tuple[str, list[np.ndarray]]],
-                          probe: DistortionProbe, types: dict[str, onnx.TypeProto], threads: int,
+def changed_at_block_ends(model: onnx.ModelProto, ends: list[str],
+                          block_changes: dict[Hashable, tuple[str, list[np.ndarray]]], probe: DistortionProbe, types: dict[str, onnx.TypeProto], threads: int,
                           on_step: Callable[[], None] | None = None) -> dict[Hashable, float]:
     """The outputs' distortion of each change (key → a tensor of `ends`, its change per probe batch) added to
     that tensor, the other ends unchanged: one session of the whole model serves them all. A block dropped is
@@ -138,8 +138,8 @@ def changed_at_block_ends(model: onnx.ModelProto, ends: list[str], block_changes
     return losses
 
 
-def dropped_block_losses(model: onnx.ModelProto, blocks: list[TransformerBlock], batches: Iterable[dict[str, np.ndarray]],
-                         threads: int = 0, mask_name: str | None = None) -> dict[str, float]:
+def dropped_block_losses(model: onnx.ModelProto, blocks: list[TransformerBlock],
+                         batches: Iterable[dict[str, np.ndarray]], threads: int = 0, mask_name: str | None = None) -> dict[str, float]:
     """The outputs' distortion of each block dropped alone (by name), through one session (`--drop-blocks`)."""
     types, _ = inferred_types(model)
     ends = [block.output_name for block in blocks]

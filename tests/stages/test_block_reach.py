@@ -138,3 +138,14 @@ def test_a_kv_cache_model_is_measured_at_its_block_ends_too(tmp_path):
     losses = measure_at_block_ends(model, parts, variants, batches, threads=1, mask_name="attention_mask")
     exact = measure_layer_errors(model, variants, batches, threads=1, mask_name="attention_mask")
     assert losses["k"] == pytest.approx(exact["k"], rel=1e-3) and exact["k"] > 1e-5
+
+
+@pytest.mark.parametrize("reach, lm, expected", [("auto", True, True), ("auto", False, False),
+                                                  ("output", True, False), ("block", False, True)])
+def test_the_reach_is_block_ends_for_a_causal_lm_unless_asked(tmp_path, llama, reach, lm, expected):
+    from lrdeploy.stages.sensitivity import reaches_block_ends
+    from tests import models
+
+    model = llama[0] if lm else models.transformer()
+    config = BuildConfig.from_options(model=tmp_path / "m.onnx", sensitivity_reach=reach, cache_dir=None)
+    assert reaches_block_ends(config, model) is expected
