@@ -170,6 +170,9 @@ def random_samples(
     return SampleSet({spec.name: np.concatenate([f[spec.name] for f in feeds], axis=0) for spec in specs})
 
 
+PRESENT_OUTPUT = re.compile(r"^present[._]")  # Optimum's (and torch exports') cache outputs: present.N.key, ...
+
+
 def is_past_input(spec: InputSpec) -> bool:
     """A KV-cache input of a decoder exported with its past (`past_key_values.N.key`, Optimum's naming; `past.*`):
     rank 4 [batch, heads, past length, head size], the past length dynamic."""

@@ -54,7 +54,7 @@ from lrdeploy.stages.spectra import spectra
 from lrdeploy.stages.memory import check_statistics_fit
 from lrdeploy.stages.streamed import streamed_statistics
 from lrdeploy.stages.samples import BuildSamples, prepare_samples
-from lrdeploy.planning.blocks import find_block_parts, structure_requests
+from lrdeploy.planning.blocks import block_ends, find_block_parts, structure_requests
 from lrdeploy.planning.options import ShapeOptions, shape_options
 from lrdeploy.passes.compose import StructuredCuts
 from lrdeploy.planning.cuts import StructuredBlocks, splittable
@@ -183,7 +183,7 @@ def prepare_build(config: BuildConfig, progress: Progress = SILENT, budgets: tup
         if config.measures_sensitivity and not unchanged:
             with timer.stage("sensitivity"):
                 sensitivity = measured_sensitivity(inspection.model.proto, eligible, decompositions, probe, feeds,
-                                                   config, cache, progress, jobs, found)
+                                                   config, cache, progress, jobs, block_ends(found))
         if config.planning.plans_shapes and not unchanged:
             with timer.stage("shape options"):
                 options = shape_options(config, inspection.model.proto, parts, moments, eligible, decompositions,

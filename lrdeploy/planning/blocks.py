@@ -5,14 +5,13 @@ finding never changes the graph."""
 
 from __future__ import annotations
 
-import re
 
 from dataclasses import dataclass
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
-from lrdeploy.calib.data import InputSpec, is_past_input
+from lrdeploy.calib.data import PRESENT_OUTPUT, InputSpec, is_past_input
 from lrdeploy.calib.stats import TensorRequest
 from lrdeploy.passes.compose import StructuredCuts
 from lrdeploy.passes.drop_blocks import TransformerBlock, block_spans, find_transformer_blocks
@@ -20,6 +19,7 @@ from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.prune_ffn import FfnBlock, find_ffn_blocks
 from lrdeploy.passes.prune_heads import AttentionBlock, find_fused_attention_blocks, match_plain_attention
 from lrdeploy.settings.build import BuildConfig
+from lrdeploy.stages.block_reach import BlockEnd
 
 
 def self_attentions(config: BuildConfig, graph: gs.Graph, layers: list[LinearLayer]) -> list[AttentionBlock] | None:
@@ -37,9 +37,6 @@ def self_attentions(config: BuildConfig, graph: gs.Graph, layers: list[LinearLay
         for block in blocks:
             block.feeds_cache = True
     return blocks
-
-
-PRESENT_OUTPUT = re.compile(r"^present[._]")  # Optimum's (and torch exports') cache outputs: present.N.key, ...
 
 
 def has_kv_cache(graph: gs.Graph) -> bool:
@@ -103,3 +100,11 @@ def structure_requests(parts: list[BlockParts]) -> list[TensorRequest]:
     """The moments the cuts need: each FFN's activation, each attention's context."""
     return ([TensorRequest(p.ffn.down.input_name, p.ffn.width) for p in parts if p.ffn]
             + [TensorRequest(p.attention.output.input_name, p.attention.output.d_in) for p in parts if p.attention])
+
+
+def block_ends(parts: list[BlockParts]) -> list[BlockEnd | None]:
+    """The blocks as a measurement at their ends sees them (`stages.block_reach`), in the order of `parts`."""
+    return [None if part.end is None else BlockEnd(
+        part.end, tuple(layer.name for layer in (*part.attention.projections, part.attention.output))
+        if part.attention is not None else (), tuple(layer.name for layer in part.ffn.layers) if part.ffn else (),
+        part.block.input_name if part.block is not None else None) for part in parts]

@@ -38,7 +38,7 @@ from lrdeploy.lowrank.moments import Moments
 from lrdeploy.lowrank.neurons import NeuronCut, group_cuts, neuron_cuts
 from lrdeploy.passes.compose import StructuredCuts, compressed_model
 from lrdeploy.passes.linear_layers import LinearLayer
-from lrdeploy.planning.blocks import BlockParts, constrain_parts
+from lrdeploy.planning.blocks import BlockParts, block_ends, constrain_parts
 from lrdeploy.planning.cuts import kept_count
 from lrdeploy.planning.timing import build_timer
 from lrdeploy.progress import Progress
@@ -141,7 +141,8 @@ def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: 
     options; a dropped block is measured as a whole variant model — or, at block ends (`stages.block_reach`,
     `parts`: the blocks the options index), the cuts are scaled from their block's end and a drop is its block's
     input fed as its output."""
-    at_block_ends = reaches_block_ends(config, model) and any(part.end is not None for part in parts)
+    ends = block_ends(parts)
+    at_block_ends = reaches_block_ends(config, model) and any(end is not None for end in ends)
 
     def measure() -> dict[str, dict[int, float]]:
         by_layer: dict[str, tuple[LinearLayer, list]] = {}
@@ -152,7 +153,7 @@ def measure_cut_losses(model: onnx.ModelProto, options: list[CutOption], probe: 
                                                                        cut_error(layer, cut)))
         drops = [option for option in options if option.kind == "drop"]
         if at_block_ends:
-            measured = measure_at_block_ends(model, list(parts), list(by_layer.values()), feeds.batches(probe),
+            measured = measure_at_block_ends(model, ends, list(by_layer.values()), feeds.batches(probe),
                                              config.threads, lambda total: progress.steps("measuring structured cuts",
                                                                                           total),
                                              feeds.mask_name, jobs, [((o.key, o.kept), o.block) for o in drops])

@@ -23,6 +23,7 @@ end, are measured at the outputs as before (`stages.error_runs`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Hashable, Iterable
 
 import numpy as np
@@ -31,10 +32,10 @@ import onnx
 from lrdeploy.jobs import SERIAL, Jobs
 from lrdeploy.passes.error_reach import plan_suffix
 from lrdeploy.passes.inject_error import perturbable_model
+from lrdeploy.calib.data import PRESENT_OUTPUT
 from lrdeploy.passes.drop_blocks import TransformerBlock
 from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.passes.moment_graph import inferred_types
-from lrdeploy.planning.blocks import PRESENT_OUTPUT, BlockParts
 from lrdeploy.runtime.onnxruntime import create_session
 from lrdeploy.stages.distortion import DistortionProbe
 from lrdeploy.stages.error_runs import ErrorGroup, LayerError, measure_error_groups, single_layer_groups
@@ -43,31 +44,37 @@ from lrdeploy.stages.samples import is_causal_lm
 AT_END = "at block end"  # the key of a variant's distortion at its block's end
 
 
-def sides(parts: list[BlockParts]) -> dict[str, tuple[int, str]]:
+@dataclass(frozen=True)
+class BlockEnd:
+    """A block as its measurement at its end sees it (`planning.blocks.block_ends`)."""
+
+    end: str  # the residual stream where the block ends
+    attention: tuple[str, ...]  # its attention's layers (by name)
+    ffn: tuple[str, ...]  # its FFN's layers
+    start: str | None = None  # the stream it starts from, where the block can be dropped
+
+
+def sides(blocks: list[BlockEnd | None]) -> dict[str, tuple[int, str]]:
     """Each layer of a block whose end is known: (block index, "attention" | "ffn")."""
     found = {}
-    for index, part in enumerate(parts):
-        if part.end is None:
-            continue
-        if part.attention is not None:
-            found.update((layer.name, (index, "attention")) for layer in (*part.attention.projections,
-                                                                          part.attention.output))
-        if part.ffn is not None:
-            found.update((layer.name, (index, "ffn")) for layer in part.ffn.layers)
+    for index, block in enumerate(blocks):
+        if block is not None:
+            found.update((name, (index, "attention")) for name in block.attention)
+            found.update((name, (index, "ffn")) for name in block.ffn)
     return found
 
 
 def measure_at_block_ends(
-    model: onnx.ModelProto, parts: list[BlockParts], variants: list[tuple[LinearLayer, list[LayerError]]],
+    model: onnx.ModelProto, blocks: list[BlockEnd | None], variants: list[tuple[LinearLayer, list[LayerError]]],
     batches: Iterable[dict[str, np.ndarray]], threads: int = 0,
     steps: Callable[[int], Callable[[], None]] | None = None, mask_name: str | None = None, jobs: Jobs = SERIAL,
     drops: list[tuple[Hashable, int]] = (),
 ) -> dict[Hashable, float]:
     """The outputs' distortion of each variant (scaled from its block's end where it can be) and of each block
-    dropped (`drops`: key, index into `parts`; measured exactly). `steps(total)` makes the progress callback once
+    dropped (`drops`: key, index into `blocks`, one with a start; measured exactly). `steps(total)` makes the progress callback once
     the number of runs is known."""
     types, _ = inferred_types(model)
-    side_of = sides(parts)
+    side_of = sides(blocks)
     unscored = kv_cache_outputs(model)
     by_block: dict[int, list[tuple[LinearLayer, list[LayerError]]]] = {}
     elsewhere = []
@@ -80,7 +87,7 @@ def measure_at_block_ends(
     gains: dict[Hashable, Hashable] = {}  # a variant's key → its side's calibration key
     for index, block_variants in sorted(by_block.items()):
         layers = [layer for layer, _ in block_variants]
-        horizon = parts[index].end
+        horizon = blocks[index].end
         if plan_suffix(model, layers, types, horizon, unscored) is None:
             elsewhere += block_variants
             continue
@@ -100,13 +107,13 @@ def measure_at_block_ends(
 
     on_step = steps(sum(len(group.variants) for group in groups) + len(calibrations) + len(drops)) \
         if steps is not None else None
-    ends = [part.end for part in parts if part.end is not None]
-    starts = [parts[index].block.input_name for _, index in drops]
+    ends = [block.end for block in blocks if block is not None]
+    starts = [blocks[index].start for _, index in drops]
     measured, changes, probe = measure_error_groups(model, groups, batches, threads, on_step, mask_name, jobs, types,
                                                     keep=[*ends, *starts], unscored=unscored)
-    block_changes = {key: (parts[calibrations[key]].end, changes[(AT_END, key)]) for key in calibrations}
-    block_changes.update({key: (parts[index].end, [values[parts[index].block.input_name] - values[parts[index].end]
-                                                   for values in probe.kept]) for key, index in drops})
+    block_changes = {key: (blocks[calibrations[key]].end, changes[(AT_END, key)]) for key in calibrations}
+    block_changes.update({key: (blocks[index].end, [values[blocks[index].start] - values[blocks[index].end]
+                                                    for values in probe.kept]) for key, index in drops})
     losses = {key: value for key, value in measured.items() if not (isinstance(key, tuple) and key[:1] == (AT_END,))}
     losses.update(changed_at_block_ends(model, ends, block_changes, probe, types, threads, on_step))
     for key, calibration in gains.items():

@@ -27,8 +27,7 @@ from lrdeploy.passes.linear_layers import LinearLayer
 from lrdeploy.calib.cache import SensitivityTable, StatisticsCache
 from lrdeploy.settings.build import BuildConfig
 from lrdeploy.progress import Progress
-from lrdeploy.planning.blocks import BlockParts
-from lrdeploy.stages.block_reach import measure_at_block_ends
+from lrdeploy.stages.block_reach import BlockEnd, measure_at_block_ends
 from lrdeploy.stages.error_runs import GROUP_SIZE, LayerError, measure_layer_errors
 from lrdeploy.stages.samples import is_causal_lm
 
@@ -101,17 +100,17 @@ def table_of(measured: dict[Hashable, float], layers: list[LinearLayer]) -> Sens
 
 def measured_sensitivity(model: onnx.ModelProto, layers: list[LinearLayer], decompositions: dict[str, Decomposition],
                          probe: SampleSet, feeds: Feeds, config: BuildConfig, cache: StatisticsCache,
-                         progress: Progress, jobs: Jobs = SERIAL, parts: list[BlockParts] = ()) -> SensitivityTable:
+                         progress: Progress, jobs: Jobs = SERIAL, blocks: list[BlockEnd | None] = ()) -> SensitivityTable:
     """The sensitivity table of `layers` from the cache, or measured on the `probe` samples (and cached); measured
-    as `jobs` (Ray tasks with `--ray`), at the ends of `parts`' blocks where the reach is "block"
+    as `jobs` (Ray tasks with `--ray`), at the ends of `blocks` where the reach is "block"
     (`stages.block_reach`)."""
-    at_block_ends = reaches_block_ends(config, model) and any(part.end is not None for part in parts)
+    at_block_ends = reaches_block_ends(config, model) and any(block is not None for block in blocks)
     multiple = config.factorization.rank_multiple
 
     def measure() -> SensitivityTable:
         variants = rank_variants(layers, decompositions, multiple)
         if at_block_ends:
-            measured = measure_at_block_ends(model, list(parts), variants, feeds.batches(probe), config.threads,
+            measured = measure_at_block_ends(model, list(blocks), variants, feeds.batches(probe), config.threads,
                                              lambda total: progress.steps("measuring sensitivity", total),
                                              feeds.mask_name, jobs)
         else:

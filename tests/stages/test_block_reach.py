@@ -13,7 +13,7 @@ from lrdeploy.calib.data import SampleSet, iter_batches, model_input_specs  # no
 from lrdeploy.passes.error_reach import plan_suffix  # noqa: E402
 from lrdeploy.passes.inject_error import error_injected_model  # noqa: E402
 from lrdeploy.passes.moment_graph import inferred_types  # noqa: E402
-from lrdeploy.planning.blocks import find_block_parts  # noqa: E402
+from lrdeploy.planning.blocks import block_ends, find_block_parts  # noqa: E402
 from lrdeploy.settings.build import BuildConfig  # noqa: E402
 from lrdeploy.stages.block_reach import measure_at_block_ends  # noqa: E402
 from lrdeploy.stages.distortion import DistortionProbe  # noqa: E402
@@ -87,7 +87,7 @@ def test_drops_and_calibrations_are_exact_and_the_rest_scaled(llama):
     variants = [(layer, [(layer.name, _noise(layer, seed))]) for seed, layer in enumerate(down + output)]
     drops = [(("drop", index), index) for index in range(len(parts))]
     steps = []
-    losses = measure_at_block_ends(model, parts, variants, batches, threads=1, mask_name="attention_mask",
+    losses = measure_at_block_ends(model, block_ends(parts), variants, batches, threads=1, mask_name="attention_mask",
                                    drops=drops, steps=lambda total: (steps.append(total), lambda: None)[1])
     assert set(losses) == {layer.name for layer, _ in variants} | {key for key, _ in drops}
     sides = 2 * len(parts)  # each side's calibration runs at its block's end and at the outputs
@@ -111,7 +111,7 @@ def test_a_sides_variants_are_scaled_by_its_gain(llama):
     layer = parts[1].ffn.down
     small, large = _noise(layer, 7, 0.01), _noise(layer, 7, 0.02)
     variants = [(layer, [("large", large), ("small", small)])]  # the calibration is the first (middle) one
-    losses = measure_at_block_ends(model, parts, variants, batches, threads=1, mask_name="attention_mask")
+    losses = measure_at_block_ends(model, block_ends(parts), variants, batches, threads=1, mask_name="attention_mask")
     exact = measure_layer_errors(model, variants, batches, threads=1, mask_name="attention_mask")
     assert losses["large"] == pytest.approx(exact["large"], rel=1e-3)
     assert losses["small"] == pytest.approx(losses["large"] / 4, rel=1e-3)  # squared change: exactly a quarter
@@ -135,7 +135,7 @@ def test_a_kv_cache_model_is_measured_at_its_block_ends_too(tmp_path):
     batches = list(iter_batches(samples, specs, 2, "attention_mask"))
     layer = parts[0].attention.projections[1]  # K: it writes the cache as well as the attention
     variants = [(layer, [("k", _noise(layer, 5))])]
-    losses = measure_at_block_ends(model, parts, variants, batches, threads=1, mask_name="attention_mask")
+    losses = measure_at_block_ends(model, block_ends(parts), variants, batches, threads=1, mask_name="attention_mask")
     exact = measure_layer_errors(model, variants, batches, threads=1, mask_name="attention_mask")
     assert losses["k"] == pytest.approx(exact["k"], rel=1e-3) and exact["k"] > 1e-5
 
