@@ -101,3 +101,20 @@ def tiny_vit_classifier_dir(path):
     ViTForImageClassification(config).save_pretrained(str(path))
     ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(str(path))
     return path
+
+
+def tiny_llama_probe(folder):
+    """`tiny_llama_dir` exported without its KV cache to `folder`/lm.onnx, and three probe batches of two 16-token
+    windows (one padded after 10 tokens): (model proto, its path, batches)."""
+    import numpy as np
+    import onnx
+
+    from lrdeploy.calib.data import SampleSet, iter_batches, model_input_specs
+    from lrdeploy.export.torch_onnx import export_hf
+
+    export_hf(tiny_llama_dir(folder / "hf"), folder / "lm.onnx", task="text-generation")
+    model = onnx.load(str(folder / "lm.onnx"))
+    rng = np.random.default_rng(0)
+    samples = SampleSet({"input_ids": rng.integers(0, 512, (6, 16)), "attention_mask": np.ones((6, 16), np.int64)})
+    samples.arrays["attention_mask"][1, 10:] = 0
+    return model, folder / "lm.onnx", list(iter_batches(samples, model_input_specs(model), 3, "attention_mask"))

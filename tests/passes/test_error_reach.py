@@ -3,35 +3,24 @@ model's outputs (a tiny Llama: attention mask, rotary tables, a tied LM head who
 from constants); the sensitivity measured that way is the whole model's."""
 
 import numpy as np
-import onnx
 import pytest
 
 pytest.importorskip("torch")
 
 import lrdeploy.stages.error_runs as error_runs  # noqa: E402
-from lrdeploy.calib.data import SampleSet, iter_batches, model_input_specs  # noqa: E402
 from lrdeploy.passes.error_reach import plan_suffix  # noqa: E402
 from lrdeploy.passes.inject_error import error_injected_model  # noqa: E402
 from lrdeploy.passes.moment_graph import inferred_types  # noqa: E402
 from lrdeploy.stages.distortion import DistortionProbe  # noqa: E402
 from lrdeploy.stages.inspect import inspect_model  # noqa: E402
 from tests.conftest import run_model  # noqa: E402
-from tests.factories import tiny_llama_dir  # noqa: E402
+from tests.factories import tiny_llama_probe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from lrdeploy.export.torch_onnx import export_hf
-
-    folder = tmp_path_factory.mktemp("error_reach")
-    export_hf(tiny_llama_dir(folder / "hf"), folder / "lm.onnx", task="text-generation")
-    model = onnx.load(str(folder / "lm.onnx"))
-    layers = [layer for layer in inspect_model(folder / "lm.onnx").layers if layer.eligible]
-    rng = np.random.default_rng(0)
-    samples = SampleSet({"input_ids": rng.integers(0, 512, (6, 16)), "attention_mask": np.ones((6, 16), np.int64)})
-    samples.arrays["attention_mask"][1, 10:] = 0
-    batches = list(iter_batches(samples, model_input_specs(model), 3, "attention_mask"))
-    return model, layers, batches
+    model, path, batches = tiny_llama_probe(tmp_path_factory.mktemp("error_reach"))
+    return model, [layer for layer in inspect_model(path).layers if layer.eligible], batches
 
 
 def _errors(layers, error_inputs, seed):

@@ -20,24 +20,15 @@ from lrdeploy.stages.distortion import DistortionProbe  # noqa: E402
 from lrdeploy.stages.error_runs import measure_layer_errors  # noqa: E402
 from lrdeploy.stages.inspect import inspect_model  # noqa: E402
 from tests.conftest import run_model  # noqa: E402
-from tests.factories import tiny_llama_dir  # noqa: E402
+from tests.factories import tiny_llama_dir, tiny_llama_probe  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):
-    from lrdeploy.export.torch_onnx import export_hf
-
-    folder = tmp_path_factory.mktemp("block_reach")
-    export_hf(tiny_llama_dir(folder / "hf"), folder / "lm.onnx", task="text-generation")
-    model = onnx.load(str(folder / "lm.onnx"))
-    layers = inspect_model(folder / "lm.onnx").layers
-    config = BuildConfig.from_options(model=folder / "lm.onnx", plan="unified", cache_dir=None)
-    parts = find_block_parts(config, gs.import_onnx(model), layers)
+    model, path, batches = tiny_llama_probe(tmp_path_factory.mktemp("block_reach"))
+    config = BuildConfig.from_options(model=path, plan="unified", cache_dir=None)
+    parts = find_block_parts(config, gs.import_onnx(model), inspect_model(path).layers)
     assert len(parts) == 2 and all(part.block is not None for part in parts)
-    rng = np.random.default_rng(0)
-    samples = SampleSet({"input_ids": rng.integers(0, 512, (6, 16)), "attention_mask": np.ones((6, 16), np.int64)})
-    samples.arrays["attention_mask"][1, 10:] = 0
-    batches = list(iter_batches(samples, model_input_specs(model), 3, "attention_mask"))
     return model, parts, batches
 
 
